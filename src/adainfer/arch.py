@@ -1,0 +1,132 @@
+"""Where the parts AdaInfer needs live inside a Hugging Face causal LM.
+
+The engine never re-implements a model: it runs the model's own forward and hooks its decoder
+layers. What differs between architectures is only *where* the layer list, the final norm and
+the LM head sit, and what the attention and MLP sub-modules are called (for the cosine
+features). One small table says that for every supported family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    layers: str  # dotted path, from the base model, to the nn.ModuleList of decoder layers
+    norm: str  # dotted path, from the base model, to the final norm
+    attn: str  # attribute of one decoder layer: the attention block
+    mlp: str  # attribute of one decoder layer: the feed-forward block (its output module)
+    project_out: str | None = None  # OPT-350m style projection applied after the final norm
+
+
+_LLAMA_LIKE = ArchSpec(layers="layers", norm="norm", attn="self_attn", mlp="mlp")
+
+SPECS: dict[str, ArchSpec] = {
+    **{
+        t: _LLAMA_LIKE
+        for t in (
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen3",
+            "qwen3_moe",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "phi3",
+            "smollm3",
+            "olmo2",
+            "granite",
+        )
+    },
+    "gpt2": ArchSpec(layers="h", norm="ln_f", attn="attn", mlp="mlp"),
+    "opt": ArchSpec(
+        layers="decoder.layers",
+        norm="decoder.final_layer_norm",
+        attn="self_attn",
+        mlp="fc2",
+        project_out="decoder.project_out",
+    ),
+    "gpt_neox": ArchSpec(layers="layers", norm="final_layer_norm", attn="attention", mlp="mlp"),
+}
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+def _get(root: nn.Module, path: str) -> nn.Module | None:
+    for name in path.split("."):
+        root = getattr(root, name, None)
+        if root is None:
+            return None
+    return root
+
+
+@dataclass
+class ModelParts:
+    """The pieces of one loaded model the engine works with."""
+
+    model: nn.Module  # the *ForCausalLM
+    base: nn.Module  # the decoder stack whose forward we run (model.model, model.transformer, ...)
+    layers: nn.ModuleList
+    norm: nn.Module
+    head: nn.Module
+    spec: ArchSpec
+    project_out: nn.Module | None = None
+    softcap: float | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logit lens: the model's own final norm and LM head on already-selected positions."""
+        hidden = self.norm(hidden)
+        if self.project_out is not None:
+            hidden = self.project_out(hidden)
+        logits = self.head(hidden)
+        if self.softcap:  # Gemma 2/3 style final-logit soft-capping
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def find_parts(model: nn.Module) -> ModelParts:
+    """Locate layers, final norm and LM head of a Hugging Face causal LM."""
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    spec = SPECS.get(model_type)
+    base = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if spec is None or base is None or head is None:
+        raise UnsupportedModel(
+            f"adainfer does not know the layout of model_type={model_type!r} "
+            f"({type(model).__name__}). Supported model types: {', '.join(sorted(SPECS))}."
+        )
+    layers = _get(base, spec.layers)
+    norm = _get(base, spec.norm)
+    if not isinstance(layers, nn.ModuleList) or norm is None:
+        raise UnsupportedModel(
+            f"{type(model).__name__} has no decoder layers at '{spec.layers}' or final norm at "
+            f"'{spec.norm}'; is it a decoder-only causal LM?"
+        )
+    project_out = _get(base, spec.project_out) if spec.project_out else None
+    return ModelParts(
+        model=model,
+        base=base,
+        layers=layers,
+        norm=norm,
+        head=head,
+        spec=spec,
+        project_out=project_out,
+        softcap=getattr(config, "final_logit_softcapping", None),
+    )

@@ -1,0 +1,167 @@
+"""Command-line interface: a thin layer over the library (argparse, one function per command)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .features import ALL_FEATURES, PAPER_FEATURES
+from .policies import POLICIES
+
+
+def _features(text: str) -> tuple[str, ...]:
+    from .features import check_names
+
+    try:
+        return check_names(f.strip() for f in text.split(",") if f.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _param(text: str):
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--param takes KEY=VALUE, got {text!r}")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def _model_args(p):
+    p.add_argument("--model", default="smollm2-135m", help="bundled alias (smollm2-135m, gemma3-270m, qwen2.5-0.5b, qwen2.5-1.5b), local HF folder, .gguf file or hub id (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", help="float32 (exact) or bfloat16 (2-4x faster on CPU) (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+
+
+def _task_args(p, n_train: bool):
+    p.add_argument("--task", action="append", required=True, help="built-in rule task name or a .json/.jsonl file of {input, output}; repeat for several")
+    p.add_argument("--shots", type=int, default=5, help="demonstrations per prompt (default: %(default)s)")
+    p.add_argument("--n-test", type=int, default=40, help="queries held out per task for evaluation; collect and eval must use the same value and --seed so they never overlap (default: %(default)s)")
+    if n_train:
+        p.add_argument("--n-train", type=int, default=40, help="training queries per task (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="split and demonstration seed (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adainfer",
+        description="Per-input early exit for Hugging Face decoder-only LLMs (AdaInfer), without touching the weights.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("collect", help="run training queries at full depth and record features + labels at every layer",
+                       description="Write, for every training query and layer, the exit features and the label "
+                       "(1 if that layer's top-1 token is the gold answer's first token) as parquet parts. "
+                       "Re-running with the same --out resumes where a killed run stopped.")
+    _model_args(p)
+    _task_args(p, n_train=True)
+    p.add_argument("--features", type=_features, default=ALL_FEATURES, help=f"comma-separated features to record (default: all: {','.join(ALL_FEATURES)})")
+    p.add_argument("--out", required=True, help="output folder")
+
+    p = sub.add_parser("fit", help="train an exit policy on collected data and save it (no pickle)",
+                       description="Train a policy (svm, crf, logistic; gap/never/oracle need no training) on a collect folder and save it as a .safetensors policy file that records the model it is for.")
+    p.add_argument("--data", required=True, help="folder written by `adainfer collect`")
+    p.add_argument("--policy", default="svm", choices=sorted(POLICIES), help="policy type (default: %(default)s)")
+    p.add_argument("--features", type=_features, default=PAPER_FEATURES, help="comma-separated features (default: gap,top_prob, the paper's)")
+    p.add_argument("--param", type=_param, action="append", default=[], help="policy parameter KEY=VALUE, e.g. threshold=0.9 or C=10")
+    p.add_argument("--tasks", help="comma-separated subset of collected tasks to train on")
+    p.add_argument("--out", required=True, help="policy file to write (.safetensors)")
+
+    p = sub.add_parser("eval", help="evaluate policies against the full model on held-out queries",
+                       description="Run the plain model, the full-depth engine and each policy on the same held-out queries and write a JSON summary: accuracy, mean exit layer, paper and true FLOPs ratios, wall time.")
+    _model_args(p)
+    _task_args(p, n_train=False)
+    p.add_argument("--policy", action="append", required=True, help="policy file or name (gap, never, oracle); repeat for several")
+    p.add_argument("--min-layer", type=int, default=1, help="first layer to check (default: %(default)s)")
+    p.add_argument("--stride", type=int, default=1, help="check every STRIDE layers (default: %(default)s)")
+    p.add_argument("--allow-other-model", action="store_true", help="use policies trained for another model (inter-model generalisation)")
+    p.add_argument("--out", required=True, help="JSON summary to write")
+
+    p = sub.add_parser("demo", help="collect, fit and evaluate on built-in rule tasks with the bundled model, offline",
+                       description="The whole method in one command on the bundled SmolLM2-135M (or --model): prints a table and writes a plot.")
+    _model_args(p)
+    p.add_argument("--out-dir", default="runs/demo", help="where to write data, policies, summary.json, table.md and the plot (default: %(default)s)")
+    p.add_argument("--shots", type=int, default=5, help="demonstrations per prompt (default: %(default)s)")
+    p.add_argument("--n-train", type=int, default=40, help="training queries per task (default: %(default)s)")
+    p.add_argument("--n-test", type=int, default=40, help="held-out queries per task (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default: %(default)s)")
+    return parser
+
+
+def cmd_collect(args):
+    from .collect import collect
+    from .engine import AdaptiveEngine
+    from .models import load
+    from .tasks import task_queries
+
+    model, tok = load(args.model, dtype=args.dtype, device=args.device)
+    train, _ = task_queries(tok, args.task, shots=args.shots, n_train=args.n_train, n_test=args.n_test, seed=args.seed)
+    out = collect(AdaptiveEngine(model, tok), train, args.out, batch_size=args.batch_size, features=args.features)
+    print(f"collected {len(train)} queries x {model.config.num_hidden_layers} layers into {out}")
+
+
+def cmd_fit(args):
+    from .persist import save_policy
+    from .pipeline import fit_policy, resolve_policy
+
+    policy = resolve_policy(args.policy, args.features)
+    policy.set_params(**dict(args.param))
+    tasks = args.tasks.split(",") if args.tasks else None
+    policy = fit_policy(args.data, policy, tasks)
+    print(f"saved {args.policy} policy ({', '.join(policy.features)}) to {save_policy(policy, args.out)}")
+
+
+def cmd_eval(args):
+    from .engine import AdaptiveEngine
+    from .evaluate import evaluate, format_table
+    from .models import load
+    from .pipeline import resolve_policy, write_json
+    from .tasks import task_queries
+
+    policies = {p: resolve_policy(p) for p in args.policy}
+    model, tok = load(args.model, dtype=args.dtype, device=args.device)
+    engine = AdaptiveEngine(model, tok, min_layer=args.min_layer, stride=args.stride)
+    _, test = task_queries(tok, args.task, shots=args.shots, n_train=0, n_test=args.n_test, seed=args.seed)
+    summary = evaluate(engine, test, policies, batch_size=args.batch_size, allow_other_model=args.allow_other_model)
+    summary.update(model=getattr(model, "adainfer_id", args.model), tasks=args.task, shots=args.shots, seed=args.seed)
+    write_json(args.out, summary)
+    print(format_table(summary))
+    print(f"\nwrote {args.out}")
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    s = run_demo(args.model, args.out_dir, shots=args.shots, n_train=args.n_train, n_test=args.n_test,
+                 batch_size=args.batch_size, dtype=args.dtype)
+    print(f"\n{s['model']} ({s['dtype']}), {s['shots']}-shot, tasks {', '.join(s['tasks'])}, "
+          f"{s['num_queries']} held-out queries; oracle = earliest layer whose top-1 is the gold token\n")
+    print(s["table"])
+    print(f"\nwrote {args.out_dir}/summary.json, {args.out_dir}/table.md and {s['plot']}")
+
+
+COMMANDS = {"collect": cmd_collect, "fit": cmd_fit, "eval": cmd_eval, "demo": cmd_demo}
+
+
+def main(argv=None) -> int:
+    from .models import ModelNotAvailable
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, ModelNotAvailable) as e:
+        # user errors (bad task file, unknown alias, wrong policy for the model, ...) get one clear line
+        print(f"adainfer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

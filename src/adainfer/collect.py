@@ -1,0 +1,110 @@
+"""Classifier training data: features and labels at every layer of the full model.
+
+For every query and every layer l: the features at l and the label y_c = 1 if layer l's top-1
+token is the gold token. Written as parquet parts (one per batch, each written atomically) in
+one folder with a meta.json; a killed run resumes at the first batch not written.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from .engine import AdaptiveEngine
+from .features import ALL_FEATURES
+from .persist import model_signature, write_atomic
+from .policies import NeverExit
+from .tasks import Query
+
+
+def collect(
+    engine: AdaptiveEngine,
+    queries: Sequence[Query],
+    out_dir: str | Path,
+    *,
+    batch_size: int = 8,
+    features: Sequence[str] = ALL_FEATURES,
+    progress: bool = True,
+) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model_signature(engine.model), "features": list(features)}
+    meta_path = out / "meta.json"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old != meta:
+            raise ValueError(
+                f"{out} already holds data collected with another model or feature set "
+                f"({old['model']['model_id']}, {old['features']}); use a new --out folder"
+            )
+    else:
+        write_atomic(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    done = collected_ids(out)
+    todo = [q for q in queries if q.id not in done]
+    policy = NeverExit(features=tuple(features))
+    all_layers = list(range(1, engine.num_layers + 1))
+    first = len(list(out.glob("part-*.parquet")))
+    bar = tqdm(total=len(queries), initial=len(queries) - len(todo), desc="collect", unit="query", disable=not progress)
+    for n, start in enumerate(range(0, len(todo), batch_size)):
+        batch = todo[start : start + batch_size]
+        result = engine.run([q.prompt for q in batch], policy, features=features, check_layers=all_layers)
+        table = _rows(batch, result)
+        write_atomic(out / f"part-{first + n:05d}.parquet", lambda tmp: pq.write_table(table, tmp))
+        bar.update(len(batch))
+    bar.close()
+    return out
+
+
+def _rows(batch: Sequence[Query], result) -> pa.Table:
+    B, L = len(batch), result.num_layers
+    gold = np.array([q.gold for q in batch])
+    cols = {
+        "query_id": np.repeat([q.id for q in batch], L),
+        "task": np.repeat([q.task for q in batch], L),
+        "layer": np.tile(np.arange(1, L + 1), B),
+        "num_layers": np.full(B * L, L),
+        "seq_len": np.repeat(result.seq_len, L),
+        "top1": result.layer_top1.reshape(-1),
+        "gold": np.repeat(gold, L),
+        "label": (result.layer_top1 == gold[:, None]).reshape(-1).astype(np.int8),
+    }
+    for j, name in enumerate(result.feature_names):
+        cols[name] = result.features[:, :, j].reshape(-1)
+    return pa.table(cols)
+
+
+def collected_ids(out_dir: str | Path) -> set[str]:
+    parts = sorted(Path(out_dir).glob("part-*.parquet"))
+    if not parts:
+        return set()
+    return set(ds.dataset(parts).to_table(columns=["query_id"]).column(0).to_pylist())
+
+
+def load_collected(path: str | Path, tasks: Sequence[str] | None = None) -> tuple[pa.Table, dict]:
+    """The collected rows (optionally only some tasks) and the folder's meta.json."""
+    path = Path(path)
+    parts = sorted(path.glob("part-*.parquet"))
+    if not (path / "meta.json").exists() or not parts:
+        raise FileNotFoundError(f"{path} holds no collected data; run `adainfer collect --out {path}` first")
+    table = ds.dataset(parts).to_table()
+    if tasks:
+        mask = np.isin(table.column("task").to_numpy(zero_copy_only=False), list(tasks))
+        table = table.filter(pa.array(mask))
+    return table, json.loads((path / "meta.json").read_text())
+
+
+def training_arrays(table: pa.Table, features: Sequence[str]):
+    """(X [n, F], y [n], groups [n]) for ExitPolicy.fit, rows of one query in layer order."""
+    table = table.sort_by([("query_id", "ascending"), ("layer", "ascending")])
+    missing = [f for f in features if f not in table.column_names]
+    if missing:
+        raise ValueError(f"features {missing} were not collected; collected: {table.column_names}")
+    X = np.stack([table.column(f).to_numpy() for f in features], axis=1)
+    return X, table.column("label").to_numpy(), table.column("query_id").to_numpy(zero_copy_only=False)

@@ -1,0 +1,80 @@
+"""`adainfer demo`: the whole method on the bundled model, offline, in a few minutes.
+
+Collect per-layer features on built-in rule tasks (few-shot), fit the exit policies, evaluate
+them on held-out queries next to the full model and the oracle bound, print a table and draw
+accuracy against layers used.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .collect import collect
+from .engine import AdaptiveEngine
+from .evaluate import evaluate, format_table, layer_accuracy
+from .models import DEFAULT_MODEL, load
+from .persist import save_policy
+from .pipeline import fit_policy, write_json
+from .policies import CRFExit, GapThreshold, LogisticExit, OracleExit, SVMExit
+from .report import plot_accuracy_vs_layers
+from .tasks import task_queries
+
+log = logging.getLogger(__name__)
+
+DEMO_TASKS = ("capitalize", "lowercase", "first_item", "last_item")
+
+
+def demo_policies():
+    paper = ("gap", "top_prob")
+    return {
+        "gap0.8": GapThreshold(0.8),
+        "svm": SVMExit(features=paper),
+        "crf": CRFExit(features=paper),
+        "logistic": LogisticExit(features=paper),
+        # our addition: knowing how deep it is lets the classifier ignore confidently wrong early layers
+        "svm+layer": SVMExit(features=paper + ("layer_frac",)),
+    }
+
+
+def run_demo(
+    model: str = DEFAULT_MODEL,
+    out_dir: str | Path = "runs/demo",
+    *,
+    tasks=DEMO_TASKS,
+    shots: int = 5,
+    n_train: int = 40,
+    n_test: int = 40,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    out = Path(out_dir)
+    lm, tokenizer = load(model, dtype=dtype)
+    engine = AdaptiveEngine(lm, tokenizer)
+    train, test = task_queries(tokenizer, tasks, shots=shots, n_train=n_train, n_test=n_test, seed=seed)
+    collect(engine, train, out / "collect", batch_size=batch_size, progress=progress)
+    policies = {}
+    for name, policy in demo_policies().items():
+        policies[name] = fit_policy(out / "collect", policy)
+        save_policy(policies[name], out / "policies" / f"{name}.safetensors")
+    summary = evaluate(engine, test, {**policies, "oracle": OracleExit()}, batch_size=batch_size, progress=progress)
+    layer_acc = layer_accuracy(engine, test, batch_size=batch_size, progress=progress)
+    summary.update(
+        model=getattr(lm, "adainfer_id", model),
+        dtype=dtype,
+        tasks=list(tasks),
+        shots=shots,
+        n_train_per_task=n_train,
+        n_test_per_task=n_test,
+        seed=seed,
+        layer_accuracy=layer_acc.tolist(),
+        table=format_table(summary),
+    )
+    write_json(out / "summary.json", summary)
+    (out / "table.md").write_text(summary["table"] + "\n")
+    summary["plot"] = str(
+        plot_accuracy_vs_layers(summary, layer_acc, out / "accuracy_vs_layers.png", f"{summary['model']}, {shots}-shot rule tasks")
+    )
+    return summary

@@ -1,0 +1,399 @@
+"""The adaptive-depth engine: run a batch layer by layer, let each row stop at its own layer.
+
+We run the model's own forward (so masks, rotary tables and every architecture detail are
+exactly Hugging Face's, computed once) and hook its decoder layers:
+- after layer l, the last position of every active row goes through the final norm + LM head
+  (only at the layers where a check is scheduled), features are built and the exit policy
+  decides for all active rows at once;
+- rows that stop are frozen and *removed* from the hidden states the next layer receives; a
+  pre-hook slices the per-row arguments (mask, positions, rotary tables) to the rows still
+  going, so later layers really compute less;
+- when no row is left, or after the last layer, a private exception ends the forward, so the
+  remaining layers and the full-sequence final norm never run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import features as F
+from .arch import ModelParts, find_parts
+
+
+@dataclass
+class Step:
+    """What an exit policy sees at one checked layer, for the rows still active."""
+
+    layer: int  # 1-based decoder layer just computed
+    num_layers: int
+    feature_names: tuple[str, ...]
+    features: np.ndarray  # [A, F] at this layer
+    history: np.ndarray  # [A, T, F] at every layer checked so far (this one last)
+    top1: np.ndarray  # [A] top-1 token id at this layer
+    rows: np.ndarray  # [A] index of each active row in the batch
+    gold: np.ndarray | None = None  # [A] gold answer token ids, when known (oracle only)
+
+
+@dataclass
+class ExitResult:
+    """Per-row outcome of a run. Layers are 1-based; unchecked trace entries are NaN / -1."""
+
+    exit_layer: np.ndarray  # [B] layer whose logits gave the answer
+    top1: np.ndarray  # [B] answer token id at the exit layer
+    num_checks: np.ndarray  # [B] LM-head projections made for exit checks (the final one excluded)
+    features: np.ndarray  # [B, L, F] feature trace
+    layer_top1: np.ndarray  # [B, L] top-1 token at every checked layer
+    seq_len: np.ndarray  # [B] prompt length in tokens
+    feature_names: tuple[str, ...]
+    num_layers: int
+    logits: torch.Tensor | None = None  # [B, V] exit-layer logits (float32), if kept
+    wall_time_s: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.exit_layer)
+
+    @staticmethod
+    def concat(results: Sequence[ExitResult]) -> ExitResult:
+        first = results[0]
+        logits = None
+        if all(r.logits is not None for r in results):
+            logits = torch.cat([r.logits for r in results])
+        return ExitResult(
+            **{
+                name: np.concatenate([getattr(r, name) for r in results])
+                for name in ("exit_layer", "top1", "num_checks", "features", "layer_top1", "seq_len")
+            },
+            feature_names=first.feature_names,
+            num_layers=first.num_layers,
+            logits=logits,
+            wall_time_s=sum(r.wall_time_s for r in results),
+        )
+
+
+class _Done(Exception):
+    """Raised from a hook to end the forward pass early."""
+
+
+def _last_hidden(output):
+    return output if torch.is_tensor(output) else output[0]
+
+
+def _replace_hidden(output, hidden):
+    if torch.is_tensor(output):
+        return hidden
+    return (hidden, *output[1:])
+
+
+@dataclass
+class _Batch:
+    """Mutable state of one batched forward pass."""
+
+    size: int
+    active: torch.Tensor  # original row indices still running
+    feature_names: tuple[str, ...]
+    streams: set[str]
+    trace: torch.Tensor  # [B, L, F]
+    layer_top1: torch.Tensor  # [B, L]
+    exit_layer: torch.Tensor
+    top1: torch.Tensor
+    num_checks: torch.Tensor
+    logits: torch.Tensor | None
+    gold: torch.Tensor | None
+    checked: list[int] = field(default_factory=list)
+    previous: dict[str, torch.Tensor] = field(default_factory=dict)  # last position, layer l-1
+    current: dict[str, torch.Tensor] = field(default_factory=dict)  # last position, layer l
+    sliced: dict[int, torch.Tensor] = field(default_factory=dict)  # per-row args, cut to active
+    rows_by_seq: tuple = ()  # [A, S] of the layer now running
+
+    def slice_rows(self, value):
+        """Cut a per-row argument (dim 0 == batch size) down to the active rows, once per set."""
+        if torch.is_tensor(value):
+            if value.ndim >= 2 and value.shape[0] == self.size:
+                key = id(value)
+                if key not in self.sliced:
+                    self.sliced[key] = value.index_select(0, self.active.to(value.device))
+                return self.sliced[key]
+            return value
+        if isinstance(value, tuple):
+            return tuple(self.slice_rows(v) for v in value)
+        if isinstance(value, list):
+            return [self.slice_rows(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self.slice_rows(v) for k, v in value.items()}
+        return value
+
+
+class AdaptiveEngine:
+    """Run prompts through a causal LM with per-row early exit.
+
+    Parameters
+    ----------
+    model, tokenizer : a Hugging Face causal LM and its tokenizer (see `adainfer.load`).
+    min_layer, stride : check after layers min_layer, min_layer + stride, ... (1-based).
+    check_layers : explicit layers to check; overrides min_layer / stride and the policy's own.
+    keep_logits : keep the [B, V] exit-layer logits in the result (memory: B * V floats).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        min_layer: int = 1,
+        stride: int = 1,
+        check_layers: Sequence[int] | None = None,
+        keep_logits: bool = True,
+    ):
+        self.parts: ModelParts = find_parts(model)
+        self.model = model
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if min_layer < 1 or stride < 1:
+            raise ValueError("min_layer and stride must be >= 1")
+        self.min_layer, self.stride = min_layer, stride
+        self.check_layers = None if check_layers is None else self._valid_layers(check_layers)
+        self.keep_logits = keep_logits
+
+    @property
+    def num_layers(self) -> int:
+        return self.parts.num_layers
+
+    def _valid_layers(self, layers: Sequence[int]) -> tuple[int, ...]:
+        bad = [l for l in layers if not 1 <= int(l) <= self.num_layers]
+        if bad:
+            raise ValueError(f"check layers {bad} outside 1..{self.num_layers}")
+        return tuple(sorted({int(l) for l in layers}))
+
+    def layers_to_check(self, policy=None) -> tuple[int, ...]:
+        if self.check_layers is not None:
+            return self.check_layers
+        learned = getattr(policy, "check_layers_", None)
+        if learned is not None:
+            return self._valid_layers(learned)
+        return tuple(range(self.min_layer, self.num_layers + 1, self.stride))
+
+    # ---------------------------------------------------------------- tokenization
+    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not one string")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        enc = self.tokenizer(
+            list(prompts), return_tensors="pt", padding=True, padding_side="left"
+        )
+        lengths = enc["attention_mask"].sum(-1)
+        limit = context_length(self.model.config)
+        if limit is not None and int(lengths.max()) > limit:
+            i = int(lengths.argmax())
+            raise ValueError(
+                f"prompt {i} has {int(lengths[i])} tokens but the model's context is {limit}; "
+                "shorten it or use fewer demonstrations"
+            )
+        device = self.model.get_input_embeddings().weight.device
+        mask = enc["attention_mask"].to(device)
+        # positions from the mask, as generate() does: left padding must not shift absolute
+        # positions (GPT-2, OPT) and makes every row equal to itself run alone.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return {"input_ids": enc["input_ids"].to(device), "attention_mask": mask, "position_ids": positions}
+
+    # ---------------------------------------------------------------- the run
+    @torch.inference_mode()
+    def run(
+        self,
+        prompts: Sequence[str],
+        policy,
+        *,
+        gold: Sequence[int] | None = None,
+        features: Sequence[str] | None = None,
+        check_layers: Sequence[int] | None = None,
+    ) -> ExitResult:
+        """One batch. `features` defaults to what the policy needs; `gold` feeds the oracle."""
+        import time
+
+        enc = self.encode(prompts)
+        names = F.check_names(features or getattr(policy, "features", ()) or F.PAPER_FEATURES)
+        needed = getattr(policy, "features", ())
+        missing = [n for n in needed if n not in names]
+        if missing:
+            raise ValueError(f"the policy needs features {missing} that this run does not compute")
+        column = [names.index(n) for n in needed]
+        checks = set(self._valid_layers(check_layers) if check_layers else self.layers_to_check(policy))
+        batch = self._new_batch(enc, names, gold)
+        L = self.num_layers
+
+        def pre_hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            batch.rows_by_seq = hidden.shape[:2]
+            if "hidden" in batch.streams:
+                batch.previous.setdefault("hidden", hidden[:, -1])
+            if len(batch.active) == batch.size:
+                return None
+            # args[0] is the (already cut) hidden state; everything else is per-row or shared.
+            return (args[:1] + batch.slice_rows(args[1:]), batch.slice_rows(kwargs))
+
+        def stream_hook(stream):
+            def hook(module, args, output):
+                out = _last_hidden(output)
+                if out.ndim == 2:  # OPT runs its MLP on flattened [B*S, H] tokens
+                    out = out.view(*batch.rows_by_seq, -1)
+                batch.current[stream] = out[:, -1]
+
+            return hook
+
+        def post_hook_for(layer: int):
+            def post_hook(module, args, output):
+                hidden = _last_hidden(output)
+                last = hidden[:, -1]
+                if "hidden" in batch.streams:
+                    batch.current["hidden"] = last
+                sims = {
+                    s: (
+                        torch.cosine_similarity(batch.current[s].float(), batch.previous[s].float(), dim=-1)
+                        if s in batch.previous
+                        else torch.zeros(len(last), device=last.device)
+                    )
+                    for s in batch.streams
+                }
+                batch.previous.update(batch.current)
+                if layer not in checks and layer != L:
+                    return None
+                feats, top1 = F.compute(self.parts.logits(last), names, layer, L, sims)
+                rows = batch.active
+                batch.trace[rows, layer - 1] = feats.to(batch.trace.device)
+                batch.layer_top1[rows, layer - 1] = top1.to(batch.layer_top1.device)
+                if layer == L:
+                    self._finish(batch, torch.ones(len(rows), dtype=torch.bool), layer, top1, last)
+                    raise _Done
+                batch.checked.append(layer)
+                batch.num_checks[rows] += 1
+                step = Step(
+                    layer=layer,
+                    num_layers=L,
+                    feature_names=tuple(needed),
+                    features=feats[:, column].cpu().numpy(),
+                    history=batch.trace[rows][:, [c - 1 for c in batch.checked]][:, :, column].numpy(),
+                    top1=top1.cpu().numpy(),
+                    rows=rows.numpy(),
+                    gold=None if batch.gold is None else batch.gold[rows].numpy(),
+                )
+                stop = torch.as_tensor(np.asarray(policy.decide(step), dtype=bool))
+                if not stop.any():
+                    return None
+                self._finish(batch, stop, layer, top1, last)
+                if len(batch.active) == 0:
+                    raise _Done
+                keep = (~stop).to(hidden.device)
+                for d in (batch.previous,):
+                    for k in d:
+                        d[k] = d[k][keep]
+                return _replace_hidden(output, hidden[keep])
+
+            return post_hook
+
+        handles = []
+        try:
+            for i, layer in enumerate(self.parts.layers):
+                handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
+                handles.append(layer.register_forward_hook(post_hook_for(i + 1)))
+                for stream in batch.streams - {"hidden"}:
+                    sub = getattr(layer, getattr(self.parts.spec, stream))
+                    handles.append(sub.register_forward_hook(stream_hook(stream)))
+            start = time.perf_counter()
+            try:
+                self.parts.base(**enc, use_cache=False)
+            except _Done:
+                pass
+            elapsed = time.perf_counter() - start
+        finally:
+            for h in handles:
+                h.remove()
+        return ExitResult(
+            exit_layer=batch.exit_layer.numpy(),
+            top1=batch.top1.numpy(),
+            num_checks=batch.num_checks.numpy(),
+            features=batch.trace.numpy(),
+            layer_top1=batch.layer_top1.numpy(),
+            seq_len=enc["attention_mask"].sum(-1).cpu().numpy(),
+            feature_names=names,
+            num_layers=L,
+            logits=batch.logits,
+            wall_time_s=elapsed,
+        )
+
+    def _new_batch(self, enc, names, gold) -> _Batch:
+        B, L = enc["input_ids"].shape[0], self.num_layers
+        if gold is not None and len(gold) != B:
+            raise ValueError(f"got {len(gold)} gold tokens for {B} prompts")
+        vocab = self.parts.head.out_features if hasattr(self.parts.head, "out_features") else None
+        return _Batch(
+            size=B,
+            active=torch.arange(B),
+            feature_names=names,
+            streams=F.needed_streams(names),
+            trace=torch.full((B, L, len(names)), float("nan")),
+            layer_top1=torch.full((B, L), -1, dtype=torch.long),
+            exit_layer=torch.zeros(B, dtype=torch.long),
+            top1=torch.full((B,), -1, dtype=torch.long),
+            num_checks=torch.zeros(B, dtype=torch.long),
+            logits=torch.empty(B, vocab) if self.keep_logits and vocab else None,
+            gold=None if gold is None else torch.as_tensor(np.asarray(gold), dtype=torch.long),
+        )
+
+    def _finish(self, batch: _Batch, stop: torch.Tensor, layer: int, top1, last) -> None:
+        """Freeze the rows in `stop` (a mask over the active rows) at this layer."""
+        rows = batch.active[stop]
+        batch.exit_layer[rows] = layer
+        batch.top1[rows] = top1.cpu()[stop]
+        if batch.logits is not None:
+            batch.logits[rows] = self.parts.logits(last[stop.to(last.device)]).float().cpu()
+        batch.active = batch.active[~stop]
+        batch.sliced.clear()
+
+    def run_all(
+        self,
+        prompts: Sequence[str],
+        policy,
+        *,
+        gold: Sequence[int] | None = None,
+        batch_size: int = 8,
+        features: Sequence[str] | None = None,
+        progress: bool | str = False,
+    ) -> ExitResult:
+        """Many prompts in batches of `batch_size`, concatenated in the input order."""
+        if len(prompts) == 0:
+            raise ValueError("no prompts given")
+        starts = range(0, len(prompts), batch_size)
+        desc = progress if isinstance(progress, str) else "adainfer"
+        parts = [
+            self.run(
+                prompts[i : i + batch_size],
+                policy,
+                gold=None if gold is None else gold[i : i + batch_size],
+                features=features,
+            )
+            for i in tqdm(starts, desc=desc, disable=not progress, unit="batch")
+        ]
+        return ExitResult.concat(parts)
+
+
+def context_length(config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@torch.inference_mode()
+def plain_last_logits(engine: AdaptiveEngine, prompts: Sequence[str]) -> torch.Tensor:
+    """The unmodified Hugging Face model's next-token logits for each prompt (reference)."""
+    enc = engine.encode(prompts)
+    out = engine.model(**enc, use_cache=False, logits_to_keep=1)
+    return out.logits[:, -1].float()

@@ -1,0 +1,63 @@
+"""Exit features computed from one layer's logit-lens distribution (and layer-to-layer similarity).
+
+All features describe the LAST prompt position of each active row after decoder layer l:
+- gap, top_prob: the paper's base features, P(top-1) - P(top-2) and P(top-1);
+- entropy: of the softmax over the whole vocabulary (nats);
+- layer_frac: l / L, lets a classifier learn "never this early" on models whose early layers are
+  confidently wrong (SmolLM2, Gemma 3);
+- cos_attn, cos_mlp, cos_hidden: cosine similarity between layer l and layer l-1 of the attention
+  output, the MLP output and the hidden state (the paper's factor study). 0 at layer 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+PAPER_FEATURES = ("gap", "top_prob")
+LOGIT_FEATURES = ("gap", "top_prob", "entropy")
+SIMILARITY_FEATURES = {"cos_attn": "attn", "cos_mlp": "mlp", "cos_hidden": "hidden"}
+ALL_FEATURES = LOGIT_FEATURES + ("layer_frac",) + tuple(SIMILARITY_FEATURES)
+
+
+def check_names(names: Iterable[str]) -> tuple[str, ...]:
+    names = tuple(names)
+    unknown = [n for n in names if n not in ALL_FEATURES]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown feature(s) {unknown or names}; choose from {', '.join(ALL_FEATURES)}"
+        )
+    return names
+
+
+def needed_streams(names: Iterable[str]) -> set[str]:
+    """Which activations (attn / mlp / hidden) must be tracked for these features."""
+    return {SIMILARITY_FEATURES[n] for n in names if n in SIMILARITY_FEATURES}
+
+
+def compute(
+    logits: torch.Tensor,
+    names: tuple[str, ...],
+    layer: int,
+    num_layers: int,
+    similarities: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (features [A, F] float32 in the order of `names`, top-1 token ids [A])."""
+    logits = logits.float()
+    top2 = logits.topk(2, dim=-1)
+    top1 = top2.indices[:, 0]
+    columns: dict[str, torch.Tensor] = {}
+    if {"gap", "top_prob", "entropy"} & set(names):
+        logz = torch.logsumexp(logits, dim=-1)
+        p12 = torch.exp(top2.values - logz[:, None])
+        columns["top_prob"] = p12[:, 0]
+        columns["gap"] = p12[:, 0] - p12[:, 1]
+        if "entropy" in names:
+            logp = logits - logz[:, None]
+            columns["entropy"] = -(logp.exp() * logp).sum(-1)
+    columns["layer_frac"] = torch.full_like(top2.values[:, 0], layer / num_layers)
+    for name, stream in SIMILARITY_FEATURES.items():
+        if name in names:
+            columns[name] = similarities[stream].float()
+    return torch.stack([columns[n] for n in names], dim=-1), top1

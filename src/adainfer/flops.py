@@ -1,0 +1,52 @@
+"""FLOPs ratios against the full model, the paper's and an honest one, side by side.
+
+Units of 2h FLOPs (h = hidden size): one decoder layer on one token costs 2(6h + s) (attention
+projections + MLP + attention scores, with s the sequence length), one LM-head projection of
+one position costs V.
+
+- paper ratio: (2 l'(6h + s) + V) / (2 L(6h + s) + V), exactly as published; it ignores every
+  exit check;
+- true ratio: the whole prompt goes through the layers (s tokens, s * 2(6h + s) per layer),
+  and every LM-head projection made (each exit check, plus the final one when a row runs to
+  the end) and every classifier decision is charged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def paper_ratio(exit_layer, num_layers: int, hidden: int, vocab: int, seq_len) -> np.ndarray:
+    exit_layer, s = np.asarray(exit_layer, float), np.asarray(seq_len, float)
+    layer = 2 * (6 * hidden + s)
+    return (exit_layer * layer + vocab) / (num_layers * layer + vocab)
+
+
+def true_ratio(
+    exit_layer,
+    num_checks,
+    num_layers: int,
+    hidden: int,
+    vocab: int,
+    seq_len,
+    policy_flops: float = 0.0,
+) -> np.ndarray:
+    exit_layer, s = np.asarray(exit_layer, float), np.asarray(seq_len, float)
+    checks = np.asarray(num_checks, float)
+    layer = s * 2 * (6 * hidden + s)
+    final_head = (exit_layer == num_layers).astype(float)  # rows that exited used a check's logits
+    used = exit_layer * layer + (checks + final_head) * vocab + checks * policy_flops / (2 * hidden)
+    return used / (num_layers * layer + vocab)
+
+
+def ratios(result, parts, policy=None) -> dict[str, np.ndarray]:
+    """Both ratios, per row, for an ExitResult of the model described by `parts` (ModelParts)."""
+    hidden = parts.config.hidden_size
+    vocab = parts.head.weight.shape[0]
+    cost = policy.cost_flops() if policy is not None and hasattr(policy, "cost_flops") else 0.0
+    return {
+        "flops_ratio": paper_ratio(result.exit_layer, result.num_layers, hidden, vocab, result.seq_len),
+        "true_flops_ratio": true_ratio(
+            result.exit_layer, result.num_checks, result.num_layers, hidden, vocab, result.seq_len, cost
+        ),
+    }

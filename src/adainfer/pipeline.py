@@ -1,0 +1,41 @@
+"""The end-to-end recipe (collect -> fit -> evaluate), shared by the CLI and the demo."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from .collect import load_collected, training_arrays
+from .features import PAPER_FEATURES
+from .persist import load_policy, write_atomic
+from .policies import POLICIES, ExitPolicy, make_policy
+
+
+def fit_policy(data_dir, policy: ExitPolicy, tasks: Sequence[str] | None = None) -> ExitPolicy:
+    """Train `policy` on collected rows; it remembers the model the rows came from."""
+    table, meta = load_collected(data_dir, tasks)
+    if table.num_rows == 0:
+        raise ValueError(f"no collected rows in {data_dir}" + (f" for tasks {list(tasks)}" if tasks else ""))
+    if policy.trainable:
+        policy.fit(*training_arrays(table, policy.features))
+    policy.model_meta_ = meta["model"]
+    return policy
+
+
+def resolve_policy(spec: str, features: Sequence[str] | None = None) -> ExitPolicy:
+    """A saved policy file, or a policy name (untrained; `gap`, `never`, `oracle` need no training)."""
+    if spec in POLICIES:
+        params = {"features": tuple(features)} if features and spec not in ("gap",) else {}
+        return make_policy(spec, **params)
+    if Path(spec).exists():
+        return load_policy(spec)
+    raise ValueError(f"--policy {spec!r} is neither a saved policy file nor one of {', '.join(POLICIES)}")
+
+
+def write_json(path, data) -> Path:
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
+    return Path(path)
+
+
+DEFAULT_FEATURES = PAPER_FEATURES

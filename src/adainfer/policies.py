@@ -1,0 +1,306 @@
+"""Exit policies: scikit-learn style estimators that decide, per row and layer, to stop.
+
+Contract (like scikit-learn): parameters in `__init__`, `fit(X, y, groups=None)` on plain
+arrays (X: [n, F] features of one layer of one example, y: 1 if that layer's top-1 token is
+the gold token, groups: which example each row belongs to, rows of one example in layer
+order), `predict(X)` -> 0/1, `decision_function(X)`. The engine calls `decide(step)` once per
+checked layer for all active rows at once; stateless policies just `predict` the current
+layer, the CRF reads the whole layer history.
+
+Trained policies keep their learned parameters as plain arrays (`_arrays`) and run their
+decision in numpy, so saving needs no pickle and a loaded policy is just numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from .features import PAPER_FEATURES, check_names
+
+
+class ExitPolicy(ClassifierMixin, BaseEstimator):
+    """Base class. Subclasses set `features` and implement `decision_function`."""
+
+    features: tuple[str, ...] = PAPER_FEATURES
+    trainable = True
+
+    def fit(self, X, y, groups=None):
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict(self, X) -> np.ndarray:
+        return (self.decision_function(_as_2d(X, self.features)) > 0).astype(int)
+
+    def decide(self, step) -> np.ndarray:
+        return self.predict(step.features).astype(bool)
+
+    def cost_flops(self) -> float:
+        """Approximate FLOPs of one decision for one row (charged by the true FLOPs ratio)."""
+        return 0.0
+
+    # serialisation hooks: learned state as arrays, rebuilt by `_load_arrays`
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def _load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        pass
+
+
+def _as_2d(X, features) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or X.shape[1] != len(features):
+        raise ValueError(
+            f"expected features of shape [n, {len(features)}] ({', '.join(features)}), got {X.shape}"
+        )
+    return X
+
+
+def _check_labels(y) -> np.ndarray:
+    y = np.asarray(y).astype(int).ravel()
+    classes = np.unique(y)
+    if not set(classes) <= {0, 1}:
+        raise ValueError(f"labels must be 0/1 (is this layer's top-1 the gold token?), got {classes}")
+    if len(classes) < 2:
+        raise ValueError(
+            f"every training label is {classes[0] if len(classes) else 'missing'}: the model is "
+            + ("never" if len(classes) == 0 or classes[0] == 0 else "always")
+            + " right at any layer on this data, so there is nothing to learn. Use more or "
+            "other examples (few-shot prompts help), or a task the model can answer."
+        )
+    return y
+
+
+# ----------------------------------------------------------------------------- reference policies
+class NeverExit(ExitPolicy):
+    """Full depth: the plain model's answer (and the engine's overhead baseline)."""
+
+    trainable = False
+    check_layers_ = ()  # it never stops, so it never pays for a check
+
+    def __init__(self, features=()):
+        self.features = features
+
+    def decision_function(self, X):
+        return -np.ones(len(X))
+
+    def decide(self, step):
+        return np.zeros(len(step.rows), dtype=bool)
+
+
+class OracleExit(ExitPolicy):
+    """Exit at the earliest checked layer whose top-1 is the gold token: a bound, needs labels."""
+
+    trainable = False
+
+    def __init__(self, features=()):
+        self.features = features
+
+    def decide(self, step):
+        if step.gold is None:
+            raise ValueError("the oracle policy needs the gold answer tokens (gold=...)")
+        return step.top1 == step.gold
+
+
+class GapThreshold(ExitPolicy):
+    """The paper's GAP baseline: stop at the first layer whose gap >= threshold. No training."""
+
+    trainable = False
+
+    def __init__(self, threshold: float = 0.8):
+        self.threshold = threshold
+        self.features = ("gap",)
+
+    def decision_function(self, X):
+        return _as_2d(X, self.features)[:, 0] - self.threshold + 1e-12
+
+    def cost_flops(self):
+        return 1.0
+
+
+# ----------------------------------------------------------------------------- trained classifiers
+class _Standardized(ExitPolicy):
+    """Trained policies standardise features with training mean / std (kept as arrays)."""
+
+    def _set_scaler(self, X):
+        self.mean_ = X.mean(0)
+        self.scale_ = np.where(X.std(0) > 1e-12, X.std(0), 1.0)
+
+    def _scale(self, X):
+        return (_as_2d(X, self.features) - self.mean_) / self.scale_
+
+
+class SVMExit(_Standardized):
+    """The paper's recommended classifier: `sklearn.svm.SVC` with default settings (RBF kernel).
+
+    `max_train_rows` subsamples the (layer x example) rows: SVC training is quadratic in them.
+    """
+
+    def __init__(self, features=PAPER_FEATURES, C: float = 1.0, gamma="scale", max_train_rows: int = 6000, random_state: int = 0):
+        self.features = features
+        self.C = C
+        self.gamma = gamma
+        self.max_train_rows = max_train_rows
+        self.random_state = random_state
+
+    def fit(self, X, y, groups=None):
+        from sklearn.svm import SVC
+
+        self.features = check_names(self.features)
+        X, y = _as_2d(X, self.features), _check_labels(y)
+        if len(X) > self.max_train_rows:
+            keep = np.random.default_rng(self.random_state).choice(len(X), self.max_train_rows, replace=False)
+            X, y = X[keep], y[keep]
+            y = _check_labels(y)
+        self._set_scaler(X)
+        svc = SVC(C=self.C, gamma=self.gamma).fit(self._scale(X), y)
+        self.support_vectors_ = svc.support_vectors_
+        self.dual_coef_ = svc.dual_coef_[0]
+        self.intercept_ = np.asarray(svc.intercept_, dtype=np.float64)
+        self.gamma_ = np.asarray([svc._gamma])
+        return self
+
+    def decision_function(self, X):
+        Z = self._scale(X)
+        sq = ((Z[:, None, :] - self.support_vectors_[None]) ** 2).sum(-1)
+        return np.exp(-self.gamma_[0] * sq) @ self.dual_coef_ + self.intercept_[0]
+
+    def cost_flops(self):
+        return 4.0 * self.support_vectors_.size
+
+    def _arrays(self):
+        return {k: getattr(self, k) for k in ("mean_", "scale_", "support_vectors_", "dual_coef_", "intercept_", "gamma_")}
+
+    def _load_arrays(self, arrays):
+        for k, v in arrays.items():
+            setattr(self, k, v)
+
+
+class LogisticExit(_Standardized):
+    """Logistic regression with a probability threshold: a knob that trades accuracy for layers.
+
+    Cheap (one dot product per row) and calibrated, so `threshold` means "stop when P(the
+    current top-1 is already the answer) >= threshold".
+    """
+
+    def __init__(self, features=PAPER_FEATURES, C: float = 1.0, threshold: float = 0.5):
+        self.features = features
+        self.C = C
+        self.threshold = threshold
+
+    def fit(self, X, y, groups=None):
+        from sklearn.linear_model import LogisticRegression
+
+        self.features = check_names(self.features)
+        X, y = _as_2d(X, self.features), _check_labels(y)
+        self._set_scaler(X)
+        lr = LogisticRegression(C=self.C, max_iter=1000).fit(self._scale(X), y)
+        self.coef_, self.intercept_ = lr.coef_[0], np.asarray(lr.intercept_, dtype=np.float64)
+        return self
+
+    def predict_proba(self, X):
+        p = 1.0 / (1.0 + np.exp(-(self._scale(X) @ self.coef_ + self.intercept_[0])))
+        return np.stack([1 - p, p], axis=1)
+
+    def decision_function(self, X):
+        return self.predict_proba(X)[:, 1] - self.threshold + 1e-12
+
+    def cost_flops(self):
+        return 2.0 * len(self.features) + 10
+
+    def _arrays(self):
+        return {k: getattr(self, k) for k in ("mean_", "scale_", "coef_", "intercept_")}
+
+    def _load_arrays(self, arrays):
+        for k, v in arrays.items():
+            setattr(self, k, v)
+
+
+class CRFExit(ExitPolicy):
+    """Linear-chain CRF over the layer sequence of one example (sklearn-crfsuite, defaults).
+
+    At inference the CRF labels the prefix of layers seen so far and the row stops when the
+    label of the current layer is 1.
+    """
+
+    def __init__(self, features=PAPER_FEATURES):
+        self.features = features
+
+    @staticmethod
+    def _items(seq, names):
+        return [{"bias": 1.0, **{n: float(v) for n, v in zip(names, row)}} for row in seq]
+
+    def fit(self, X, y, groups=None):
+        import sklearn_crfsuite
+
+        self.features = check_names(self.features)
+        X, y = _as_2d(X, self.features), _check_labels(y)
+        if groups is None:
+            raise ValueError("CRFExit.fit needs groups= (the example id of each row, layers in order)")
+        groups = np.asarray(groups)
+        seqs, labels = [], []
+        for g in dict.fromkeys(groups.tolist()):
+            idx = np.flatnonzero(groups == g)
+            seqs.append(self._items(X[idx], self.features))
+            labels.append([str(v) for v in y[idx]])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.crfsuite")
+            sklearn_crfsuite.CRF(model_filename=path).fit(seqs, labels)
+            with open(path, "rb") as f:
+                self.model_bytes_ = np.frombuffer(f.read(), dtype=np.uint8).copy()
+        self._tagger = None
+        return self
+
+    @property
+    def tagger(self):
+        import pycrfsuite
+
+        if getattr(self, "_tagger", None) is None:
+            self._tagger = pycrfsuite.Tagger()
+            self._tagger.open_inmemory(self.model_bytes_.tobytes())
+        return self._tagger
+
+    def predict_sequence(self, seq) -> np.ndarray:
+        """Labels for one example's layer sequence [T, F]."""
+        return np.asarray([int(t) for t in self.tagger.tag(self._items(seq, self.features))])
+
+    def decision_function(self, X):
+        # Without a history each row is a sequence of one: the best a stateless call can do.
+        X = _as_2d(X, self.features)
+        return np.array([self.predict_sequence(row[None])[0] for row in X]) - 0.5
+
+    def decide(self, step):
+        return np.array([self.predict_sequence(h)[-1] == 1 for h in step.history], dtype=bool)
+
+    def cost_flops(self):
+        return 20.0 * (len(self.features) + 1)
+
+    def _arrays(self):
+        return {"model_bytes_": self.model_bytes_}
+
+    def _load_arrays(self, arrays):
+        self.model_bytes_ = arrays["model_bytes_"]
+        self._tagger = None
+
+
+POLICIES: dict[str, type[ExitPolicy]] = {
+    "never": NeverExit,
+    "oracle": OracleExit,
+    "gap": GapThreshold,
+    "svm": SVMExit,
+    "crf": CRFExit,
+    "logistic": LogisticExit,
+}
+
+
+def make_policy(name: str, **params) -> ExitPolicy:
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)} or a saved policy file") from None
+    return cls(**params)

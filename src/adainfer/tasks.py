@@ -1,0 +1,192 @@
+"""Tasks, prompts and gold tokens.
+
+A task is a list of (input, output) examples. Prompts follow the paper's template:
+`Q: {x}\\nA: {y}\\n\\n` for each of k demonstrations, then `Q: {x}\\nA:`. The gold token is the
+first token the model would have to produce after `A:`, i.e. the first token of " " + output.
+
+Built-in rule tasks are generated from a small word list shipped with the package, so the
+demo and the tests need no data download. Any JSON list / JSONL file of
+`{"input": ..., "output": ...}` (the function-vectors format) is a task too.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Example:
+    input: str
+    output: str
+
+
+@dataclass
+class Task:
+    name: str
+    examples: list[Example]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+class TaskError(ValueError):
+    pass
+
+
+def _words() -> list[str]:
+    text = files("adainfer").joinpath("data/words.txt").read_text()
+    return list(dict.fromkeys(w.strip() for w in text.split() if w.strip()))
+
+
+def _word_task(name: str, fn: Callable[[str], tuple[str, str]]) -> Callable[[], Task]:
+    return lambda: Task(name, [Example(*fn(w)) for w in _words()])
+
+
+def _list_task(name: str, pick: Callable[[list[str]], str], size: int = 3) -> Callable[[], Task]:
+    def make() -> Task:
+        words, rng = _words(), random.Random(name)
+        items = [rng.sample(words, size) for _ in range(len(words))]
+        return Task(name, [Example(", ".join(xs), pick(xs)) for xs in items])
+
+    return make
+
+
+RULE_TASKS: dict[str, Callable[[], Task]] = {
+    "capitalize": _word_task("capitalize", lambda w: (w, w.capitalize())),
+    "lowercase": _word_task("lowercase", lambda w: (w.capitalize(), w)),
+    "uppercase": _word_task("uppercase", lambda w: (w, w.upper())),
+    "first_letter": _word_task("first_letter", lambda w: (w, w[0])),
+    "first_item": _list_task("first_item", lambda xs: xs[0]),
+    "last_item": _list_task("last_item", lambda xs: xs[-1]),
+}
+
+
+def load_task(name_or_path: str) -> Task:
+    """A built-in rule task by name, or a JSON / JSONL file of {"input", "output"} items."""
+    if name_or_path in RULE_TASKS:
+        return RULE_TASKS[name_or_path]()
+    path = Path(name_or_path)
+    if path.suffix in (".json", ".jsonl") or path.exists():
+        return load_task_file(path)
+    raise TaskError(
+        f"unknown task {name_or_path!r}: use a built-in rule task ({', '.join(RULE_TASKS)}) "
+        "or a path to a .json / .jsonl file of {\"input\": ..., \"output\": ...} items"
+    )
+
+
+def load_task_file(path: str | Path) -> Task:
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"task file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        items = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                items.append((f"line {n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TaskError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(data, list):
+            raise TaskError(f"{path}: expected a JSON list of {{\"input\", \"output\"}} items, got {type(data).__name__}")
+        items = [(f"item {i}", d) for i, d in enumerate(data)]
+    examples = [_example(path, where, item) for where, item in items]
+    if not examples:
+        raise TaskError(f"{path}: no examples")
+    return Task(path.stem, examples)
+
+
+def _example(path, where, item) -> Example:
+    if not isinstance(item, dict) or "input" not in item or "output" not in item:
+        raise TaskError(f"{path}, {where}: each item needs an \"input\" and an \"output\" field")
+    x, y = item["input"], item["output"]
+    if isinstance(y, list):  # extractive function-vector tasks list several right answers
+        y = y[0] if y else ""
+    if not isinstance(x, str) or not isinstance(y, str) or not x.strip() or not y.strip():
+        raise TaskError(f"{path}, {where}: \"input\" and \"output\" must be non-empty strings")
+    return Example(x, y)
+
+
+# ----------------------------------------------------------------------------- prompts
+def build_prompt(query: str, demos: Sequence[Example] = ()) -> str:
+    shots = "".join(f"Q: {d.input}\nA: {d.output}\n\n" for d in demos)
+    return f"{shots}Q: {query}\nA:"
+
+
+def split(task: Task, n_test: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """Disjoint (pool, test) split: demonstrations and training queries come from the pool."""
+    if not 0 < n_test < len(task):
+        raise TaskError(f"task {task.name} has {len(task)} examples; cannot hold out {n_test}")
+    order = list(range(len(task)))
+    random.Random(seed).shuffle(order)
+    test = [task.examples[i] for i in order[:n_test]]
+    pool = [task.examples[i] for i in order[n_test:]]
+    return pool, test
+
+
+def few_shot_prompts(queries: Sequence[Example], pool: Sequence[Example], k: int, seed: int = 0) -> list[str]:
+    """One prompt per query with k demonstrations from `pool`, never the query itself."""
+    prompts = []
+    for i, q in enumerate(queries):
+        candidates = [e for e in pool if e.input != q.input]
+        if k > len(candidates):
+            raise TaskError(f"asked for {k} demonstrations but the pool has only {len(candidates)}")
+        demos = random.Random(f"{seed}-{i}-{q.input}").sample(candidates, k)
+        prompts.append(build_prompt(q.input, demos))
+    return prompts
+
+
+def answer_token(tokenizer, prompt: str, answer: str) -> int:
+    """The first token the model must emit after `prompt` to start `answer` (after a space)."""
+    full = tokenizer(prompt + " " + answer, add_special_tokens=True)["input_ids"]
+    head = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if len(full) > len(head) and full[: len(head)] == head:
+        return full[len(head)]
+    # The space merged into the prompt's last token: fall back to the answer on its own.
+    return tokenizer(" " + answer, add_special_tokens=False)["input_ids"][0]
+
+
+@dataclass(frozen=True)
+class Query:
+    """One prompt to run, with what it takes to score it."""
+
+    id: str  # stable across runs: resuming and merging key on it
+    task: str
+    prompt: str
+    answer: str
+    gold: int  # first token of " " + answer
+
+
+def make_queries(
+    tokenizer, task: str, examples: Sequence[Example], pool: Sequence[Example], shots: int, seed: int = 0
+) -> list[Query]:
+    prompts = few_shot_prompts(examples, pool, shots, seed) if shots else [build_prompt(e.input) for e in examples]
+    return [
+        Query(f"{task}/{shots}shot/{seed}/{i}", task, p, e.output, answer_token(tokenizer, p, e.output))
+        for i, (e, p) in enumerate(zip(examples, prompts))
+    ]
+
+
+def task_queries(tokenizer, names: Sequence[str], *, shots: int, n_train: int, n_test: int, seed: int = 0):
+    """(train queries, test queries) over several tasks; test examples never serve as demos."""
+    train, test = [], []
+    for name in names:
+        task = load_task(name)
+        pool, held_out = split(task, n_test, seed)
+        if n_train > len(pool):
+            raise TaskError(f"task {task.name} has {len(pool)} pool examples; cannot train on {n_train}")
+        # a training query's own demonstrations come from the rest of the pool (few_shot_prompts)
+        train += make_queries(tokenizer, task.name, pool[:n_train], pool, shots, seed)
+        test += make_queries(tokenizer, task.name, held_out, pool, shots, seed + 1)
+    return train, test

@@ -1,0 +1,134 @@
+"""The engine: exactness against plain Hugging Face, per-row exits, batching, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+
+from adainfer import AdaptiveEngine
+from adainfer.engine import plain_last_logits
+from adainfer.features import ALL_FEATURES
+from adainfer.policies import ExitPolicy, GapThreshold, NeverExit
+
+PROMPTS = ["Q: hello\nA:", "Q: a much longer prompt here\nA:", "x", "Q: mid size one\nA:"]
+
+
+class ExitAt(ExitPolicy):
+    """Test policy: row i stops at layer targets[i] (a known, different layer per row)."""
+
+    trainable = False
+
+    def __init__(self, targets):
+        self.targets = targets
+
+    def decide(self, step):
+        return np.array([step.layer >= self.targets[r] for r in step.rows])
+
+
+def test_never_exit_equals_plain_hf_logits(tiny):
+    model, tok = tiny
+    engine = AdaptiveEngine(model, tok)
+    result = engine.run(PROMPTS, NeverExit(features=ALL_FEATURES))
+    assert (result.exit_layer == engine.num_layers).all()
+    assert result.num_checks.tolist() == [0] * len(PROMPTS)  # never-exit pays for no check
+    torch.testing.assert_close(result.logits, plain_last_logits(engine, PROMPTS), rtol=1e-5, atol=1e-5)
+    assert (result.top1 == plain_last_logits(engine, PROMPTS).argmax(-1).numpy()).all()
+
+
+def test_rows_exiting_at_different_layers_match_batch_size_one(tiny):
+    model, tok = tiny
+    engine = AdaptiveEngine(model, tok)
+    targets = [1, 3, 2, 4]
+    policy = ExitAt(targets)
+    batch = engine.run(PROMPTS, policy, features=ALL_FEATURES)
+    assert batch.exit_layer.tolist() == targets
+    for i, prompt in enumerate(PROMPTS):
+        alone = engine.run([prompt], ExitAt([targets[i]]), features=ALL_FEATURES)
+        assert alone.exit_layer[0] == batch.exit_layer[i]
+        assert alone.top1[0] == batch.top1[i]
+        torch.testing.assert_close(alone.logits[0], batch.logits[i], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(alone.features[0], batch.features[i], rtol=1e-4, atol=1e-5)
+
+
+def test_exited_rows_leave_the_batch():
+    model, tok = tiny_model("llama", layers=4)
+    engine = AdaptiveEngine(model, tok)
+    seen = []
+    handle = engine.parts.layers[2].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    try:
+        result = engine.run(PROMPTS, ExitAt([1, 3, 1, 4]))
+    finally:
+        handle.remove()
+    assert seen == [2]  # layer 3 ran on the two rows still active, not on four masked rows
+    assert result.num_checks.tolist() == [1, 3, 1, 3]
+
+
+def test_no_layer_runs_after_every_row_stopped():
+    model, tok = tiny_model("qwen2", layers=4)
+    engine = AdaptiveEngine(model, tok)
+    calls = []
+    handles = [layer.register_forward_hook(lambda *a: calls.append(1)) for layer in engine.parts.layers]
+    try:
+        engine.run(PROMPTS, ExitAt([2, 2, 2, 2]))
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(calls) == 2
+
+
+def test_gap_policy_exit_layer_matches_hand_computed_trace():
+    model, tok = tiny_model("llama", layers=6)
+    engine = AdaptiveEngine(model, tok)
+    prompts = PROMPTS[:3]
+    trace = engine.run(prompts, NeverExit(), features=("gap",), check_layers=range(1, 7))
+    gaps = trace.features[:, :, 0]
+    # pick a threshold that separates the rows' traces: at least one row exits before the end
+    threshold = float(np.sort(gaps[:, :-1].max(1))[len(prompts) // 2])
+    expected = []
+    for row in gaps:
+        hit = np.flatnonzero(row >= threshold)
+        expected.append(int(hit[0]) + 1 if len(hit) else 6)
+    result = engine.run(prompts, GapThreshold(threshold))
+    assert result.exit_layer.tolist() == expected
+    assert min(expected) < 6
+
+
+def test_min_layer_and_stride_limit_checks():
+    model, tok = tiny_model("llama", layers=6)
+    engine = AdaptiveEngine(model, tok, min_layer=2, stride=2)
+    assert engine.layers_to_check() == (2, 4, 6)
+    result = engine.run(PROMPTS, GapThreshold(2.0))  # gap never reaches 2: checks only
+    assert result.num_checks.tolist() == [2] * len(PROMPTS)  # layers 2 and 4; 6 is the final head
+    checked = ~np.isnan(result.features[0, :, 0])
+    assert np.flatnonzero(checked).tolist() == [1, 3, 5]
+
+
+@pytest.mark.parametrize("bad", [[""], ["ok", "   "]])
+def test_empty_prompt_is_a_clear_error(bad):
+    engine = AdaptiveEngine(*tiny_model("llama"))
+    with pytest.raises(ValueError, match="empty"):
+        engine.run(bad, NeverExit())
+
+
+def test_prompt_longer_than_context_is_a_clear_error():
+    engine = AdaptiveEngine(*tiny_model("llama"))
+    with pytest.raises(ValueError, match="context is 256"):
+        engine.run(["x" * 300], NeverExit())
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    from adainfer.arch import UnsupportedModel
+
+    model, tok = tiny_model("llama")
+    model.config.model_type = "mystery"
+    with pytest.raises(UnsupportedModel, match="gpt_neox"):
+        AdaptiveEngine(model, tok)
+
+
+def test_run_all_keeps_input_order_across_batches():
+    engine = AdaptiveEngine(*tiny_model("gpt2"))
+    prompts = PROMPTS * 3
+    whole = engine.run_all(prompts, NeverExit(), batch_size=5)
+    single = engine.run(prompts, NeverExit())
+    assert whole.top1.tolist() == single.top1.tolist()
+    torch.testing.assert_close(whole.logits, single.logits, rtol=1e-4, atol=1e-5)
