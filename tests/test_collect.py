@@ -1,0 +1,86 @@
+"""Collect: per-layer labels, incremental parquet parts, resume after a kill, training arrays."""
+
+import numpy as np
+import pytest
+from conftest import char_tokenizer, tiny_model
+
+from adainfer import AdaptiveEngine
+from adainfer.collect import collect, collected_ids, load_collected, training_arrays
+from adainfer.pipeline import fit_policy
+from adainfer.policies import CRFExit, SVMExit
+from adainfer.tasks import task_queries
+
+
+@pytest.fixture
+def setup():
+    model, tok = tiny_model("llama", layers=4)
+    train, _ = task_queries(char_tokenizer(), ["capitalize", "first_item"], shots=2, n_train=6, n_test=5)
+    return AdaptiveEngine(model, tok), train
+
+
+def test_labels_say_whether_each_layer_top1_is_gold(setup, tmp_path):
+    engine, queries = setup
+    collect(engine, queries, tmp_path, batch_size=4, progress=False)
+    table, meta = load_collected(tmp_path)
+    assert table.num_rows == len(queries) * 4
+    assert meta["model"]["num_layers"] == 4
+    top1, gold, label = (table.column(c).to_numpy() for c in ("top1", "gold", "label"))
+    assert ((top1 == gold) == (label == 1)).all()
+    # the last layer's top-1 is the plain model's answer
+    last = table.filter(table.column("layer").to_numpy() == 4).sort_by("query_id")
+    by_id = {q.id: q for q in queries}
+    ids = last.column("query_id").to_pylist()
+    full = engine.run([by_id[i].prompt for i in ids], __import__("adainfer").policies.NeverExit())
+    assert (last.column("top1").to_numpy() == full.top1).all()
+
+
+def test_killed_run_resumes_without_redoing_work(setup, tmp_path, monkeypatch):
+    engine, queries = setup
+    real_run, calls = engine.run, []
+
+    def dies_on_third_batch(prompts, *a, **k):
+        calls.append(len(prompts))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_run(prompts, *a, **k)
+
+    monkeypatch.setattr(engine, "run", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        collect(engine, queries, tmp_path, batch_size=2, progress=False)
+    assert len(collected_ids(tmp_path)) == 4
+    assert not list(tmp_path.glob(".*tmp"))  # no half-written part left behind
+    calls.clear()
+    monkeypatch.setattr(engine, "run", lambda prompts, *a, **k: (calls.append(len(prompts)), real_run(prompts, *a, **k))[1])
+    collect(engine, queries, tmp_path, batch_size=2, progress=False)
+    assert sum(calls) == len(queries) - 4  # only the missing queries ran
+    table, _ = load_collected(tmp_path)
+    assert sorted(set(table.column("query_id").to_pylist())) == sorted(q.id for q in queries)
+    assert table.num_rows == len(queries) * 4
+
+
+def test_collect_folder_of_another_model_is_refused(setup, tmp_path):
+    engine, queries = setup
+    collect(engine, queries[:2], tmp_path, progress=False)
+    other = AdaptiveEngine(*tiny_model("llama", layers=6))
+    with pytest.raises(ValueError, match="another model"):
+        collect(other, queries, tmp_path, progress=False)
+
+
+def test_training_arrays_and_fit(setup, tmp_path):
+    engine, queries = setup
+    collect(engine, queries, tmp_path, progress=False)
+    table, _ = load_collected(tmp_path)
+    X, y, groups = training_arrays(table, ("gap", "top_prob"))
+    assert X.shape == (len(queries) * 4, 2) and len(y) == len(groups)
+    # rows of one query are contiguous and in layer order (what the CRF needs)
+    first = groups == groups[0]
+    assert first[:4].all() and not first[4:].any()
+    with pytest.raises(ValueError, match="never right|nothing to learn"):
+        fit_policy(tmp_path, SVMExit())  # a random tiny model is never right: clear error, not a crash
+    labels = (X[:, 0] > np.median(X[:, 0])).astype(int)  # learnable stand-in labels
+    CRFExit().fit(X, labels, groups)
+
+
+def test_missing_collect_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adainfer collect"):
+        load_collected(tmp_path / "nothing")
