@@ -264,12 +264,13 @@ class AdaptiveEngine:
                 batch.previous.update(batch.current)
                 if layer not in checks and layer != L:
                     return None
-                feats, top1 = F.compute(self.parts.logits(last), names, layer, L, sims)
+                logits = self.parts.logits(last)
+                feats, top1 = F.compute(logits, names, layer, L, sims)
                 rows = batch.active
                 batch.trace[rows, layer - 1] = feats.to(batch.trace.device)
                 batch.layer_top1[rows, layer - 1] = top1.to(batch.layer_top1.device)
                 if layer == L:
-                    self._finish(batch, torch.ones(len(rows), dtype=torch.bool), layer, top1, last)
+                    self._finish(batch, torch.ones(len(rows), dtype=torch.bool), layer, top1, logits)
                     raise _Done
                 batch.checked.append(layer)
                 batch.num_checks[rows] += 1
@@ -286,7 +287,7 @@ class AdaptiveEngine:
                 stop = torch.as_tensor(np.asarray(policy.decide(step), dtype=bool))
                 if not stop.any():
                     return None
-                self._finish(batch, stop, layer, top1, last)
+                self._finish(batch, stop, layer, top1, logits)
                 if len(batch.active) == 0:
                     raise _Done
                 keep = (~stop).to(hidden.device)
@@ -346,13 +347,13 @@ class AdaptiveEngine:
             gold=None if gold is None else torch.as_tensor(np.asarray(gold), dtype=torch.long),
         )
 
-    def _finish(self, batch: _Batch, stop: torch.Tensor, layer: int, top1, last) -> None:
+    def _finish(self, batch: _Batch, stop: torch.Tensor, layer: int, top1, logits) -> None:
         """Freeze the rows in `stop` (a mask over the active rows) at this layer."""
         rows = batch.active[stop]
         batch.exit_layer[rows] = layer
         batch.top1[rows] = top1.cpu()[stop]
         if batch.logits is not None:
-            batch.logits[rows] = self.parts.logits(last[stop.to(last.device)]).float().cpu()
+            batch.logits[rows] = logits[stop.to(logits.device)].float().cpu()
         batch.active = batch.active[~stop]
         batch.sliced.clear()
 
@@ -392,8 +393,11 @@ def context_length(config) -> int | None:
 
 
 @torch.inference_mode()
+def plain_forward(model, enc: dict) -> torch.Tensor:
+    """The unmodified Hugging Face model, one full forward: next-token logits per row."""
+    return model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+
+
 def plain_last_logits(engine: AdaptiveEngine, prompts: Sequence[str]) -> torch.Tensor:
-    """The unmodified Hugging Face model's next-token logits for each prompt (reference)."""
-    enc = engine.encode(prompts)
-    out = engine.model(**enc, use_cache=False, logits_to_keep=1)
-    return out.logits[:, -1].float()
+    """The plain model's next-token logits for each prompt, tokenized as the engine does."""
+    return plain_forward(engine.model, engine.encode(prompts))

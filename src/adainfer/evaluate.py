@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .engine import AdaptiveEngine, ExitResult, plain_last_logits
+from .engine import AdaptiveEngine, ExitResult, plain_forward
 from .features import PAPER_FEATURES, check_names
 from .flops import ratios
 from .persist import check_compatible
@@ -44,8 +44,9 @@ def evaluate(
     for start in tqdm(range(0, len(queries), batch_size), desc="eval", unit="batch", disable=not progress):
         batch = queries[start : start + batch_size]
         prompts, gold = [q.prompt for q in batch], [q.gold for q in batch]
+        enc = engine.encode(prompts)
         t0 = time.perf_counter()
-        plain_last_logits(engine, prompts)
+        plain_forward(engine.model, enc)  # timed like engine.run: the forward pass alone
         plain_time += time.perf_counter() - t0
         for name, policy in variants.items():
             results[name].append(engine.run(prompts, policy, gold=gold, features=names))

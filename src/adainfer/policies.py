@@ -261,8 +261,10 @@ class CRFExit(ExitPolicy):
         import pycrfsuite
 
         if getattr(self, "_tagger", None) is None:
+            # crfsuite reads the model in place, without a copy: the buffer must outlive the tagger
+            self._buffer = self.model_bytes_.tobytes()
             self._tagger = pycrfsuite.Tagger()
-            self._tagger.open_inmemory(self.model_bytes_.tobytes())
+            self._tagger.open_inmemory(self._buffer)
         return self._tagger
 
     def predict_sequence(self, seq) -> np.ndarray:

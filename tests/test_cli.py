@@ -1,0 +1,53 @@
+"""The CLI end to end on a tiny model saved as a local Hugging Face folder."""
+
+import json
+
+import pytest
+from conftest import tiny_model
+
+from adainfer.cli import build_parser, main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model, tok = tiny_model("llama", layers=4)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("command", ["collect", "fit", "eval", "demo"])
+def test_every_command_explains_itself(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([command, "--help"])
+    assert e.value.code == 0
+    assert len(capsys.readouterr().out) > 300
+
+
+def test_collect_fit_eval(model_dir, tmp_path, capsys):
+    data, policy, summary = tmp_path / "data", tmp_path / "gap.safetensors", tmp_path / "eval.json"
+    common = ["--model", model_dir, "--task", "capitalize", "--shots", "2", "--n-test", "6"]
+    assert main(["collect", *common, "--n-train", "4", "--out", str(data)]) == 0
+    assert list(data.glob("part-*.parquet"))
+    assert main(["fit", "--data", str(data), "--policy", "gap", "--param", "threshold=0.5", "--out", str(policy)]) == 0
+    assert main(["eval", *common, "--policy", str(policy), "--policy", "oracle", "--out", str(summary)]) == 0
+    s = json.loads(summary.read_text())
+    assert set(s["policies"]) == {"full", str(policy), "oracle"}
+    for fig in s["policies"].values():
+        assert {"accuracy", "mean_exit_layer", "num_layers", "flops_ratio", "true_flops_ratio", "wall_time_s"} <= set(fig)
+    assert s["num_queries"] == 6 and s["policies"]["full"]["flops_ratio"] == 1.0
+    assert "| full |" in capsys.readouterr().out
+
+
+def test_bad_inputs_give_one_clear_line(model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "a", "output": "b"}\nnot json\n')
+    assert main(["collect", "--model", model_dir, "--task", str(bad), "--out", str(tmp_path / "d")]) == 2
+    assert "line 2" in capsys.readouterr().err
+    assert main(["eval", "--model", "no-such-model", "--task", "capitalize", "--policy", "gap", "--out", str(tmp_path / "e.json")]) == 2
+    assert "smollm2-135m" in capsys.readouterr().err
+    assert main(["eval", "--model", model_dir, "--task", "capitalize", "--policy", "forest", "--out", str(tmp_path / "e.json")]) == 2
+    assert "svm" in capsys.readouterr().err
+    assert main(["fit", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "p.safetensors")]) == 2
+    assert "adainfer collect" in capsys.readouterr().err
