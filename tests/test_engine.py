@@ -132,3 +132,14 @@ def test_run_all_keeps_input_order_across_batches():
     single = engine.run(prompts, NeverExit())
     assert whole.top1.tolist() == single.top1.tolist()
     torch.testing.assert_close(whole.logits, single.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_choice_restricted_answer_is_the_best_choice_token():
+    model, tok = tiny_model("llama", layers=4)
+    engine = AdaptiveEngine(model, tok)
+    choices = [[5, 9, 17], [30, 31], [5, 9, 17], [40, 41, 42, 43]]
+    r = engine.run(PROMPTS, ExitAt([2, 4, 1, 3]), choices=choices)
+    logits = engine.run(PROMPTS, ExitAt([2, 4, 1, 3])).logits
+    for i, c in enumerate(choices):
+        assert r.choice_top1[i] == c[int(logits[i, c].argmax())]
+    assert (r.layer_choice[2, 1:] == -1).all()  # row 2 stopped at layer 1

@@ -1,8 +1,9 @@
 """Classifier training data: features and labels at every layer of the full model.
 
-For every query and every layer l: the features at l and the label y_c = 1 if layer l's top-1
-token is the gold token. Written as parquet parts (one per batch, each written atomically) in
-one folder with a meta.json; a killed run resumes at the first batch not written.
+For every query and every layer l: the features at l, the label y_c = 1 if layer l's top-1
+token is the gold token, and (choice tasks) the best choice token at l. Written as parquet
+parts (one per batch, each written atomically) in one folder with a meta.json; a killed run
+resumes at the first batch not written.
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ def collect(
     bar = tqdm(total=len(queries), initial=len(queries) - len(todo), desc="collect", unit="query", disable=not progress)
     for n, start in enumerate(range(0, len(todo), batch_size)):
         batch = todo[start : start + batch_size]
-        result = engine.run([q.prompt for q in batch], policy, features=features, check_layers=all_layers)
+        choices = [q.choice_tokens for q in batch] if all(q.choice_tokens for q in batch) else None
+        result = engine.run(
+            [q.prompt for q in batch], policy, features=features, check_layers=all_layers, choices=choices
+        )
         table = _rows(batch, result)
         write_atomic(out / f"part-{first + n:05d}.parquet", lambda tmp: pq.write_table(table, tmp))
         bar.update(len(batch))
@@ -74,6 +78,8 @@ def _rows(batch: Sequence[Query], result) -> pa.Table:
         "top1": result.layer_top1.reshape(-1),
         "gold": np.repeat(gold, L),
         "label": (result.layer_top1 == gold[:, None]).reshape(-1).astype(np.int8),
+        # choice-restricted answer (lm-eval-harness style), -1 where the task has no choices
+        "choice_top1": (result.layer_choice if result.layer_choice is not None else np.full((B, L), -1)).reshape(-1),
     }
     for j, name in enumerate(result.feature_names):
         cols[name] = result.features[:, :, j].reshape(-1)

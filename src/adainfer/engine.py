@@ -52,7 +52,15 @@ class ExitResult:
     feature_names: tuple[str, ...]
     num_layers: int
     logits: torch.Tensor | None = None  # [B, V] exit-layer logits (float32), if kept
+    layer_choice: np.ndarray | None = None  # [B, L] best of the row's choice tokens per checked layer
     wall_time_s: float = 0.0
+
+    @property
+    def choice_top1(self) -> np.ndarray | None:
+        """[B] the best choice token at each row's exit layer (choice-restricted answer)."""
+        if self.layer_choice is None:
+            return None
+        return self.layer_choice[np.arange(len(self)), self.exit_layer - 1]
 
     def __len__(self) -> int:
         return len(self.exit_layer)
@@ -63,6 +71,9 @@ class ExitResult:
         logits = None
         if all(r.logits is not None for r in results):
             logits = torch.cat([r.logits for r in results])
+        choice = None
+        if all(r.layer_choice is not None for r in results):
+            choice = np.concatenate([r.layer_choice for r in results])
         return ExitResult(
             **{
                 name: np.concatenate([getattr(r, name) for r in results])
@@ -71,6 +82,7 @@ class ExitResult:
             feature_names=first.feature_names,
             num_layers=first.num_layers,
             logits=logits,
+            layer_choice=choice,
             wall_time_s=sum(r.wall_time_s for r in results),
         )
 
@@ -104,6 +116,8 @@ class _Batch:
     num_checks: torch.Tensor
     logits: torch.Tensor | None
     gold: torch.Tensor | None
+    choices: torch.Tensor | None  # [B, C] choice token ids (rows padded by repeating their first)
+    layer_choice: torch.Tensor | None  # [B, L]
     checked: list[int] = field(default_factory=list)
     previous: dict[str, torch.Tensor] = field(default_factory=dict)  # last position, layer l-1
     current: dict[str, torch.Tensor] = field(default_factory=dict)  # last position, layer l
@@ -213,8 +227,10 @@ class AdaptiveEngine:
         gold: Sequence[int] | None = None,
         features: Sequence[str] | None = None,
         check_layers: Sequence[int] | None = None,
+        choices: Sequence[Sequence[int]] | None = None,
     ) -> ExitResult:
-        """One batch. `features` defaults to what the policy needs; `gold` feeds the oracle."""
+        """One batch. `features` defaults to what the policy needs; `gold` feeds the oracle;
+        `choices` (token ids per row) records the best choice at every checked layer."""
         import time
 
         enc = self.encode(prompts)
@@ -225,7 +241,7 @@ class AdaptiveEngine:
             raise ValueError(f"the policy needs features {missing} that this run does not compute")
         column = [names.index(n) for n in needed]
         checks = set(self._valid_layers(check_layers) if check_layers else self.layers_to_check(policy))
-        batch = self._new_batch(enc, names, gold)
+        batch = self._new_batch(enc, names, gold, choices)
         L = self.num_layers
 
         def pre_hook(module, args, kwargs):
@@ -269,6 +285,10 @@ class AdaptiveEngine:
                 rows = batch.active
                 batch.trace[rows, layer - 1] = feats.to(batch.trace.device)
                 batch.layer_top1[rows, layer - 1] = top1.to(batch.layer_top1.device)
+                if batch.choices is not None:
+                    ids = batch.choices[rows].to(logits.device)
+                    best = logits.gather(1, ids).argmax(-1, keepdim=True)
+                    batch.layer_choice[rows, layer - 1] = ids.gather(1, best)[:, 0].cpu()
                 if layer == L:
                     self._finish(batch, torch.ones(len(rows), dtype=torch.bool), layer, top1, logits)
                     raise _Done
@@ -325,13 +345,20 @@ class AdaptiveEngine:
             feature_names=names,
             num_layers=L,
             logits=batch.logits,
+            layer_choice=None if batch.layer_choice is None else batch.layer_choice.numpy(),
             wall_time_s=elapsed,
         )
 
-    def _new_batch(self, enc, names, gold) -> _Batch:
+    def _new_batch(self, enc, names, gold, choices) -> _Batch:
         B, L = enc["input_ids"].shape[0], self.num_layers
         if gold is not None and len(gold) != B:
             raise ValueError(f"got {len(gold)} gold tokens for {B} prompts")
+        choice_ids = None
+        if choices is not None and any(choices):
+            if len(choices) != B or not all(choices):
+                raise ValueError("choices= needs a non-empty list of choice tokens for every prompt")
+            width = max(len(c) for c in choices)
+            choice_ids = torch.tensor([list(c) + [c[0]] * (width - len(c)) for c in choices])
         vocab = self.parts.head.out_features if hasattr(self.parts.head, "out_features") else None
         return _Batch(
             size=B,
@@ -345,6 +372,8 @@ class AdaptiveEngine:
             num_checks=torch.zeros(B, dtype=torch.long),
             logits=torch.empty(B, vocab) if self.keep_logits and vocab else None,
             gold=None if gold is None else torch.as_tensor(np.asarray(gold), dtype=torch.long),
+            choices=choice_ids,
+            layer_choice=None if choice_ids is None else torch.full((B, L), -1, dtype=torch.long),
         )
 
     def _finish(self, batch: _Batch, stop: torch.Tensor, layer: int, top1, logits) -> None:
@@ -363,6 +392,7 @@ class AdaptiveEngine:
         policy,
         *,
         gold: Sequence[int] | None = None,
+        choices: Sequence[Sequence[int]] | None = None,
         batch_size: int = 8,
         features: Sequence[str] | None = None,
         progress: bool | str = False,
@@ -377,6 +407,7 @@ class AdaptiveEngine:
                 prompts[i : i + batch_size],
                 policy,
                 gold=None if gold is None else gold[i : i + batch_size],
+                choices=None if choices is None else choices[i : i + batch_size],
                 features=features,
             )
             for i in tqdm(starts, desc=desc, disable=not progress, unit="batch")

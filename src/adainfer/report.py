@@ -25,13 +25,16 @@ def plot_accuracy_vs_layers(summary: dict, layer_acc: np.ndarray | None, path: s
         ax.set_xlim(1, L)
         ax.grid(alpha=0.3)
     ax = axes[1]
-    for name, s in summary["policies"].items():
-        x = 100 * s["mean_exit_layer"] / L
-        ax.scatter(x, 100 * s["accuracy"], s=50, zorder=3)
-        ax.annotate(name, (x, 100 * s["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=9)
+    markers = "osD^v<>pPX*h"
+    for i, (name, s) in enumerate(summary["policies"].items()):
+        ax.scatter(100 * s["mean_exit_layer"] / L, 100 * s["accuracy"], s=60, marker=markers[i % len(markers)],
+                   zorder=3, alpha=0.8, label=f"{name} (true FLOPs {100 * s['true_flops_ratio']:.0f}%)")
     ax.set_xlabel("layers used (% of full depth)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("Policies: accuracy against layers used")
+    ax.set_xlim(-2, 105)
+    ax.set_ylim(-3, 103)
+    ax.legend(fontsize=8, loc="center left")
     ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)

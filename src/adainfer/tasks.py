@@ -23,12 +23,14 @@ from pathlib import Path
 class Example:
     input: str
     output: str
+    choices: tuple[str, ...] = ()  # for choice tasks: every answer the model may give (labels, letters)
 
 
 @dataclass
 class Task:
     name: str
-    examples: list[Example]
+    examples: list[Example]  # where queries come from
+    pool: list[Example] | None = None  # a separate demonstration pool (a train / dev split), if any
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -66,15 +68,21 @@ RULE_TASKS: dict[str, Callable[[], Task]] = {
 }
 
 
-def load_task(name_or_path: str) -> Task:
-    """A built-in rule task by name, or a JSON / JSONL file of {"input", "output"} items."""
+def load_task(name_or_path: str, data_dir: str | Path | None = None) -> Task:
+    """A built-in rule task, a benchmark (sst2, mmlu:<subject>, fv:<name>, ...; see
+    adainfer.benchmarks) or a JSON / JSONL file of {"input", "output"} items."""
+    from .benchmarks import is_benchmark, load_benchmark
+
     if name_or_path in RULE_TASKS:
         return RULE_TASKS[name_or_path]()
+    if is_benchmark(name_or_path):
+        return load_benchmark(name_or_path, data_dir)
     path = Path(name_or_path)
     if path.suffix in (".json", ".jsonl") or path.exists():
         return load_task_file(path)
     raise TaskError(
-        f"unknown task {name_or_path!r}: use a built-in rule task ({', '.join(RULE_TASKS)}) "
+        f"unknown task {name_or_path!r}: use a built-in rule task ({', '.join(RULE_TASKS)}), "
+        "a benchmark (sst2, ag_news, mmlu[:subject|group], commonsense_qa, squad, fv:<name>, lre:<name>) "
         "or a path to a .json / .jsonl file of {\"input\": ..., \"output\": ...} items"
     )
 
@@ -166,6 +174,7 @@ class Query:
     prompt: str
     answer: str
     gold: int  # first token of " " + answer
+    choice_tokens: tuple[int, ...] = ()  # first token of " " + each choice (choice tasks)
 
 
 def make_queries(
@@ -173,17 +182,28 @@ def make_queries(
 ) -> list[Query]:
     prompts = few_shot_prompts(examples, pool, shots, seed) if shots else [build_prompt(e.input) for e in examples]
     return [
-        Query(f"{task}/{shots}shot/{seed}/{i}", task, p, e.output, answer_token(tokenizer, p, e.output))
+        Query(
+            f"{task}/{shots}shot/{seed}/{i}",
+            task,
+            p,
+            e.output,
+            answer_token(tokenizer, p, e.output),
+            tuple(answer_token(tokenizer, p, c) for c in e.choices),
+        )
         for i, (e, p) in enumerate(zip(examples, prompts))
     ]
 
 
-def task_queries(tokenizer, names: Sequence[str], *, shots: int, n_train: int, n_test: int, seed: int = 0):
+def task_queries(tokenizer, names: Sequence[str], *, shots: int, n_train: int, n_test: int, seed: int = 0, data_dir=None):
     """(train queries, test queries) over several tasks; test examples never serve as demos."""
     train, test = [], []
     for name in names:
-        task = load_task(name)
-        pool, held_out = split(task, n_test, seed)
+        task = load_task(name, data_dir)
+        if task.pool is not None:  # the benchmark has its own demonstration split
+            pool = task.pool
+            held_out = random.Random(seed).sample(task.examples, min(n_test, len(task.examples)))
+        else:
+            pool, held_out = split(task, n_test, seed)
         if n_train > len(pool):
             raise TaskError(f"task {task.name} has {len(pool)} pool examples; cannot train on {n_train}")
         # a training query's own demonstrations come from the rest of the pool (few_shot_prompts)
