@@ -45,7 +45,7 @@ def _config(arch: str, layers: int = 4):
     if arch == "gemma3":
         return transformers.Gemma3TextConfig(head_dim=8, sliding_window=8, final_logit_softcapping=30.0, **llama_like)
     if arch == "gpt2":
-        return transformers.GPT2Config(n_embd=h, n_layer=layers, n_head=4, n_positions=256, **common)
+        return transformers.GPT2Config(n_embd=h, n_layer=layers, n_head=4, n_positions=4096, **common)
     if arch == "opt":
         return transformers.OPTConfig(
             hidden_size=h, num_hidden_layers=layers, num_attention_heads=4, ffn_dim=64,

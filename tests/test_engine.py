@@ -143,3 +143,10 @@ def test_choice_restricted_answer_is_the_best_choice_token():
     for i, c in enumerate(choices):
         assert r.choice_top1[i] == c[int(logits[i, c].argmax())]
     assert (r.layer_choice[2, 1:] == -1).all()  # row 2 stopped at layer 1
+
+
+def test_rows_without_choices_mix_with_choice_rows():
+    engine = AdaptiveEngine(*tiny_model("llama", layers=4))
+    r = engine.run(PROMPTS, NeverExit(), choices=[[5, 9], [], [7], []], check_layers=[1, 2, 3, 4])
+    assert (r.layer_choice[1] == -1).all() and (r.layer_choice[3] == -1).all()
+    assert (r.layer_choice[2] == 7).all() and set(r.layer_choice[0]) <= {5, 9}

@@ -45,6 +45,18 @@ def _task_args(p, n_train: bool):
         p.add_argument("--n-train", type=int, default=40, help="training queries per task (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="split and demonstration seed (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default: %(default)s)")
+    _data_dir_arg(p)
+
+
+def _data_dir_arg(p):
+    p.add_argument("--data-dir", default=None, help="local copy of the benchmark data (layout of shared/data); default $ADAINFER_DATA_DIR, else the Hugging Face hub via `datasets`")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=40, help="training queries per task (default: %(default)s)")
     p.add_argument("--n-test", type=int, default=40, help="held-out queries per task (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default: %(default)s)")
+
+    from .reproduce import DEFAULT_TASKS
+
+    p = sub.add_parser("reproduce", help="the paper's experiments on any model: tables, JSON and figures",
+                       description="Run held-out queries of each task at every k once at full depth (traces), train the classifiers on a random "
+                       "subset of the tasks' training pools, replay every policy on the traces and write results.json, tables.md (Tables 2/3, "
+                       "4/8/9, 6, 7, oracle bounds) and figures. Resumes after a kill; under `torchrun --nproc-per-node N` ranks share the queries.")
+    _model_args(p)
+    p.add_argument("--task", action="append", help=f"task (repeat); default: {' '.join(DEFAULT_TASKS)}")
+    p.add_argument("--n-queries", type=int, default=200, help="held-out queries per task and k (default: %(default)s)")
+    p.add_argument("--shots", type=_int_list, default=(0, 5, 10, 15, 20), help="comma-separated k values (default: 0,5,10,15,20)")
+    p.add_argument("--n-train", type=int, default=40, help="training queries per task (default: %(default)s)")
+    p.add_argument("--train-shots", type=int, default=5, help="k for training queries (default: %(default)s)")
+    p.add_argument("--n-train-tasks", type=int, default=None, help="size of the random task subset the classifiers train on (default: two thirds)")
+    p.add_argument("--transfer-from", default=None, help="another model's reproduce folder: adds inter-model generalization (train there, test here)")
+    p.add_argument("--seed", type=int, default=0, help="seed for splits, demonstrations and the training subset (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default: %(default)s)")
+    _data_dir_arg(p)
+    p.add_argument("--out-dir", required=True, help="output folder (traces/, results.json, tables.md, *.png)")
     return parser
 
 
@@ -101,7 +132,7 @@ def cmd_collect(args):
     from .tasks import task_queries
 
     model, tok = load(args.model, dtype=args.dtype, device=args.device)
-    train, _ = task_queries(tok, args.task, shots=args.shots, n_train=args.n_train, n_test=args.n_test, seed=args.seed)
+    train, _ = task_queries(tok, args.task, shots=args.shots, n_train=args.n_train, n_test=args.n_test, seed=args.seed, data_dir=args.data_dir)
     out = collect(AdaptiveEngine(model, tok), train, args.out, batch_size=args.batch_size, features=args.features)
     print(f"collected {len(train)} queries x {model.config.num_hidden_layers} layers into {out}")
 
@@ -127,7 +158,7 @@ def cmd_eval(args):
     policies = {p: resolve_policy(p) for p in args.policy}
     model, tok = load(args.model, dtype=args.dtype, device=args.device)
     engine = AdaptiveEngine(model, tok, min_layer=args.min_layer, stride=args.stride)
-    _, test = task_queries(tok, args.task, shots=args.shots, n_train=0, n_test=args.n_test, seed=args.seed)
+    _, test = task_queries(tok, args.task, shots=args.shots, n_train=0, n_test=args.n_test, seed=args.seed, data_dir=args.data_dir)
     summary = evaluate(engine, test, policies, batch_size=args.batch_size, allow_other_model=args.allow_other_model)
     summary.update(model=getattr(model, "adainfer_id", args.model), tasks=args.task, shots=args.shots, seed=args.seed)
     write_json(args.out, summary)
@@ -146,7 +177,20 @@ def cmd_demo(args):
     print(f"\nwrote {args.out_dir}/summary.json, {args.out_dir}/table.md and {s['plot']}")
 
 
-COMMANDS = {"collect": cmd_collect, "fit": cmd_fit, "eval": cmd_eval, "demo": cmd_demo}
+def cmd_reproduce(args):
+    from .reproduce import DEFAULT_TASKS, run_reproduce
+
+    results = run_reproduce(
+        args.model, args.out_dir, tasks=args.task or DEFAULT_TASKS, n_queries=args.n_queries, shots=args.shots,
+        n_train=args.n_train, train_shots=args.train_shots, n_train_tasks=args.n_train_tasks,
+        transfer_from=args.transfer_from, seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
+        data_dir=args.data_dir,
+    )
+    if results is not None:  # rank 0 (or a single process) writes the report
+        print(f"wrote {args.out_dir}/results.json, tables.md and figures")
+
+
+COMMANDS = {"collect": cmd_collect, "fit": cmd_fit, "eval": cmd_eval, "demo": cmd_demo, "reproduce": cmd_reproduce}
 
 
 def main(argv=None) -> int:

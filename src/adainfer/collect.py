@@ -33,7 +33,11 @@ def collect(
     batch_size: int = 8,
     features: Sequence[str] = ALL_FEATURES,
     progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Path:
+    """Collect `queries` into `out_dir`. With world_size > 1 (torchrun), rank r takes every
+    world_size-th query and writes its own parts; readers merge all parts."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": model_signature(engine.model), "features": list(features)}
@@ -48,19 +52,20 @@ def collect(
     else:
         write_atomic(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     done = collected_ids(out)
-    todo = [q for q in queries if q.id not in done]
+    # shard by position in the full list, never by what is left: ranks may start at different times
+    todo = [q for i, q in enumerate(queries) if i % world_size == rank and q.id not in done]
     policy = NeverExit(features=tuple(features))
     all_layers = list(range(1, engine.num_layers + 1))
-    first = len(list(out.glob("part-*.parquet")))
-    bar = tqdm(total=len(queries), initial=len(queries) - len(todo), desc="collect", unit="query", disable=not progress)
+    first = len(list(out.glob(f"part-r{rank}-*.parquet")))
+    bar = tqdm(total=len(todo), desc=f"collect [rank {rank}]" if world_size > 1 else "collect", unit="query", disable=not progress)
     for n, start in enumerate(range(0, len(todo), batch_size)):
         batch = todo[start : start + batch_size]
-        choices = [q.choice_tokens for q in batch] if all(q.choice_tokens for q in batch) else None
+        choices = [q.choice_tokens for q in batch]
         result = engine.run(
             [q.prompt for q in batch], policy, features=features, check_layers=all_layers, choices=choices
         )
         table = _rows(batch, result)
-        write_atomic(out / f"part-{first + n:05d}.parquet", lambda tmp: pq.write_table(table, tmp))
+        write_atomic(out / f"part-r{rank}-{first + n:05d}.parquet", lambda tmp: pq.write_table(table, tmp))
         bar.update(len(batch))
     bar.close()
     return out
@@ -72,6 +77,7 @@ def _rows(batch: Sequence[Query], result) -> pa.Table:
     cols = {
         "query_id": np.repeat([q.id for q in batch], L),
         "task": np.repeat([q.task for q in batch], L),
+        "shots": np.repeat([q.shots for q in batch], L),
         "layer": np.tile(np.arange(1, L + 1), B),
         "num_layers": np.full(B * L, L),
         "seq_len": np.repeat(result.seq_len, L),

@@ -230,7 +230,8 @@ class AdaptiveEngine:
         choices: Sequence[Sequence[int]] | None = None,
     ) -> ExitResult:
         """One batch. `features` defaults to what the policy needs; `gold` feeds the oracle;
-        `choices` (token ids per row) records the best choice at every checked layer."""
+        `choices` (token ids per row, empty for open answers) records the best choice at every
+        checked layer."""
         import time
 
         enc = self.encode(prompts)
@@ -287,8 +288,8 @@ class AdaptiveEngine:
                 batch.layer_top1[rows, layer - 1] = top1.to(batch.layer_top1.device)
                 if batch.choices is not None:
                     ids = batch.choices[rows].to(logits.device)
-                    best = logits.gather(1, ids).argmax(-1, keepdim=True)
-                    batch.layer_choice[rows, layer - 1] = ids.gather(1, best)[:, 0].cpu()
+                    best = logits.gather(1, ids.clamp(min=0)).argmax(-1, keepdim=True)
+                    batch.layer_choice[rows, layer - 1] = ids.gather(1, best)[:, 0].cpu()  # -1: no choices
                 if layer == L:
                     self._finish(batch, torch.ones(len(rows), dtype=torch.bool), layer, top1, logits)
                     raise _Done
@@ -355,10 +356,11 @@ class AdaptiveEngine:
             raise ValueError(f"got {len(gold)} gold tokens for {B} prompts")
         choice_ids = None
         if choices is not None and any(choices):
-            if len(choices) != B or not all(choices):
-                raise ValueError("choices= needs a non-empty list of choice tokens for every prompt")
+            if len(choices) != B:
+                raise ValueError(f"got choices for {len(choices)} rows, expected {B}")
+            # rows may mix choice tasks and open tasks: pad with the row's first choice (or -1)
             width = max(len(c) for c in choices)
-            choice_ids = torch.tensor([list(c) + [c[0]] * (width - len(c)) for c in choices])
+            choice_ids = torch.tensor([list(c) + [c[0] if c else -1] * (width - len(c)) for c in choices])
         vocab = self.parts.head.out_features if hasattr(self.parts.head, "out_features") else None
         return _Batch(
             size=B,

@@ -44,3 +44,177 @@ def plot_accuracy_vs_layers(summary: dict, layer_acc: np.ndarray | None, path: s
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------- adainfer reproduce
+def _avg(rows, key, **where):
+    """n-weighted mean of `key` over rows matching `where` (a value, or a callable test)."""
+    sel = [
+        r for r in rows
+        if all((v(r[k]) if callable(v) else r[k] == v) for k, v in where.items()) and r.get(key) is not None
+    ]  # fmt: skip
+    n = sum(r["n"] for r in sel)
+    return sum(r[key] * r["n"] for r in sel) / n if n else None
+
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _cell(rows, family, policy, **where) -> str:
+    """'accuracy / FLOPs' of one policy over the matching rows."""
+    acc = _avg(rows, "accuracy", family=family, policy=policy, **where)
+    return f"{_pct(acc)} / {_pct(_avg(rows, 'flops_ratio', family=family, policy=policy, **where))}"
+
+
+def _md(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def reproduce_tables(results: dict) -> str:
+    rows, cfg = results["rows"], results["config"]
+    tasks = cfg["tasks"]
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    few = [k for k in cfg["shots"] if k > 0]
+    settings = ([("zero-shot", lambda k: k == 0)] if 0 in cfg["shots"] else []) + (
+        [(f"few-shot (k = {', '.join(map(str, few))}, averaged)", lambda k: k > 0)] if few else []
+    )
+    main_names = results["families"]["main"]
+    out = [
+        f"# AdaInfer reproduction: {cfg['model']} ({cfg['dtype']})",
+        "",
+        f"Tasks: {', '.join(tasks)}; {cfg['n_queries']} held-out queries per task and k (fewer where the "
+        f"task has fewer); k in {cfg['shots']}; classifiers trained on {cfg['n_train']} pool queries per task "
+        f"({cfg['train_shots']}-shot) of the random training subset {cfg['train_tasks']}; seed {cfg['seed']}. "
+        "Accuracy: top-1 over the whole vocabulary at the exit layer (the paper's); `choice`: restricted to the "
+        "choice tokens (lm-eval-harness style). FLOPs in % of the full model: paper formula / true (checks charged).",
+    ]
+    for title, cond in settings:
+        out += ["", f"## Tables 2/3: full model vs AdaInfer (SVM), {title}", ""]
+        body = []
+        for scope, test in [*((t, {"task": t}) for t in tasks), *((f"**{g}**", {"group": g}) for g in groups)]:
+            body.append([
+                scope, _pct(_avg(rows, "accuracy", family="main", policy="full", shots=cond, **test)),
+                _pct(_avg(rows, "accuracy", family="main", policy="svm", shots=cond, **test)),
+                _pct(_avg(rows, "flops_ratio", family="main", policy="svm", shots=cond, **test)),
+                _pct(_avg(rows, "true_flops_ratio", family="main", policy="svm", shots=cond, **test)),
+                _pct(_avg(rows, "flops_ratio", family="main", policy="oracle", shots=cond, **test)),
+            ])  # fmt: skip
+        out.append(_md(["task", "full acc", "SVM acc", "SVM FLOPs", "SVM true FLOPs", "oracle FLOPs"], body))
+        out += ["", f"## Tables 4/8/9: policies compared, {title} (accuracy / FLOPs / true FLOPs)", ""]
+        body = [
+            [t] + [
+                f"{_pct(_avg(rows, 'accuracy', family='main', policy=p, shots=cond, task=t))} / "
+                f"{_pct(_avg(rows, 'flops_ratio', family='main', policy=p, shots=cond, task=t))} / "
+                f"{_pct(_avg(rows, 'true_flops_ratio', family='main', policy=p, shots=cond, task=t))}"
+                for p in main_names
+            ]
+            for t in tasks
+        ]
+        out.append(_md(["task", *main_names], body))
+    choice_tasks = [t for t in tasks if _avg(rows, "choice_accuracy", family="main", policy="full", task=t) is not None]
+    if choice_tasks:
+        out += ["", "## Whole-vocabulary vs choice-restricted accuracy (all k)", ""]
+        out.append(_md(
+            ["task", "full: vocab", "full: choice", "SVM: vocab", "SVM: choice"],
+            [[t] + [_pct(_avg(rows, m, family="main", policy=p, task=t)) for p in ("full", "svm") for m in ("accuracy", "choice_accuracy")]
+             for t in choice_tasks],
+        ))  # fmt: skip
+    out += ["", "## Table 6: generalization of the SVM (few-shot; accuracy / FLOPs)", ""]
+    few_shot, scopes = (lambda k: k > 0), ({"task": "sst2"}, {})
+    body = [["full model", *(_cell(rows, "main", "full", shots=few_shot, **s) for s in scopes)],
+            ["in-distribution (train: random task subset)", *(_cell(rows, "main", "svm", shots=few_shot, **s) for s in scopes)]]
+    body += [[g, *(_cell(rows, "generalization", g, shots=few_shot, **s) for s in scopes)] for g in results["families"]["generalization"]]
+    out.append(_md(["classifier", "tested on sst2", "tested on all tasks"], body))  # fmt: skip
+    out += ["", "## Table 7: feature factor study (SVM, all tasks, all k; accuracy / FLOPs)", ""]
+    out.append(_md(
+        ["features", "accuracy", "FLOPs", "true FLOPs"],
+        [[f, _pct(_avg(rows, "accuracy", family="factor", policy=f)), _pct(_avg(rows, "flops_ratio", family="factor", policy=f)),
+          _pct(_avg(rows, "true_flops_ratio", family="factor", policy=f))] for f in results["families"]["factor"]],
+    ))  # fmt: skip
+    out += ["", "## Oracle bounds: how much saving was reachable, and how much each policy got", "",
+            "first correct: earliest layer whose top-1 is the gold token; settled: earliest layer after which "
+            "the top-1 never changes. Share = (L - policy exit) / (L - oracle exit), averaged over k.", ""]  # fmt: skip
+    b = results["oracle_bounds"]
+    body = []
+    for t in tasks:
+        tb = [x for x in b if x["task"] == t]
+        if not tb:
+            continue
+        L = tb[0]["num_layers"]
+        first = np.mean([x["first_correct_layer"] for x in tb])
+        settled = np.mean([x["settled_layer"] for x in tb])
+        shares = []
+        for p in main_names:
+            e = _avg(rows, "mean_exit_layer", family="main", policy=p, task=t)
+            shares.append("-" if e is None or L - first < 1e-9 else f"{100 * (L - e) / (L - first):.0f}%")
+        body.append([t, f"{first:.1f} / {L}", f"{settled:.1f} / {L}", *shares])
+    out.append(_md(["task", "first correct", "settled", *(f"share: {p}" for p in main_names)], body))
+    if results.get("notes"):
+        out += ["", "## Notes", ""] + [f"- {k}: {v}" for k, v in results["notes"].items()]
+    return "\n".join(out) + "\n"
+
+
+def reproduce_figures(results: dict, traces, shots_of, out_dir) -> list[Path]:
+    """Figure 1 (accuracy vs layer), Figure 3 (features vs layer), exit-layer histograms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir, cfg, paths = Path(out_dir), results["config"], []
+    L = traces.num_layers
+    layers = np.arange(1, L + 1)
+    tasks = cfg["tasks"]
+    fig1_tasks = [t for t in tasks if t in ("sst2",) or t.startswith("mmlu")][:2] or tasks[:2]
+    fig, axes = plt.subplots(1, len(fig1_tasks), figsize=(5.5 * len(fig1_tasks), 4), squeeze=False)
+    for ax, t in zip(axes[0], fig1_tasks):
+        for k in cfg["shots"]:
+            m = (traces.task == t) & (shots_of == k)
+            if m.any():
+                ax.plot(layers, 100 * (traces.top1[m] == traces.gold[m, None]).mean(0), marker="o", ms=2.5, label=f"{k}-shot")
+        ax.set(title=f"{t}: top-1 accuracy at each layer", xlabel="layer", ylabel="accuracy (%)", xlim=(1, L))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Figure 1 - {cfg['model']}")
+    fig.tight_layout()
+    paths.append(out_dir / "fig1_accuracy_vs_layer.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    names = traces.feature_names
+    shown = [n for n in ("gap", "top_prob", "cos_attn", "cos_mlp", "cos_hidden") if n in names]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for n in shown:
+        v = traces.features[:, :, names.index(n)]
+        ax.plot(layers, np.nanmean(v, 0), label=n)
+    ax.set(title=f"Figure 3 - features against layer ({cfg['model']}, all tasks and k)", xlabel="layer", ylabel="mean value", xlim=(1, L))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "fig3_features_vs_layer.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    rows = [r for r in results["rows"] if r["family"] == "main"]
+    shown = [p for p in ("oracle", "svm", "svm+layer", "gap") if any(r["policy"] == p for r in rows)]
+    cols = 4
+    nrows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 2.8 * nrows), squeeze=False)
+    for ax, t in zip(axes.flat, tasks):
+        for p in shown:
+            hist = np.sum([r["exit_layer_histogram"] for r in rows if r["task"] == t and r["policy"] == p], axis=0)
+            ax.step(layers, hist / max(hist.sum(), 1), where="mid", label=p)
+        ax.set(title=t, xlabel="exit layer", xlim=(1, L))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"Exit-layer distribution per task ({cfg['model']}, all k)")
+    fig.tight_layout()
+    paths.append(out_dir / "exit_layer_histograms.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths

@@ -175,6 +175,7 @@ class Query:
     answer: str
     gold: int  # first token of " " + answer
     choice_tokens: tuple[int, ...] = ()  # first token of " " + each choice (choice tasks)
+    shots: int = 0
 
 
 def make_queries(
@@ -189,13 +190,17 @@ def make_queries(
             e.output,
             answer_token(tokenizer, p, e.output),
             tuple(answer_token(tokenizer, p, c) for c in e.choices),
+            shots,
         )
         for i, (e, p) in enumerate(zip(examples, prompts))
     ]
 
 
 def task_queries(tokenizer, names: Sequence[str], *, shots: int, n_train: int, n_test: int, seed: int = 0, data_dir=None):
-    """(train queries, test queries) over several tasks; test examples never serve as demos."""
+    """(train queries, test queries) over several tasks; test examples never serve as demos.
+
+    A task without its own demonstration pool is split in two (at most half held out, so
+    small tasks keep a pool); training queries are a seeded sample of the pool."""
     train, test = [], []
     for name in names:
         task = load_task(name, data_dir)
@@ -203,10 +208,10 @@ def task_queries(tokenizer, names: Sequence[str], *, shots: int, n_train: int, n
             pool = task.pool
             held_out = random.Random(seed).sample(task.examples, min(n_test, len(task.examples)))
         else:
-            pool, held_out = split(task, n_test, seed)
+            pool, held_out = split(task, min(n_test, len(task) // 2), seed)
         if n_train > len(pool):
             raise TaskError(f"task {task.name} has {len(pool)} pool examples; cannot train on {n_train}")
         # a training query's own demonstrations come from the rest of the pool (few_shot_prompts)
-        train += make_queries(tokenizer, task.name, pool[:n_train], pool, shots, seed)
+        train += make_queries(tokenizer, task.name, random.Random(seed).sample(pool, n_train), pool, shots, seed)
         test += make_queries(tokenizer, task.name, held_out, pool, shots, seed + 1)
     return train, test

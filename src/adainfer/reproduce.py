@@ -1,0 +1,233 @@
+"""`adainfer reproduce`: the paper's experiments on any model, as JSON, markdown tables and PNGs.
+
+Plan (all seeded, recorded in results.json):
+1. test traces: for every task and every k in `shots`, `n_queries` held-out queries run once at
+   full depth with every layer checked (features, top-1, best choice per layer);
+2. training traces: `n_train` pool queries per task at k = `train_shots`;
+3. classifiers are trained, as in the paper, on a random subset of the tasks' training pools
+   (`n_train_tasks` of them), plus the generalization variants (intra-task: sentiment only;
+   inter-task: question answering only; inter-model: another model's training traces);
+4. every policy is replayed on the test traces (`offline.simulate`, the engine's own decision
+   loop), so one model pass per query scores them all.
+Traces are collected incrementally and resume after a kill; under `torchrun` every rank takes a
+shard of the queries and rank 0 writes the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .collect import collect, load_collected, training_arrays
+from .features import ALL_FEATURES, PAPER_FEATURES
+from .flops import paper_ratio, true_ratio
+from .offline import Traces, oracle_bounds, simulate
+from .pipeline import write_json
+from .policies import CRFExit, GapThreshold, LogisticExit, NeverExit, OracleExit, SVMExit
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TASKS = (
+    "sst2", "ag_news", "mmlu", "commonsense_qa", "squad",
+    "fv:antonym", "fv:capitalize_first_letter", "fv:lowercase_first_letter", "fv:choose_first_of_5",
+    "fv:person-occupation", "lre:country_capital_city",
+)  # fmt: skip
+QA = ("mmlu", "commonsense_qa", "squad")
+CLASSIFICATION = ("sst2", "ag_news")
+SENTIMENT = "sst2"
+
+
+def task_group(task: str) -> str:
+    base = task.split(":")[0]
+    if base in QA:
+        return "question answering"
+    if base in CLASSIFICATION:
+        return "classification"
+    return "rule understanding"
+
+
+def main_policies():
+    base = PAPER_FEATURES
+    return {
+        "gap": GapThreshold(0.8),
+        "crf": CRFExit(features=base),
+        "svm": SVMExit(features=base),
+        "logistic": LogisticExit(features=base),
+        "svm+layer": SVMExit(features=base + ("layer_frac",)),
+    }
+
+
+FACTOR_STUDY = {
+    "base": PAPER_FEATURES,
+    "+attn": PAPER_FEATURES + ("cos_attn",),
+    "+hidden state": PAPER_FEATURES + ("cos_hidden",),
+    "+mlp": PAPER_FEATURES + ("cos_mlp",),
+}
+
+
+# ----------------------------------------------------------------------------- distributed
+def _dist():
+    """(rank, world_size), initialising torch.distributed (gloo) when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), world
+
+
+def _barrier(world):
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- the run
+def run_reproduce(
+    model: str = "smollm2-135m",
+    out_dir: str | Path = "results/reproduce",
+    *,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    n_queries: int = 200,
+    shots: Sequence[int] = (0, 5, 10, 15, 20),
+    n_train: int = 40,
+    train_shots: int = 5,
+    n_train_tasks: int | None = None,
+    transfer_from: str | Path | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    data_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict | None:
+    from .engine import AdaptiveEngine
+    from .models import load
+    from .tasks import task_queries
+
+    out = Path(out_dir)
+    rank, world = _dist()
+    lm, tok = load(model, dtype=dtype)
+    engine = AdaptiveEngine(lm, tok)
+    tasks = list(dict.fromkeys(tasks))
+    n_train_tasks = n_train_tasks or max(1, (2 * len(tasks) + 2) // 3)
+    train_tasks = sorted(random.Random(seed).sample(tasks, min(n_train_tasks, len(tasks))))
+    test, train = [], []
+    for task in tasks:
+        for k in shots:
+            test += task_queries(tok, [task], shots=k, n_train=0, n_test=n_queries, seed=seed, data_dir=data_dir)[1]
+        train += task_queries(tok, [task], shots=train_shots, n_train=n_train, n_test=n_queries, seed=seed, data_dir=data_dir)[0]
+    kw = dict(batch_size=batch_size, progress=progress and rank == 0, rank=rank, world_size=world)
+    collect(engine, train, out / "traces" / "train", **kw)
+    collect(engine, test, out / "traces" / "test", **kw)
+    _barrier(world)
+    if rank != 0:
+        return None
+    config = dict(
+        model=getattr(lm, "adainfer_id", model), dtype=dtype, tasks=tasks, n_queries=n_queries, shots=list(shots),
+        n_train=n_train, train_shots=train_shots, train_tasks=train_tasks, seed=seed, batch_size=batch_size,
+        world_size=world, transfer_from=str(transfer_from) if transfer_from else None,
+    )
+    results = report(out, config, hidden=lm.config.hidden_size, vocab=engine.parts.head.weight.shape[0])
+    return results
+
+
+# ----------------------------------------------------------------------------- analysis
+def _fit(policy, table, name: str, notes: dict):
+    """Fit on collected rows; a policy with nothing to learn is reported, not fatal."""
+    if table.num_rows == 0:
+        notes[name] = "no training rows"
+        return None
+    try:
+        if policy.trainable:
+            policy.fit(*training_arrays(table, policy.features))
+        return policy
+    except ValueError as e:
+        notes[name] = str(e)
+        return None
+
+
+def _tasks_mask(table, tasks):
+    import pyarrow as pa
+
+    return pa.array(np.isin(table.column("task").to_numpy(zero_copy_only=False), list(tasks)))
+
+
+def _metrics(policy, traces: Traces, hidden: int, vocab: int) -> dict:
+    r = simulate(policy, traces)
+    L = traces.num_layers
+    cost = policy.cost_flops() if hasattr(policy, "cost_flops") else 0.0
+    return {
+        "n": len(traces),
+        "accuracy": float(r.correct.mean()),
+        "choice_accuracy": None if r.choice_correct is None else float(r.choice_correct.mean()),
+        "mean_exit_layer": float(r.exit_layer.mean()),
+        "flops_ratio": float(paper_ratio(r.exit_layer, L, hidden, vocab, traces.seq_len).mean()),
+        "true_flops_ratio": float(true_ratio(r.exit_layer, r.num_checks, L, hidden, vocab, traces.seq_len, cost).mean()),
+        "exit_layer_histogram": np.bincount(r.exit_layer, minlength=L + 1)[1:].tolist(),
+    }
+
+
+def report(out: Path, config: dict, *, hidden: int, vocab: int) -> dict:
+    train_table, meta = load_collected(out / "traces" / "train")
+    test_table, _ = load_collected(out / "traces" / "test")
+    test = Traces.from_table(test_table, ALL_FEATURES)
+    shots_of = np.array([int(q.split("/")[1].removesuffix("shot")) for q in test.query_id])
+    notes: dict[str, str] = {}
+
+    main = {n: _fit(p, train_table.filter(_tasks_mask(train_table, config["train_tasks"])), n, notes) for n, p in main_policies().items()}
+    variants = {"full": NeverExit(), "oracle": OracleExit(), **{n: p for n, p in main.items() if p is not None}}
+    factor = {
+        n: _fit(SVMExit(features=f), train_table.filter(_tasks_mask(train_table, config["train_tasks"])), f"svm {n}", notes)
+        for n, f in FACTOR_STUDY.items()
+    }
+    general = {
+        "intra-task (train: sentiment)": _fit(SVMExit(), train_table.filter(_tasks_mask(train_table, [SENTIMENT])), "intra", notes),
+        "inter-task (train: question answering)": _fit(
+            SVMExit(), train_table.filter(_tasks_mask(train_table, [t for t in config["tasks"] if task_group(t) == "question answering"])), "inter-task", notes
+        ),
+    }
+    if config.get("transfer_from"):
+        other, other_meta = load_collected(Path(config["transfer_from"]) / "traces" / "train")
+        general[f"inter-model (train: {other_meta['model']['model_id']})"] = _fit(SVMExit(), other, "inter-model", notes)
+
+    rows = []
+
+    def add(policy_name, policy, traces, task, k, family):
+        if policy is None or len(traces) == 0:
+            return
+        rows.append({"family": family, "policy": policy_name, "task": task, "group": task_group(task), "shots": int(k),
+                     **_metrics(policy, traces, hidden, vocab)})
+
+    for task in config["tasks"]:
+        for k in config["shots"]:
+            tr = test.subset((test.task == task) & (shots_of == k))
+            for name, p in variants.items():
+                add(name, p, tr, task, k, "main")
+            for name, p in factor.items():
+                add(name, p, tr, task, k, "factor")
+            for name, p in general.items():
+                add(name, p, tr, task, k, "generalization")
+    bounds = oracle_bounds(test)
+    bound_rows = [
+        {"task": task, "shots": int(k), "first_correct_layer": float(bounds["first_correct"][m].mean()),
+         "settled_layer": float(bounds["settled"][m].mean()), "num_layers": test.num_layers}
+        for task in config["tasks"] for k in config["shots"]
+        if (m := (test.task == task) & (shots_of == k)).any()
+    ]
+    families = {"main": ["full", "oracle", *main], "factor": list(factor), "generalization": list(general)}
+    results = {"config": config, "model": meta["model"], "families": families, "notes": notes, "rows": rows, "oracle_bounds": bound_rows}
+    write_json(out / "results.json", results)
+    from .report import reproduce_figures, reproduce_tables
+
+    (out / "tables.md").write_text(reproduce_tables(results))
+    reproduce_figures(results, test, shots_of, out)
+    return results
