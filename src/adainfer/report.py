@@ -138,6 +138,7 @@ def reproduce_tables(results: dict) -> str:
             "first correct: earliest layer whose top-1 is the gold token; settled: earliest layer after which "
             "the top-1 never changes. Share = (L - policy exit) / (L - oracle exit), averaged over k.", ""]  # fmt: skip
     b = results["oracle_bounds"]
+    policies = [p for p in main_names if p not in ("full", "oracle")]
     body = []
     for t in tasks:
         tb = [x for x in b if x["task"] == t]
@@ -147,11 +148,11 @@ def reproduce_tables(results: dict) -> str:
         first = np.mean([x["first_correct_layer"] for x in tb])
         settled = np.mean([x["settled_layer"] for x in tb])
         shares = []
-        for p in main_names:
+        for p in policies:
             e = _avg(rows, "mean_exit_layer", family="main", policy=p, task=t)
             shares.append("-" if e is None or L - first < 1e-9 else f"{100 * (L - e) / (L - first):.0f}%")
         body.append([t, f"{first:.1f} / {L}", f"{settled:.1f} / {L}", *shares])
-    out.append(_md(["task", "first correct", "settled", *(f"share: {p}" for p in main_names)], body))
+    out.append(_md(["task", "first correct", "settled", *(f"share: {p}" for p in policies)], body))
     if results.get("notes"):
         out += ["", "## Notes", ""] + [f"- {k}: {v}" for k, v in results["notes"].items()]
     return "\n".join(out) + "\n"
