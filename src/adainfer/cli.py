@@ -122,6 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default: %(default)s)")
     _data_dir_arg(p)
     p.add_argument("--out-dir", required=True, help="output folder (traces/, results.json, tables.md, *.png)")
+
+    p = sub.add_parser("bench", help="wall-clock time of adainfer next to the plain model (a benchmark, not a test)",
+                       description="Interleave plain / never / hooks / policy / oracle variants on the same queries per model, dtype, task and "
+                       "batch size; print and write bench.md and bench.json with accuracy, exit layers, checks, FLOPs ratios, median "
+                       "wall time, time ratios, prompts per second and peak memory.")
+    p.add_argument("--model", action="append", help="model (repeat); default: smollm2-135m")
+    p.add_argument("--task", action="append", help="task (repeat); default: sst2 and capitalize")
+    p.add_argument("--shots", type=int, default=5, help="demonstrations per prompt (default: %(default)s)")
+    p.add_argument("--batch-sizes", type=_int_list, default=(1, 8, 32), help="comma-separated (default: 1,8,32)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default: %(default)s)")
+    p.add_argument("--n-queries", type=int, default=32, help="timed queries per task (default: %(default)s)")
+    p.add_argument("--n-train", type=int, default=40, help="calibration queries per task for the default policy and its check plan (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per variant; medians are reported (default: %(default)s)")
+    p.add_argument("--policy", default=None, help="a saved policy file instead of the default (SVM on gap, top_prob, layer_frac)")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    _data_dir_arg(p)
+    p.add_argument("--out-dir", default="results/bench", help="output folder (default: %(default)s)")
     return parser
 
 
@@ -190,7 +207,19 @@ def cmd_reproduce(args):
         print(f"wrote {args.out_dir}/results.json, tables.md and figures")
 
 
-COMMANDS = {"collect": cmd_collect, "fit": cmd_fit, "eval": cmd_eval, "demo": cmd_demo, "reproduce": cmd_reproduce}
+def cmd_bench(args):
+    from .bench import bench_table, run_bench
+
+    result = run_bench(
+        tuple(args.model or ["smollm2-135m"]), args.out_dir, tasks=tuple(args.task or ["sst2", "capitalize"]), shots=args.shots,
+        batch_sizes=args.batch_sizes, dtypes=tuple(args.dtypes.split(",")), n_queries=args.n_queries, n_train=args.n_train,
+        repeats=args.repeats, policy_path=args.policy, device=args.device, data_dir=args.data_dir,
+    )
+    print(bench_table(result["rows"]))
+    print(f"\nwrote {args.out_dir}/bench.md and bench.json")
+
+
+COMMANDS = {"bench": cmd_bench, "collect": cmd_collect, "fit": cmd_fit, "eval": cmd_eval, "demo": cmd_demo, "reproduce": cmd_reproduce}
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,7 @@ exactly Hugging Face's, computed once) and hook its decoder layers:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -151,6 +152,9 @@ class AdaptiveEngine:
     min_layer, stride : check after layers min_layer, min_layer + stride, ... (1-based).
     check_layers : explicit layers to check; overrides min_layer / stride and the policy's own.
     keep_logits : keep the [B, V] exit-layer logits in the result (memory: B * V floats).
+    check_dtype : run the exit checks' LM head in this dtype (e.g. torch.bfloat16 on an fp32
+        model: half the bytes read per check); rows that stop get their answer from the exact
+        head, and the last layer always uses it.
     """
 
     def __init__(
@@ -162,6 +166,7 @@ class AdaptiveEngine:
         stride: int = 1,
         check_layers: Sequence[int] | None = None,
         keep_logits: bool = True,
+        check_dtype: torch.dtype | None = None,
     ):
         self.parts: ModelParts = find_parts(model)
         self.model = model
@@ -173,6 +178,8 @@ class AdaptiveEngine:
         self.min_layer, self.stride = min_layer, stride
         self.check_layers = None if check_layers is None else self._valid_layers(check_layers)
         self.keep_logits = keep_logits
+        self.check_dtype = check_dtype if check_dtype not in (None, model.dtype) else None
+        self._cheap_head = None
 
     @property
     def num_layers(self) -> int:
@@ -191,6 +198,17 @@ class AdaptiveEngine:
         if learned is not None:
             return self._valid_layers(learned)
         return tuple(range(self.min_layer, self.num_layers + 1, self.stride))
+
+    def check_logits(self, last: torch.Tensor) -> torch.Tensor:
+        """Logit lens for an exit check: exact, or with a head cast once to `check_dtype`."""
+        if self.check_dtype is None or self.parts.project_out is not None:
+            return self.parts.logits(last)
+        if self._cheap_head is None:
+            self._cheap_head = self.parts.head.weight.detach().to(self.check_dtype)
+        logits = torch.nn.functional.linear(self.parts.norm(last).to(self.check_dtype), self._cheap_head)
+        if self.parts.softcap:
+            logits = torch.tanh(logits.float() / self.parts.softcap) * self.parts.softcap
+        return logits
 
     # ---------------------------------------------------------------- tokenization
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -228,12 +246,12 @@ class AdaptiveEngine:
         features: Sequence[str] | None = None,
         check_layers: Sequence[int] | None = None,
         choices: Sequence[Sequence[int]] | None = None,
+        fast_path: bool = True,
     ) -> ExitResult:
         """One batch. `features` defaults to what the policy needs; `gold` feeds the oracle;
         `choices` (token ids per row, empty for open answers) records the best choice at every
-        checked layer."""
-        import time
-
+        checked layer. With no check to make, the plain forward runs (`fast_path=False` keeps
+        the hooked path, to measure its overhead)."""
         enc = self.encode(prompts)
         names = F.check_names(features or getattr(policy, "features", ()) or F.PAPER_FEATURES)
         needed = getattr(policy, "features", ())
@@ -244,6 +262,8 @@ class AdaptiveEngine:
         checks = set(self._valid_layers(check_layers) if check_layers else self.layers_to_check(policy))
         batch = self._new_batch(enc, names, gold, choices)
         L = self.num_layers
+        if fast_path and not (checks - {L}):
+            return self._plain_run(enc, batch)
 
         def pre_hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
@@ -281,17 +301,11 @@ class AdaptiveEngine:
                 batch.previous.update(batch.current)
                 if layer not in checks and layer != L:
                     return None
-                logits = self.parts.logits(last)
-                feats, top1 = F.compute(logits, names, layer, L, sims)
+                logits = self.parts.logits(last) if layer == L else self.check_logits(last)
+                feats, top1 = self._record(batch, layer, logits, sims)
                 rows = batch.active
-                batch.trace[rows, layer - 1] = feats.to(batch.trace.device)
-                batch.layer_top1[rows, layer - 1] = top1.to(batch.layer_top1.device)
-                if batch.choices is not None:
-                    ids = batch.choices[rows].to(logits.device)
-                    best = logits.gather(1, ids.clamp(min=0)).argmax(-1, keepdim=True)
-                    batch.layer_choice[rows, layer - 1] = ids.gather(1, best)[:, 0].cpu()  # -1: no choices
                 if layer == L:
-                    self._finish(batch, torch.ones(len(rows), dtype=torch.bool), layer, top1, logits)
+                    self._finish(batch, torch.ones(len(rows), dtype=torch.bool), layer, logits)
                     raise _Done
                 batch.checked.append(layer)
                 batch.num_checks[rows] += 1
@@ -308,7 +322,11 @@ class AdaptiveEngine:
                 stop = torch.as_tensor(np.asarray(policy.decide(step), dtype=bool))
                 if not stop.any():
                     return None
-                self._finish(batch, stop, layer, top1, logits)
+                if self.check_dtype is not None:  # confirm: the answer comes from the exact head
+                    logits = logits.float().masked_scatter(
+                        stop[:, None].to(logits.device), self.parts.logits(last[stop.to(last.device)]).float()
+                    )
+                self._finish(batch, stop, layer, logits)
                 if len(batch.active) == 0:
                     raise _Done
                 keep = (~stop).to(hidden.device)
@@ -336,6 +354,9 @@ class AdaptiveEngine:
         finally:
             for h in handles:
                 h.remove()
+        return self._result(enc, batch, elapsed)
+
+    def _result(self, enc, batch: _Batch, elapsed: float) -> ExitResult:
         return ExitResult(
             exit_layer=batch.exit_layer.numpy(),
             top1=batch.top1.numpy(),
@@ -343,8 +364,8 @@ class AdaptiveEngine:
             features=batch.trace.numpy(),
             layer_top1=batch.layer_top1.numpy(),
             seq_len=enc["attention_mask"].sum(-1).cpu().numpy(),
-            feature_names=names,
-            num_layers=L,
+            feature_names=batch.feature_names,
+            num_layers=self.num_layers,
             logits=batch.logits,
             layer_choice=None if batch.layer_choice is None else batch.layer_choice.numpy(),
             wall_time_s=elapsed,
@@ -378,11 +399,33 @@ class AdaptiveEngine:
             layer_choice=None if choice_ids is None else torch.full((B, L), -1, dtype=torch.long),
         )
 
-    def _finish(self, batch: _Batch, stop: torch.Tensor, layer: int, top1, logits) -> None:
+    def _record(self, batch: _Batch, layer: int, logits, sims):
+        """Features, top-1 and best choice of the active rows at `layer`, into the trace."""
+        feats, top1 = F.compute(logits, batch.feature_names, layer, self.num_layers, sims)
+        rows = batch.active
+        batch.trace[rows, layer - 1] = feats.to(batch.trace.device)
+        batch.layer_top1[rows, layer - 1] = top1.to(batch.layer_top1.device)
+        if batch.choices is not None:
+            ids = batch.choices[rows].to(logits.device)
+            best = logits.gather(1, ids.clamp(min=0)).argmax(-1, keepdim=True)
+            batch.layer_choice[rows, layer - 1] = ids.gather(1, best)[:, 0].cpu()  # -1: no choices
+        return feats, top1
+
+    def _plain_run(self, enc, batch: _Batch) -> ExitResult:
+        """No check can happen: run the plain model itself (no hooks, no overhead)."""
+        start = time.perf_counter()
+        logits = plain_forward(self.model, enc)
+        elapsed = time.perf_counter() - start
+        nan = torch.full((batch.size,), float("nan"))
+        self._record(batch, self.num_layers, logits, {s: nan for s in batch.streams})
+        self._finish(batch, torch.ones(batch.size, dtype=torch.bool), self.num_layers, logits)
+        return self._result(enc, batch, elapsed)
+
+    def _finish(self, batch: _Batch, stop: torch.Tensor, layer: int, logits) -> None:
         """Freeze the rows in `stop` (a mask over the active rows) at this layer."""
         rows = batch.active[stop]
         batch.exit_layer[rows] = layer
-        batch.top1[rows] = top1.cpu()[stop]
+        batch.top1[rows] = logits[stop.to(logits.device)].argmax(-1).cpu()
         if batch.logits is not None:
             batch.logits[rows] = logits[stop.to(logits.device)].float().cpu()
         batch.active = batch.active[~stop]

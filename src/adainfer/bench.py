@@ -1,0 +1,227 @@
+"""`adainfer bench`: saved layers measured as saved wall-clock time, next to the plain model.
+
+For each model, dtype, task and batch size, in one process, the variants run interleaved
+(the order rotates every repeat, so machine noise hits them alike):
+- plain:  the unmodified Hugging Face model, one forward pass;
+- never:  adainfer's engine with a never-exit policy (no check can pay, so it runs the plain
+          forward: what a user gets);
+- hooks:  the hooked engine running every layer with no check (the engine's own overhead);
+- policy: adainfer with the default policy (SVM on gap, top_prob, depth, with a check schedule
+          planned for this model and batch size from calibration traces), or a given one;
+- oracle: the oracle exit (earliest layer whose top-1 is gold) through the same engine.
+Reported per row: accuracy, exit layer, checks, paper and true FLOPs ratios, median wall time,
+time ratios against plain, prompts per second and peak memory (bytes above the resident set
+before the call: CUDA allocator peak on GPU, sampled RSS with glibc returning large blocks at
+once on CPU).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checks import measure_check_cost, plan_checks
+from .collect import collect, load_collected
+from .engine import AdaptiveEngine, ExitResult, plain_forward
+from .features import ALL_FEATURES
+from .flops import ratios
+from .offline import Traces
+from .persist import load_policy
+from .pipeline import fit_policy, write_json
+from .policies import NeverExit, OracleExit, SVMExit
+from .tasks import task_queries
+
+VARIANTS = ("plain", "never", "hooks", "policy", "oracle")
+DEFAULT_FEATURES = ("gap", "top_prob", "layer_frac")
+
+
+def default_policy():
+    return SVMExit(features=DEFAULT_FEATURES)
+
+
+# ----------------------------------------------------------------------------- peak memory
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _release_large_blocks():
+    """Make glibc hand big blocks back at free, so RSS follows live tensors (CPU only)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, no growth
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory(fn, device) -> int:
+    """Peak bytes allocated by fn() above what was in use before it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    before, peak, done = _rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return max(0, max(peak[0], _rss()) - before)
+
+
+# ----------------------------------------------------------------------------- one cell
+def _time_variants(engine, batches, policy, repeats: int):
+    """Median seconds per full pass over `batches`, per variant, interleaved; and the results."""
+    times = {v: [] for v in VARIANTS}
+    results: dict[str, list[ExitResult]] = {}
+    runners = {
+        "never": lambda b: engine.run(b["prompts"], NeverExit()),
+        "hooks": lambda b: engine.run(b["prompts"], NeverExit(), fast_path=False),
+        "policy": lambda b: engine.run(b["prompts"], policy),
+        "oracle": lambda b: engine.run(b["prompts"], OracleExit(), gold=b["gold"]),
+    }
+    for r in range(repeats + 1):  # repeat 0 warms up and is not timed
+        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
+        for v in order:
+            total, out = 0.0, []
+            for b in batches:
+                if v == "plain":  # the unmodified model, timed around its own forward
+                    t0 = time.perf_counter()
+                    plain_forward(engine.model, b["enc"])
+                    total += time.perf_counter() - t0
+                else:
+                    res = runners[v](b)
+                    total += res.wall_time_s
+                    out.append(res)
+            if r:
+                times[v].append(total)
+            if out:
+                results[v] = out
+    return {v: float(np.median(t)) for v, t in times.items()}, results
+
+
+def bench_cell(engine, queries, policy, *, batch_size: int, repeats: int, device) -> dict:
+    batches = []
+    for i in range(0, len(queries), batch_size):
+        qs = queries[i : i + batch_size]
+        prompts = [q.prompt for q in qs]
+        batches.append({"prompts": prompts, "gold": [q.gold for q in qs], "enc": engine.encode(prompts)})
+    times, results = _time_variants(engine, batches, policy, repeats)
+    gold = np.array([q.gold for q in queries])
+    row = {"batch_size": batch_size, "n": len(queries), "repeats": repeats}
+    for v in ("never", "policy", "oracle"):
+        r = ExitResult.concat(results[v])
+        f = ratios(r, engine.parts, policy if v == "policy" else None)
+        row[v] = {
+            "accuracy": float((r.top1 == gold).mean()),
+            "mean_exit_layer": float(r.exit_layer.mean()),
+            "mean_checks": float(r.num_checks.mean()),
+            "flops_ratio": float(f["flops_ratio"].mean()),
+            "true_flops_ratio": float(f["true_flops_ratio"].mean()),
+        }
+    row["full_accuracy"] = row.pop("never")["accuracy"]
+    for v in VARIANTS:
+        row[f"time_{v}_s"] = times[v]
+    for v in VARIANTS[1:]:
+        row[f"{v}/plain"] = times[v] / times["plain"]
+    row["prompts_per_s_plain"] = len(queries) / times["plain"]
+    row["prompts_per_s_policy"] = len(queries) / times["policy"]
+    first = batches[0]
+    mem = {
+        "plain": lambda: plain_forward(engine.model, first["enc"]),
+        "policy": lambda: engine.run(first["prompts"], policy),
+    }
+    row["peak_mem_plain_mb"] = peak_memory(mem["plain"], device) / 2**20
+    row["peak_mem_policy_mb"] = peak_memory(mem["policy"], device) / 2**20
+    return row
+
+
+# ----------------------------------------------------------------------------- the grid
+def run_bench(
+    models=("smollm2-135m",),
+    out_dir: str | Path = "results/bench",
+    *,
+    tasks=("sst2", "capitalize"),
+    shots: int = 5,
+    batch_sizes=(1, 8, 32),
+    dtypes=("float32", "bfloat16"),
+    n_queries: int = 32,
+    n_train: int = 40,
+    repeats: int = 3,
+    policy_path: str | None = None,
+    device: str = "cpu",
+    data_dir=None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    from .models import load
+
+    _release_large_blocks()
+    out = Path(out_dir)
+    rows = []
+    for model_name in models:
+        for dtype in dtypes:
+            lm, tok = load(model_name, dtype=dtype, device=device)
+            engine = AdaptiveEngine(lm, tok)
+            cal_dir = out / "calibration" / f"{model_name}-{dtype}"
+            train, test = task_queries(tok, tasks, shots=shots, n_train=n_train, n_test=n_queries, seed=seed, data_dir=data_dir)
+            collect(engine, train, cal_dir, batch_size=8, progress=progress)
+            table, _ = load_collected(cal_dir)
+            traces = Traces.from_table(table, ALL_FEATURES)
+            base = load_policy(policy_path, model=lm) if policy_path else fit_policy(cal_dir, default_policy())
+            for bs in tqdm(batch_sizes, desc=f"{model_name} {dtype}", disable=not progress):
+                cost = measure_check_cost(engine, [q.prompt for q in test[:bs]])
+                plan = plan_checks(base, traces, cost)
+                base.check_layers_ = plan.check_layers
+                for task in tasks:
+                    queries = [q for q in test if q.task == task]
+                    row = bench_cell(engine, queries, base, batch_size=bs, repeats=repeats, device=device)
+                    row.update(model=model_name, dtype=dtype, task=task, shots=shots, check_cost_layers=cost,
+                               check_layers=list(plan.check_layers), planned_cost_layers=plan.expected_cost)
+                    rows.append(row)
+                    write_json(out / "bench.json", {"rows": rows, "machine": machine()})  # as we go
+            del engine, lm
+    result = {"rows": rows, "machine": machine()}
+    write_json(out / "bench.json", result)
+    (out / "bench.md").write_text(bench_table(rows) + "\n")
+    return result
+
+
+def machine() -> dict:
+    import platform
+
+    return {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "torch": torch.__version__}
+
+
+def bench_table(rows) -> str:
+    head = ("| model | dtype | task | bs | full acc | policy acc | exit layer (policy / oracle) | checks | paper / true FLOPs "
+            "| policy/plain | never/plain | hooks/plain | oracle/plain | prompts/s (plain / policy) | peak MB (plain / policy) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        p, o = r["policy"], r["oracle"]
+        lines.append(
+            f"| {r['model']} | {r['dtype']} | {r['task']} | {r['batch_size']} | {100 * r['full_accuracy']:.1f} | {100 * p['accuracy']:.1f} "
+            f"| {p['mean_exit_layer']:.1f} / {o['mean_exit_layer']:.1f} | {p['mean_checks']:.1f} "
+            f"| {100 * p['flops_ratio']:.1f}% / {100 * p['true_flops_ratio']:.1f}% | {r['policy/plain']:.3f} | {r['never/plain']:.3f} "
+            f"| {r['hooks/plain']:.3f} | {r['oracle/plain']:.3f} | {r['prompts_per_s_plain']:.1f} / {r['prompts_per_s_policy']:.1f} "
+            f"| {r['peak_mem_plain_mb']:.0f} / {r['peak_mem_policy_mb']:.0f} |"
+        )
+    return "\n".join(lines)
