@@ -72,3 +72,17 @@ def tiny_model(arch: str = "llama", layers: int = 4, seed: int = 0):
 @pytest.fixture(params=ARCHS)
 def tiny(request):
     return tiny_model(request.param)
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    """Save a tiny model + tokenizer as a local Hugging Face folder; returns its path."""
+
+    def save(arch: str = "llama", layers: int = 4) -> str:
+        path = tmp_path_factory.mktemp(f"tiny-{arch}")
+        model, tok = tiny_model(arch, layers=layers)
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        return str(path)
+
+    return save

@@ -3,18 +3,13 @@
 import json
 
 import pytest
-from conftest import tiny_model
 
 from adainfer.cli import build_parser, main
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model, tok = tiny_model("llama", layers=4)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+def model_dir(saved_tiny):
+    return saved_tiny("llama")
 
 
 @pytest.mark.parametrize("command", ["collect", "fit", "eval", "demo"])
@@ -30,7 +25,8 @@ def test_collect_fit_eval(model_dir, tmp_path, capsys):
     common = ["--model", model_dir, "--task", "capitalize", "--shots", "2", "--n-test", "6"]
     assert main(["collect", *common, "--n-train", "4", "--out", str(data)]) == 0
     assert list(data.glob("part-*.parquet"))
-    assert main(["fit", "--data", str(data), "--policy", "gap", "--param", "threshold=0.5", "--out", str(policy)]) == 0
+    assert main(["fit", "--data", str(data), "--policy", "gap", "--param", "threshold=0.5", "--check-cost", "0.5", "--out", str(policy)]) == 0
+    assert "checks at layers" in capsys.readouterr().out
     assert main(["eval", *common, "--policy", str(policy), "--policy", "oracle", "--out", str(summary)]) == 0
     s = json.loads(summary.read_text())
     assert set(s["policies"]) == {"full", str(policy), "oracle"}

@@ -118,3 +118,13 @@ def test_not_a_policy_file_is_a_clear_error(tmp_path):
 def test_unknown_policy_name():
     with pytest.raises(ValueError, match="svm"):
         make_policy("forest")
+
+
+def test_learned_check_schedule_survives_save_and_load(tmp_path):
+    X, y, _ = layered_data()
+    policy = SVMExit().fit(X, y)
+    policy.check_layers_ = (3, 5)
+    loaded = load_policy(save_policy(policy, tmp_path / "p.safetensors"))
+    assert loaded.check_layers_ == (3, 5)
+    policy.check_layers_ = ()  # "never check": the plain model
+    assert load_policy(save_policy(policy, tmp_path / "q.safetensors")).check_layers_ == ()

@@ -7,7 +7,7 @@ import sys
 
 import pyarrow.dataset as ds
 import pytest
-from conftest import SHARED_DATA, tiny_model
+from conftest import SHARED_DATA
 
 from adainfer.cli import main
 
@@ -15,12 +15,8 @@ needs_data = pytest.mark.skipif(not SHARED_DATA.exists(), reason="shared data fo
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    model, tok = tiny_model("gpt2", layers=4)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+def model_dir(saved_tiny):
+    return saved_tiny("gpt2")
 
 
 def args(model_dir, out, *extra):

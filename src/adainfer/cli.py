@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", type=_features, default=PAPER_FEATURES, help="comma-separated features (default: gap,top_prob, the paper's)")
     p.add_argument("--param", type=_param, action="append", default=[], help="policy parameter KEY=VALUE, e.g. threshold=0.9 or C=10")
     p.add_argument("--tasks", help="comma-separated subset of collected tasks to train on")
+    p.add_argument("--check-cost", type=float, default=None, help="cost of one exit check in decoder layers (see `adainfer bench`, column check_cost_layers): "
+                   "learns where checking pays and stores that schedule; omit to check every layer as in the paper")
     p.add_argument("--out", required=True, help="policy file to write (.safetensors)")
 
     p = sub.add_parser("eval", help="evaluate policies against the full model on held-out queries",
@@ -161,8 +163,9 @@ def cmd_fit(args):
     policy = resolve_policy(args.policy, args.features)
     policy.set_params(**dict(args.param))
     tasks = args.tasks.split(",") if args.tasks else None
-    policy = fit_policy(args.data, policy, tasks)
-    print(f"saved {args.policy} policy ({', '.join(policy.features)}) to {save_policy(policy, args.out)}")
+    policy = fit_policy(args.data, policy, tasks, check_cost=args.check_cost)
+    where = "" if args.check_cost is None else f", checks at layers {list(policy.check_layers_) or 'none (plain model)'}"
+    print(f"saved {args.policy} policy ({', '.join(policy.features)}{where}) to {save_policy(policy, args.out)}")
 
 
 def cmd_eval(args):
@@ -191,6 +194,9 @@ def cmd_demo(args):
     print(f"\n{s['model']} ({s['dtype']}), {s['shots']}-shot, tasks {', '.join(s['tasks'])}, "
           f"{s['num_queries']} held-out queries; oracle = earliest layer whose top-1 is the gold token\n")
     print(s["table"])
+    planned = s["planned_check_layers"]
+    print(f"\none exit check costs {s['check_cost_layers']:.2f} decoder layers here; the planned policy checks at "
+          f"{'layers ' + str(planned) if planned else 'no layer (no check pays: it runs the plain model)'}")
     print(f"\nwrote {args.out_dir}/summary.json, {args.out_dir}/table.md and {s['plot']}")
 
 

@@ -10,31 +10,20 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .checks import measure_check_cost
 from .collect import collect
 from .engine import AdaptiveEngine
 from .evaluate import evaluate, format_table, layer_accuracy
 from .models import DEFAULT_MODEL, load
 from .persist import save_policy
 from .pipeline import fit_policy, write_json
-from .policies import CRFExit, GapThreshold, LogisticExit, OracleExit, SVMExit
+from .policies import OracleExit, SVMExit, standard_policies
 from .report import plot_accuracy_vs_layers
 from .tasks import task_queries
 
 log = logging.getLogger(__name__)
 
 DEMO_TASKS = ("capitalize", "lowercase", "first_item", "last_item")
-
-
-def demo_policies():
-    paper = ("gap", "top_prob")
-    return {
-        "gap0.8": GapThreshold(0.8),
-        "svm": SVMExit(features=paper),
-        "crf": CRFExit(features=paper),
-        "logistic": LogisticExit(features=paper),
-        # our addition: knowing how deep it is lets the classifier ignore confidently wrong early layers
-        "svm+layer": SVMExit(features=paper + ("layer_frac",)),
-    }
 
 
 def run_demo(
@@ -56,9 +45,14 @@ def run_demo(
     train, test = task_queries(tokenizer, tasks, shots=shots, n_train=n_train, n_test=n_test, seed=seed)
     collect(engine, train, out / "collect", batch_size=batch_size, progress=progress)
     policies = {}
-    for name, policy in demo_policies().items():
+    for name, policy in standard_policies().items():
         policies[name] = fit_policy(out / "collect", policy)
         save_policy(policies[name], out / "policies" / f"{name}.safetensors")
+    # the same classifier, checking only where a check can pay for itself on this machine
+    check_cost = measure_check_cost(engine, [q.prompt for q in test[:batch_size]])
+    planned = fit_policy(out / "collect", SVMExit(features=("gap", "top_prob", "layer_frac")), check_cost=check_cost)
+    policies["svm+layer, planned"] = planned
+    save_policy(planned, out / "policies" / "svm+layer-planned.safetensors")
     summary = evaluate(engine, test, {**policies, "oracle": OracleExit()}, batch_size=batch_size, progress=progress)
     layer_acc = layer_accuracy(engine, test, batch_size=batch_size, progress=progress)
     summary.update(
@@ -69,6 +63,8 @@ def run_demo(
         n_train_per_task=n_train,
         n_test_per_task=n_test,
         seed=seed,
+        check_cost_layers=check_cost,
+        planned_check_layers=list(planned.check_layers_),
         layer_accuracy=layer_acc.tolist(),
         table=format_table(summary),
     )

@@ -6,19 +6,26 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from .checks import plan_checks
 from .collect import load_collected, training_arrays
-from .features import PAPER_FEATURES
+from .offline import Traces
 from .persist import load_policy, write_atomic
 from .policies import POLICIES, ExitPolicy, make_policy
 
 
-def fit_policy(data_dir, policy: ExitPolicy, tasks: Sequence[str] | None = None) -> ExitPolicy:
-    """Train `policy` on collected rows; it remembers the model the rows came from."""
+def fit_policy(data_dir, policy: ExitPolicy, tasks: Sequence[str] | None = None, check_cost: float | None = None) -> ExitPolicy:
+    """Train `policy` on collected rows; it remembers the model the rows came from.
+
+    With `check_cost` (one exit check, in decoder layers) it also learns where checking pays
+    (`checks.plan_checks`); without, it checks every layer as in the paper."""
     table, meta = load_collected(data_dir, tasks)
     if table.num_rows == 0:
         raise ValueError(f"no collected rows in {data_dir}" + (f" for tasks {list(tasks)}" if tasks else ""))
     if policy.trainable:
         policy.fit(*training_arrays(table, policy.features))
+    if check_cost is not None:
+        plan = plan_checks(policy, Traces.from_table(table, policy.features), check_cost)
+        policy.check_layers_ = plan.check_layers
     policy.model_meta_ = meta["model"]
     return policy
 
@@ -37,5 +44,3 @@ def write_json(path, data) -> Path:
     write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
     return Path(path)
 
-
-DEFAULT_FEATURES = PAPER_FEATURES

@@ -290,6 +290,20 @@ class CRFExit(ExitPolicy):
         self._tagger = None
 
 
+def standard_policies() -> dict[str, ExitPolicy]:
+    """The paper's three (GAP 0.8, CRF, SVM on gap + top_prob), our logistic, and the SVM that
+    also knows its depth (l/L): on models whose early layers are confidently wrong it can learn
+    "not this early", which the paper's features cannot express."""
+    base = PAPER_FEATURES
+    return {
+        "gap": GapThreshold(0.8),
+        "crf": CRFExit(features=base),
+        "svm": SVMExit(features=base),
+        "logistic": LogisticExit(features=base),
+        "svm+layer": SVMExit(features=base + ("layer_frac",)),
+    }
+
+
 POLICIES: dict[str, type[ExitPolicy]] = {
     "never": NeverExit,
     "oracle": OracleExit,

@@ -15,7 +15,6 @@ shard of the queries and rank 0 writes the report.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -29,14 +28,15 @@ from .features import ALL_FEATURES, PAPER_FEATURES
 from .flops import paper_ratio, true_ratio
 from .offline import Traces, oracle_bounds, simulate
 from .pipeline import write_json
-from .policies import CRFExit, GapThreshold, LogisticExit, NeverExit, OracleExit, SVMExit
+from .policies import NeverExit, OracleExit, SVMExit, standard_policies
+from .tasks import TaskError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TASKS = (
     "sst2", "ag_news", "mmlu", "commonsense_qa", "squad",
     "fv:antonym", "fv:capitalize_first_letter", "fv:lowercase_first_letter", "fv:choose_first_of_5",
-    "fv:person-occupation", "lre:country_capital_city",
+    "fv:person-occupation", "lre:landmark_in_country",
 )  # fmt: skip
 QA = ("mmlu", "commonsense_qa", "squad")
 CLASSIFICATION = ("sst2", "ag_news")
@@ -50,17 +50,6 @@ def task_group(task: str) -> str:
     if base in CLASSIFICATION:
         return "classification"
     return "rule understanding"
-
-
-def main_policies():
-    base = PAPER_FEATURES
-    return {
-        "gap": GapThreshold(0.8),
-        "crf": CRFExit(features=base),
-        "svm": SVMExit(features=base),
-        "logistic": LogisticExit(features=base),
-        "svm+layer": SVMExit(features=base + ("layer_frac",)),
-    }
 
 
 FACTOR_STUDY = {
@@ -120,11 +109,15 @@ def run_reproduce(
     tasks = list(dict.fromkeys(tasks))
     n_train_tasks = n_train_tasks or max(1, (2 * len(tasks) + 2) // 3)
     train_tasks = sorted(random.Random(seed).sample(tasks, min(n_train_tasks, len(tasks))))
-    test, train = [], []
+    test, train, skipped = [], [], {}
     for task in tasks:
         for k in shots:
-            test += task_queries(tok, [task], shots=k, n_train=0, n_test=n_queries, seed=seed, data_dir=data_dir)[1]
-        train += task_queries(tok, [task], shots=train_shots, n_train=n_train, n_test=n_queries, seed=seed, data_dir=data_dir)[0]
+            try:
+                test += task_queries(tok, [task], shots=k, n_train=0, n_test=n_queries, seed=seed, data_dir=data_dir)[1]
+            except TaskError as e:  # e.g. a small task cannot give k demonstrations
+                skipped[f"{task} {k}-shot"] = str(e)
+        train += task_queries(tok, [task], shots=train_shots, n_train=n_train, n_test=n_queries, seed=seed,
+                              data_dir=data_dir, strict=False)[0]
     kw = dict(batch_size=batch_size, progress=progress and rank == 0, rank=rank, world_size=world)
     collect(engine, train, out / "traces" / "train", **kw)
     collect(engine, test, out / "traces" / "test", **kw)
@@ -134,7 +127,7 @@ def run_reproduce(
     config = dict(
         model=getattr(lm, "adainfer_id", model), dtype=dtype, tasks=tasks, n_queries=n_queries, shots=list(shots),
         n_train=n_train, train_shots=train_shots, train_tasks=train_tasks, seed=seed, batch_size=batch_size,
-        world_size=world, transfer_from=str(transfer_from) if transfer_from else None,
+        world_size=world, transfer_from=str(transfer_from) if transfer_from else None, skipped=skipped,
     )
     results = report(out, config, hidden=lm.config.hidden_size, vocab=engine.parts.head.weight.shape[0])
     return results
@@ -181,9 +174,9 @@ def report(out: Path, config: dict, *, hidden: int, vocab: int) -> dict:
     test_table, _ = load_collected(out / "traces" / "test")
     test = Traces.from_table(test_table, ALL_FEATURES)
     shots_of = np.array([int(q.split("/")[1].removesuffix("shot")) for q in test.query_id])
-    notes: dict[str, str] = {}
+    notes: dict[str, str] = dict(config.get("skipped", {}))
 
-    main = {n: _fit(p, train_table.filter(_tasks_mask(train_table, config["train_tasks"])), n, notes) for n, p in main_policies().items()}
+    main = {n: _fit(p, train_table.filter(_tasks_mask(train_table, config["train_tasks"])), n, notes) for n, p in standard_policies().items()}
     variants = {"full": NeverExit(), "oracle": OracleExit(), **{n: p for n, p in main.items() if p is not None}}
     factor = {
         n: _fit(SVMExit(features=f), train_table.filter(_tasks_mask(train_table, config["train_tasks"])), f"svm {n}", notes)

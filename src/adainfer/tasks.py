@@ -196,11 +196,14 @@ def make_queries(
     ]
 
 
-def task_queries(tokenizer, names: Sequence[str], *, shots: int, n_train: int, n_test: int, seed: int = 0, data_dir=None):
+def task_queries(
+    tokenizer, names: Sequence[str], *, shots: int, n_train: int, n_test: int, seed: int = 0, data_dir=None, strict: bool = True
+):
     """(train queries, test queries) over several tasks; test examples never serve as demos.
 
     A task without its own demonstration pool is split in two (at most half held out, so
-    small tasks keep a pool); training queries are a seeded sample of the pool."""
+    small tasks keep a pool); training queries are a seeded sample of the pool (all of it, when
+    `strict=False` and the pool is smaller than n_train)."""
     train, test = [], []
     for name in names:
         task = load_task(name, data_dir)
@@ -209,9 +212,10 @@ def task_queries(tokenizer, names: Sequence[str], *, shots: int, n_train: int, n
             held_out = random.Random(seed).sample(task.examples, min(n_test, len(task.examples)))
         else:
             pool, held_out = split(task, min(n_test, len(task) // 2), seed)
-        if n_train > len(pool):
-            raise TaskError(f"task {task.name} has {len(pool)} pool examples; cannot train on {n_train}")
+        n = n_train if strict else min(n_train, len(pool))
+        if n > len(pool):
+            raise TaskError(f"task {task.name} has {len(pool)} pool examples; cannot train on {n}")
         # a training query's own demonstrations come from the rest of the pool (few_shot_prompts)
-        train += make_queries(tokenizer, task.name, random.Random(seed).sample(pool, n_train), pool, shots, seed)
+        train += make_queries(tokenizer, task.name, random.Random(seed).sample(pool, n), pool, shots, seed)
         test += make_queries(tokenizer, task.name, held_out, pool, shots, seed + 1)
     return train, test
