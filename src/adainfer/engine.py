@@ -259,7 +259,7 @@ class AdaptiveEngine:
         if missing:
             raise ValueError(f"the policy needs features {missing} that this run does not compute")
         column = [names.index(n) for n in needed]
-        checks = set(self._valid_layers(check_layers) if check_layers else self.layers_to_check(policy))
+        checks = set(self._valid_layers(check_layers) if check_layers is not None else self.layers_to_check(policy))
         batch = self._new_batch(enc, names, gold, choices)
         L = self.num_layers
         if fast_path and not (checks - {L}):
@@ -330,9 +330,7 @@ class AdaptiveEngine:
                 if len(batch.active) == 0:
                     raise _Done
                 keep = (~stop).to(hidden.device)
-                for d in (batch.previous,):
-                    for k in d:
-                        d[k] = d[k][keep]
+                batch.previous = {k: v[keep] for k, v in batch.previous.items()}
                 return _replace_hidden(output, hidden[keep])
 
             return post_hook

@@ -1,0 +1,36 @@
+"""The benchmark's machinery on a tiny model (its numbers belong in results/, not in tests)."""
+
+import numpy as np
+import torch
+from conftest import char_tokenizer, tiny_model
+
+from adainfer import AdaptiveEngine
+from adainfer.bench import VARIANTS, bench_cell, bench_table, peak_memory
+from adainfer.policies import GapThreshold
+from adainfer.tasks import task_queries
+
+
+def test_peak_memory_sees_a_large_temporary():
+    def allocate():
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB
+        return float(x.sum())
+
+    assert peak_memory(allocate, "cpu") > 32 * 2**20
+
+
+def test_bench_cell_reports_every_variant_on_the_same_queries():
+    engine = AdaptiveEngine(*tiny_model("llama"))
+    _, queries = task_queries(char_tokenizer(), ["capitalize"], shots=1, n_train=0, n_test=6)
+    policy = GapThreshold(0.0)  # stops at the first check: rows leave early
+    policy.check_layers_ = (2,)
+    row = bench_cell(engine, queries, policy, batch_size=4, repeats=1, device="cpu")
+    assert row["n"] == 6 and row["batch_size"] == 4
+    for v in VARIANTS:
+        assert row[f"time_{v}_s"] > 0
+    assert row["policy"]["mean_exit_layer"] == 2 and row["policy"]["mean_checks"] == 1
+    assert row["oracle"]["mean_exit_layer"] <= 4
+    assert 0 < row["policy"]["flops_ratio"] < 1
+    row.update(model="tiny", dtype="float32", task="capitalize")
+    table = bench_table([row])
+    assert table.count("\n") == 2 and "| tiny | float32 | capitalize | 4 |" in table
+    assert np.isfinite(row["policy/plain"])
