@@ -47,3 +47,25 @@ def test_bad_inputs_give_one_clear_line(model_dir, tmp_path, capsys):
     assert "svm" in capsys.readouterr().err
     assert main(["fit", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "p.safetensors")]) == 2
     assert "adainfer collect" in capsys.readouterr().err
+
+
+def test_device_map_auto_passes_through_to_accelerate(model_dir, tmp_path, monkeypatch):
+    import transformers
+
+    from adainfer import AdaptiveEngine, load
+    from adainfer.engine import plain_last_logits
+    from adainfer.policies import NeverExit
+
+    seen, real = [], transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: seen.append(k.get("device_map")) or real(*a, **k))  # fmt: skip
+    model, tok = load(model_dir, device_map="auto")
+    assert seen == ["auto"]  # handed to accelerate (which keeps a CPU-only model on the CPU)
+    engine = AdaptiveEngine(model, tok)
+    prompts = ["Q: a\nA:", "Q: longer one\nA:"]
+    result = engine.run(prompts, NeverExit(), check_layers=[1, 2, 3, 4])
+    assert (result.top1 == plain_last_logits(engine, prompts).argmax(-1).numpy()).all()
+    out = tmp_path / "e.json"
+    assert main(["eval", "--model", model_dir, "--device-map", "auto", "--task", "capitalize", "--n-test", "4",
+                 "--policy", "oracle", "--out", str(out)]) == 0  # fmt: skip
+    assert seen == ["auto", "auto"]

@@ -76,21 +76,20 @@ def test_no_layer_runs_after_every_row_stopped():
     assert len(calls) == 2
 
 
-def test_gap_policy_exit_layer_matches_hand_computed_trace():
-    model, tok = tiny_model("llama", layers=6)
-    engine = AdaptiveEngine(model, tok)
+def test_gap_policy_exit_layer_matches_hand_computed_trace(tiny):
+    engine = AdaptiveEngine(*tiny)
     prompts = PROMPTS[:3]
-    trace = engine.run(prompts, NeverExit(), features=("gap",), check_layers=range(1, 7))
+    trace = engine.run(prompts, NeverExit(), features=("gap",), check_layers=range(1, 5))
     gaps = trace.features[:, :, 0]
     # pick a threshold that separates the rows' traces: at least one row exits before the end
     threshold = float(np.sort(gaps[:, :-1].max(1))[len(prompts) // 2])
     expected = []
     for row in gaps:
         hit = np.flatnonzero(row >= threshold)
-        expected.append(int(hit[0]) + 1 if len(hit) else 6)
+        expected.append(int(hit[0]) + 1 if len(hit) else 4)
     result = engine.run(prompts, GapThreshold(threshold))
     assert result.exit_layer.tolist() == expected
-    assert min(expected) < 6
+    assert min(expected) < 4
 
 
 def test_min_layer_and_stride_limit_checks():

@@ -187,13 +187,16 @@ def run_bench(
             traces = Traces.from_table(table, ALL_FEATURES)
             base = load_policy(policy_path, model=lm) if policy_path else fit_policy(cal_dir, default_policy())
             for bs in tqdm(batch_sizes, desc=f"{model_name} {dtype}", disable=not progress):
-                cost = measure_check_cost(engine, [q.prompt for q in test[:bs]])
+                prompts = [q.prompt for q in test[:bs]]
+                cost = measure_check_cost(engine, prompts)
+                # a cheaper check: the LM head in bf16 (half the bytes read), measured the same way
+                cheap = measure_check_cost(AdaptiveEngine(lm, tok, check_dtype=torch.bfloat16), prompts) if lm.dtype != torch.bfloat16 else cost
                 plan = plan_checks(base, traces, cost)
                 base.check_layers_ = plan.check_layers
                 for task in tasks:
                     queries = [q for q in test if q.task == task]
                     row = bench_cell(engine, queries, base, batch_size=bs, repeats=repeats, device=device)
-                    row.update(model=model_name, dtype=dtype, task=task, shots=shots, check_cost_layers=cost,
+                    row.update(model=model_name, dtype=dtype, task=task, shots=shots, check_cost_layers=cost, check_cost_bf16_head_layers=cheap,
                                check_layers=list(plan.check_layers), planned_cost_layers=plan.expected_cost)
                     rows.append(row)
                     write_json(out / "bench.json", {"rows": rows, "machine": machine()})  # as we go
@@ -211,16 +214,26 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "torch": torch.__version__}
 
 
+def _layers(layers) -> str:
+    if layers is None:
+        return "-"
+    if not layers:
+        return "none"
+    return f"{layers[0]}..{layers[-1]}" + (f" /{layers[1] - layers[0]}" if len(layers) > 1 else "")
+
+
 def bench_table(rows) -> str:
     head = ("| model | dtype | task | bs | full acc | policy acc | exit layer (policy / oracle) | checks | paper / true FLOPs "
-            "| policy/plain | never/plain | hooks/plain | oracle/plain | prompts/s (plain / policy) | peak MB (plain / policy) |")
+            "| check cost, layers (exact / bf16 head) | check layers | policy/plain | never/plain | hooks/plain | oracle/plain | prompts/s (plain / policy) | peak MB (plain / policy) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         p, o = r["policy"], r["oracle"]
         lines.append(
             f"| {r['model']} | {r['dtype']} | {r['task']} | {r['batch_size']} | {100 * r['full_accuracy']:.1f} | {100 * p['accuracy']:.1f} "
             f"| {p['mean_exit_layer']:.1f} / {o['mean_exit_layer']:.1f} | {p['mean_checks']:.1f} "
-            f"| {100 * p['flops_ratio']:.1f}% / {100 * p['true_flops_ratio']:.1f}% | {r['policy/plain']:.3f} | {r['never/plain']:.3f} "
+            f"| {100 * p['flops_ratio']:.1f}% / {100 * p['true_flops_ratio']:.1f}% "
+            f"| {r.get('check_cost_layers', float('nan')):.2f} / {r.get('check_cost_bf16_head_layers', float('nan')):.2f} "
+            f"| {_layers(r.get('check_layers'))} | {r['policy/plain']:.3f} | {r['never/plain']:.3f} "
             f"| {r['hooks/plain']:.3f} | {r['oracle/plain']:.3f} | {r['prompts_per_s_plain']:.1f} / {r['prompts_per_s_policy']:.1f} "
             f"| {r['peak_mem_plain_mb']:.0f} / {r['peak_mem_policy_mb']:.0f} |"
         )

@@ -35,6 +35,14 @@ def _model_args(p):
     p.add_argument("--model", default="smollm2-135m", help="bundled alias (smollm2-135m, gemma3-270m, qwen2.5-0.5b, qwen2.5-1.5b), local HF folder, .gguf file or hub id (default: %(default)s)")
     p.add_argument("--dtype", default="float32", help="float32 (exact) or bfloat16 (2-4x faster on CPU) (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--device-map", default=None, help="passed to from_pretrained (e.g. auto: accelerate spreads a model too big for one device); overrides --device")
+
+
+def _load(args):
+    """Load the model the way the command line asked for."""
+    from .models import load
+
+    return load(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
 
 
 def _task_args(p, n_train: bool):
@@ -147,10 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_collect(args):
     from .collect import collect
     from .engine import AdaptiveEngine
-    from .models import load
     from .tasks import task_queries
 
-    model, tok = load(args.model, dtype=args.dtype, device=args.device)
+    model, tok = _load(args)
     train, _ = task_queries(tok, args.task, shots=args.shots, n_train=args.n_train, n_test=args.n_test, seed=args.seed, data_dir=args.data_dir)
     out = collect(AdaptiveEngine(model, tok), train, args.out, batch_size=args.batch_size, features=args.features)
     print(f"collected {len(train)} queries x {model.config.num_hidden_layers} layers into {out}")
@@ -171,12 +178,11 @@ def cmd_fit(args):
 def cmd_eval(args):
     from .engine import AdaptiveEngine
     from .evaluate import evaluate, format_table
-    from .models import load
     from .pipeline import resolve_policy, write_json
     from .tasks import task_queries
 
     policies = {p: resolve_policy(p) for p in args.policy}
-    model, tok = load(args.model, dtype=args.dtype, device=args.device)
+    model, tok = _load(args)
     engine = AdaptiveEngine(model, tok, min_layer=args.min_layer, stride=args.stride)
     _, test = task_queries(tok, args.task, shots=args.shots, n_train=0, n_test=args.n_test, seed=args.seed, data_dir=args.data_dir)
     summary = evaluate(engine, test, policies, batch_size=args.batch_size, allow_other_model=args.allow_other_model)
@@ -190,7 +196,7 @@ def cmd_demo(args):
     from .demo import run_demo
 
     s = run_demo(args.model, args.out_dir, shots=args.shots, n_train=args.n_train, n_test=args.n_test,
-                 batch_size=args.batch_size, dtype=args.dtype)
+                 batch_size=args.batch_size, dtype=args.dtype, device=args.device, device_map=args.device_map)
     print(f"\n{s['model']} ({s['dtype']}), {s['shots']}-shot, tasks {', '.join(s['tasks'])}, "
           f"{s['num_queries']} held-out queries; oracle = earliest layer whose top-1 is the gold token\n")
     print(s["table"])
@@ -207,7 +213,7 @@ def cmd_reproduce(args):
         args.model, args.out_dir, tasks=args.task or DEFAULT_TASKS, n_queries=args.n_queries, shots=args.shots,
         n_train=args.n_train, train_shots=args.train_shots, n_train_tasks=args.n_train_tasks,
         transfer_from=args.transfer_from, seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
-        data_dir=args.data_dir,
+        data_dir=args.data_dir, device=args.device, device_map=args.device_map,
     )
     if results is not None:  # rank 0 (or a single process) writes the report
         print(f"wrote {args.out_dir}/results.json, tables.md and figures")

@@ -36,11 +36,13 @@ def run_demo(
     n_test: int = 40,
     batch_size: int = 8,
     dtype: str = "float32",
+    device: str = "cpu",
+    device_map=None,
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
     out = Path(out_dir)
-    lm, tokenizer = load(model, dtype=dtype)
+    lm, tokenizer = load(model, dtype=dtype, device=device, device_map=device_map)
     engine = AdaptiveEngine(lm, tokenizer)
     train, test = task_queries(tokenizer, tasks, shots=shots, n_train=n_train, n_test=n_test, seed=seed)
     collect(engine, train, out / "collect", batch_size=batch_size, progress=progress)

@@ -157,6 +157,8 @@ def load(
     The model gets ``model.adainfer_id``: a canonical id recorded as provenance.
     """
     torch_dtype = parse_dtype(dtype)
+    if from_pretrained_kwargs.get("device_map", "") is None:  # callers may pass it through unset
+        del from_pretrained_kwargs["device_map"]
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     text = os.fspath(name)
     path = Path(text).expanduser()

@@ -95,6 +95,8 @@ def run_reproduce(
     seed: int = 0,
     batch_size: int = 8,
     dtype: str = "float32",
+    device: str = "cpu",
+    device_map=None,
     data_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict | None:
@@ -104,7 +106,7 @@ def run_reproduce(
 
     out = Path(out_dir)
     rank, world = _dist()
-    lm, tok = load(model, dtype=dtype)
+    lm, tok = load(model, dtype=dtype, device=device, device_map=device_map)
     engine = AdaptiveEngine(lm, tok)
     tasks = list(dict.fromkeys(tasks))
     n_train_tasks = n_train_tasks or max(1, (2 * len(tasks) + 2) // 3)
