@@ -81,3 +81,14 @@ def test_two_processes_give_the_same_results_as_one(model_dir, tmp_path):
     ra, rb = (json.loads((d / "results.json").read_text()) for d in (one, two))
     assert [r["accuracy"] for r in ra["rows"]] == [r["accuracy"] for r in rb["rows"]]
     assert [r["mean_exit_layer"] for r in ra["rows"]] == [r["mean_exit_layer"] for r in rb["rows"]]
+
+
+@needs_data
+def test_report_only_rebuilds_tables_without_the_model(model_dir, tmp_path):
+    out = tmp_path / "r"
+    assert main(args(model_dir, out)) == 0
+    before = json.loads((out / "results.json").read_text())["rows"]
+    (out / "tables.md").unlink()
+    assert main(args("no-such-model", out, "--report-only")) == 0  # the model is not even loaded
+    assert json.loads((out / "results.json").read_text())["rows"] == before
+    assert "Tables 2/3" in (out / "tables.md").read_text()

@@ -88,33 +88,33 @@ def peak_memory(fn, device) -> int:
 
 # ----------------------------------------------------------------------------- one cell
 def _time_variants(engine, batches, policy, repeats: int):
-    """Median seconds per full pass over `batches`, per variant, interleaved; and the results."""
-    times = {v: [] for v in VARIANTS}
-    results: dict[str, list[ExitResult]] = {}
+    """Median seconds per full pass over `batches`, per variant; and each variant's results.
+
+    Interleaved at the finest grain: every batch runs through all variants back to back, in an
+    order that rotates with the batch and the repeat, so drift on a shared machine hits all
+    variants alike. Repeat 0 warms up and is not timed."""
     runners = {
         "never": lambda b: engine.run(b["prompts"], NeverExit()),
         "hooks": lambda b: engine.run(b["prompts"], NeverExit(), fast_path=False),
         "policy": lambda b: engine.run(b["prompts"], policy),
         "oracle": lambda b: engine.run(b["prompts"], OracleExit(), gold=b["gold"]),
     }
-    for r in range(repeats + 1):  # repeat 0 warms up and is not timed
-        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
-        for v in order:
-            total, out = 0.0, []
-            for b in batches:
+    totals = {v: np.zeros(repeats + 1) for v in VARIANTS}
+    results: dict[str, list[ExitResult]] = {v: [] for v in runners}
+    for r in range(repeats + 1):
+        for i, b in enumerate(batches):
+            shift = (r + i) % len(VARIANTS)
+            for v in VARIANTS[shift:] + VARIANTS[:shift]:
                 if v == "plain":  # the unmodified model, timed around its own forward
                     t0 = time.perf_counter()
                     plain_forward(engine.model, b["enc"])
-                    total += time.perf_counter() - t0
+                    totals[v][r] += time.perf_counter() - t0
                 else:
                     res = runners[v](b)
-                    total += res.wall_time_s
-                    out.append(res)
-            if r:
-                times[v].append(total)
-            if out:
-                results[v] = out
-    return {v: float(np.median(t)) for v, t in times.items()}, results
+                    totals[v][r] += res.wall_time_s
+                    if r == repeats:
+                        results[v].append(res)
+    return {v: float(np.median(t[1:])) for v, t in totals.items()}, results
 
 
 def bench_cell(engine, queries, policy, *, batch_size: int, repeats: int, device) -> dict:

@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default: %(default)s)")
     _data_dir_arg(p)
     p.add_argument("--out-dir", required=True, help="output folder (traces/, results.json, tables.md, *.png)")
+    p.add_argument("--report-only", action="store_true", help="rebuild tables and figures from the traces already in --out-dir (no model run)")
 
     p = sub.add_parser("bench", help="wall-clock time of adainfer next to the plain model (a benchmark, not a test)",
                        description="Interleave plain / never / hooks / policy / oracle variants on the same queries per model, dtype, task and "
@@ -213,7 +214,7 @@ def cmd_reproduce(args):
         args.model, args.out_dir, tasks=args.task or DEFAULT_TASKS, n_queries=args.n_queries, shots=args.shots,
         n_train=args.n_train, train_shots=args.train_shots, n_train_tasks=args.n_train_tasks,
         transfer_from=args.transfer_from, seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
-        data_dir=args.data_dir, device=args.device, device_map=args.device_map,
+        data_dir=args.data_dir, device=args.device, device_map=args.device_map, report_only=args.report_only,
     )
     if results is not None:  # rank 0 (or a single process) writes the report
         print(f"wrote {args.out_dir}/results.json, tables.md and figures")

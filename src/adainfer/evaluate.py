@@ -41,15 +41,18 @@ def evaluate(
     names = check_names(dict.fromkeys(f for p in variants.values() for f in p.features) or PAPER_FEATURES)
     results: dict[str, list[ExitResult]] = {k: [] for k in variants}
     plain_time = 0.0
-    for start in tqdm(range(0, len(queries), batch_size), desc="eval", unit="batch", disable=not progress):
+    order = ["plain", *variants]
+    for n, start in enumerate(tqdm(range(0, len(queries), batch_size), desc="eval", unit="batch", disable=not progress)):
         batch = queries[start : start + batch_size]
         prompts, gold = [q.prompt for q in batch], [q.gold for q in batch]
         enc = engine.encode(prompts)
-        t0 = time.perf_counter()
-        plain_forward(engine.model, enc)  # timed like engine.run: the forward pass alone
-        plain_time += time.perf_counter() - t0
-        for name, policy in variants.items():
-            results[name].append(engine.run(prompts, policy, gold=gold, features=names))
+        for name in order[n % len(order) :] + order[: n % len(order)]:  # rotate: drift hits all alike
+            if name == "plain":
+                t0 = time.perf_counter()
+                plain_forward(engine.model, enc)  # timed like engine.run: the forward pass alone
+                plain_time += time.perf_counter() - t0
+            else:
+                results[name].append(engine.run(prompts, variants[name], gold=gold, features=names))
     gold = np.array([q.gold for q in queries])
     tasks = np.array([q.task for q in queries])
     summary = {

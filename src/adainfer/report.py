@@ -136,7 +136,8 @@ def reproduce_tables(results: dict) -> str:
     ))  # fmt: skip
     out += ["", "## Oracle bounds: how much saving was reachable, and how much each policy got", "",
             "first correct: earliest layer whose top-1 is the gold token; settled: earliest layer after which "
-            "the top-1 never changes. Share = (L - policy exit) / (L - oracle exit), averaged over k.", ""]  # fmt: skip
+            "the top-1 never changes. Share = (L - policy exit) / (L - first correct), averaged over k; "
+            "`lossy` where the policy loses more than 1 point of accuracy against the full model.", ""]  # fmt: skip
     b = results["oracle_bounds"]
     policies = [p for p in main_names if p not in ("full", "oracle")]
     body = []
@@ -148,9 +149,16 @@ def reproduce_tables(results: dict) -> str:
         first = np.mean([x["first_correct_layer"] for x in tb])
         settled = np.mean([x["settled_layer"] for x in tb])
         shares = []
+        full_acc = _avg(rows, "accuracy", family="main", policy="full", task=t)
         for p in policies:
             e = _avg(rows, "mean_exit_layer", family="main", policy=p, task=t)
-            shares.append("-" if e is None or L - first < 1e-9 else f"{100 * (L - e) / (L - first):.0f}%")
+            acc = _avg(rows, "accuracy", family="main", policy=p, task=t)
+            if e is None or L - first < 1e-9:
+                shares.append("-")
+            elif acc < full_acc - 0.01:  # saving by answering wrong is no share of the reachable saving
+                shares.append(f"lossy ({100 * (acc - full_acc):+.1f} acc)")
+            else:
+                shares.append(f"{100 * (L - e) / (L - first):.0f}%")
         body.append([t, f"{first:.1f} / {L}", f"{settled:.1f} / {L}", *shares])
     out.append(_md(["task", "first correct", "settled", *(f"share: {p}" for p in policies)], body))
     if results.get("notes"):
@@ -191,7 +199,7 @@ def reproduce_figures(results: dict, traces, shots_of, out_dir) -> list[Path]:
     for n in shown:
         v = traces.features[:, :, names.index(n)]
         ax.plot(layers, np.nanmean(v, 0), label=n)
-    ax.set(title=f"Figure 3 - features against layer ({cfg['model']}, all tasks and k)", xlabel="layer", ylabel="mean value", xlim=(1, L))
+    ax.set(title=f"Figure 3 - mean features by layer\n{cfg['model']}, all tasks and k", xlabel="layer", ylabel="mean value", xlim=(1, L))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

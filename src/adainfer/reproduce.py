@@ -99,25 +99,36 @@ def run_reproduce(
     device_map=None,
     data_dir: str | Path | None = None,
     progress: bool = True,
+    report_only: bool = False,
 ) -> dict | None:
     from .engine import AdaptiveEngine
     from .models import load
     from .tasks import task_queries
 
     out = Path(out_dir)
-    rank, world = _dist()
-    lm, tok = load(model, dtype=dtype, device=device, device_map=device_map)
-    engine = AdaptiveEngine(lm, tok)
     tasks = list(dict.fromkeys(tasks))
     n_train_tasks = n_train_tasks or max(1, (2 * len(tasks) + 2) // 3)
     train_tasks = sorted(random.Random(seed).sample(tasks, min(n_train_tasks, len(tasks))))
-    test, train, skipped = [], [], {}
+    config = dict(
+        model=model, dtype=dtype, tasks=tasks, n_queries=n_queries, shots=list(shots), n_train=n_train,
+        train_shots=train_shots, train_tasks=train_tasks, seed=seed, batch_size=batch_size, world_size=1,
+        transfer_from=str(transfer_from) if transfer_from else None, skipped={},
+    )
+    if report_only:  # tables from the traces already collected; no model needed
+        _, meta = load_collected(out / "traces" / "test")
+        config["model"] = meta["model"]["model_id"]
+        return report(out, config, hidden=meta["model"]["hidden_size"], vocab=meta["model"]["vocab_size"])
+
+    rank, world = _dist()
+    lm, tok = load(model, dtype=dtype, device=device, device_map=device_map)
+    engine = AdaptiveEngine(lm, tok)
+    test, train = [], []
     for task in tasks:
         for k in shots:
             try:
                 test += task_queries(tok, [task], shots=k, n_train=0, n_test=n_queries, seed=seed, data_dir=data_dir)[1]
             except TaskError as e:  # e.g. a small task cannot give k demonstrations
-                skipped[f"{task} {k}-shot"] = str(e)
+                config["skipped"][f"{task} {k}-shot"] = str(e)
         train += task_queries(tok, [task], shots=train_shots, n_train=n_train, n_test=n_queries, seed=seed,
                               data_dir=data_dir, strict=False)[0]
     kw = dict(batch_size=batch_size, progress=progress and rank == 0, rank=rank, world_size=world)
@@ -126,13 +137,8 @@ def run_reproduce(
     _barrier(world)
     if rank != 0:
         return None
-    config = dict(
-        model=getattr(lm, "adainfer_id", model), dtype=dtype, tasks=tasks, n_queries=n_queries, shots=list(shots),
-        n_train=n_train, train_shots=train_shots, train_tasks=train_tasks, seed=seed, batch_size=batch_size,
-        world_size=world, transfer_from=str(transfer_from) if transfer_from else None, skipped=skipped,
-    )
-    results = report(out, config, hidden=lm.config.hidden_size, vocab=engine.parts.head.weight.shape[0])
-    return results
+    config.update(model=getattr(lm, "adainfer_id", model), world_size=world)
+    return report(out, config, hidden=lm.config.hidden_size, vocab=engine.parts.head.weight.shape[0])
 
 
 # ----------------------------------------------------------------------------- analysis
