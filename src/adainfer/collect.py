@@ -107,9 +107,13 @@ def load_collected(path: str | Path, tasks: Sequence[str] | None = None) -> tupl
         raise FileNotFoundError(f"{path} holds no collected data; run `adainfer collect --out {path}` first")
     table = ds.dataset(parts).to_table()
     if tasks:
-        mask = np.isin(table.column("task").to_numpy(zero_copy_only=False), list(tasks))
-        table = table.filter(pa.array(mask))
+        table = select_tasks(table, tasks)
     return table, json.loads((path / "meta.json").read_text())
+
+
+def select_tasks(table: pa.Table, tasks: Sequence[str]) -> pa.Table:
+    """The collected rows of these tasks only."""
+    return table.filter(pa.array(np.isin(table.column("task").to_numpy(zero_copy_only=False), list(tasks))))
 
 
 def training_arrays(table: pa.Table, features: Sequence[str]):

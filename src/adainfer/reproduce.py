@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .collect import collect, load_collected, training_arrays
+from .collect import collect, load_collected, select_tasks, training_arrays
 from .features import ALL_FEATURES, PAPER_FEATURES
 from .flops import paper_ratio, true_ratio
 from .offline import Traces, oracle_bounds, simulate
@@ -156,12 +156,6 @@ def _fit(policy, table, name: str, notes: dict):
         return None
 
 
-def _tasks_mask(table, tasks):
-    import pyarrow as pa
-
-    return pa.array(np.isin(table.column("task").to_numpy(zero_copy_only=False), list(tasks)))
-
-
 def _metrics(policy, traces: Traces, hidden: int, vocab: int) -> dict:
     r = simulate(policy, traces)
     L = traces.num_layers
@@ -184,16 +178,17 @@ def report(out: Path, config: dict, *, hidden: int, vocab: int) -> dict:
     shots_of = np.array([int(q.split("/")[1].removesuffix("shot")) for q in test.query_id])
     notes: dict[str, str] = dict(config.get("skipped", {}))
 
-    main = {n: _fit(p, train_table.filter(_tasks_mask(train_table, config["train_tasks"])), n, notes) for n, p in standard_policies().items()}
+    subset = select_tasks(train_table, config["train_tasks"])  # the paper's random training subset
+    main = {n: _fit(p, subset, n, notes) for n, p in standard_policies().items()}
     variants = {"full": NeverExit(), "oracle": OracleExit(), **{n: p for n, p in main.items() if p is not None}}
     factor = {
-        n: _fit(SVMExit(features=f), train_table.filter(_tasks_mask(train_table, config["train_tasks"])), f"svm {n}", notes)
+        n: _fit(SVMExit(features=f), subset, f"svm {n}", notes)
         for n, f in FACTOR_STUDY.items()
     }
     general = {
-        "intra-task (train: sentiment)": _fit(SVMExit(), train_table.filter(_tasks_mask(train_table, [SENTIMENT])), "intra", notes),
+        "intra-task (train: sentiment)": _fit(SVMExit(), select_tasks(train_table, [SENTIMENT]), "intra", notes),
         "inter-task (train: question answering)": _fit(
-            SVMExit(), train_table.filter(_tasks_mask(train_table, [t for t in config["tasks"] if task_group(t) == "question answering"])), "inter-task", notes
+            SVMExit(), select_tasks(train_table, [t for t in config["tasks"] if task_group(t) == "question answering"]), "inter-task", notes
         ),
     }
     if config.get("transfer_from"):
