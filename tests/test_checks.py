@@ -81,3 +81,67 @@ def test_measured_check_cost_is_positive():
     engine = AdaptiveEngine(*tiny_model("llama"))
     assert measure_check_cost(engine, PROMPTS, repeats=2) > 0
     assert NeverExit().check_layers_ == ()
+
+
+def test_trained_policies_are_planned_out_of_fold():
+    from adainfer.policies import LogisticExit
+
+    traces = settling_traces(Q=60)
+    policy = LogisticExit(features=("gap", "top_prob")).fit(*traces.training_arrays(("gap", "top_prob")))
+    coef = policy.coef_.copy()
+    plan = plan_checks(policy, traces, check_cost=0.1)
+    assert plan.held_out and plan.check_layers and plan.expected_cost < 12 * 0.95
+    np.testing.assert_array_equal(policy.coef_, coef)  # the folds fit clones, not the policy
+    assert not plan_checks(policy, traces, check_cost=0.1, folds=1).held_out
+    assert not plan_checks(GapThreshold(0.5), traces, check_cost=0.1).held_out  # nothing to fit
+
+
+def test_traces_give_the_same_training_arrays_as_collect(tmp_path):
+    from conftest import char_tokenizer
+
+    from adainfer.collect import collect, load_collected, training_arrays
+    from adainfer.tasks import task_queries
+
+    engine = AdaptiveEngine(*tiny_model("llama"))
+    train, _ = task_queries(char_tokenizer(), ["capitalize"], shots=1, n_train=5, n_test=2)
+    collect(engine, train, tmp_path, batch_size=4, progress=False)
+    table, _ = load_collected(tmp_path)
+    names = ("gap", "top_prob")
+    for a, b in zip(Traces.from_table(table, names).training_arrays(names), training_arrays(table, names)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_one_policy_carries_a_plan_per_batch_size(tmp_path):
+    from adainfer.checks import apply_plans, plan_checks_by_batch
+    from adainfer.persist import load_policy, save_policy
+
+    traces = settling_traces()
+    # a check is dear at batch 1 and cheap at batch 8: only the cheap one is worth making
+    plans = plan_checks_by_batch(GapThreshold(0.5), traces, {1: 10.0, 8: 0.1})
+    assert plans[1].check_layers == () and plans[8].check_layers
+    policy = apply_plans(GapThreshold(0.5), plans)
+    assert policy.planned_checks(1) == () and policy.planned_checks(3) == ()
+    assert policy.planned_checks(8) == policy.planned_checks(64) == plans[8].check_layers
+    assert policy.planned_checks() == ()  # offline replays: the smallest batch size's plan
+    loaded = load_policy(save_policy(policy, tmp_path / "p.safetensors"))
+    assert loaded.check_plans_ == policy.check_plans_
+
+    engine = AdaptiveEngine(*tiny_model("llama"))
+    policy = GapThreshold(0.0)  # stops at its first check
+    policy.check_plans_, policy.check_layers_ = {1: (), 2: (2,)}, ()
+    assert (engine.run(PROMPTS[:1], policy).exit_layer == 4).all()  # batch 1: plain model
+    assert (engine.run(PROMPTS[:2], policy).exit_layer == 2).all()  # batch 2: checks layer 2
+
+
+def test_check_cost_option_takes_one_cost_or_one_per_batch_size():
+    import argparse
+
+    import pytest
+
+    from adainfer.cli import _check_cost
+
+    assert _check_cost("0.8") == 0.8
+    assert _check_cost("1:1.2,8:0.2") == {1: 1.2, 8: 0.2}
+    for bad in ("x", "1:a", "0:1.0", "1:-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _check_cost(bad)

@@ -191,12 +191,12 @@ class AdaptiveEngine:
             raise ValueError(f"check layers {bad} outside 1..{self.num_layers}")
         return tuple(sorted({int(l) for l in layers}))
 
-    def layers_to_check(self, policy=None) -> tuple[int, ...]:
+    def layers_to_check(self, policy=None, batch_size: int | None = None) -> tuple[int, ...]:
         if self.check_layers is not None:
             return self.check_layers
-        learned = getattr(policy, "check_layers_", None)
-        if learned is not None:
-            return self._valid_layers(learned)
+        planned = policy.planned_checks(batch_size) if hasattr(policy, "planned_checks") else getattr(policy, "check_layers_", None)
+        if planned is not None:
+            return self._valid_layers(planned)
         return tuple(range(self.min_layer, self.num_layers + 1, self.stride))
 
     def check_logits(self, last: torch.Tensor) -> torch.Tensor:
@@ -259,7 +259,7 @@ class AdaptiveEngine:
         if missing:
             raise ValueError(f"the policy needs features {missing} that this run does not compute")
         column = [names.index(n) for n in needed]
-        checks = set(self._valid_layers(check_layers) if check_layers is not None else self.layers_to_check(policy))
+        checks = set(self._valid_layers(check_layers) if check_layers is not None else self.layers_to_check(policy, len(prompts)))
         batch = self._new_batch(enc, names, gold, choices)
         L = self.num_layers
         if fast_path and not (checks - {L}):

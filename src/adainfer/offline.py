@@ -65,6 +65,15 @@ class Traces:
         )
 
 
+    def training_arrays(self, features: Sequence[str]):
+        """(X [Q*L, F], y, groups) for ExitPolicy.fit, as `collect.training_arrays` gives them."""
+        Q, L = self.top1.shape
+        cols = [self.feature_names.index(f) for f in features]
+        X = self.features[:, :, cols].reshape(Q * L, len(cols))
+        y = (self.top1 == self.gold[:, None]).reshape(-1).astype(np.int8)
+        return X, y, np.repeat(self.query_id, L)
+
+
 @dataclass
 class Replay:
     exit_layer: np.ndarray  # [Q]
@@ -76,7 +85,7 @@ class Replay:
 def simulate(policy, traces: Traces, check_layers: Sequence[int] | None = None) -> Replay:
     """Exit layer of every query under `policy`, checking at `check_layers` (default: all)."""
     L, Q = traces.num_layers, len(traces)
-    learned = getattr(policy, "check_layers_", None)
+    learned = policy.planned_checks() if hasattr(policy, "planned_checks") else getattr(policy, "check_layers_", None)
     layers = check_layers if check_layers is not None else (learned if learned is not None else range(1, L + 1))
     layers = sorted(l for l in set(layers) if 1 <= l < L)
     cols = [traces.feature_names.index(f) for f in policy.features]

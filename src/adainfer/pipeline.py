@@ -3,29 +3,31 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .checks import plan_checks
+from .checks import apply_plans, plan_checks_by_batch
 from .collect import load_collected, training_arrays
 from .offline import Traces
 from .persist import load_policy, write_atomic
 from .policies import POLICIES, ExitPolicy, make_policy
 
 
-def fit_policy(data_dir, policy: ExitPolicy, tasks: Sequence[str] | None = None, check_cost: float | None = None) -> ExitPolicy:
+def fit_policy(data_dir, policy: ExitPolicy, tasks: Sequence[str] | None = None,
+               check_cost: float | Mapping[int, float] | None = None) -> ExitPolicy:  # fmt: skip
     """Train `policy` on collected rows; it remembers the model the rows came from.
 
-    With `check_cost` (one exit check, in decoder layers) it also learns where checking pays
-    (`checks.plan_checks`); without, it checks every layer as in the paper."""
+    With `check_cost` (one exit check, in decoder layers; or {batch size: cost}) it also learns
+    where checking pays, per batch size (`checks.plan_checks_by_batch`); without, it checks
+    every layer as in the paper."""
     table, meta = load_collected(data_dir, tasks)
     if table.num_rows == 0:
         raise ValueError(f"no collected rows in {data_dir}" + (f" for tasks {list(tasks)}" if tasks else ""))
     if policy.trainable:
         policy.fit(*training_arrays(table, policy.features))
     if check_cost is not None:
-        plan = plan_checks(policy, Traces.from_table(table, policy.features), check_cost)
-        policy.check_layers_ = plan.check_layers
+        costs = check_cost if isinstance(check_cost, Mapping) else {1: float(check_cost)}
+        apply_plans(policy, plan_checks_by_batch(policy, Traces.from_table(table, policy.features), costs))
     policy.model_meta_ = meta["model"]
     return policy
 

@@ -40,6 +40,18 @@ class ExitPolicy(ClassifierMixin, BaseEstimator):
     def decide(self, step) -> np.ndarray:
         return self.predict(step.features).astype(bool)
 
+    def planned_checks(self, batch_size: int | None = None) -> tuple[int, ...] | None:
+        """The learned check schedule for this batch size (None: not planned, check everywhere).
+
+        With plans per batch size (`check_plans_`), the plan of the largest planned size not
+        above `batch_size` (or the smallest planned size) applies."""
+        plans = getattr(self, "check_plans_", None)
+        if plans and batch_size is not None:
+            sizes = sorted(plans)
+            return tuple(plans[max((s for s in sizes if s <= batch_size), default=sizes[0])])
+        learned = getattr(self, "check_layers_", None)
+        return None if learned is None else tuple(learned)
+
     def cost_flops(self) -> float:
         """Approximate FLOPs of one decision for one row (charged by the true FLOPs ratio)."""
         return 0.0
