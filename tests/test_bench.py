@@ -5,8 +5,9 @@ import torch
 from conftest import char_tokenizer, tiny_model
 
 from adainfer import AdaptiveEngine
-from adainfer.bench import VARIANTS, bench_cell, bench_table, peak_memory
+from adainfer.bench import VARIANTS, bench_cell, peak_memory
 from adainfer.policies import GapThreshold
+from adainfer.report import bench_table
 from adainfer.tasks import task_queries
 
 
@@ -34,3 +35,28 @@ def test_bench_cell_reports_every_variant_on_the_same_queries():
     table = bench_table([row])
     assert table.count("\n") == 2 and "| tiny | float32 | capitalize | 4 |" in table
     assert np.isfinite(row["policy/plain"])
+
+
+def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(saved_tiny, tmp_path, monkeypatch):
+    import json
+
+    from adainfer import bench
+    from adainfer.persist import load_policy, save_policy
+
+    model_dir, out = saved_tiny("llama"), tmp_path / "bench"
+    save_policy(GapThreshold(0.5), tmp_path / "gap.safetensors")
+    kw = dict(tasks=("capitalize",), batch_sizes=(1, 2), dtypes=("float32",), n_queries=4, n_train=4, repeats=1,
+              policy_path=str(tmp_path / "gap.safetensors"), progress=False)  # fmt: skip
+    result = bench.run_bench((model_dir,), out, **kw)
+    assert [r["batch_size"] for r in result["rows"]] == [1, 2]
+    assert (out / "bench.md").read_text().count("\n") == 4
+    (saved,) = (out / "policies").glob("*tiny-llama*-float32.safetensors")
+    policy = load_policy(saved)
+    assert set(policy.check_plans_) == {1, 2}
+    assert [r["check_layers"] for r in result["rows"]] == [list(policy.check_plans_[b]) for b in (1, 2)]
+
+    def no_more_cells(*a, **k):
+        raise AssertionError("a finished cell ran again")
+
+    monkeypatch.setattr(bench, "bench_cell", no_more_cells)
+    assert bench.run_bench((model_dir,), out, **kw)["rows"] == json.loads((out / "bench.json").read_text())["rows"]

@@ -6,7 +6,15 @@ from conftest import tiny_model
 
 from adainfer import load_policy, save_policy
 from adainfer.persist import IncompatiblePolicy, model_signature
-from adainfer.policies import CRFExit, GapThreshold, LogisticExit, NeverExit, OracleExit, SVMExit, make_policy
+from adainfer.policies import (
+    CRFExit,
+    GapThreshold,
+    LogisticExit,
+    NeverExit,
+    OracleExit,
+    SVMExit,
+    make_policy,
+)
 
 
 def layered_data(n_examples=60, L=8, seed=0):

@@ -92,3 +92,16 @@ def test_report_only_rebuilds_tables_without_the_model(model_dir, tmp_path):
     assert main(args("no-such-model", out, "--report-only")) == 0  # the model is not even loaded
     assert json.loads((out / "results.json").read_text())["rows"] == before
     assert "Tables 2/3" in (out / "tables.md").read_text()
+
+
+def test_report_only_keeps_the_notes_on_skipped_cells(model_dir, tmp_path):
+    task = tmp_path / "small.json"
+    task.write_text(json.dumps([{"input": f"w{i}", "output": f"W{i}"} for i in range(12)]))
+    out = tmp_path / "r"
+    run = ["reproduce", "--model", model_dir, "--task", str(task), "--task", "capitalize", "--n-queries", "6",
+           "--shots", "0,8", "--n-train", "4", "--train-shots", "2", "--batch-size", "4", "--out-dir", str(out)]  # fmt: skip
+    assert main(["-v", *run]) == 0  # 6 pool examples cannot give 8 demonstrations: that cell is skipped
+    notes = json.loads((out / "results.json").read_text())["notes"]
+    assert f"{task} 8-shot" in notes
+    assert main([*run, "--report-only"]) == 0
+    assert json.loads((out / "results.json").read_text())["notes"][f"{task} 8-shot"] == notes[f"{task} 8-shot"]

@@ -18,7 +18,9 @@ once on CPU).
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -27,13 +29,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checks import measure_check_cost, plan_checks
+from .checks import apply_plans, measure_check_cost, plan_checks_by_batch
 from .collect import collect, load_collected
 from .engine import AdaptiveEngine, ExitResult, plain_forward
 from .features import ALL_FEATURES
-from .flops import ratios
+from .flops import result_ratios
 from .offline import Traces
-from .persist import load_policy
+from .persist import load_policy, save_policy
 from .pipeline import fit_policy, write_json
 from .policies import NeverExit, OracleExit, SVMExit
 from .tasks import task_queries
@@ -128,7 +130,7 @@ def bench_cell(engine, queries, policy, *, batch_size: int, repeats: int, device
     row = {"batch_size": batch_size, "n": len(queries), "repeats": repeats}
     for v in ("never", "policy", "oracle"):
         r = ExitResult.concat(results[v])
-        f = ratios(r, engine.parts, policy if v == "policy" else None)
+        f = result_ratios(r, engine.parts, policy if v == "policy" else None)
         row[v] = {
             "accuracy": float((r.top1 == gold).mean()),
             "mean_exit_layer": float(r.exit_layer.mean()),
@@ -175,36 +177,60 @@ def run_bench(
 
     _release_large_blocks()
     out = Path(out_dir)
-    rows = []
+    settings = dict(shots=shots, n_queries=n_queries, n_train=n_train, repeats=repeats, seed=seed, policy=policy_path)
+    rows = _finished_rows(out / "bench.json", settings)  # a killed run resumes at its next cell
+    done = {(r["model"], r["dtype"], r["task"], r["batch_size"]) for r in rows}
     for model_name in models:
         for dtype in dtypes:
+            if all((model_name, dtype, t, b) in done for t in tasks for b in batch_sizes):
+                continue
             lm, tok = load(model_name, dtype=dtype, device=device)
             engine = AdaptiveEngine(lm, tok)
-            cal_dir = out / "calibration" / f"{model_name}-{dtype}"
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name).strip("_")  # an alias, a hub id or a path
+            cal_dir = out / "calibration" / f"{name}-{dtype}"
             train, test = task_queries(tok, tasks, shots=shots, n_train=n_train, n_test=n_queries, seed=seed, data_dir=data_dir)
             collect(engine, train, cal_dir, batch_size=8, progress=progress)
             table, _ = load_collected(cal_dir)
-            traces = Traces.from_table(table, ALL_FEATURES)
-            base = load_policy(policy_path, model=lm) if policy_path else fit_policy(cal_dir, default_policy())
-            for bs in tqdm(batch_sizes, desc=f"{model_name} {dtype}", disable=not progress):
+            policy = load_policy(policy_path, model=lm) if policy_path else fit_policy(cal_dir, default_policy())
+            # a check's cost relative to a layer falls with the batch size: one plan per size
+            cost, cheap = {}, {}
+            for bs in batch_sizes:
                 prompts = [q.prompt for q in test[:bs]]
-                cost = measure_check_cost(engine, prompts)
+                cost[bs] = measure_check_cost(engine, prompts)
                 # a cheaper check: the LM head in bf16 (half the bytes read), measured the same way
-                cheap = measure_check_cost(AdaptiveEngine(lm, tok, check_dtype=torch.bfloat16), prompts) if lm.dtype != torch.bfloat16 else cost
-                plan = plan_checks(base, traces, cost)
-                base.check_layers_ = plan.check_layers
+                cheap[bs] = measure_check_cost(AdaptiveEngine(lm, tok, check_dtype=torch.bfloat16), prompts) if lm.dtype != torch.bfloat16 else cost[bs]
+            plans = plan_checks_by_batch(policy, Traces.from_table(table, ALL_FEATURES), cost)
+            save_policy(apply_plans(policy, plans), out / "policies" / f"{name}-{dtype}.safetensors", model=lm)
+            for bs in tqdm(batch_sizes, desc=f"{model_name} {dtype}", disable=not progress):
                 for task in tasks:
+                    if (model_name, dtype, task, bs) in done:
+                        continue
                     queries = [q for q in test if q.task == task]
-                    row = bench_cell(engine, queries, base, batch_size=bs, repeats=repeats, device=device)
-                    row.update(model=model_name, dtype=dtype, task=task, shots=shots, check_cost_layers=cost, check_cost_bf16_head_layers=cheap,
-                               check_layers=list(plan.check_layers), planned_cost_layers=plan.expected_cost)
+                    row = bench_cell(engine, queries, policy, batch_size=bs, repeats=repeats, device=device)
+                    row.update(model=model_name, dtype=dtype, task=task, shots=shots, check_cost_layers=cost[bs],
+                               check_cost_bf16_head_layers=cheap[bs], check_layers=list(plans[bs].check_layers),
+                               planned_cost_layers=plans[bs].expected_cost, plan_held_out=plans[bs].held_out)
                     rows.append(row)
-                    write_json(out / "bench.json", {"rows": rows, "machine": machine()})  # as we go
+                    write_json(out / "bench.json", {"rows": rows, "settings": settings, "machine": machine()})  # as we go
             del engine, lm
-    result = {"rows": rows, "machine": machine()}
+    result = {"rows": rows, "settings": settings, "machine": machine()}
     write_json(out / "bench.json", result)
+    from .report import bench_table
+
     (out / "bench.md").write_text(bench_table(rows) + "\n")
     return result
+
+
+def _finished_rows(path: Path, settings: dict) -> list[dict]:
+    """Rows of an earlier run with the same settings (cells are independent: each times its
+    variants side by side), so an interrupted grid does not start over."""
+    if not path.exists():
+        return []
+    try:
+        previous = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return []
+    return previous["rows"] if previous.get("settings") == settings else []
 
 
 def machine() -> dict:
@@ -212,29 +238,3 @@ def machine() -> dict:
 
     return {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "torch": torch.__version__}
-
-
-def _layers(layers) -> str:
-    if layers is None:
-        return "-"
-    if not layers:
-        return "none"
-    return f"{layers[0]}..{layers[-1]}" + (f" /{layers[1] - layers[0]}" if len(layers) > 1 else "")
-
-
-def bench_table(rows) -> str:
-    head = ("| model | dtype | task | bs | full acc | policy acc | exit layer (policy / oracle) | checks | paper / true FLOPs "
-            "| check cost, layers (exact / bf16 head) | check layers | policy/plain | never/plain | hooks/plain | oracle/plain | prompts/s (plain / policy) | peak MB (plain / policy) |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        p, o = r["policy"], r["oracle"]
-        lines.append(
-            f"| {r['model']} | {r['dtype']} | {r['task']} | {r['batch_size']} | {100 * r['full_accuracy']:.1f} | {100 * p['accuracy']:.1f} "
-            f"| {p['mean_exit_layer']:.1f} / {o['mean_exit_layer']:.1f} | {p['mean_checks']:.1f} "
-            f"| {100 * p['flops_ratio']:.1f}% / {100 * p['true_flops_ratio']:.1f}% "
-            f"| {r.get('check_cost_layers', float('nan')):.2f} / {r.get('check_cost_bf16_head_layers', float('nan')):.2f} "
-            f"| {_layers(r.get('check_layers'))} | {r['policy/plain']:.3f} | {r['never/plain']:.3f} "
-            f"| {r['hooks/plain']:.3f} | {r['oracle/plain']:.3f} | {r['prompts_per_s_plain']:.1f} / {r['prompts_per_s_policy']:.1f} "
-            f"| {r['peak_mem_plain_mb']:.0f} / {r['peak_mem_policy_mb']:.0f} |"
-        )
-    return "\n".join(lines)

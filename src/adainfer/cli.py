@@ -31,6 +31,19 @@ def _param(text: str):
     return key, value
 
 
+def _check_cost(text: str) -> float | dict[int, float]:
+    """'0.8' (one cost), or '1:1.24,8:0.2,32:0.1' (batch size: cost), in decoder layers."""
+    try:
+        if ":" not in text:
+            return float(text)
+        costs = {int(b): float(c) for b, c in (item.split(":") for item in text.split(",") if item.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--check-cost takes a number of layers or BATCH:COST pairs like 1:1.2,8:0.2; got {text!r}") from None
+    if not costs or min(costs) < 1 or min(costs.values()) < 0:
+        raise argparse.ArgumentTypeError(f"--check-cost: batch sizes must be >= 1 and costs >= 0; got {text!r}")
+    return costs
+
+
 def _model_args(p):
     p.add_argument("--model", default="smollm2-135m", help="bundled alias (smollm2-135m, gemma3-270m, qwen2.5-0.5b, qwen2.5-1.5b), local HF folder, .gguf file or hub id (default: %(default)s)")
     p.add_argument("--dtype", default="float32", help="float32 (exact) or bfloat16 (2-4x faster on CPU) (default: %(default)s)")
@@ -91,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", type=_features, default=PAPER_FEATURES, help="comma-separated features (default: gap,top_prob, the paper's)")
     p.add_argument("--param", type=_param, action="append", default=[], help="policy parameter KEY=VALUE, e.g. threshold=0.9 or C=10")
     p.add_argument("--tasks", help="comma-separated subset of collected tasks to train on")
-    p.add_argument("--check-cost", type=float, default=None, help="cost of one exit check in decoder layers (see `adainfer bench`, column check_cost_layers): "
-                   "learns where checking pays and stores that schedule; omit to check every layer as in the paper")
+    p.add_argument("--check-cost", type=_check_cost, default=None, help="cost of one exit check in decoder layers (see `adainfer bench`, column check_cost_layers), "
+                   "or per batch size as 1:1.2,8:0.2,32:0.1: learns where checking pays and stores that schedule (one per batch size); "
+                   "omit to check every layer as in the paper")
     p.add_argument("--out", required=True, help="policy file to write (.safetensors)")
 
     p = sub.add_parser("eval", help="evaluate policies against the full model on held-out queries",
@@ -172,14 +186,15 @@ def cmd_fit(args):
     policy.set_params(**dict(args.param))
     tasks = args.tasks.split(",") if args.tasks else None
     policy = fit_policy(args.data, policy, tasks, check_cost=args.check_cost)
-    where = "" if args.check_cost is None else f", checks at layers {list(policy.check_layers_) or 'none (plain model)'}"
+    where = "".join(f", batch {b}+: checks at layers {list(l) or 'none (plain model)'}" for b, l in getattr(policy, "check_plans_", {}).items())
     print(f"saved {args.policy} policy ({', '.join(policy.features)}{where}) to {save_policy(policy, args.out)}")
 
 
 def cmd_eval(args):
     from .engine import AdaptiveEngine
-    from .evaluate import evaluate, format_table
+    from .evaluate import evaluate
     from .pipeline import resolve_policy, write_json
+    from .report import eval_table
     from .tasks import task_queries
 
     policies = {p: resolve_policy(p) for p in args.policy}
@@ -189,7 +204,7 @@ def cmd_eval(args):
     summary = evaluate(engine, test, policies, batch_size=args.batch_size, allow_other_model=args.allow_other_model)
     summary.update(model=getattr(model, "adainfer_id", args.model), tasks=args.task, shots=args.shots, seed=args.seed)
     write_json(args.out, summary)
-    print(format_table(summary))
+    print(eval_table(summary))
     print(f"\nwrote {args.out}")
 
 
@@ -221,7 +236,8 @@ def cmd_reproduce(args):
 
 
 def cmd_bench(args):
-    from .bench import bench_table, run_bench
+    from .bench import run_bench
+    from .report import bench_table
 
     result = run_bench(
         tuple(args.model or ["smollm2-135m"]), args.out_dir, tasks=tuple(args.task or ["sst2", "capitalize"]), shots=args.shots,
@@ -244,7 +260,9 @@ def main(argv=None) -> int:
         COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, ModelNotAvailable) as e:
         # user errors (bad task file, unknown alias, wrong policy for the model, ...) get one clear line
-        print(f"adainfer {args.command}: error: {e}", file=sys.stderr)
+        if args.verbose:  # the whole traceback, for bug reports
+            raise
+        print(f"adainfer {args.command}: error: {e} (run with -v for the traceback)", file=sys.stderr)
         return 2
     return 0
 

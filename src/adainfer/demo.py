@@ -13,12 +13,12 @@ from pathlib import Path
 from .checks import measure_check_cost
 from .collect import collect
 from .engine import AdaptiveEngine
-from .evaluate import evaluate, format_table, layer_accuracy
+from .evaluate import evaluate, layer_accuracy
 from .models import DEFAULT_MODEL, load
 from .persist import save_policy
 from .pipeline import fit_policy, write_json
 from .policies import OracleExit, SVMExit, standard_policies
-from .report import plot_accuracy_vs_layers
+from .report import eval_table, plot_accuracy_vs_layers
 from .tasks import task_queries
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def run_demo(
         check_cost_layers=check_cost,
         planned_check_layers=list(planned.check_layers_),
         layer_accuracy=layer_acc.tolist(),
-        table=format_table(summary),
+        table=eval_table(summary),
     )
     write_json(out / "summary.json", summary)
     (out / "table.md").write_text(summary["table"] + "\n")

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .engine import AdaptiveEngine, ExitResult, plain_forward
 from .features import PAPER_FEATURES, check_names
-from .flops import ratios
+from .flops import result_ratios
 from .persist import check_compatible
 from .policies import ExitPolicy, NeverExit
 from .tasks import Query
@@ -63,7 +63,7 @@ def evaluate(
     }
     for name, parts in results.items():
         r = ExitResult.concat(parts)
-        summary["policies"][name] = _summarise(r, gold, tasks, ratios(r, engine.parts, variants[name]), plain_time)
+        summary["policies"][name] = _summarise(r, gold, tasks, result_ratios(r, engine.parts, variants[name]), plain_time)
     return summary
 
 
@@ -100,16 +100,3 @@ def layer_accuracy(engine: AdaptiveEngine, queries: Sequence[Query], *, batch_si
         r = engine.run([q.prompt for q in batch], NeverExit(), check_layers=all_layers)
         hits.append(r.layer_top1 == np.array([q.gold for q in batch])[:, None])
     return np.concatenate(hits).mean(0)
-
-
-def format_table(summary: dict) -> str:
-    """A markdown table: one row per policy, the full model first."""
-    head = "| policy | accuracy | mean exit layer | paper FLOPs | true FLOPs | time vs plain |\n|---|---|---|---|---|---|"
-    rows = []
-    for name, s in summary["policies"].items():
-        t = f"{s['time_vs_plain']:.2f}x" if s["time_vs_plain"] is not None else "-"
-        rows.append(
-            f"| {name} | {100 * s['accuracy']:.1f}% | {s['mean_exit_layer']:.1f} / {s['num_layers']} "
-            f"| {100 * s['flops_ratio']:.1f}% | {100 * s['true_flops_ratio']:.1f}% | {t} |"
-        )
-    return "\n".join([head, *rows])

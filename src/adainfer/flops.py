@@ -39,14 +39,19 @@ def true_ratio(
     return used / (num_layers * layer + vocab)
 
 
-def ratios(result, parts, policy=None) -> dict[str, np.ndarray]:
-    """Both ratios, per row, for an ExitResult of the model described by `parts` (ModelParts)."""
-    hidden = parts.config.hidden_size
-    vocab = parts.head.weight.shape[0]
+def ratios(exit_layer, num_checks, seq_len, *, num_layers: int, hidden: int, vocab: int, policy=None) -> dict[str, np.ndarray]:
+    """Both ratios, per row; the policy's own decision cost is charged to the true ratio.
+
+    Takes plain arrays, so a live run (`ExitResult`) and an offline replay (`Replay` plus the
+    traces' sequence lengths) are counted by the same code."""
     cost = policy.cost_flops() if policy is not None and hasattr(policy, "cost_flops") else 0.0
     return {
-        "flops_ratio": paper_ratio(result.exit_layer, result.num_layers, hidden, vocab, result.seq_len),
-        "true_flops_ratio": true_ratio(
-            result.exit_layer, result.num_checks, result.num_layers, hidden, vocab, result.seq_len, cost
-        ),
+        "flops_ratio": paper_ratio(exit_layer, num_layers, hidden, vocab, seq_len),
+        "true_flops_ratio": true_ratio(exit_layer, num_checks, num_layers, hidden, vocab, seq_len, cost),
     }
+
+
+def result_ratios(result, parts, policy=None) -> dict[str, np.ndarray]:
+    """`ratios` of an ExitResult of the model described by `parts` (ModelParts)."""
+    return ratios(result.exit_layer, result.num_checks, result.seq_len, num_layers=result.num_layers,
+                  hidden=parts.config.hidden_size, vocab=parts.head.weight.shape[0], policy=policy)

@@ -1,4 +1,4 @@
-"""Plots. Library code returns numbers; this module only draws them."""
+"""Tables and plots. Library code returns numbers; this module only formats and draws them."""
 
 from __future__ import annotations
 
@@ -71,6 +71,43 @@ def _md(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def eval_table(summary: dict) -> str:
+    """`adainfer eval` / demo: one row per policy, the full model first."""
+    body = [
+        [name, f"{100 * s['accuracy']:.1f}%", f"{s['mean_exit_layer']:.1f} / {s['num_layers']}", f"{100 * s['flops_ratio']:.1f}%",
+         f"{100 * s['true_flops_ratio']:.1f}%", "-" if s["time_vs_plain"] is None else f"{s['time_vs_plain']:.2f}x"]
+        for name, s in summary["policies"].items()
+    ]
+    return _md(["policy", "accuracy", "mean exit layer", "paper FLOPs", "true FLOPs", "time vs plain"], body)
+
+
+def _layers(layers) -> str:
+    if layers is None:
+        return "-"
+    if not layers:
+        return "none"
+    return f"{layers[0]}..{layers[-1]}" + (f" /{layers[1] - layers[0]}" if len(layers) > 1 else "")
+
+
+def bench_table(rows) -> str:
+    """`adainfer bench`: one row per model, dtype, task and batch size."""
+    body = []
+    for r in rows:
+        p, o = r["policy"], r["oracle"]
+        body.append([
+            r["model"], r["dtype"], r["task"], r["batch_size"], f"{100 * r['full_accuracy']:.1f}", f"{100 * p['accuracy']:.1f}",
+            f"{p['mean_exit_layer']:.1f} / {o['mean_exit_layer']:.1f}", f"{p['mean_checks']:.1f}",
+            f"{100 * p['flops_ratio']:.1f}% / {100 * p['true_flops_ratio']:.1f}%",
+            f"{r.get('check_cost_layers', float('nan')):.2f} / {r.get('check_cost_bf16_head_layers', float('nan')):.2f}",
+            _layers(r.get("check_layers")), f"{r['policy/plain']:.3f}", f"{r['never/plain']:.3f}", f"{r['hooks/plain']:.3f}",
+            f"{r['oracle/plain']:.3f}", f"{r['prompts_per_s_plain']:.1f} / {r['prompts_per_s_policy']:.1f}",
+            f"{r['peak_mem_plain_mb']:.0f} / {r['peak_mem_policy_mb']:.0f}",
+        ])  # fmt: skip
+    return _md(["model", "dtype", "task", "bs", "full acc", "policy acc", "exit layer (policy / oracle)", "checks",
+                "paper / true FLOPs", "check cost, layers (exact / bf16 head)", "check layers", "policy/plain", "never/plain",
+                "hooks/plain", "oracle/plain", "prompts/s (plain / policy)", "peak MB (plain / policy)"], body)  # fmt: skip
 
 
 def reproduce_tables(results: dict) -> str:

@@ -15,6 +15,7 @@ shard of the queries and rank 0 writes the report.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -25,7 +26,7 @@ import numpy as np
 
 from .collect import collect, load_collected, select_tasks, training_arrays
 from .features import ALL_FEATURES, PAPER_FEATURES
-from .flops import paper_ratio, true_ratio
+from .flops import ratios
 from .offline import Traces, oracle_bounds, simulate
 from .pipeline import write_json
 from .policies import NeverExit, OracleExit, SVMExit, standard_policies
@@ -41,6 +42,7 @@ DEFAULT_TASKS = (
 QA = ("mmlu", "commonsense_qa", "squad")
 CLASSIFICATION = ("sst2", "ag_news")
 SENTIMENT = "sst2"
+RUN_CONFIG = Path("traces") / "run.json"  # the run's settings and the (task, k) cells it could not make
 
 
 def task_group(task: str) -> str:
@@ -116,21 +118,28 @@ def run_reproduce(
     )
     if report_only:  # tables from the traces already collected; no model needed
         _, meta = load_collected(out / "traces" / "test")
+        if (out / RUN_CONFIG).exists():  # the run's own settings, skipped cells included
+            config = {**json.loads((out / RUN_CONFIG).read_text()), "transfer_from": config["transfer_from"]}
         config["model"] = meta["model"]["model_id"]
         return report(out, config, hidden=meta["model"]["hidden_size"], vocab=meta["model"]["vocab_size"])
 
     rank, world = _dist()
     lm, tok = load(model, dtype=dtype, device=device, device_map=device_map)
     engine = AdaptiveEngine(lm, tok)
-    test, train = [], []
+    test, train, name_of = [], [], {}
     for task in tasks:
         for k in shots:
             try:
                 test += task_queries(tok, [task], shots=k, n_train=0, n_test=n_queries, seed=seed, data_dir=data_dir)[1]
             except TaskError as e:  # e.g. a small task cannot give k demonstrations
                 config["skipped"][f"{task} {k}-shot"] = str(e)
-        train += task_queries(tok, [task], shots=train_shots, n_train=n_train, n_test=n_queries, seed=seed,
-                              data_dir=data_dir, strict=False)[0]
+        mine = task_queries(tok, [task], shots=train_shots, n_train=n_train, n_test=n_queries, seed=seed,
+                            data_dir=data_dir, strict=False)[0]
+        train += mine
+        name_of[task] = mine[0].task if mine else task  # a task file is named by its stem in the traces
+    config.update(tasks=[name_of[t] for t in tasks], train_tasks=[name_of[t] for t in train_tasks])
+    if rank == 0:
+        write_json(out / RUN_CONFIG, config)
     kw = dict(batch_size=batch_size, progress=progress and rank == 0, rank=rank, world_size=world)
     collect(engine, train, out / "traces" / "train", **kw)
     collect(engine, test, out / "traces" / "test", **kw)
@@ -159,14 +168,14 @@ def _fit(policy, table, name: str, notes: dict):
 def _metrics(policy, traces: Traces, hidden: int, vocab: int) -> dict:
     r = simulate(policy, traces)
     L = traces.num_layers
-    cost = policy.cost_flops() if hasattr(policy, "cost_flops") else 0.0
+    f = ratios(r.exit_layer, r.num_checks, traces.seq_len, num_layers=L, hidden=hidden, vocab=vocab, policy=policy)
     return {
         "n": len(traces),
         "accuracy": float(r.correct.mean()),
         "choice_accuracy": None if r.choice_correct is None else float(r.choice_correct.mean()),
         "mean_exit_layer": float(r.exit_layer.mean()),
-        "flops_ratio": float(paper_ratio(r.exit_layer, L, hidden, vocab, traces.seq_len).mean()),
-        "true_flops_ratio": float(true_ratio(r.exit_layer, r.num_checks, L, hidden, vocab, traces.seq_len, cost).mean()),
+        "flops_ratio": float(f["flops_ratio"].mean()),
+        "true_flops_ratio": float(f["true_flops_ratio"].mean()),
         "exit_layer_histogram": np.bincount(r.exit_layer, minlength=L + 1)[1:].tolist(),
     }
 
