@@ -1,0 +1,88 @@
+"""Does a check plan learned on calibration queries hold on held-out ones?
+
+The speed issue's quality target: on SST-2 5-shot the default policy must stay within 1 point
+of the full model's accuracy while getting at least 60% of the oracle's layer saving. `adainfer
+bench` times 32 queries per cell, too few to resolve 1 point; this replays the same policy and
+planner on the 200 held-out queries of an `adainfer reproduce` run instead (replay equals live
+runs: tests/test_offline.py), with the plan chosen in-sample (as before) and out of fold.
+
+    python bench/plan_quality.py results/qwen2.5-0.5b --task sst2 --shots 5 --check-cost 1:1.24,8:0.20,32:0.10
+
+Calibration = the run's training traces of that task (its pool queries), as `adainfer bench`
+calibrates on its tasks' pools. Prints a markdown table; --out writes it with the numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from adainfer.bench import default_policy
+from adainfer.checks import plan_checks_by_batch
+from adainfer.cli import _check_cost
+from adainfer.collect import load_collected, select_tasks, training_arrays
+from adainfer.features import ALL_FEATURES
+from adainfer.offline import Traces, oracle_bounds, simulate
+from adainfer.report import _layers, _md
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path, help="output folder of `adainfer reproduce` (with traces/train and traces/test)")
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--check-cost", type=_check_cost, default={1: 1.0}, help="decoder layers per check, or BATCH:COST pairs")
+    p.add_argument("--tolerance", type=float, default=0.01)
+    p.add_argument("--out", type=Path, help="write the table (.md) and numbers (.json) here, without suffix")
+    args = p.parse_args(argv)
+    costs = args.check_cost if isinstance(args.check_cost, dict) else {1: args.check_cost}
+
+    train, meta = load_collected(args.run / "traces" / "train")
+    test_table, _ = load_collected(args.run / "traces" / "test")
+    cal = Traces.from_table(select_tasks(train, [args.task]), ALL_FEATURES)
+    test = Traces.from_table(test_table, ALL_FEATURES)
+    shots = np.array([int(q.split("/")[1].removesuffix("shot")) for q in test.query_id])  # ids: task/kshot/seed/i
+    test = test.subset((test.task == args.task) & (shots == args.shots))
+    if len(cal) == 0 or len(test) == 0:
+        raise SystemExit(f"no {args.task} traces in {args.run} (calibration {len(cal)}, held-out {len(test)} at k={args.shots})")
+
+    policy = default_policy().fit(*training_arrays(select_tasks(train, [args.task]), default_policy().features))
+    L = test.num_layers
+    full = float((test.top1[:, -1] == test.gold).mean())
+    oracle = float(oracle_bounds(test)["first_correct"].mean())
+    rows, body = [], []
+    for mode, folds in (("in-sample", 1), ("out of fold", 5)):
+        plans = plan_checks_by_batch(policy, cal, costs, tolerance=args.tolerance, folds=folds)
+        for bs, plan in plans.items():
+            r = simulate(policy, test, check_layers=plan.check_layers)
+            exit_layer = float(r.exit_layer.mean())
+            row = dict(mode=mode, batch_size=bs, check_cost=plan.check_cost, check_layers=list(plan.check_layers),
+                       calibration_accuracy=plan.expected_accuracy, calibration_full_accuracy=plan.full_accuracy,
+                       full_accuracy=full, accuracy=float(r.correct.mean()), mean_exit_layer=exit_layer,
+                       mean_checks=float(r.num_checks.mean()), oracle_exit_layer=oracle,
+                       share_of_oracle_saving=(L - exit_layer) / (L - oracle) if oracle < L else None,
+                       cost_layers=float((r.exit_layer + plan.check_cost * r.num_checks).mean()))  # fmt: skip
+            rows.append(row)
+            share = "-" if row["share_of_oracle_saving"] is None else f"{100 * row['share_of_oracle_saving']:.0f}%"
+            body.append([mode, bs, f"{plan.check_cost:.2f}", _layers(plan.check_layers),
+                         f"{100 * plan.expected_accuracy:.1f} / {100 * plan.full_accuracy:.1f}",
+                         f"{100 * row['accuracy']:.1f} / {100 * full:.1f}", f"{100 * (row['accuracy'] - full):+.1f}",
+                         f"{exit_layer:.2f} / {oracle:.2f} / {L}", share, f"{row['cost_layers']:.2f}"])  # fmt: skip
+    table = _md(["planning", "batch", "check cost", "check layers", "calibration acc (policy / full)",
+                 "held-out acc (policy / full)", "delta", "exit layer (policy / oracle / L)",
+                 "share of oracle saving", "cost, layers"], body)  # fmt: skip
+    head = (f"{meta['model']['model_id']}, {args.task} {args.shots}-shot: calibration {len(cal)} pool queries, "
+            f"held-out {len(test)} queries, tolerance {args.tolerance}")
+    print(head + "\n\n" + table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(f"{head}\n\n{table}\n")
+        args.out.with_suffix(".json").write_text(json.dumps({"run": str(args.run), "task": args.task, "shots": args.shots,
+                                                              "rows": rows}, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
