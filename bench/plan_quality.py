@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from adainfer.bench import default_policy
-from adainfer.checks import plan_checks_by_batch
+from adainfer.checks import check_cost_layers, plan_checks_by_batch
 from adainfer.cli import _check_cost
 from adainfer.collect import load_collected, select_tasks, training_arrays
 from adainfer.features import ALL_FEATURES
@@ -64,7 +64,7 @@ def main(argv=None):
                        full_accuracy=full, accuracy=float(r.correct.mean()), mean_exit_layer=exit_layer,
                        mean_checks=float(r.num_checks.mean()), oracle_exit_layer=oracle,
                        share_of_oracle_saving=(L - exit_layer) / (L - oracle) if oracle < L else None,
-                       cost_layers=float((r.exit_layer + plan.check_cost * r.num_checks).mean()))  # fmt: skip
+                       cost_layers=float(check_cost_layers(r, L, plan.check_cost).mean()))  # fmt: skip
             rows.append(row)
             share = "-" if row["share_of_oracle_saving"] is None else f"{100 * row['share_of_oracle_saving']:.0f}%"
             body.append([mode, bs, f"{plan.check_cost:.2f}", _layers(plan.check_layers),

@@ -46,7 +46,7 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(saved_
     model_dir, out = saved_tiny("llama"), tmp_path / "bench"
     save_policy(GapThreshold(0.5), tmp_path / "gap.safetensors")
     kw = dict(tasks=("capitalize",), batch_sizes=(1, 2), dtypes=("float32",), n_queries=4, n_train=4, repeats=1,
-              policy_path=str(tmp_path / "gap.safetensors"), progress=False)  # fmt: skip
+              policy_path=str(tmp_path / "gap.safetensors"), shortlist=8, progress=False)  # fmt: skip
     result = bench.run_bench((model_dir,), out, **kw)
     assert [r["batch_size"] for r in result["rows"]] == [1, 2]
     assert (out / "bench.md").read_text().count("\n") == 4
@@ -54,6 +54,10 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(saved_
     policy = load_policy(saved)
     assert set(policy.check_plans_) == {1, 2}
     assert [r["check_layers"] for r in result["rows"]] == [list(policy.check_plans_[b]) for b in (1, 2)]
+    for r in result["rows"]:  # the shortlist engine ran as one more variant, with its own plan
+        assert r["shortlist_size"] == 8 and r["check_cost_shortlist_layers"] > 0 and r["shortlist/plain"] > 0
+        assert 1 <= r["shortlist"]["mean_exit_layer"] <= 4
+    assert "shortlist/plain" in (out / "bench.md").read_text()
 
     def no_more_cells(*a, **k):
         raise AssertionError("a finished cell ran again")

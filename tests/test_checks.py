@@ -1,6 +1,7 @@
 """Check-cost-aware exits: the schedule is learned, never pays more than it saves."""
 
 import numpy as np
+import pytest
 import torch
 from conftest import tiny_model
 from test_engine import PROMPTS, ExitAt
@@ -145,3 +146,48 @@ def test_check_cost_option_takes_one_cost_or_one_per_batch_size():
     for bad in ("x", "1:a", "0:1.0", "1:-1"):
         with pytest.raises(argparse.ArgumentTypeError):
             _check_cost(bad)
+
+
+class StopWhenTopProb(GapThreshold):
+    """Stops when P(top-1) >= threshold: on a 2-token shortlist that is always true."""
+
+    def __init__(self, threshold=0.45):
+        self.threshold = threshold
+        self.features = ("top_prob",)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_shortlist_checks_answer_and_decide_on_the_whole_vocabulary(arch):
+    model, tok = tiny_model(arch)
+    exact = AdaptiveEngine(model, tok).run(PROMPTS, ExitAt([2, 3, 4, 2]))
+    short = AdaptiveEngine(model, tok, shortlist=8).run(PROMPTS, ExitAt([2, 3, 4, 2]))
+    assert short.exit_layer.tolist() == [2, 3, 4, 2]
+    torch.testing.assert_close(short.logits, exact.logits, rtol=1e-5, atol=1e-5)  # answers: exact head
+    assert short.num_checks.tolist() == exact.num_checks.tolist() == [2, 3, 3, 2]
+    assert short.num_short_checks.tolist() == [1, 2, 2, 1]  # all but the first check of each row
+    # the exit layer's features are the exact ones (confirmed), earlier ones the shortlist's
+    np.testing.assert_allclose(short.features[[0, 3], 1], exact.features[[0, 3], 1], rtol=1e-5, atol=1e-6)
+
+    # a 2-token shortlist makes every row look sure (P >= 0.5), the whole vocabulary does not:
+    # the exact confirmation refuses every stop, and each row runs to the end
+    engine = AdaptiveEngine(model, tok, shortlist=2)
+    policy = StopWhenTopProb(0.45)
+    r = engine.run(PROMPTS, policy, check_layers=[1, 2, 3])
+    assert (r.exit_layer == 4).all() and r.num_checks.tolist() == [3] * 4 and r.num_short_checks.tolist() == [2] * 4
+    torch.testing.assert_close(r.logits, plain_last_logits(engine, PROMPTS), rtol=1e-5, atol=1e-5)
+
+
+def test_shortlist_size_is_checked():
+    model, tok = tiny_model("llama")
+    with pytest.raises(ValueError, match="shortlist"):
+        AdaptiveEngine(model, tok, shortlist=model.config.vocab_size)
+
+
+def test_near_free_shortlist_checks_let_the_plan_check_more():
+    traces = settling_traces(settle=(3, 11))  # answers settle over a wide range of layers
+    dear = plan_checks(GapThreshold(0.5), traces, check_cost=2.0)
+    from adainfer.checks import plan_checks_by_batch
+
+    cheap = plan_checks_by_batch(GapThreshold(0.5), traces, {1: 2.0}, shortlist_costs={1: 0.01})[1]
+    assert len(cheap.check_layers) > len(dear.check_layers)
+    assert cheap.expected_cost < dear.expected_cost

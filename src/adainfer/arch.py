@@ -99,6 +99,20 @@ class ModelParts:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
+    def shortlist_logits(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Logits of each row's candidate tokens only: [A, H] x ids [A, k] -> [A, k].
+
+        Reads k rows of the unembedding per row instead of all V: the cheap exit check."""
+        hidden = self.norm(hidden)
+        if self.project_out is not None:
+            hidden = self.project_out(hidden)
+        logits = torch.einsum("ah,akh->ak", hidden, self.head.weight[ids])
+        if getattr(self.head, "bias", None) is not None:
+            logits = logits + self.head.bias[ids]
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
 
 def find_parts(model: nn.Module) -> ModelParts:
     """Locate layers, final norm and LM head of a Hugging Face causal LM."""

@@ -17,6 +17,7 @@ once on CPU).
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import json
 import os
@@ -89,7 +90,7 @@ def peak_memory(fn, device) -> int:
 
 
 # ----------------------------------------------------------------------------- one cell
-def _time_variants(engine, batches, policy, repeats: int):
+def _time_variants(engine, batches, policy, repeats: int, shortlist=None):
     """Median seconds per full pass over `batches`, per variant; and each variant's results.
 
     Interleaved at the finest grain: every batch runs through all variants back to back, in an
@@ -101,12 +102,16 @@ def _time_variants(engine, batches, policy, repeats: int):
         "policy": lambda b: engine.run(b["prompts"], policy),
         "oracle": lambda b: engine.run(b["prompts"], OracleExit(), gold=b["gold"]),
     }
-    totals = {v: np.zeros(repeats + 1) for v in VARIANTS}
+    variants = VARIANTS
+    if shortlist is not None:  # (engine with shortlist checks, its policy)
+        runners["shortlist"] = lambda b: shortlist[0].run(b["prompts"], shortlist[1])
+        variants = VARIANTS + ("shortlist",)
+    totals = {v: np.zeros(repeats + 1) for v in variants}
     results: dict[str, list[ExitResult]] = {v: [] for v in runners}
     for r in range(repeats + 1):
         for i, b in enumerate(batches):
-            shift = (r + i) % len(VARIANTS)
-            for v in VARIANTS[shift:] + VARIANTS[:shift]:
+            shift = (r + i) % len(variants)
+            for v in variants[shift:] + variants[:shift]:
                 if v == "plain":  # the unmodified model, timed around its own forward
                     t0 = time.perf_counter()
                     plain_forward(engine.model, b["enc"])
@@ -119,18 +124,20 @@ def _time_variants(engine, batches, policy, repeats: int):
     return {v: float(np.median(t[1:])) for v, t in totals.items()}, results
 
 
-def bench_cell(engine, queries, policy, *, batch_size: int, repeats: int, device) -> dict:
+def bench_cell(engine, queries, policy, *, batch_size: int, repeats: int, device, shortlist=None) -> dict:
+    """One model, dtype, task and batch size. `shortlist`: (engine with shortlist checks, the
+    policy planned for it), timed as one more variant."""
     batches = []
     for i in range(0, len(queries), batch_size):
         qs = queries[i : i + batch_size]
         prompts = [q.prompt for q in qs]
         batches.append({"prompts": prompts, "gold": [q.gold for q in qs], "enc": engine.encode(prompts)})
-    times, results = _time_variants(engine, batches, policy, repeats)
+    times, results = _time_variants(engine, batches, policy, repeats, shortlist)
     gold = np.array([q.gold for q in queries])
     row = {"batch_size": batch_size, "n": len(queries), "repeats": repeats}
-    for v in ("never", "policy", "oracle"):
+    for v in results:
         r = ExitResult.concat(results[v])
-        f = result_ratios(r, engine.parts, policy if v == "policy" else None)
+        f = result_ratios(r, engine.parts, {"policy": policy, "shortlist": shortlist and shortlist[1]}.get(v))
         row[v] = {
             "accuracy": float((r.top1 == gold).mean()),
             "mean_exit_layer": float(r.exit_layer.mean()),
@@ -139,10 +146,11 @@ def bench_cell(engine, queries, policy, *, batch_size: int, repeats: int, device
             "true_flops_ratio": float(f["true_flops_ratio"].mean()),
         }
     row["full_accuracy"] = row.pop("never")["accuracy"]
-    for v in VARIANTS:
+    row.pop("hooks")
+    for v in times:
         row[f"time_{v}_s"] = times[v]
-    for v in VARIANTS[1:]:
-        row[f"{v}/plain"] = times[v] / times["plain"]
+        if v != "plain":
+            row[f"{v}/plain"] = times[v] / times["plain"]
     row["prompts_per_s_plain"] = len(queries) / times["plain"]
     row["prompts_per_s_policy"] = len(queries) / times["policy"]
     first = batches[0]
@@ -168,6 +176,7 @@ def run_bench(
     n_train: int = 40,
     repeats: int = 3,
     policy_path: str | None = None,
+    shortlist: int | None = 256,
     device: str = "cpu",
     data_dir=None,
     seed: int = 0,
@@ -177,7 +186,7 @@ def run_bench(
 
     _release_large_blocks()
     out = Path(out_dir)
-    settings = dict(shots=shots, n_queries=n_queries, n_train=n_train, repeats=repeats, seed=seed, policy=policy_path)
+    settings = dict(shots=shots, n_queries=n_queries, n_train=n_train, repeats=repeats, seed=seed, policy=policy_path, shortlist=shortlist)
     rows = _finished_rows(out / "bench.json", settings)  # a killed run resumes at its next cell
     done = {(r["model"], r["dtype"], r["task"], r["batch_size"]) for r in rows}
     for model_name in models:
@@ -193,23 +202,35 @@ def run_bench(
             table, _ = load_collected(cal_dir)
             policy = load_policy(policy_path, model=lm) if policy_path else fit_policy(cal_dir, default_policy())
             # a check's cost relative to a layer falls with the batch size: one plan per size
-            cost, cheap = {}, {}
+            cost, cheap, short = {}, {}, {}
             for bs in batch_sizes:
                 prompts = [q.prompt for q in test[:bs]]
                 cost[bs] = measure_check_cost(engine, prompts)
-                # a cheaper check: the LM head in bf16 (half the bytes read), measured the same way
+                # cheaper checks, measured the same way: the LM head in bf16 (half the bytes read),
+                # and a head over each row's `shortlist` candidates (k rows instead of V)
                 cheap[bs] = measure_check_cost(AdaptiveEngine(lm, tok, check_dtype=torch.bfloat16), prompts) if lm.dtype != torch.bfloat16 else cost[bs]
-            plans = plan_checks_by_batch(policy, Traces.from_table(table, ALL_FEATURES), cost)
+                short[bs] = measure_check_cost(engine, prompts, shortlist=shortlist) if shortlist else None
+            traces = Traces.from_table(table, ALL_FEATURES)
+            plans = plan_checks_by_batch(policy, traces, cost)
             save_policy(apply_plans(policy, plans), out / "policies" / f"{name}-{dtype}.safetensors", model=lm)
+            with_shortlist = None
+            if shortlist:
+                short_plans = plan_checks_by_batch(policy, traces, cost, shortlist_costs=short)
+                short_policy = apply_plans(copy.deepcopy(policy), short_plans)
+                save_policy(short_policy, out / "policies" / f"{name}-{dtype}-shortlist{shortlist}.safetensors", model=lm, shortlist=shortlist)
+                with_shortlist = (AdaptiveEngine(lm, tok, shortlist=shortlist), short_policy)
             for bs in tqdm(batch_sizes, desc=f"{model_name} {dtype}", disable=not progress):
                 for task in tasks:
                     if (model_name, dtype, task, bs) in done:
                         continue
                     queries = [q for q in test if q.task == task]
-                    row = bench_cell(engine, queries, policy, batch_size=bs, repeats=repeats, device=device)
+                    row = bench_cell(engine, queries, policy, batch_size=bs, repeats=repeats, device=device, shortlist=with_shortlist)
                     row.update(model=model_name, dtype=dtype, task=task, shots=shots, check_cost_layers=cost[bs],
                                check_cost_bf16_head_layers=cheap[bs], check_layers=list(plans[bs].check_layers),
                                planned_cost_layers=plans[bs].expected_cost, plan_held_out=plans[bs].held_out)
+                    if shortlist:
+                        row.update(shortlist_size=shortlist, check_cost_shortlist_layers=short[bs],
+                                   shortlist_check_layers=list(short_plans[bs].check_layers))
                     rows.append(row)
                     write_json(out / "bench.json", {"rows": rows, "settings": settings, "machine": machine()})  # as we go
             del engine, lm

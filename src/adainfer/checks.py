@@ -89,19 +89,35 @@ def plan_checks(
                                 strides=strides, folds=folds, seed=seed)[1]  # fmt: skip
 
 
+def check_cost_layers(replay, num_layers: int, check_cost: float, shortlist_cost: float | None = None) -> np.ndarray:
+    """Per query: layers run plus checks made, in decoder layers.
+
+    With a shortlist (`AdaptiveEngine(shortlist=k)`) a row's first check is exact, the later ones
+    cost `shortlist_cost`, and a stop after the first check adds an exact confirmation (the
+    replay assumes the shortlist check stops where the exact one would; the engine confirms)."""
+    n = replay.num_checks
+    if shortlist_cost is None:
+        return replay.exit_layer + check_cost * n
+    exact = (n >= 1).astype(float) + ((n >= 2) & (replay.exit_layer < num_layers))
+    return replay.exit_layer + check_cost * exact + shortlist_cost * np.maximum(n - 1, 0)
+
+
 def plan_checks_by_batch(policy, traces: Traces, check_costs: Mapping[int, float], *, tolerance: float = 0.01,
-                         margin: float = 0.02, strides=(1, 2, 3, 4, 6), folds: int = 5, seed: int = 0) -> dict[int, CheckPlan]:  # fmt: skip
+                         margin: float = 0.02, strides=(1, 2, 3, 4, 6), folds: int = 5, seed: int = 0,
+                         shortlist_costs: Mapping[int, float] | None = None) -> dict[int, CheckPlan]:  # fmt: skip
     """`plan_checks` for several check costs at once (one per batch size: a check costs less,
-    relative to a layer, on a larger batch); the replays are shared."""
+    relative to a layer, on a larger batch); the replays are shared. `shortlist_costs` plans
+    for an engine with shortlist checks (see `check_cost_layers`)."""
     L = traces.num_layers
     full = float((traces.top1[:, -1] == traces.gold).mean())
     schedules = list(candidate_schedules(L, strides))
     replays, held_out = _replays(policy, traces, schedules, folds, seed)
     plans = {}
     for batch_size, c in check_costs.items():
+        short = None if shortlist_costs is None else shortlist_costs[batch_size]
         best = CheckPlan((), float(L), full, full, c, len(schedules), held_out)
         for layers, r in zip(schedules, replays):
-            cost = float((r.exit_layer + c * r.num_checks).mean())
+            cost = float(check_cost_layers(r, L, c, short).mean())
             acc = float(r.correct.mean())
             if acc >= full - tolerance and cost < best.expected_cost:
                 best = CheckPlan(layers, cost, acc, full, c, len(schedules), held_out)
@@ -120,13 +136,21 @@ def apply_plans(policy, plans: Mapping[int, CheckPlan]):
 
 
 @torch.inference_mode()
-def measure_check_cost(engine, prompts, repeats: int = 5) -> float:
-    """Seconds of one check on len(prompts) rows over seconds of one decoder layer, measured."""
+def measure_check_cost(engine, prompts, repeats: int = 5, shortlist: int | None = None) -> float:
+    """Seconds of one check on len(prompts) rows over seconds of one decoder layer, measured;
+    with `shortlist`, of a check on that many candidate tokens per row."""
     from .engine import plain_forward
 
     enc = engine.encode(prompts)
     hidden = torch.randn(len(prompts), engine.model.config.hidden_size, dtype=engine.model.dtype, device=enc["input_ids"].device)
-    plain, check = [], []
+    vocab = engine.parts.head.weight.shape[0]
+    ids = None if shortlist is None else torch.randint(vocab, (len(prompts), shortlist), device=hidden.device)
+
+    def check():
+        logits = engine.check_logits(hidden) if ids is None else engine.parts.shortlist_logits(hidden, ids)
+        return logits.float().softmax(-1).topk(2, dim=-1)
+
+    plain, cost = [], []
     plain_forward(engine.model, enc)  # warm-up
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -134,6 +158,6 @@ def measure_check_cost(engine, prompts, repeats: int = 5) -> float:
         plain.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for _ in range(4):
-            engine.check_logits(hidden).float().softmax(-1).topk(2, dim=-1)
-        check.append((time.perf_counter() - t0) / 4)
-    return float(np.median(check) / (np.median(plain) / engine.num_layers))
+            check()
+        cost.append((time.perf_counter() - t0) / 4)
+    return float(np.median(cost) / (np.median(plain) / engine.num_layers))

@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", action="append", required=True, help="policy file or name (gap, never, oracle); repeat for several")
     p.add_argument("--min-layer", type=int, default=1, help="first layer to check (default: %(default)s)")
     p.add_argument("--stride", type=int, default=1, help="check every STRIDE layers (default: %(default)s)")
+    p.add_argument("--shortlist", type=int, default=None, help="after a row's first exact check, check it on its top-K tokens only "
+                   "(exact confirmation before any stop)")
     p.add_argument("--allow-other-model", action="store_true", help="use policies trained for another model (inter-model generalisation)")
     p.add_argument("--out", required=True, help="JSON summary to write")
 
@@ -161,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=40, help="calibration queries per task for the default policy and its check plan (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per variant; medians are reported (default: %(default)s)")
     p.add_argument("--policy", default=None, help="a saved policy file instead of the default (SVM on gap, top_prob, layer_frac)")
+    p.add_argument("--shortlist", type=int, default=256, help="also time shortlist checks on this many candidate tokens per row, "
+                   "with their own plan (0: skip) (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     _data_dir_arg(p)
     p.add_argument("--out-dir", default="results/bench", help="output folder (default: %(default)s)")
@@ -199,7 +203,7 @@ def cmd_eval(args):
 
     policies = {p: resolve_policy(p) for p in args.policy}
     model, tok = _load(args)
-    engine = AdaptiveEngine(model, tok, min_layer=args.min_layer, stride=args.stride)
+    engine = AdaptiveEngine(model, tok, min_layer=args.min_layer, stride=args.stride, shortlist=args.shortlist)
     _, test = task_queries(tok, args.task, shots=args.shots, n_train=0, n_test=args.n_test, seed=args.seed, data_dir=args.data_dir)
     summary = evaluate(engine, test, policies, batch_size=args.batch_size, allow_other_model=args.allow_other_model)
     summary.update(model=getattr(model, "adainfer_id", args.model), tasks=args.task, shots=args.shots, seed=args.seed)
@@ -242,7 +246,7 @@ def cmd_bench(args):
     result = run_bench(
         tuple(args.model or ["smollm2-135m"]), args.out_dir, tasks=tuple(args.task or ["sst2", "capitalize"]), shots=args.shots,
         batch_sizes=args.batch_sizes, dtypes=tuple(args.dtypes.split(",")), n_queries=args.n_queries, n_train=args.n_train,
-        repeats=args.repeats, policy_path=args.policy, device=args.device, data_dir=args.data_dir,
+        repeats=args.repeats, policy_path=args.policy, shortlist=args.shortlist or None, device=args.device, data_dir=args.data_dir,
     )
     print(bench_table(result["rows"]))
     print(f"\nwrote {args.out_dir}/bench.md and bench.json")

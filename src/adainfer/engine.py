@@ -55,6 +55,8 @@ class ExitResult:
     logits: torch.Tensor | None = None  # [B, V] exit-layer logits (float32), if kept
     layer_choice: np.ndarray | None = None  # [B, L] best of the row's choice tokens per checked layer
     wall_time_s: float = 0.0
+    num_short_checks: np.ndarray | None = None  # [B] of num_checks, those on a shortlist only
+    shortlist_size: int = 0
 
     @property
     def choice_top1(self) -> np.ndarray | None:
@@ -75,6 +77,9 @@ class ExitResult:
         choice = None
         if all(r.layer_choice is not None for r in results):
             choice = np.concatenate([r.layer_choice for r in results])
+        short = None
+        if any(r.num_short_checks is not None for r in results):
+            short = np.concatenate([r.num_short_checks if r.num_short_checks is not None else np.zeros(len(r), int) for r in results])
         return ExitResult(
             **{
                 name: np.concatenate([getattr(r, name) for r in results])
@@ -85,6 +90,8 @@ class ExitResult:
             logits=logits,
             layer_choice=choice,
             wall_time_s=sum(r.wall_time_s for r in results),
+            num_short_checks=short,
+            shortlist_size=max(r.shortlist_size for r in results),
         )
 
 
@@ -119,6 +126,8 @@ class _Batch:
     gold: torch.Tensor | None
     choices: torch.Tensor | None  # [B, C] choice token ids (rows padded by repeating their first)
     layer_choice: torch.Tensor | None  # [B, L]
+    num_short: torch.Tensor | None = None  # [B] checks made on a shortlist
+    shortlist: torch.Tensor | None = None  # [B, k] each row's candidate tokens, once it has some
     checked: list[int] = field(default_factory=list)
     previous: dict[str, torch.Tensor] = field(default_factory=dict)  # last position, layer l-1
     current: dict[str, torch.Tensor] = field(default_factory=dict)  # last position, layer l
@@ -155,6 +164,10 @@ class AdaptiveEngine:
     check_dtype : run the exit checks' LM head in this dtype (e.g. torch.bfloat16 on an fp32
         model: half the bytes read per check); rows that stop get their answer from the exact
         head, and the last layer always uses it.
+    shortlist : after a row's first (exact) check, check it on its top-`shortlist` tokens of its
+        last exact check only (k rows of the unembedding instead of V). A row the policy would
+        stop there gets an exact check, and stops only if the policy agrees on the exact
+        features: the answer and the stop decision always come from the whole vocabulary.
     """
 
     def __init__(
@@ -167,6 +180,7 @@ class AdaptiveEngine:
         check_layers: Sequence[int] | None = None,
         keep_logits: bool = True,
         check_dtype: torch.dtype | None = None,
+        shortlist: int | None = None,
     ):
         self.parts: ModelParts = find_parts(model)
         self.model = model
@@ -180,6 +194,9 @@ class AdaptiveEngine:
         self.keep_logits = keep_logits
         self.check_dtype = check_dtype if check_dtype not in (None, model.dtype) else None
         self._cheap_head = None
+        if shortlist is not None and not 2 <= shortlist < self.parts.head.weight.shape[0]:
+            raise ValueError(f"shortlist must be between 2 and the vocabulary size, got {shortlist}")
+        self.shortlist = shortlist
 
     @property
     def num_layers(self) -> int:
@@ -301,32 +318,36 @@ class AdaptiveEngine:
                 batch.previous.update(batch.current)
                 if layer not in checks and layer != L:
                     return None
-                logits = self.parts.logits(last) if layer == L else self.check_logits(last)
-                feats, top1 = self._record(batch, layer, logits, sims)
                 rows = batch.active
                 if layer == L:
+                    logits = self.parts.logits(last)
+                    self._record(batch, layer, logits, sims)
                     self._finish(batch, torch.ones(len(rows), dtype=torch.bool), layer, logits)
                     raise _Done
+                ids = batch.shortlist[rows] if batch.shortlist is not None else None
+                logits = self.check_logits(last) if ids is None else self.parts.shortlist_logits(last, ids.to(last.device))
+                feats, top1 = self._record(batch, layer, logits, sims, ids=ids)
                 batch.checked.append(layer)
                 batch.num_checks[rows] += 1
-                step = Step(
-                    layer=layer,
-                    num_layers=L,
-                    feature_names=tuple(needed),
-                    features=feats[:, column].cpu().numpy(),
-                    history=batch.trace[rows][:, [c - 1 for c in batch.checked]][:, :, column].numpy(),
-                    top1=top1.cpu().numpy(),
-                    rows=rows.numpy(),
-                    gold=None if batch.gold is None else batch.gold[rows].numpy(),
-                )
-                stop = torch.as_tensor(np.asarray(policy.decide(step), dtype=bool))
+                if ids is not None:
+                    batch.num_short[rows] += 1
+                elif self.shortlist:  # the first exact check gives each row its candidates
+                    batch.shortlist = torch.zeros(batch.size, self.shortlist, dtype=torch.long)
+                    batch.shortlist[rows] = logits.topk(self.shortlist, dim=-1).indices.cpu()
+                stop = self._decide(policy, batch, layer, rows, feats, top1, column, needed)
                 if not stop.any():
                     return None
-                if self.check_dtype is not None:  # confirm: the answer comes from the exact head
-                    logits = logits.float().masked_scatter(
-                        stop[:, None].to(logits.device), self.parts.logits(last[stop.to(last.device)]).float()
-                    )
-                self._finish(batch, stop, layer, logits)
+                exact = None if ids is None and self.check_dtype is None else self.parts.logits(last[stop.to(last.device)])
+                if ids is not None:  # confirm on the whole vocabulary: exact features, same policy
+                    sub = rows[stop]
+                    feats, top1 = self._record(batch, layer, exact, sims, rows=sub, where=stop)
+                    agree = self._decide(policy, batch, layer, sub, feats, top1, column, needed)
+                    batch.shortlist[sub[~agree]] = exact[~agree.to(exact.device)].topk(self.shortlist, dim=-1).indices.cpu()
+                    exact = exact[agree.to(exact.device)]
+                    stop[stop.clone()] = agree
+                    if not stop.any():
+                        return None
+                self._finish(batch, stop, layer, exact if exact is not None else logits[stop.to(logits.device)])
                 if len(batch.active) == 0:
                     raise _Done
                 keep = (~stop).to(hidden.device)
@@ -367,6 +388,8 @@ class AdaptiveEngine:
             logits=batch.logits,
             layer_choice=None if batch.layer_choice is None else batch.layer_choice.numpy(),
             wall_time_s=elapsed,
+            num_short_checks=None if self.shortlist is None else batch.num_short.numpy(),
+            shortlist_size=self.shortlist or 0,
         )
 
     def _new_batch(self, enc, names, gold, choices) -> _Batch:
@@ -395,15 +418,37 @@ class AdaptiveEngine:
             gold=None if gold is None else torch.as_tensor(np.asarray(gold), dtype=torch.long),
             choices=choice_ids,
             layer_choice=None if choice_ids is None else torch.full((B, L), -1, dtype=torch.long),
+            num_short=torch.zeros(B, dtype=torch.long),
         )
 
-    def _record(self, batch: _Batch, layer: int, logits, sims):
-        """Features, top-1 and best choice of the active rows at `layer`, into the trace."""
+    @staticmethod
+    def _decide(policy, batch: _Batch, layer: int, rows, feats, top1, column, needed) -> torch.Tensor:
+        """One vectorised decision for `rows`: a bool mask over them."""
+        step = Step(
+            layer=layer,
+            num_layers=batch.trace.shape[1],
+            feature_names=tuple(needed),
+            features=feats[:, column].cpu().numpy(),
+            history=batch.trace[rows][:, [c - 1 for c in batch.checked]][:, :, column].numpy(),
+            top1=top1.cpu().numpy(),
+            rows=rows.numpy(),
+            gold=None if batch.gold is None else batch.gold[rows].numpy(),
+        )
+        return torch.as_tensor(np.asarray(policy.decide(step), dtype=bool))
+
+    def _record(self, batch: _Batch, layer: int, logits, sims, *, ids=None, rows=None, where=None):
+        """Features, top-1 and best choice at `layer` into the trace, for the active rows (or
+        `rows`, the active rows selected by the mask `where`). With `ids`, `logits` are over
+        each row's shortlist: top-1 maps back to token ids, and choices wait for an exact check."""
+        if where is not None:
+            sims = {k: v[where.to(v.device)] for k, v in sims.items()}
         feats, top1 = F.compute(logits, batch.feature_names, layer, self.num_layers, sims)
-        rows = batch.active
+        if ids is not None:
+            top1 = ids.to(top1.device).gather(1, top1[:, None])[:, 0]
+        rows = batch.active if rows is None else rows
         batch.trace[rows, layer - 1] = feats.to(batch.trace.device)
         batch.layer_top1[rows, layer - 1] = top1.to(batch.layer_top1.device)
-        if batch.choices is not None:
+        if batch.choices is not None and ids is None:
             ids = batch.choices[rows].to(logits.device)
             best = logits.gather(1, ids.clamp(min=0)).argmax(-1, keepdim=True)
             batch.layer_choice[rows, layer - 1] = ids.gather(1, best)[:, 0].cpu()  # -1: no choices
@@ -420,12 +465,13 @@ class AdaptiveEngine:
         return self._result(enc, batch, elapsed)
 
     def _finish(self, batch: _Batch, stop: torch.Tensor, layer: int, logits) -> None:
-        """Freeze the rows in `stop` (a mask over the active rows) at this layer."""
+        """Freeze the rows in `stop` (a mask over the active rows) at this layer; `logits` are
+        those rows' whole-vocabulary logits."""
         rows = batch.active[stop]
         batch.exit_layer[rows] = layer
-        batch.top1[rows] = logits[stop.to(logits.device)].argmax(-1).cpu()
+        batch.top1[rows] = logits.argmax(-1).cpu()
         if batch.logits is not None:
-            batch.logits[rows] = logits[stop.to(logits.device)].float().cpu()
+            batch.logits[rows] = logits.float().cpu()
         batch.active = batch.active[~stop]
         batch.sliced.clear()
 

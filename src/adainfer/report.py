@@ -93,21 +93,34 @@ def _layers(layers) -> str:
 
 def bench_table(rows) -> str:
     """`adainfer bench`: one row per model, dtype, task and batch size."""
+    nan = float("nan")
+    short = any("shortlist" in r for r in rows)
     body = []
     for r in rows:
         p, o = r["policy"], r["oracle"]
-        body.append([
+        line = [
             r["model"], r["dtype"], r["task"], r["batch_size"], f"{100 * r['full_accuracy']:.1f}", f"{100 * p['accuracy']:.1f}",
             f"{p['mean_exit_layer']:.1f} / {o['mean_exit_layer']:.1f}", f"{p['mean_checks']:.1f}",
             f"{100 * p['flops_ratio']:.1f}% / {100 * p['true_flops_ratio']:.1f}%",
-            f"{r.get('check_cost_layers', float('nan')):.2f} / {r.get('check_cost_bf16_head_layers', float('nan')):.2f}",
+            f"{r.get('check_cost_layers', nan):.2f} / {r.get('check_cost_bf16_head_layers', nan):.2f}"
+            + (f" / {r.get('check_cost_shortlist_layers') or nan:.2f}" if short else ""),
             _layers(r.get("check_layers")), f"{r['policy/plain']:.3f}", f"{r['never/plain']:.3f}", f"{r['hooks/plain']:.3f}",
             f"{r['oracle/plain']:.3f}", f"{r['prompts_per_s_plain']:.1f} / {r['prompts_per_s_policy']:.1f}",
             f"{r['peak_mem_plain_mb']:.0f} / {r['peak_mem_policy_mb']:.0f}",
-        ])  # fmt: skip
-    return _md(["model", "dtype", "task", "bs", "full acc", "policy acc", "exit layer (policy / oracle)", "checks",
-                "paper / true FLOPs", "check cost, layers (exact / bf16 head)", "check layers", "policy/plain", "never/plain",
-                "hooks/plain", "oracle/plain", "prompts/s (plain / policy)", "peak MB (plain / policy)"], body)  # fmt: skip
+        ]  # fmt: skip
+        if short:
+            s = r.get("shortlist")
+            line += ["-"] * 4 if s is None else [
+                _layers(r.get("shortlist_check_layers")), f"{100 * s['accuracy']:.1f}", f"{s['mean_exit_layer']:.1f}",
+                f"{r['shortlist/plain']:.3f}",
+            ]  # fmt: skip
+        body.append(line)
+    header = ["model", "dtype", "task", "bs", "full acc", "policy acc", "exit layer (policy / oracle)", "checks",
+              "paper / true FLOPs", "check cost, layers (exact / bf16 head" + (" / shortlist)" if short else ")"), "check layers",
+              "policy/plain", "never/plain", "hooks/plain", "oracle/plain", "prompts/s (plain / policy)", "peak MB (plain / policy)"]  # fmt: skip
+    if short:
+        header += ["shortlist: check layers", "shortlist: acc", "shortlist: exit layer", "shortlist/plain"]
+    return _md(header, body)
 
 
 def reproduce_tables(results: dict) -> str:
