@@ -15,18 +15,54 @@ calibrates on its tasks' pools. Prints a markdown table; --out writes it with th
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 
-from adainfer.bench import default_policy
-from adainfer.checks import check_cost_layers, plan_checks_by_batch
+from adainfer.bench import DEFAULT_TARGET, default_policy
+from adainfer.checks import (
+    THRESHOLDS,
+    _with_threshold,
+    check_cost_layers,
+    plan_checks_by_batch,
+)
 from adainfer.cli import _check_cost
-from adainfer.collect import load_collected, select_tasks, training_arrays
+from adainfer.collect import load_collected, select_tasks
 from adainfer.features import ALL_FEATURES
 from adainfer.offline import Traces, oracle_bounds, simulate
+from adainfer.policies import SVMExit
 from adainfer.report import _layers, _md
+
+# (planning, folds, min agreement): as before this session, out of fold, and the default now
+MODES = (("in-sample, accuracy only", 1, 0.0), ("out of fold, accuracy only", 5, 0.0), ("out of fold, 99% agreement", 5, None))
+
+
+def settled_bound(test: Traces) -> dict:
+    """What any policy could save at no loss, and whether the features can see it.
+
+    The settled layer (after which the top-1 never changes) is the earliest exit that keeps the
+    full model's answer; a perfect detector would exit there. Per layer, the cross-validated AUC
+    of a logistic regression on all features for "this row's top-1 is already final" says how
+    much of that a feature-based policy can find (0.5: nothing)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import cross_val_predict
+
+    L = test.num_layers
+    settled = oracle_bounds(test)["settled"]
+    aucs = {}
+    for layer in range(max(1, L - 8), L):
+        y = settled <= layer
+        if 5 <= y.sum() <= len(y) - 5:
+            p = cross_val_predict(LogisticRegression(max_iter=2000), test.features[:, layer - 1], y, cv=5, method="predict_proba")[:, 1]
+            aucs[layer] = float(roc_auc_score(y, p))
+    text = (f"Settled oracle (earliest layer after which the top-1 never changes; exiting there keeps every answer): "
+            f"mean {settled.mean():.2f} of {L}, {100 * (settled < L).mean():.0f}% of rows settled before the last layer. "
+            "Cross-validated AUC of all features for 'already final' at layer l: "
+            + ", ".join(f"{l}: {a:.2f}" for l, a in aucs.items()) + ".")  # fmt: skip
+    return {"text": text, "numbers": {"mean_settled_layer": float(settled.mean()), "auc_by_layer": aucs}}
 
 
 def main(argv=None):
@@ -49,17 +85,24 @@ def main(argv=None):
     if len(cal) == 0 or len(test) == 0:
         raise SystemExit(f"no {args.task} traces in {args.run} (calibration {len(cal)}, held-out {len(test)} at k={args.shots})")
 
-    policy = default_policy().fit(*training_arrays(select_tasks(train, [args.task]), default_policy().features))
+    policies = {
+        "paper: SVM on gap, top prob, depth; gold labels": (SVMExit(features=("gap", "top_prob", "layer_frac")), "gold", None),
+        "default: logistic on gap, top prob, entropy, depth; final labels; tuned threshold": (default_policy(), DEFAULT_TARGET, THRESHOLDS),
+    }
     L = test.num_layers
     full = float((test.top1[:, -1] == test.gold).mean())
     oracle = float(oracle_bounds(test)["first_correct"].mean())
     rows, body = [], []
-    for mode, folds in (("in-sample", 1), ("out of fold", 5)):
-        plans = plan_checks_by_batch(policy, cal, costs, tolerance=args.tolerance, folds=folds)
+    for (name, (policy, target, thresholds)), (mode, folds, agreement) in itertools.product(policies.items(), MODES):
+        policy.fit(*cal.training_arrays(policy.features, target))
+        policy.target_ = target
+        plans = plan_checks_by_batch(policy, cal, costs, tolerance=args.tolerance, folds=folds, min_agreement=agreement,
+                                     thresholds=thresholds)  # fmt: skip
         for bs, plan in plans.items():
+            _with_threshold(policy, plan.threshold)
             r = simulate(policy, test, check_layers=plan.check_layers)
             exit_layer = float(r.exit_layer.mean())
-            row = dict(mode=mode, batch_size=bs, check_cost=plan.check_cost, check_layers=list(plan.check_layers),
+            row = dict(policy=name, mode=mode, threshold=plan.threshold, batch_size=bs, check_cost=plan.check_cost, check_layers=list(plan.check_layers),
                        calibration_accuracy=plan.expected_accuracy, calibration_full_accuracy=plan.full_accuracy,
                        full_accuracy=full, accuracy=float(r.correct.mean()), mean_exit_layer=exit_layer,
                        mean_checks=float(r.num_checks.mean()), oracle_exit_layer=oracle,
@@ -67,21 +110,23 @@ def main(argv=None):
                        cost_layers=float(check_cost_layers(r, L, plan.check_cost).mean()))  # fmt: skip
             rows.append(row)
             share = "-" if row["share_of_oracle_saving"] is None else f"{100 * row['share_of_oracle_saving']:.0f}%"
-            body.append([mode, bs, f"{plan.check_cost:.2f}", _layers(plan.check_layers),
+            body.append([name, mode, "-" if plan.threshold is None else plan.threshold, bs, f"{plan.check_cost:.2f}", _layers(plan.check_layers),
                          f"{100 * plan.expected_accuracy:.1f} / {100 * plan.full_accuracy:.1f}",
                          f"{100 * row['accuracy']:.1f} / {100 * full:.1f}", f"{100 * (row['accuracy'] - full):+.1f}",
                          f"{exit_layer:.2f} / {oracle:.2f} / {L}", share, f"{row['cost_layers']:.2f}"])  # fmt: skip
-    table = _md(["planning", "batch", "check cost", "check layers", "calibration acc (policy / full)",
+    table = _md(["policy", "planning", "threshold", "batch", "check cost", "check layers", "calibration acc (policy / full)",
                  "held-out acc (policy / full)", "delta", "exit layer (policy / oracle / L)",
                  "share of oracle saving", "cost, layers"], body)  # fmt: skip
     head = (f"{meta['model']['model_id']}, {args.task} {args.shots}-shot: calibration {len(cal)} pool queries, "
             f"held-out {len(test)} queries, tolerance {args.tolerance}")
+    bound = settled_bound(test)
+    table += "\n\n" + bound["text"]
     print(head + "\n\n" + table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".md").write_text(f"{head}\n\n{table}\n")
         args.out.with_suffix(".json").write_text(json.dumps({"run": str(args.run), "task": args.task, "shots": args.shots,
-                                                              "rows": rows}, indent=2))  # fmt: skip
+                                                              "rows": rows, "settled_bound": bound["numbers"]}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":

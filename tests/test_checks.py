@@ -110,6 +110,34 @@ def test_traces_give_the_same_training_arrays_as_collect(tmp_path):
     names = ("gap", "top_prob")
     for a, b in zip(Traces.from_table(table, names).training_arrays(names), training_arrays(table, names)):
         np.testing.assert_array_equal(a, b)
+    stored = table.sort_by([("query_id", "ascending"), ("layer", "ascending")]).column("label").to_numpy()
+    np.testing.assert_array_equal(training_arrays(table, names)[1], stored)  # gold labels, as collected
+
+
+def test_final_labels_mark_the_layers_from_which_the_answer_no_longer_changes():
+    traces = settling_traces(Q=3, L=6)
+    traces.top1[:] = [[1, 2, 5, 5, 5, 5], [5, 5, 1, 5, 5, 5], [1, 1, 1, 1, 1, 2]]
+    assert traces.labels("final").astype(int).tolist() == [[0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 1]]
+    assert traces.labels("gold").astype(int).tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 0, 1, 1, 1], [0] * 6]
+    with pytest.raises(ValueError, match="final"):
+        traces.labels("silver")
+
+
+def test_the_plan_tunes_the_stop_threshold_to_keep_the_full_models_answers():
+    from adainfer.checks import THRESHOLDS, apply_plans, plan_checks_by_batch
+    from adainfer.policies import LogisticExit
+
+    rng = np.random.default_rng(1)
+    traces = settling_traces(Q=80)
+    # a noisy gap: some rows look sure a few layers before their answer appears
+    traces.features[:, :, 0] += rng.normal(0, 0.25, traces.features[:, :, 0].shape)
+    policy = LogisticExit(features=("gap",)).fit(*traces.training_arrays(("gap",), "final"))
+    policy.target_ = "final"
+    loose = plan_checks_by_batch(policy, traces, {1: 0.05}, min_agreement=0.0, tolerance=1.0)[1]
+    tuned = plan_checks_by_batch(policy, traces, {1: 0.05}, thresholds=THRESHOLDS)[1]
+    assert tuned.check_layers and tuned.threshold in THRESHOLDS and tuned.expected_agreement >= 0.99
+    assert loose.expected_agreement < 0.99  # without the agreement test it would stop too soon
+    assert apply_plans(policy, {1: tuned}).threshold == tuned.threshold
 
 
 def test_one_policy_carries_a_plan_per_batch_size(tmp_path):

@@ -69,3 +69,19 @@ def test_device_map_auto_passes_through_to_accelerate(model_dir, tmp_path, monke
     assert main(["eval", "--model", model_dir, "--device-map", "auto", "--task", "capitalize", "--n-test", "4",
                  "--policy", "oracle", "--out", str(out)]) == 0  # fmt: skip
     assert seen == ["auto", "auto"]
+
+
+def test_fit_learns_final_targets_and_a_threshold(model_dir, tmp_path, capsys):
+    import numpy as np
+
+    from adainfer.persist import load_policy
+
+    data, out = tmp_path / "data", tmp_path / "p.safetensors"
+    assert main(["collect", "--model", model_dir, "--task", "capitalize", "--shots", "2", "--n-train", "8", "--out", str(data)]) == 0
+    # the tiny model's top-1 changes over depth, so "already final" labels have both classes
+    assert main(["fit", "--data", str(data), "--policy", "logistic", "--target", "final", "--check-cost", "1:0.5,8:0.1",
+                 "--out", str(out)]) == 0  # fmt: skip
+    said = capsys.readouterr().out
+    policy = load_policy(out)
+    assert policy.target_ == "final" and set(policy.check_plans_) == {1, 8}
+    assert "stop threshold" in said and np.isfinite(policy.threshold)

@@ -6,8 +6,10 @@ For each model, dtype, task and batch size, in one process, the variants run int
 - never:  adainfer's engine with a never-exit policy (no check can pay, so it runs the plain
           forward: what a user gets);
 - hooks:  the hooked engine running every layer with no check (the engine's own overhead);
-- policy: adainfer with the default policy (SVM on gap, top_prob, depth, with a check schedule
-          planned for this model and batch size from calibration traces), or a given one;
+- policy: adainfer with the default policy, or a given one. The default: a logistic
+          classifier on gap, top prob, entropy and depth that predicts "this layer's answer is
+          already the full model's", with its stop threshold and its check schedule (one per
+          batch size) planned out of fold on calibration traces for the measured check cost;
 - oracle: the oracle exit (earliest layer whose top-1 is gold) through the same engine.
 Reported per row: accuracy, exit layer, checks, paper and true FLOPs ratios, median wall time,
 time ratios against plain, prompts per second and peak memory (bytes above the resident set
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checks import apply_plans, measure_check_cost, plan_checks_by_batch
+from .checks import THRESHOLDS, apply_plans, measure_check_cost, plan_checks_by_batch
 from .collect import collect, load_collected
 from .engine import AdaptiveEngine, ExitResult, plain_forward
 from .features import ALL_FEATURES
@@ -38,15 +40,18 @@ from .flops import result_ratios
 from .offline import Traces
 from .persist import load_policy, save_policy
 from .pipeline import fit_policy, write_json
-from .policies import NeverExit, OracleExit, SVMExit
+from .policies import LogisticExit, NeverExit, OracleExit
 from .tasks import task_queries
 
 VARIANTS = ("plain", "never", "hooks", "policy", "oracle")
-DEFAULT_FEATURES = ("gap", "top_prob", "layer_frac")
+DEFAULT_FEATURES = ("gap", "top_prob", "entropy", "layer_frac")
+DEFAULT_TARGET = "final"  # keep the full model's answers (see offline.Traces.labels)
 
 
 def default_policy():
-    return SVMExit(features=DEFAULT_FEATURES)
+    """Logistic, so its stop threshold is a probability the planner can tune; on Qwen2.5 SST-2
+    the paper's gold-labelled SVM exits 4 layers early and loses 12 points (bench/plan_quality.py)."""
+    return LogisticExit(features=DEFAULT_FEATURES)
 
 
 # ----------------------------------------------------------------------------- peak memory
@@ -200,7 +205,8 @@ def run_bench(
             train, test = task_queries(tok, tasks, shots=shots, n_train=n_train, n_test=n_queries, seed=seed, data_dir=data_dir)
             collect(engine, train, cal_dir, batch_size=8, progress=progress)
             table, _ = load_collected(cal_dir)
-            policy = load_policy(policy_path, model=lm) if policy_path else fit_policy(cal_dir, default_policy())
+            policy = load_policy(policy_path, model=lm) if policy_path else fit_policy(cal_dir, default_policy(), target=DEFAULT_TARGET)
+            tune = None if policy_path else THRESHOLDS  # a given policy keeps its own threshold
             # a check's cost relative to a layer falls with the batch size: one plan per size
             cost, cheap, short = {}, {}, {}
             for bs in batch_sizes:
@@ -211,11 +217,11 @@ def run_bench(
                 cheap[bs] = measure_check_cost(AdaptiveEngine(lm, tok, check_dtype=torch.bfloat16), prompts) if lm.dtype != torch.bfloat16 else cost[bs]
                 short[bs] = measure_check_cost(engine, prompts, shortlist=shortlist) if shortlist else None
             traces = Traces.from_table(table, ALL_FEATURES)
-            plans = plan_checks_by_batch(policy, traces, cost)
+            plans = plan_checks_by_batch(policy, traces, cost, thresholds=tune)
             save_policy(apply_plans(policy, plans), out / "policies" / f"{name}-{dtype}.safetensors", model=lm)
             with_shortlist = None
             if shortlist:
-                short_plans = plan_checks_by_batch(policy, traces, cost, shortlist_costs=short)
+                short_plans = plan_checks_by_batch(policy, traces, cost, shortlist_costs=short, thresholds=tune)
                 short_policy = apply_plans(copy.deepcopy(policy), short_plans)
                 save_policy(short_policy, out / "policies" / f"{name}-{dtype}-shortlist{shortlist}.safetensors", model=lm, shortlist=shortlist)
                 with_shortlist = (AdaptiveEngine(lm, tok, shortlist=shortlist), short_policy)
@@ -227,10 +233,11 @@ def run_bench(
                     row = bench_cell(engine, queries, policy, batch_size=bs, repeats=repeats, device=device, shortlist=with_shortlist)
                     row.update(model=model_name, dtype=dtype, task=task, shots=shots, check_cost_layers=cost[bs],
                                check_cost_bf16_head_layers=cheap[bs], check_layers=list(plans[bs].check_layers),
-                               planned_cost_layers=plans[bs].expected_cost, plan_held_out=plans[bs].held_out)
+                               planned_cost_layers=plans[bs].expected_cost, plan_held_out=plans[bs].held_out,
+                               threshold=plans[bs].threshold)
                     if shortlist:
                         row.update(shortlist_size=shortlist, check_cost_shortlist_layers=short[bs],
-                                   shortlist_check_layers=list(short_plans[bs].check_layers))
+                                   shortlist_check_layers=list(short_plans[bs].check_layers), shortlist_threshold=short_plans[bs].threshold)
                     rows.append(row)
                     write_json(out / "bench.json", {"rows": rows, "settings": settings, "machine": machine()})  # as we go
             del engine, lm

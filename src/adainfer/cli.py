@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", type=_features, default=PAPER_FEATURES, help="comma-separated features (default: gap,top_prob, the paper's)")
     p.add_argument("--param", type=_param, action="append", default=[], help="policy parameter KEY=VALUE, e.g. threshold=0.9 or C=10")
     p.add_argument("--tasks", help="comma-separated subset of collected tasks to train on")
+    p.add_argument("--target", choices=("gold", "final"), default="gold", help="what the classifier learns per layer: gold (the paper: "
+                   "the top-1 is the gold token) or final (the top-1 is already the full model's answer; keeps its answers) (default: %(default)s)")
     p.add_argument("--check-cost", type=_check_cost, default=None, help="cost of one exit check in decoder layers (see `adainfer bench`, column check_cost_layers), "
                    "or per batch size as 1:1.2,8:0.2,32:0.1: learns where checking pays and stores that schedule (one per batch size); "
                    "omit to check every layer as in the paper")
@@ -189,8 +191,11 @@ def cmd_fit(args):
     policy = resolve_policy(args.policy, args.features)
     policy.set_params(**dict(args.param))
     tasks = args.tasks.split(",") if args.tasks else None
-    policy = fit_policy(args.data, policy, tasks, check_cost=args.check_cost)
+    tune = not any(k == "threshold" for k, _ in args.param)  # a threshold given by hand is kept
+    policy = fit_policy(args.data, policy, tasks, check_cost=args.check_cost, target=args.target, tune_threshold=tune)
     where = "".join(f", batch {b}+: checks at layers {list(l) or 'none (plain model)'}" for b, l in getattr(policy, "check_plans_", {}).items())
+    if args.check_cost is not None and "threshold" in policy.get_params():
+        where += f", stop threshold {policy.threshold}"
     print(f"saved {args.policy} policy ({', '.join(policy.features)}{where}) to {save_policy(policy, args.out)}")
 
 

@@ -116,11 +116,12 @@ def select_tasks(table: pa.Table, tasks: Sequence[str]) -> pa.Table:
     return table.filter(pa.array(np.isin(table.column("task").to_numpy(zero_copy_only=False), list(tasks))))
 
 
-def training_arrays(table: pa.Table, features: Sequence[str]):
-    """(X [n, F], y [n], groups [n]) for ExitPolicy.fit, rows of one query in layer order."""
-    table = table.sort_by([("query_id", "ascending"), ("layer", "ascending")])
+def training_arrays(table: pa.Table, features: Sequence[str], target: str = "gold"):
+    """(X [n, F], y [n], groups [n]) for ExitPolicy.fit, rows of one query in layer order;
+    y per `target` (`offline.Traces.labels`: "gold", as in the paper, or "final")."""
+    from .offline import Traces
+
     missing = [f for f in features if f not in table.column_names]
     if missing:
         raise ValueError(f"features {missing} were not collected; collected: {table.column_names}")
-    X = np.stack([table.column(f).to_numpy() for f in features], axis=1)
-    return X, table.column("label").to_numpy(), table.column("query_id").to_numpy(zero_copy_only=False)
+    return Traces.from_table(table, features).training_arrays(features, target)

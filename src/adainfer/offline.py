@@ -17,6 +17,8 @@ import pyarrow as pa
 
 from .engine import Step
 
+TARGETS = ("gold", "final")
+
 
 @dataclass
 class Traces:
@@ -65,13 +67,28 @@ class Traces:
         )
 
 
-    def training_arrays(self, features: Sequence[str]):
-        """(X [Q*L, F], y, groups) for ExitPolicy.fit, as `collect.training_arrays` gives them."""
+    def labels(self, target: str = "gold") -> np.ndarray:
+        """[Q, L] what an exit classifier learns to predict at each layer.
+
+        - "gold" (the paper): this layer's top-1 is the gold token;
+        - "final": this layer's top-1 is already the full model's answer and stays so (the
+          answer has settled). It needs no gold labels and aims at keeping the full model's
+          answers, which is what "within 1 point of the full model" asks."""
+        if target == "gold":
+            return self.top1 == self.gold[:, None]
+        if target == "final":
+            return oracle_bounds(self)["settled"][:, None] <= np.arange(1, self.num_layers + 1)[None]
+        raise ValueError(f"unknown training target {target!r}; choose from {', '.join(TARGETS)}")
+
+    def training_arrays(self, features: Sequence[str], target: str = "gold"):
+        """(X [Q*L, F], y, groups) for ExitPolicy.fit, rows of one query in layer order."""
+        missing = [f for f in features if f not in self.feature_names]
+        if missing:
+            raise ValueError(f"features {missing} were not collected; collected: {', '.join(self.feature_names)}")
         Q, L = self.top1.shape
         cols = [self.feature_names.index(f) for f in features]
         X = self.features[:, :, cols].reshape(Q * L, len(cols))
-        y = (self.top1 == self.gold[:, None]).reshape(-1).astype(np.int8)
-        return X, y, np.repeat(self.query_id, L)
+        return X, self.labels(target).reshape(-1).astype(np.int8), np.repeat(self.query_id, L)
 
 
 @dataclass
@@ -80,6 +97,7 @@ class Replay:
     num_checks: np.ndarray  # [Q]
     correct: np.ndarray  # [Q] top-1 over the whole vocabulary is the gold token
     choice_correct: np.ndarray | None  # [Q] best choice token is the gold token (choice tasks)
+    agrees: np.ndarray | None = None  # [Q] the answer is the full model's answer
 
 
 def simulate(policy, traces: Traces, check_layers: Sequence[int] | None = None) -> Replay:
@@ -118,6 +136,7 @@ def simulate(policy, traces: Traces, check_layers: Sequence[int] | None = None) 
         num_checks=num_checks,
         correct=answer == traces.gold,
         choice_correct=(choice == traces.gold) if has_choices else None,
+        agrees=answer == traces.top1[:, -1],
     )
 
 

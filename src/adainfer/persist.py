@@ -63,6 +63,7 @@ def save_policy(policy: ExitPolicy, path, model=None, **extra) -> Path:
         "features": list(policy.features),
         "check_layers": getattr(policy, "check_layers_", None),
         "check_plans": {str(b): list(l) for b, l in getattr(policy, "check_plans_", {}).items()} or None,
+        "target": getattr(policy, "target_", None),
         "adainfer_version": __version__,
         "model": model_signature(model) if model is not None else getattr(policy, "model_meta_", None),
         **extra,
@@ -94,6 +95,8 @@ def load_policy(path, model=None) -> ExitPolicy:
         policy.check_layers_ = tuple(meta["check_layers"])
     if meta.get("check_plans"):
         policy.check_plans_ = {int(b): tuple(l) for b, l in meta["check_plans"].items()}
+    if meta.get("target"):
+        policy.target_ = meta["target"]
     policy.model_meta_ = meta.get("model")
     policy.metadata_ = meta
     if model is not None:

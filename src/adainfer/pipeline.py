@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .checks import apply_plans, plan_checks_by_batch
+from .checks import THRESHOLDS, apply_plans, plan_checks_by_batch
 from .collect import load_collected, training_arrays
 from .offline import Traces
 from .persist import load_policy, write_atomic
@@ -14,20 +14,28 @@ from .policies import POLICIES, ExitPolicy, make_policy
 
 
 def fit_policy(data_dir, policy: ExitPolicy, tasks: Sequence[str] | None = None,
-               check_cost: float | Mapping[int, float] | None = None) -> ExitPolicy:  # fmt: skip
+               check_cost: float | Mapping[int, float] | None = None, *, target: str = "gold",
+               tune_threshold: bool = True, shortlist_cost: Mapping[int, float] | None = None) -> ExitPolicy:  # fmt: skip
     """Train `policy` on collected rows; it remembers the model the rows came from.
 
+    `target`: what the classifier learns per layer, "gold" (the paper: the top-1 is the gold
+    token) or "final" (the top-1 is already the full model's answer; `offline.Traces.labels`).
     With `check_cost` (one exit check, in decoder layers; or {batch size: cost}) it also learns
-    where checking pays, per batch size (`checks.plan_checks_by_batch`); without, it checks
+    where checking pays, per batch size, and (`tune_threshold`, for policies with a stop
+    threshold) how sure it must be to stop (`checks.plan_checks_by_batch`); without, it checks
     every layer as in the paper."""
     table, meta = load_collected(data_dir, tasks)
     if table.num_rows == 0:
         raise ValueError(f"no collected rows in {data_dir}" + (f" for tasks {list(tasks)}" if tasks else ""))
     if policy.trainable:
-        policy.fit(*training_arrays(table, policy.features))
+        policy.fit(*training_arrays(table, policy.features, target))
+        policy.target_ = target
     if check_cost is not None:
         costs = check_cost if isinstance(check_cost, Mapping) else {1: float(check_cost)}
-        apply_plans(policy, plan_checks_by_batch(policy, Traces.from_table(table, policy.features), costs))
+        shortlist = None if shortlist_cost is None else {b: shortlist_cost[b] for b in costs}
+        plans = plan_checks_by_batch(policy, Traces.from_table(table, policy.features), costs, shortlist_costs=shortlist,
+                                     thresholds=THRESHOLDS if tune_threshold else None)  # fmt: skip
+        apply_plans(policy, plans)
     policy.model_meta_ = meta["model"]
     return policy
 
