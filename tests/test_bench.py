@@ -35,6 +35,9 @@ def test_bench_cell_reports_every_variant_on_the_same_queries():
     table = bench_table([row])
     assert table.count("\n") == 2 and "| tiny | float32 | capitalize | 4 |" in table
     assert np.isfinite(row["policy/plain"])
+    assert row["paired_samples"] == 2  # 2 batches x 1 timed repeat, each variant against plain on the same batch
+    lo, hi = row["policy/plain_iqr"]
+    assert lo <= row["policy/plain"] <= hi
 
 
 def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(saved_tiny, tmp_path, monkeypatch):
@@ -50,7 +53,7 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(saved_
     result = bench.run_bench((model_dir,), out, **kw)
     assert [r["batch_size"] for r in result["rows"]] == [1, 2]
     assert (out / "bench.md").read_text().count("\n") == 4
-    (saved,) = (out / "policies").glob("*tiny-llama*-float32.safetensors")
+    (saved,) = (out / "policies").glob("*tiny-llama*-float32-capitalize.safetensors")
     policy = load_policy(saved)
     assert set(policy.check_plans_) == {1, 2}
     assert [r["check_layers"] for r in result["rows"]] == [list(policy.check_plans_[b]) for b in (1, 2)]

@@ -19,7 +19,6 @@ once on CPU).
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import json
 import os
@@ -96,7 +95,7 @@ def peak_memory(fn, device) -> int:
 
 # ----------------------------------------------------------------------------- one cell
 def _time_variants(engine, batches, policy, repeats: int, shortlist=None):
-    """Median seconds per full pass over `batches`, per variant; and each variant's results.
+    """Seconds of every (repeat, batch) per variant, [repeats, batches]; and each variant's results.
 
     Interleaved at the finest grain: every batch runs through all variants back to back, in an
     order that rotates with the batch and the repeat, so drift on a shared machine hits all
@@ -111,7 +110,7 @@ def _time_variants(engine, batches, policy, repeats: int, shortlist=None):
     if shortlist is not None:  # (engine with shortlist checks, its policy)
         runners["shortlist"] = lambda b: shortlist[0].run(b["prompts"], shortlist[1])
         variants = VARIANTS + ("shortlist",)
-    totals = {v: np.zeros(repeats + 1) for v in variants}
+    seconds = {v: np.zeros((repeats + 1, len(batches))) for v in variants}
     results: dict[str, list[ExitResult]] = {v: [] for v in runners}
     for r in range(repeats + 1):
         for i, b in enumerate(batches):
@@ -120,13 +119,13 @@ def _time_variants(engine, batches, policy, repeats: int, shortlist=None):
                 if v == "plain":  # the unmodified model, timed around its own forward
                     t0 = time.perf_counter()
                     plain_forward(engine.model, b["enc"])
-                    totals[v][r] += time.perf_counter() - t0
+                    seconds[v][r, i] = time.perf_counter() - t0
                 else:
                     res = runners[v](b)
-                    totals[v][r] += res.wall_time_s
+                    seconds[v][r, i] = res.wall_time_s
                     if r == repeats:
                         results[v].append(res)
-    return {v: float(np.median(t[1:])) for v, t in totals.items()}, results
+    return {v: t[1:] for v, t in seconds.items()}, results
 
 
 def bench_cell(engine, queries, policy, *, batch_size: int, repeats: int, device, shortlist=None) -> dict:
@@ -137,7 +136,7 @@ def bench_cell(engine, queries, policy, *, batch_size: int, repeats: int, device
         qs = queries[i : i + batch_size]
         prompts = [q.prompt for q in qs]
         batches.append({"prompts": prompts, "gold": [q.gold for q in qs], "enc": engine.encode(prompts)})
-    times, results = _time_variants(engine, batches, policy, repeats, shortlist)
+    seconds, results = _time_variants(engine, batches, policy, repeats, shortlist)
     gold = np.array([q.gold for q in queries])
     row = {"batch_size": batch_size, "n": len(queries), "repeats": repeats}
     for v in results:
@@ -152,12 +151,17 @@ def bench_cell(engine, queries, policy, *, batch_size: int, repeats: int, device
         }
     row["full_accuracy"] = row.pop("never")["accuracy"]
     row.pop("hooks")
-    for v in times:
-        row[f"time_{v}_s"] = times[v]
+    for v, t in seconds.items():
+        row[f"time_{v}_s"] = float(np.median(t.sum(1)))  # median over repeats of a full pass
         if v != "plain":
-            row[f"{v}/plain"] = times[v] / times["plain"]
-    row["prompts_per_s_plain"] = len(queries) / times["plain"]
-    row["prompts_per_s_policy"] = len(queries) / times["policy"]
+            # each batch against the plain model on the same batch, back to back: the median of
+            # these paired ratios shrugs off a slow moment that a ratio of totals would absorb
+            paired = (t / seconds["plain"]).ravel()
+            row[f"{v}/plain"] = float(np.median(paired))
+            row[f"{v}/plain_iqr"] = [float(q) for q in np.percentile(paired, [25, 75])]
+    row["paired_samples"] = int(seconds["plain"].size)
+    row["prompts_per_s_plain"] = len(queries) / row["time_plain_s"]
+    row["prompts_per_s_policy"] = len(queries) / row["time_policy_s"]
     first = batches[0]
     mem = {
         "plain": lambda: plain_forward(engine.model, first["enc"]),
@@ -204,9 +208,6 @@ def run_bench(
             cal_dir = out / "calibration" / f"{name}-{dtype}"
             train, test = task_queries(tok, tasks, shots=shots, n_train=n_train, n_test=n_queries, seed=seed, data_dir=data_dir)
             collect(engine, train, cal_dir, batch_size=8, progress=progress)
-            table, _ = load_collected(cal_dir)
-            policy = load_policy(policy_path, model=lm) if policy_path else fit_policy(cal_dir, default_policy(), target=DEFAULT_TARGET)
-            tune = None if policy_path else THRESHOLDS  # a given policy keeps its own threshold
             # a check's cost relative to a layer falls with the batch size: one plan per size
             cost, cheap, short = {}, {}, {}
             for bs in batch_sizes:
@@ -216,21 +217,22 @@ def run_bench(
                 # and a head over each row's `shortlist` candidates (k rows instead of V)
                 cheap[bs] = measure_check_cost(AdaptiveEngine(lm, tok, check_dtype=torch.bfloat16), prompts) if lm.dtype != torch.bfloat16 else cost[bs]
                 short[bs] = measure_check_cost(engine, prompts, shortlist=shortlist) if shortlist else None
-            traces = Traces.from_table(table, ALL_FEATURES)
-            plans = plan_checks_by_batch(policy, traces, cost, thresholds=tune)
-            save_policy(apply_plans(policy, plans), out / "policies" / f"{name}-{dtype}.safetensors", model=lm)
-            with_shortlist = None
-            if shortlist:
-                short_plans = plan_checks_by_batch(policy, traces, cost, shortlist_costs=short, thresholds=tune)
-                short_policy = apply_plans(copy.deepcopy(policy), short_plans)
-                save_policy(short_policy, out / "policies" / f"{name}-{dtype}-shortlist{shortlist}.safetensors", model=lm, shortlist=shortlist)
-                with_shortlist = (AdaptiveEngine(lm, tok, shortlist=shortlist), short_policy)
-            for bs in tqdm(batch_sizes, desc=f"{model_name} {dtype}", disable=not progress):
-                for task in tasks:
+            short_engine = AdaptiveEngine(lm, tok, shortlist=shortlist) if shortlist else None
+            for task in tasks:
+                if all((model_name, dtype, task, b) in done for b in batch_sizes):
+                    continue
+                # calibrated on this task's pool, as a user calibrates on the task they serve
+                policy, plans = _planned(cal_dir, task, policy_path, lm, cost)
+                save_policy(policy, out / "policies" / f"{name}-{dtype}-{task}.safetensors", model=lm)
+                if shortlist:
+                    short_policy, short_plans = _planned(cal_dir, task, policy_path, lm, cost, short)
+                    save_policy(short_policy, out / "policies" / f"{name}-{dtype}-{task}-shortlist{shortlist}.safetensors", model=lm, shortlist=shortlist)
+                queries = [q for q in test if q.task == task]
+                for bs in tqdm(batch_sizes, desc=f"{model_name} {dtype} {task}", disable=not progress):
                     if (model_name, dtype, task, bs) in done:
                         continue
-                    queries = [q for q in test if q.task == task]
-                    row = bench_cell(engine, queries, policy, batch_size=bs, repeats=repeats, device=device, shortlist=with_shortlist)
+                    row = bench_cell(engine, queries, policy, batch_size=bs, repeats=repeats, device=device,
+                                     shortlist=(short_engine, short_policy) if shortlist else None)  # fmt: skip
                     row.update(model=model_name, dtype=dtype, task=task, shots=shots, check_cost_layers=cost[bs],
                                check_cost_bf16_head_layers=cheap[bs], check_layers=list(plans[bs].check_layers),
                                planned_cost_layers=plans[bs].expected_cost, plan_held_out=plans[bs].held_out,
@@ -247,6 +249,18 @@ def run_bench(
 
     (out / "bench.md").write_text(bench_table(rows) + "\n")
     return result
+
+
+def _planned(cal_dir, task, policy_path, model, cost, shortlist_cost=None):
+    """(policy, plans): the default policy fitted on `task`'s calibration rows (or the given
+    one), its stop threshold (default policy only) and its check schedule per batch size."""
+    if policy_path:
+        policy, tune = load_policy(policy_path, model=model), None  # a given policy keeps its threshold
+    else:
+        policy, tune = fit_policy(cal_dir, default_policy(), [task], target=DEFAULT_TARGET), THRESHOLDS
+    table, _ = load_collected(cal_dir, [task])
+    plans = plan_checks_by_batch(policy, Traces.from_table(table, ALL_FEATURES), cost, shortlist_costs=shortlist_cost, thresholds=tune)
+    return apply_plans(policy, plans), plans
 
 
 def _finished_rows(path: Path, settings: dict) -> list[dict]:

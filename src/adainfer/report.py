@@ -91,6 +91,12 @@ def _layers(layers) -> str:
     return f"{layers[0]}..{layers[-1]}" + (f" /{layers[1] - layers[0]}" if len(layers) > 1 else "")
 
 
+def _ratio(row, variant) -> str:
+    """'median [25th-75th percentile]' of the variant's paired per-batch time ratios to plain."""
+    iqr = row.get(f"{variant}/plain_iqr")
+    return f"{row[f'{variant}/plain']:.3f}" + (f" [{iqr[0]:.2f}-{iqr[1]:.2f}]" if iqr else "")
+
+
 def bench_table(rows) -> str:
     """`adainfer bench`: one row per model, dtype, task and batch size."""
     nan = float("nan")
@@ -104,15 +110,14 @@ def bench_table(rows) -> str:
             f"{100 * p['flops_ratio']:.1f}% / {100 * p['true_flops_ratio']:.1f}%",
             f"{r.get('check_cost_layers', nan):.2f} / {r.get('check_cost_bf16_head_layers', nan):.2f}"
             + (f" / {r.get('check_cost_shortlist_layers') or nan:.2f}" if short else ""),
-            _layers(r.get("check_layers")), f"{r['policy/plain']:.3f}", f"{r['never/plain']:.3f}", f"{r['hooks/plain']:.3f}",
-            f"{r['oracle/plain']:.3f}", f"{r['prompts_per_s_plain']:.1f} / {r['prompts_per_s_policy']:.1f}",
+            _layers(r.get("check_layers")), _ratio(r, "policy"), _ratio(r, "never"), _ratio(r, "hooks"), _ratio(r, "oracle"), f"{r['prompts_per_s_plain']:.1f} / {r['prompts_per_s_policy']:.1f}",
             f"{r['peak_mem_plain_mb']:.0f} / {r['peak_mem_policy_mb']:.0f}",
         ]  # fmt: skip
         if short:
             s = r.get("shortlist")
             line += ["-"] * 4 if s is None else [
                 _layers(r.get("shortlist_check_layers")), f"{100 * s['accuracy']:.1f}", f"{s['mean_exit_layer']:.1f}",
-                f"{r['shortlist/plain']:.3f}",
+                _ratio(r, "shortlist"),
             ]  # fmt: skip
         body.append(line)
     header = ["model", "dtype", "task", "bs", "full acc", "policy acc", "exit layer (policy / oracle)", "checks",
