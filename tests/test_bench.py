@@ -67,3 +67,20 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(saved_
 
     monkeypatch.setattr(bench, "bench_cell", no_more_cells)
     assert bench.run_bench((model_dir,), out, **kw)["rows"] == json.loads((out / "bench.json").read_text())["rows"]
+
+
+def test_calibration_comes_from_the_timed_queries_split_but_never_the_same_queries():
+    from conftest import SHARED_DATA
+
+    from adainfer.bench import _calibration_and_timed
+    from adainfer.benchmarks import load_benchmark
+
+    if not SHARED_DATA.exists():
+        import pytest
+
+        pytest.skip("shared data folder not present")
+    calibration, timed = _calibration_and_timed(char_tokenizer(), ["sst2"], 1, 6, 4, 0, SHARED_DATA)
+    assert len(calibration) == 6 and len(timed) == 4
+    assert not {q.prompt.rsplit("Q: ", 1)[1] for q in calibration} & {q.prompt.rsplit("Q: ", 1)[1] for q in timed}
+    test_split = {e.input for e in load_benchmark("sst2", SHARED_DATA).examples}  # whole sentences, not pool phrases
+    assert all(q.prompt.rsplit("Q: ", 1)[1].removesuffix("\nA:") in test_split for q in calibration)
