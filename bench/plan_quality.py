@@ -2,19 +2,26 @@
 
 The speed issue's quality target: on SST-2 5-shot the default policy must stay within 1 point
 of the full model's accuracy while getting at least 60% of the oracle's layer saving. `adainfer
-bench` times 32 queries per cell, too few to resolve 1 point; this replays the same policy and
+bench` times 32 queries per cell, too few to resolve 1 point; this replays the same policies and
 planner on the 200 held-out queries of an `adainfer reproduce` run instead (replay equals live
-runs: tests/test_offline.py), with the plan chosen in-sample (as before) and out of fold.
+runs: tests/test_offline.py):
 
-    python bench/plan_quality.py results/qwen2.5-0.5b --task sst2 --shots 5 --check-cost 1:1.24,8:0.20,32:0.10
+- planning as before this work (in-sample, accuracy only), out of fold, and out of fold with the
+  99% agreement test (the default), for the paper's SVM and for the default bench policy;
+- calibrated on one half of the held-out queries and evaluated on the other, both ways (as
+  `adainfer bench` calibrates), or on the task's pool (`--calibrate-on pool`);
+- the bound: the settled oracle, how well the features can see it, and the default policy's
+  accuracy / saving trade-off threshold by threshold.
 
-Calibration = the run's training traces of that task (its pool queries), as `adainfer bench`
-calibrates on its tasks' pools. Prints a markdown table; --out writes it with the numbers as JSON.
+    python bench/plan_quality.py results/qwen2.5-0.5b --task sst2 --shots 5 --check-cost 1:1.23,8:0.20,32:0.10
+
+Prints markdown; --out writes it with the numbers as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 from pathlib import Path
@@ -39,19 +46,22 @@ from adainfer.report import _layers, _md
 MODES = (("in-sample, accuracy only", 1, 0.0), ("out of fold, accuracy only", 5, 0.0), ("out of fold, 99% agreement", 5, None))
 
 
-def frontier(cal: Traces, test: Traces, oracle: float) -> dict:
+def frontier(splits, oracle: float) -> dict:
     """The default policy's accuracy / saving trade-off on the held-out queries, threshold by
     threshold, checking every layer from L/2 (check cost aside): the best any plan of it gets."""
-    policy = default_policy().fit(*cal.training_arrays(default_policy().features, DEFAULT_TARGET))
-    L, rows, body = test.num_layers, [], []
-    full = float((test.top1[:, -1] == test.gold).mean())
+    L, rows, body = splits[0][1].num_layers, [], []
     for t in THRESHOLDS:
-        r = simulate(_with_threshold(policy, t), test, check_layers=range(L // 2, L))
-        exit_layer = float(r.exit_layer.mean())
+        got = []
+        for cal, ev in splits:
+            policy = default_policy().fit(*cal.training_arrays(default_policy().features, DEFAULT_TARGET))
+            got.append(simulate(_with_threshold(policy, t), ev, check_layers=range(L // 2, L)))
+        correct, agrees = np.concatenate([r.correct for r in got]), np.concatenate([r.agrees for r in got])
+        full = float(np.concatenate([ev.top1[:, -1] == ev.gold for _, ev in splits]).mean())
+        exit_layer = float(np.concatenate([r.exit_layer for r in got]).mean())
         share = (L - exit_layer) / (L - oracle) if oracle < L else None
-        rows.append(dict(threshold=t, accuracy_delta=float(r.correct.mean()) - full, agreement=float(r.agrees.mean()),
+        rows.append(dict(threshold=t, accuracy_delta=float(correct.mean()) - full, agreement=float(agrees.mean()),
                          mean_exit_layer=exit_layer, share_of_oracle_saving=share))  # fmt: skip
-        body.append([t, f"{100 * (r.correct.mean() - full):+.1f}", f"{100 * r.agrees.mean():.1f}", f"{exit_layer:.2f}",
+        body.append([t, f"{100 * (correct.mean() - full):+.1f}", f"{100 * agrees.mean():.1f}", f"{exit_layer:.2f}",
                      "-" if share is None else f"{100 * share:.0f}%"])  # fmt: skip
     text = (f"Trade-off of the default policy on the held-out queries, every layer from {L // 2} checked:\n\n"
             + _md(["threshold", "accuracy vs full (points)", "agreement with full (%)", "exit layer", "share of oracle saving"], body))
@@ -84,6 +94,16 @@ def settled_bound(test: Traces) -> dict:
     return {"text": text, "numbers": {"mean_settled_layer": float(settled.mean()), "auc_by_layer": aucs}}
 
 
+def _splits(pool: Traces, test: Traces, calibrate_on: str, seed: int = 0):
+    """(calibration, evaluation) pairs: the pool against all held-out queries, or two halves of
+    the held-out queries against each other (every query evaluated once, by a plan that never
+    saw it)."""
+    if calibrate_on == "pool":
+        return [(pool, test)]
+    half = np.random.default_rng(seed).permutation(len(test)) % 2
+    return [(test.subset(half != f), test.subset(half == f)) for f in (0, 1)]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path, help="output folder of `adainfer reproduce` (with traces/train and traces/test)")
@@ -91,55 +111,66 @@ def main(argv=None):
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--check-cost", type=_check_cost, default={1: 1.0}, help="decoder layers per check, or BATCH:COST pairs")
     p.add_argument("--tolerance", type=float, default=0.01)
+    p.add_argument("--calibrate-on", choices=("held-out", "pool"), default="held-out",
+                   help="held-out: two halves of the held-out queries, each calibrating the plan for the other (what "
+                        "`adainfer bench` does); pool: the run's training traces (the task's demonstration pool)")
     p.add_argument("--out", type=Path, help="write the table (.md) and numbers (.json) here, without suffix")
     args = p.parse_args(argv)
     costs = args.check_cost if isinstance(args.check_cost, dict) else {1: args.check_cost}
 
     train, meta = load_collected(args.run / "traces" / "train")
     test_table, _ = load_collected(args.run / "traces" / "test")
-    cal = Traces.from_table(select_tasks(train, [args.task]), ALL_FEATURES)
+    pool = Traces.from_table(select_tasks(train, [args.task]), ALL_FEATURES)
     test = Traces.from_table(test_table, ALL_FEATURES)
     shots = np.array([int(q.split("/")[1].removesuffix("shot")) for q in test.query_id])  # ids: task/kshot/seed/i
     test = test.subset((test.task == args.task) & (shots == args.shots))
-    if len(cal) == 0 or len(test) == 0:
-        raise SystemExit(f"no {args.task} traces in {args.run} (calibration {len(cal)}, held-out {len(test)} at k={args.shots})")
+    if len(test) == 0 or (args.calibrate_on == "pool" and len(pool) == 0):
+        raise SystemExit(f"no {args.task} traces in {args.run} (pool {len(pool)}, held-out {len(test)} at k={args.shots})")
 
     policies = {
-        "paper: SVM on gap, top prob, depth; gold labels": (SVMExit(features=("gap", "top_prob", "layer_frac")), "gold", None),
-        "default: logistic on gap, top prob, entropy, depth; final labels; tuned threshold": (default_policy(), DEFAULT_TARGET, THRESHOLDS),
+        "paper: SVM on gap, top prob, depth; gold labels": (lambda: SVMExit(features=("gap", "top_prob", "layer_frac")), "gold", None),
+        "default: logistic on gap, top prob, entropy, depth; final labels; tuned threshold": (default_policy, DEFAULT_TARGET, THRESHOLDS),
     }
+    splits = _splits(pool, test, args.calibrate_on)
     L = test.num_layers
     full = float((test.top1[:, -1] == test.gold).mean())
     oracle = float(oracle_bounds(test)["first_correct"].mean())
     rows, body = [], []
-    for (name, (policy, target, thresholds)), (mode, folds, agreement) in itertools.product(policies.items(), MODES):
-        policy.fit(*cal.training_arrays(policy.features, target))
-        policy.target_ = target
-        plans = plan_checks_by_batch(policy, cal, costs, tolerance=args.tolerance, folds=folds, min_agreement=agreement,
-                                     thresholds=thresholds)  # fmt: skip
-        for bs, plan in plans.items():
-            _with_threshold(policy, plan.threshold)
-            r = simulate(policy, test, check_layers=plan.check_layers)
-            exit_layer = float(r.exit_layer.mean())
-            row = dict(policy=name, mode=mode, threshold=plan.threshold, batch_size=bs, check_cost=plan.check_cost, check_layers=list(plan.check_layers),
-                       calibration_accuracy=plan.expected_accuracy, calibration_full_accuracy=plan.full_accuracy,
-                       full_accuracy=full, accuracy=float(r.correct.mean()), mean_exit_layer=exit_layer,
-                       mean_checks=float(r.num_checks.mean()), oracle_exit_layer=oracle,
-                       share_of_oracle_saving=(L - exit_layer) / (L - oracle) if oracle < L else None,
-                       cost_layers=float(check_cost_layers(r, L, plan.check_cost).mean()))  # fmt: skip
-            rows.append(row)
-            share = "-" if row["share_of_oracle_saving"] is None else f"{100 * row['share_of_oracle_saving']:.0f}%"
-            body.append([name, mode, "-" if plan.threshold is None else plan.threshold, bs, f"{plan.check_cost:.2f}", _layers(plan.check_layers),
-                         f"{100 * plan.expected_accuracy:.1f} / {100 * plan.full_accuracy:.1f}",
-                         f"{100 * row['accuracy']:.1f} / {100 * full:.1f}", f"{100 * (row['accuracy'] - full):+.1f}",
-                         f"{exit_layer:.2f} / {oracle:.2f} / {L}", share, f"{row['cost_layers']:.2f}"])  # fmt: skip
-    table = _md(["policy", "planning", "threshold", "batch", "check cost", "check layers", "calibration acc (policy / full)",
-                 "held-out acc (policy / full)", "delta", "exit layer (policy / oracle / L)",
+    for (name, (make, target, thresholds)), (mode, folds, agreement) in itertools.product(policies.items(), MODES):
+        per_bs = {bs: [] for bs in costs}  # (plan, replay) per split
+        for cal, ev in splits:
+            policy = make().fit(*cal.training_arrays(make().features, target))
+            policy.target_ = target
+            plans = plan_checks_by_batch(policy, cal, costs, tolerance=args.tolerance, folds=folds, min_agreement=agreement,
+                                         thresholds=thresholds)  # fmt: skip
+            for bs, plan in plans.items():
+                per_bs[bs].append((plan, simulate(_with_threshold(copy.deepcopy(policy), plan.threshold), ev, check_layers=plan.check_layers)))
+        for bs, got in per_bs.items():
+            correct = np.concatenate([r.correct for _, r in got])
+            agrees = np.concatenate([r.agrees for _, r in got])
+            exits = np.concatenate([r.exit_layer for _, r in got])
+            cost_layers = np.concatenate([check_cost_layers(r, L, costs[bs]) for _, r in got])
+            exit_layer = float(exits.mean())
+            share = (L - exit_layer) / (L - oracle) if oracle < L else None
+            plans_txt = " | ".join(f"{_layers(p.check_layers)} @ {p.threshold if p.threshold is not None else '-'}" for p, _ in got)
+            rows.append(dict(policy=name, mode=mode, batch_size=bs, check_cost=costs[bs], calibrate_on=args.calibrate_on,
+                             plans=[dict(check_layers=list(p.check_layers), threshold=p.threshold,
+                                         calibration_accuracy=p.expected_accuracy, calibration_agreement=p.expected_agreement)
+                                    for p, _ in got],
+                             full_accuracy=full, accuracy=float(correct.mean()), agreement=float(agrees.mean()),
+                             mean_exit_layer=exit_layer, oracle_exit_layer=oracle, share_of_oracle_saving=share,
+                             cost_layers=float(cost_layers.mean())))  # fmt: skip
+            body.append([name, mode, bs, f"{costs[bs]:.2f}", plans_txt, f"{100 * correct.mean():.1f} / {100 * full:.1f}",
+                         f"{100 * (correct.mean() - full):+.1f}", f"{100 * agrees.mean():.1f}", f"{exit_layer:.2f} / {oracle:.2f} / {L}",
+                         "-" if share is None else f"{100 * share:.0f}%", f"{cost_layers.mean():.2f}"])  # fmt: skip
+    table = _md(["policy", "planning", "batch", "check cost", "check layers @ threshold (per calibration split)",
+                 "held-out acc (policy / full)", "delta", "agreement with full (%)", "exit layer (policy / oracle / L)",
                  "share of oracle saving", "cost, layers"], body)  # fmt: skip
-    head = (f"{meta['model']['model_id']}, {args.task} {args.shots}-shot: calibration {len(cal)} pool queries, "
-            f"held-out {len(test)} queries, tolerance {args.tolerance}")
+    where = {"pool": f"the {len(pool)} pool queries", "held-out": "one half of the held-out queries, evaluated on the other half, both ways"}
+    head = (f"{meta['model']['model_id']}, {args.task} {args.shots}-shot, {len(test)} held-out queries; plans calibrated on "
+            f"{where[args.calibrate_on]}; tolerance {args.tolerance}")
     bound = settled_bound(test)
-    front = frontier(cal, test, oracle)
+    front = frontier(splits, oracle)
     table += "\n\n" + bound["text"] + "\n\n" + front["text"]
     print(head + "\n\n" + table)
     if args.out:
