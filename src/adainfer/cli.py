@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-cost", type=_check_cost, default=None, help="cost of one exit check in decoder layers (see `adainfer bench`, column check_cost_layers), "
                    "or per batch size as 1:1.2,8:0.2,32:0.1: learns where checking pays and stores that schedule (one per batch size); "
                    "omit to check every layer as in the paper")
+    p.add_argument("--min-agreement", type=float, default=None, help="with --check-cost: the share of calibration queries whose answer "
+                   "a plan must keep equal to the full model's (default 0.99; lower trades accuracy for layers)")
     p.add_argument("--out", required=True, help="policy file to write (.safetensors)")
 
     p = sub.add_parser("eval", help="evaluate policies against the full model on held-out queries",
@@ -192,7 +194,8 @@ def cmd_fit(args):
     policy.set_params(**dict(args.param))
     tasks = args.tasks.split(",") if args.tasks else None
     tune = not any(k == "threshold" for k, _ in args.param)  # a threshold given by hand is kept
-    policy = fit_policy(args.data, policy, tasks, check_cost=args.check_cost, target=args.target, tune_threshold=tune)
+    policy = fit_policy(args.data, policy, tasks, check_cost=args.check_cost, target=args.target, tune_threshold=tune,
+                        min_agreement=args.min_agreement)
     where = "".join(f", batch {b}+: checks at layers {list(l) or 'none (plain model)'}" for b, l in getattr(policy, "check_plans_", {}).items())
     if args.check_cost is not None and "threshold" in policy.get_params():
         where += f", stop threshold {policy.threshold}"
