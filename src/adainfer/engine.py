@@ -403,7 +403,6 @@ class AdaptiveEngine:
             # rows may mix choice tasks and open tasks: pad with the row's first choice (or -1)
             width = max(len(c) for c in choices)
             choice_ids = torch.tensor([list(c) + [c[0] if c else -1] * (width - len(c)) for c in choices])
-        vocab = self.parts.head.out_features if hasattr(self.parts.head, "out_features") else None
         return _Batch(
             size=B,
             active=torch.arange(B),
@@ -414,7 +413,7 @@ class AdaptiveEngine:
             exit_layer=torch.zeros(B, dtype=torch.long),
             top1=torch.full((B,), -1, dtype=torch.long),
             num_checks=torch.zeros(B, dtype=torch.long),
-            logits=torch.empty(B, vocab) if self.keep_logits and vocab else None,
+            logits=None,  # [B, V] float32, made by the first rows to finish (if keep_logits)
             gold=None if gold is None else torch.as_tensor(np.asarray(gold), dtype=torch.long),
             choices=choice_ids,
             layer_choice=None if choice_ids is None else torch.full((B, L), -1, dtype=torch.long),
@@ -470,8 +469,14 @@ class AdaptiveEngine:
         rows = batch.active[stop]
         batch.exit_layer[rows] = layer
         batch.top1[rows] = logits.argmax(-1).cpu()
-        if batch.logits is not None:
-            batch.logits[rows] = logits.float().cpu()
+        if self.keep_logits:
+            logits = logits.float().cpu()
+            if batch.logits is None and len(rows) == batch.size:
+                batch.logits = logits  # every row at once (plain run, last layer): no second [B, V] copy
+            else:
+                if batch.logits is None:
+                    batch.logits = torch.empty(batch.size, logits.shape[-1])
+                batch.logits[rows] = logits
         batch.active = batch.active[~stop]
         batch.sliced.clear()
 
