@@ -435,17 +435,21 @@ class AdaptiveEngine:
         )
         return torch.as_tensor(np.asarray(policy.decide(step), dtype=bool))
 
-    def _record(self, batch: _Batch, layer: int, logits, sims, *, ids=None, rows=None, where=None):
+    def _record(self, batch: _Batch, layer: int, logits, sims, *, ids=None, rows=None, where=None, with_features=True):
         """Features, top-1 and best choice at `layer` into the trace, for the active rows (or
         `rows`, the active rows selected by the mask `where`). With `ids`, `logits` are over
         each row's shortlist: top-1 maps back to token ids, and choices wait for an exact check."""
         if where is not None:
             sims = {k: v[where.to(v.device)] for k, v in sims.items()}
-        feats, top1 = F.compute(logits, batch.feature_names, layer, self.num_layers, sims)
+        if with_features:
+            feats, top1 = F.compute(logits, batch.feature_names, layer, self.num_layers, sims)
+        else:
+            feats, top1 = None, logits.argmax(-1)
         if ids is not None:
             top1 = ids.to(top1.device).gather(1, top1[:, None])[:, 0]
         rows = batch.active if rows is None else rows
-        batch.trace[rows, layer - 1] = feats.to(batch.trace.device)
+        if feats is not None:
+            batch.trace[rows, layer - 1] = feats.to(batch.trace.device)
         batch.layer_top1[rows, layer - 1] = top1.to(batch.layer_top1.device)
         if batch.choices is not None and ids is None:
             ids = batch.choices[rows].to(logits.device)
@@ -458,8 +462,9 @@ class AdaptiveEngine:
         start = time.perf_counter()
         logits = plain_forward(self.model, enc)
         elapsed = time.perf_counter() - start
-        nan = torch.full((batch.size,), float("nan"))
-        self._record(batch, self.num_layers, logits, {s: nan for s in batch.streams})
+        # no decision to make, so no features: their [B, V] temporaries (entropy) would make this
+        # path's peak memory the plain model's plus several B x V floats
+        self._record(batch, self.num_layers, logits, {}, with_features=False)
         self._finish(batch, torch.ones(batch.size, dtype=torch.bool), self.num_layers, logits)
         return self._result(enc, batch, elapsed)
 
