@@ -175,8 +175,8 @@ def main(argv=None):
     print(head + "\n\n" + table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(f"{head}\n\n{table}\n")
-        args.out.with_suffix(".json").write_text(json.dumps({"run": str(args.run), "task": args.task, "shots": args.shots,
+        Path(f"{args.out}.md").write_text(f"{head}\n\n{table}\n")
+        Path(f"{args.out}.json").write_text(json.dumps({"run": str(args.run), "task": args.task, "shots": args.shots,
                                                               "rows": rows, "settled_bound": bound["numbers"],
                                                               "frontier": front["rows"]}, indent=2))  # fmt: skip
 
