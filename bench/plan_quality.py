@@ -111,6 +111,7 @@ def main(argv=None):
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--check-cost", type=_check_cost, default={1: 1.0}, help="decoder layers per check, or BATCH:COST pairs")
     p.add_argument("--tolerance", type=float, default=0.01)
+    p.add_argument("--min-agreement", type=float, default=None, help="for the agreement-tested plans (default 1 - tolerance)")
     p.add_argument("--calibrate-on", choices=("held-out", "pool"), default="held-out",
                    help="held-out: two halves of the held-out queries, each calibrating the plan for the other (what "
                         "`adainfer bench` does); pool: the run's training traces (the task's demonstration pool)")
@@ -137,6 +138,8 @@ def main(argv=None):
     oracle = float(oracle_bounds(test)["first_correct"].mean())
     rows, body = [], []
     for (name, (make, target, thresholds)), (mode, folds, agreement) in itertools.product(policies.items(), MODES):
+        if agreement is None and args.min_agreement is not None:
+            agreement, mode = args.min_agreement, f"out of fold, {100 * args.min_agreement:g}% agreement"
         per_bs = {bs: [] for bs in costs}  # (plan, replay) per split
         for cal, ev in splits:
             policy = make().fit(*cal.training_arrays(make().features, target))
