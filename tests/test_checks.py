@@ -219,3 +219,8 @@ def test_near_free_shortlist_checks_let_the_plan_check_more():
     cheap = plan_checks_by_batch(GapThreshold(0.5), traces, {1: 2.0}, shortlist_costs={1: 0.01})[1]
     assert len(cheap.check_layers) > len(dear.check_layers)
     assert cheap.expected_cost < dear.expected_cost
+
+
+def test_min_agreement_must_be_a_share():
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        plan_checks(GapThreshold(0.5), settling_traces(), check_cost=0.1, min_agreement=99)

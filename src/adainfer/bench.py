@@ -19,6 +19,7 @@ once on CPU).
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import json
 import os
@@ -139,7 +140,7 @@ def bench_cell(engine, queries, policy, *, batch_size: int, repeats: int, device
     seconds, results = _time_variants(engine, batches, policy, repeats, shortlist)
     gold = np.array([q.gold for q in queries])
     row = {"batch_size": batch_size, "n": len(queries), "repeats": repeats}
-    for v in results:
+    for v in (v for v in results if v != "hooks"):  # hooks: timed for its overhead only
         r = ExitResult.concat(results[v])
         f = result_ratios(r, engine.parts, {"policy": policy, "shortlist": shortlist and shortlist[1]}.get(v))
         row[v] = {
@@ -150,7 +151,6 @@ def bench_cell(engine, queries, policy, *, batch_size: int, repeats: int, device
             "true_flops_ratio": float(f["true_flops_ratio"].mean()),
         }
     row["full_accuracy"] = row.pop("never")["accuracy"]
-    row.pop("hooks")
     for v, t in seconds.items():
         row[f"time_{v}_s"] = float(np.median(t.sum(1)))  # median over repeats of a full pass
         if v != "plain":
@@ -221,12 +221,14 @@ def run_bench(
             for task in tasks:
                 if all((model_name, dtype, task, b) in done for b in batch_sizes):
                     continue
-                # calibrated on this task's pool, as a user calibrates on the task they serve
-                policy, plans = _planned(cal_dir, task, policy_path, lm, cost)
-                save_policy(policy, out / "policies" / f"{name}-{dtype}-{task}.safetensors", model=lm)
-                if shortlist:
-                    short_policy, short_plans = _planned(cal_dir, task, policy_path, lm, cost, short)
+                # calibrated on this task's queries, as a user calibrates on the task they serve
+                policy, traces, tune = _calibrated(cal_dir, task, policy_path, lm)
+                if shortlist:  # the same fitted classifier, planned for the shortlist engine's costs
+                    short_plans = plan_checks_by_batch(policy, traces, cost, shortlist_costs=short, thresholds=tune)
+                    short_policy = apply_plans(copy.deepcopy(policy), short_plans)
                     save_policy(short_policy, out / "policies" / f"{name}-{dtype}-{task}-shortlist{shortlist}.safetensors", model=lm, shortlist=shortlist)
+                plans = plan_checks_by_batch(policy, traces, cost, thresholds=tune)
+                save_policy(apply_plans(policy, plans), out / "policies" / f"{name}-{dtype}-{task}.safetensors", model=lm)
                 queries = [q for q in test if q.task == task]
                 for bs in tqdm(batch_sizes, desc=f"{model_name} {dtype} {task}", disable=not progress):
                     if (model_name, dtype, task, bs) in done:
@@ -266,16 +268,14 @@ def _calibration_and_timed(tokenizer, tasks, shots, n_train, n_queries, seed, da
     return calibration, timed
 
 
-def _planned(cal_dir, task, policy_path, model, cost, shortlist_cost=None):
-    """(policy, plans): the default policy fitted on `task`'s calibration rows (or the given
-    one), its stop threshold (default policy only) and its check schedule per batch size."""
-    if policy_path:
-        policy, tune = load_policy(policy_path, model=model), None  # a given policy keeps its threshold
-    else:
-        policy, tune = fit_policy(cal_dir, default_policy(), [task], target=DEFAULT_TARGET), THRESHOLDS
+def _calibrated(cal_dir, task, policy_path, model):
+    """(policy, `task`'s calibration traces, stop thresholds to try): the default policy fitted
+    on those traces, or the given one, which keeps its own threshold."""
     table, _ = load_collected(cal_dir, [task])
-    plans = plan_checks_by_batch(policy, Traces.from_table(table, ALL_FEATURES), cost, shortlist_costs=shortlist_cost, thresholds=tune)
-    return apply_plans(policy, plans), plans
+    traces = Traces.from_table(table, ALL_FEATURES)
+    if policy_path:
+        return load_policy(policy_path, model=model), traces, None
+    return fit_policy(cal_dir, default_policy(), [task], target=DEFAULT_TARGET), traces, THRESHOLDS
 
 
 def _finished_rows(path: Path, settings: dict) -> list[dict]:

@@ -91,7 +91,7 @@ def _replays(policy, traces: Traces, schedules, thresholds, folds: int, seed: in
             for j, s in enumerate(schedules):
                 r = simulate(fitted, held, check_layers=s)
                 exit_layer[i, j, m], checks[i, j, m], correct[i, j, m], agrees[i, j, m] = r.exit_layer, r.num_checks, r.correct, r.agrees
-    return {t: [Replay(*a, None, b) for a, b in zip(zip(exit_layer[i], checks[i], correct[i]), agrees[i])]
+    return {t: [Replay(exit_layer[i, j], checks[i, j], correct[i, j], None, agrees[i, j]) for j in range(len(schedules))]
             for i, t in enumerate(thresholds)}, True  # fmt: skip
 
 
@@ -142,6 +142,8 @@ def plan_checks_by_batch(
     L = traces.num_layers
     full = float((traces.top1[:, -1] == traces.gold).mean())
     agreement = 1 - tolerance if min_agreement is None else min_agreement
+    if not 0 <= agreement <= 1:
+        raise ValueError(f"min_agreement is a share of queries, between 0 and 1; got {agreement}")
     schedules = list(candidate_schedules(L, strides))
     thresholds = tuple(thresholds) if thresholds and "threshold" in policy.get_params() else (None,)
     replays, held_out = _replays(policy, traces, schedules, thresholds, folds, seed)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import features as F
 from .arch import ModelParts, find_parts
+from .policies import planned_checks
 
 
 @dataclass
@@ -211,7 +212,7 @@ class AdaptiveEngine:
     def layers_to_check(self, policy=None, batch_size: int | None = None) -> tuple[int, ...]:
         if self.check_layers is not None:
             return self.check_layers
-        planned = policy.planned_checks(batch_size) if hasattr(policy, "planned_checks") else getattr(policy, "check_layers_", None)
+        planned = planned_checks(policy, batch_size)
         if planned is not None:
             return self._valid_layers(planned)
         return tuple(range(self.min_layer, self.num_layers + 1, self.stride))
@@ -340,7 +341,7 @@ class AdaptiveEngine:
                 exact = None if ids is None and self.check_dtype is None else self.parts.logits(last[stop.to(last.device)])
                 if ids is not None:  # confirm on the whole vocabulary: exact features, same policy
                     sub = rows[stop]
-                    feats, top1 = self._record(batch, layer, exact, sims, rows=sub, where=stop)
+                    feats, top1 = self._record(batch, layer, exact, sims, where=stop)
                     agree = self._decide(policy, batch, layer, sub, feats, top1, column, needed)
                     batch.shortlist[sub[~agree]] = exact[~agree.to(exact.device)].topk(self.shortlist, dim=-1).indices.cpu()
                     exact = exact[agree.to(exact.device)]
@@ -435,11 +436,13 @@ class AdaptiveEngine:
         )
         return torch.as_tensor(np.asarray(policy.decide(step), dtype=bool))
 
-    def _record(self, batch: _Batch, layer: int, logits, sims, *, ids=None, rows=None, where=None, with_features=True):
+    def _record(self, batch: _Batch, layer: int, logits, sims, *, ids=None, where=None, with_features=True):
         """Features, top-1 and best choice at `layer` into the trace, for the active rows (or
-        `rows`, the active rows selected by the mask `where`). With `ids`, `logits` are over
-        each row's shortlist: top-1 maps back to token ids, and choices wait for an exact check."""
+        those selected by the mask `where`). With `ids`, `logits` are over each row's shortlist:
+        top-1 maps back to token ids, and choices wait for an exact check."""
+        rows = batch.active
         if where is not None:
+            rows = rows[where]
             sims = {k: v[where.to(v.device)] for k, v in sims.items()}
         if with_features:
             feats, top1 = F.compute(logits, batch.feature_names, layer, self.num_layers, sims)
@@ -447,7 +450,6 @@ class AdaptiveEngine:
             feats, top1 = None, logits.argmax(-1)
         if ids is not None:
             top1 = ids.to(top1.device).gather(1, top1[:, None])[:, 0]
-        rows = batch.active if rows is None else rows
         if feats is not None:
             batch.trace[rows, layer - 1] = feats.to(batch.trace.device)
         batch.layer_top1[rows, layer - 1] = top1.to(batch.layer_top1.device)

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from .engine import Step
+from .policies import planned_checks
 
 TARGETS = ("gold", "final")
 
@@ -66,7 +67,6 @@ class Traces:
             feature_names=self.feature_names,
         )
 
-
     def labels(self, target: str = "gold") -> np.ndarray:
         """[Q, L] what an exit classifier learns to predict at each layer.
 
@@ -103,7 +103,7 @@ class Replay:
 def simulate(policy, traces: Traces, check_layers: Sequence[int] | None = None) -> Replay:
     """Exit layer of every query under `policy`, checking at `check_layers` (default: all)."""
     L, Q = traces.num_layers, len(traces)
-    learned = policy.planned_checks() if hasattr(policy, "planned_checks") else getattr(policy, "check_layers_", None)
+    learned = planned_checks(policy)
     layers = check_layers if check_layers is not None else (learned if learned is not None else range(1, L + 1))
     layers = sorted(l for l in set(layers) if 1 <= l < L)
     cols = [traces.feature_names.index(f) for f in policy.features]

@@ -15,8 +15,7 @@ from .policies import POLICIES, ExitPolicy, make_policy
 
 def fit_policy(data_dir, policy: ExitPolicy, tasks: Sequence[str] | None = None,
                check_cost: float | Mapping[int, float] | None = None, *, target: str = "gold",
-               tune_threshold: bool = True, shortlist_cost: Mapping[int, float] | None = None,
-               min_agreement: float | None = None) -> ExitPolicy:  # fmt: skip
+               tune_threshold: bool = True, min_agreement: float | None = None) -> ExitPolicy:  # fmt: skip
     """Train `policy` on collected rows; it remembers the model the rows came from.
 
     `target`: what the classifier learns per layer, "gold" (the paper: the top-1 is the gold
@@ -34,8 +33,7 @@ def fit_policy(data_dir, policy: ExitPolicy, tasks: Sequence[str] | None = None,
         policy.target_ = target
     if check_cost is not None:
         costs = check_cost if isinstance(check_cost, Mapping) else {1: float(check_cost)}
-        shortlist = None if shortlist_cost is None else {b: shortlist_cost[b] for b in costs}
-        plans = plan_checks_by_batch(policy, Traces.from_table(table, policy.features), costs, shortlist_costs=shortlist,
+        plans = plan_checks_by_batch(policy, Traces.from_table(table, policy.features), costs,
                                      thresholds=THRESHOLDS if tune_threshold else None, min_agreement=min_agreement)  # fmt: skip
         apply_plans(policy, plans)
     policy.model_meta_ = meta["model"]

@@ -41,16 +41,8 @@ class ExitPolicy(ClassifierMixin, BaseEstimator):
         return self.predict(step.features).astype(bool)
 
     def planned_checks(self, batch_size: int | None = None) -> tuple[int, ...] | None:
-        """The learned check schedule for this batch size (None: not planned, check everywhere).
-
-        With plans per batch size (`check_plans_`), the plan of the largest planned size not
-        above `batch_size` (or the smallest planned size) applies."""
-        plans = getattr(self, "check_plans_", None)
-        if plans and batch_size is not None:
-            sizes = sorted(plans)
-            return tuple(plans[max((s for s in sizes if s <= batch_size), default=sizes[0])])
-        learned = getattr(self, "check_layers_", None)
-        return None if learned is None else tuple(learned)
+        """The learned check schedule for this batch size (see `planned_checks`)."""
+        return planned_checks(self, batch_size)
 
     def cost_flops(self) -> float:
         """Approximate FLOPs of one decision for one row (charged by the true FLOPs ratio)."""
@@ -62,6 +54,20 @@ class ExitPolicy(ClassifierMixin, BaseEstimator):
 
     def _load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         pass
+
+
+def planned_checks(policy, batch_size: int | None = None) -> tuple[int, ...] | None:
+    """The check schedule `policy` learned for this batch size (None: not planned, check
+    everywhere). Any object with `check_plans_` / `check_layers_` works, not only ExitPolicy.
+
+    With plans per batch size (`check_plans_`), the plan of the largest planned size not above
+    `batch_size` (or the smallest planned size) applies; without a batch size, `check_layers_`."""
+    plans = getattr(policy, "check_plans_", None)
+    if plans and batch_size is not None:
+        sizes = sorted(plans)
+        return tuple(plans[max((s for s in sizes if s <= batch_size), default=sizes[0])])
+    learned = getattr(policy, "check_layers_", None)
+    return None if learned is None else tuple(learned)
 
 
 def _as_2d(X, features) -> np.ndarray:
