@@ -224,3 +224,17 @@ def test_near_free_shortlist_checks_let_the_plan_check_more():
 def test_min_agreement_must_be_a_share():
     with pytest.raises(ValueError, match="between 0 and 1"):
         plan_checks(GapThreshold(0.5), settling_traces(), check_cost=0.1, min_agreement=99)
+
+
+def test_one_set_of_replays_plans_both_kinds_of_check():
+    from adainfer.checks import THRESHOLDS, plan_checks_by_batch, replay_schedules
+    from adainfer.policies import LogisticExit
+
+    traces = settling_traces(Q=60, settle=(3, 11))
+    policy = LogisticExit(features=("gap",)).fit(*traces.training_arrays(("gap",), "final"))
+    policy.target_ = "final"
+    replays = replay_schedules(policy, traces, thresholds=THRESHOLDS)
+    for short in (None, {1: 0.01, 8: 0.005}):
+        fresh = plan_checks_by_batch(policy, traces, {1: 2.0, 8: 0.3}, shortlist_costs=short, thresholds=THRESHOLDS)
+        reused = plan_checks_by_batch(policy, traces, {1: 2.0, 8: 0.3}, shortlist_costs=short, replays=replays)
+        assert reused == fresh

@@ -149,3 +149,15 @@ def test_rows_without_choices_mix_with_choice_rows():
     r = engine.run(PROMPTS, NeverExit(), choices=[[5, 9], [], [7], []], check_layers=[1, 2, 3, 4])
     assert (r.layer_choice[1] == -1).all() and (r.layer_choice[3] == -1).all()
     assert (r.layer_choice[2] == 7).all() and set(r.layer_choice[0]) <= {5, 9}
+
+
+def test_features_are_the_same_whatever_the_chunk_of_rows():
+    from adainfer import features
+
+    logits = torch.randn(19, 3000, generator=torch.Generator().manual_seed(0)) * 4
+    names = ("gap", "top_prob", "entropy", "layer_frac")
+    whole, top1 = features.compute(logits, names, 3, 12, chunk_rows=64)
+    chunked, top1_chunked = features.compute(logits, names, 3, 12, chunk_rows=4)
+    logp = logits.log_softmax(-1)
+    assert torch.equal(top1, top1_chunked) and torch.allclose(whole, chunked)
+    assert torch.allclose(chunked[:, 2], -(logp.exp() * logp).sum(-1), atol=1e-4)

@@ -32,7 +32,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checks import THRESHOLDS, apply_plans, measure_check_cost, plan_checks_by_batch
+from .checks import (
+    THRESHOLDS,
+    apply_plans,
+    measure_check_cost,
+    plan_checks_by_batch,
+    replay_schedules,
+)
 from .collect import collect, load_collected
 from .engine import AdaptiveEngine, ExitResult, plain_forward
 from .features import ALL_FEATURES
@@ -223,11 +229,12 @@ def run_bench(
                     continue
                 # calibrated on this task's queries, as a user calibrates on the task they serve
                 policy, traces, tune = _calibrated(cal_dir, task, policy_path, lm)
+                replays = replay_schedules(policy, traces, thresholds=tune)  # shared by both kinds of check
                 if shortlist:  # the same fitted classifier, planned for the shortlist engine's costs
-                    short_plans = plan_checks_by_batch(policy, traces, cost, shortlist_costs=short, thresholds=tune)
+                    short_plans = plan_checks_by_batch(policy, traces, cost, shortlist_costs=short, replays=replays)
                     short_policy = apply_plans(copy.deepcopy(policy), short_plans)
                     save_policy(short_policy, out / "policies" / f"{name}-{dtype}-{task}-shortlist{shortlist}.safetensors", model=lm, shortlist=shortlist)
-                plans = plan_checks_by_batch(policy, traces, cost, thresholds=tune)
+                plans = plan_checks_by_batch(policy, traces, cost, replays=replays)
                 save_policy(apply_plans(policy, plans), out / "policies" / f"{name}-{dtype}-{task}.safetensors", model=lm)
                 queries = [q for q in test if q.task == task]
                 for bs in tqdm(batch_sizes, desc=f"{model_name} {dtype} {task}", disable=not progress):

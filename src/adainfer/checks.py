@@ -114,6 +114,23 @@ def plan_checks(policy, traces: Traces, check_cost: float, **kw) -> CheckPlan:
     return plan_checks_by_batch(policy, traces, {1: check_cost}, **kw)[1]
 
 
+@dataclass
+class ScheduleReplays:
+    """A fitted policy replayed on calibration traces under every candidate schedule and stop
+    threshold; planning for several cost models (exact and shortlist checks) reuses them."""
+
+    schedules: list[tuple[int, ...]]
+    by_threshold: dict  # {threshold or None: [Replay per schedule]}
+    held_out: bool  # replayed out of fold
+
+
+def replay_schedules(policy, traces: Traces, *, strides=(1, 2, 3, 4, 6), thresholds: Sequence[float] | None = None,
+                     folds: int = 5, seed: int = 0) -> ScheduleReplays:  # fmt: skip
+    schedules = list(candidate_schedules(traces.num_layers, strides))
+    thresholds = tuple(thresholds) if thresholds and "threshold" in policy.get_params() else (None,)
+    return ScheduleReplays(schedules, *_replays(policy, traces, schedules, thresholds, folds, seed))
+
+
 def plan_checks_by_batch(
     policy,
     traces: Traces,
@@ -127,6 +144,7 @@ def plan_checks_by_batch(
     shortlist_costs: Mapping[int, float] | None = None,
     min_agreement: float | None = None,
     thresholds: Sequence[float] | None = None,
+    replays: ScheduleReplays | None = None,
 ) -> dict[int, CheckPlan]:
     """Check plans for several check costs at once (one per batch size: a check costs less,
     relative to a layer, on a larger batch); the replays are shared.
@@ -138,15 +156,17 @@ def plan_checks_by_batch(
     - `thresholds`: stop thresholds to try for a policy with a `threshold` parameter (the
       probability a logistic policy needs before it stops); one is chosen for all batch sizes,
       the one with the lowest mean cost.
-    - `shortlist_costs` plans for an engine with shortlist checks (`check_cost_layers`)."""
+    - `shortlist_costs` plans for an engine with shortlist checks (`check_cost_layers`).
+    - `replays`: `replay_schedules(policy, traces, ...)` made once, to plan for both kinds of
+      check without replaying twice (`strides`, `folds`, `seed`, `thresholds` are then its)."""
     L = traces.num_layers
     full = float((traces.top1[:, -1] == traces.gold).mean())
     agreement = 1 - tolerance if min_agreement is None else min_agreement
     if not 0 <= agreement <= 1:
         raise ValueError(f"min_agreement is a share of queries, between 0 and 1; got {agreement}")
-    schedules = list(candidate_schedules(L, strides))
-    thresholds = tuple(thresholds) if thresholds and "threshold" in policy.get_params() else (None,)
-    replays, held_out = _replays(policy, traces, schedules, thresholds, folds, seed)
+    if replays is None:
+        replays = replay_schedules(policy, traces, strides=strides, thresholds=thresholds, folds=folds, seed=seed)
+    schedules, held_out, thresholds = replays.schedules, replays.held_out, tuple(replays.by_threshold)
     best_by_threshold = {}
     for t in thresholds:
         plans = {}
@@ -154,7 +174,7 @@ def plan_checks_by_batch(
             short = None if shortlist_costs is None else shortlist_costs[batch_size]
             plain = CheckPlan((), float(L), full, full, c, len(schedules), held_out, 1.0, t)
             best = plain
-            for layers, r in zip(schedules, replays[t]):
+            for layers, r in zip(schedules, replays.by_threshold[t]):
                 cost = float(check_cost_layers(r, L, c, short).mean())
                 acc, agree = float(r.correct.mean()), float(r.agrees.mean())
                 if acc >= full - tolerance and agree >= agreement and cost < best.expected_cost:

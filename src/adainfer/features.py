@@ -42,22 +42,32 @@ def compute(
     layer: int,
     num_layers: int,
     similarities: Mapping[str, torch.Tensor] | None = None,
+    chunk_rows: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (features [A, F] float32 in the order of `names`, top-1 token ids [A])."""
+    """Return (features [A, F] float32 in the order of `names`, top-1 token ids [A]).
+
+    Rows go `chunk_rows` at a time: the float32 softmax temporaries are [rows, V], and on a
+    262k vocabulary (Gemma 3) a batch of 32 at once added 81 MB to the process's peak."""
+    parts = [_logit_features(chunk, names) for chunk in logits.split(chunk_rows) or (logits,)]
+    columns = {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+    top1 = columns.pop("top1")
+    columns["layer_frac"] = torch.full(top1.shape, layer / num_layers, dtype=torch.float32, device=top1.device)
+    for name, stream in SIMILARITY_FEATURES.items():
+        if name in names:
+            columns[name] = similarities[stream].float()
+    return torch.stack([columns[n] for n in names], dim=-1), top1
+
+
+def _logit_features(logits: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
     logits = logits.float()
     top2 = logits.topk(2, dim=-1)
-    top1 = top2.indices[:, 0]
-    columns: dict[str, torch.Tensor] = {}
+    columns = {"top1": top2.indices[:, 0]}
     if {"gap", "top_prob", "entropy"} & set(names):
         logz = torch.logsumexp(logits, dim=-1)
         p12 = torch.exp(top2.values - logz[:, None])
         columns["top_prob"] = p12[:, 0]
         columns["gap"] = p12[:, 0] - p12[:, 1]
-        if "entropy" in names:
-            logp = logits - logz[:, None]
-            columns["entropy"] = -(logp.exp() * logp).sum(-1)
-    columns["layer_frac"] = torch.full_like(top2.values[:, 0], layer / num_layers)
-    for name, stream in SIMILARITY_FEATURES.items():
-        if name in names:
-            columns[name] = similarities[stream].float()
-    return torch.stack([columns[n] for n in names], dim=-1), top1
+        if "entropy" in names:  # H = log Z - sum p * logit, with one [rows, V] temporary
+            p = (logits - logz[:, None]).exp_()
+            columns["entropy"] = logz - torch.linalg.vecdot(p, logits)
+    return columns
