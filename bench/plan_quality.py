@@ -115,12 +115,14 @@ def main(argv=None):
     p.add_argument("--calibrate-on", choices=("held-out", "pool"), default="held-out",
                    help="held-out: two halves of the held-out queries, each calibrating the plan for the other (what "
                         "`adainfer bench` does); pool: the run's training traces (the task's demonstration pool)")
+    p.add_argument("--test-traces", type=Path, help="held-out traces to use instead of the run's traces/test, e.g. "
+                   "`adainfer collect --held-out --n-test 872` for more queries than the run has")
     p.add_argument("--out", type=Path, help="write the table (.md) and numbers (.json) here, without suffix")
     args = p.parse_args(argv)
     costs = args.check_cost if isinstance(args.check_cost, dict) else {1: args.check_cost}
 
     train, meta = load_collected(args.run / "traces" / "train")
-    test_table, _ = load_collected(args.run / "traces" / "test")
+    test_table, _ = load_collected(args.test_traces or args.run / "traces" / "test")
     pool = Traces.from_table(select_tasks(train, [args.task]), ALL_FEATURES)
     test = Traces.from_table(test_table, ALL_FEATURES)
     shots = np.array([int(q.split("/")[1].removesuffix("shot")) for q in test.query_id])  # ids: task/kshot/seed/i

@@ -34,6 +34,13 @@ def test_collect_fit_eval(model_dir, tmp_path, capsys):
         assert {"accuracy", "mean_exit_layer", "num_layers", "flops_ratio", "true_flops_ratio", "wall_time_s"} <= set(fig)
     assert s["num_queries"] == 6 and s["policies"]["full"]["flops_ratio"] == 1.0
     assert "| full |" in capsys.readouterr().out
+    # the held-out queries can be recorded too, for offline judging; never the training ones
+    held = tmp_path / "held"
+    assert main(["collect", *common, "--n-train", "4", "--held-out", "--out", str(held)]) == 0
+    from adainfer.collect import load_collected
+
+    held_ids, train_ids = (set(load_collected(d)[0].column("query_id").to_pylist()) for d in (held, data))
+    assert len(held_ids) == 6 and len(train_ids) == 4 and not held_ids & train_ids
 
 
 def test_bad_inputs_give_one_clear_line(model_dir, tmp_path, capsys):

@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _task_args(p, n_train=True)
     p.add_argument("--features", type=_features, default=ALL_FEATURES, help=f"comma-separated features to record (default: all: {','.join(ALL_FEATURES)})")
+    p.add_argument("--held-out", action="store_true", help="record the --n-test held-out queries instead of the training "
+                   "ones, to judge policies offline on many queries (bench/plan_quality.py --test-traces)")
     p.add_argument("--out", required=True, help="output folder")
 
     p = sub.add_parser("fit", help="train an exit policy on collected data and save it (no pickle)",
@@ -181,9 +183,10 @@ def cmd_collect(args):
     from .tasks import task_queries
 
     model, tok = _load(args)
-    train, _ = task_queries(tok, args.task, shots=args.shots, n_train=args.n_train, n_test=args.n_test, seed=args.seed, data_dir=args.data_dir)
-    out = collect(AdaptiveEngine(model, tok), train, args.out, batch_size=args.batch_size, features=args.features)
-    print(f"collected {len(train)} queries x {model.config.num_hidden_layers} layers into {out}")
+    train, test = task_queries(tok, args.task, shots=args.shots, n_train=args.n_train, n_test=args.n_test, seed=args.seed, data_dir=args.data_dir)
+    queries = test if args.held_out else train
+    out = collect(AdaptiveEngine(model, tok), queries, args.out, batch_size=args.batch_size, features=args.features)
+    print(f"collected {len(queries)} {'held-out' if args.held_out else 'training'} queries x {model.config.num_hidden_layers} layers into {out}")
 
 
 def cmd_fit(args):
