@@ -37,23 +37,25 @@ from adainfer.checks import (
 )
 from adainfer.cli import _check_cost
 from adainfer.collect import load_collected, select_tasks
-from adainfer.features import ALL_FEATURES
+from adainfer.features import ALL_FEATURES, DEFAULT_FEATURES
 from adainfer.offline import Traces, oracle_bounds, simulate
-from adainfer.policies import SVMExit
+from adainfer.policies import LayerLogisticExit, LogisticExit, SVMExit
 from adainfer.report import _layers, _md
 
 # (planning, folds, min agreement): as before this session, out of fold, and the default now
 MODES = (("in-sample, accuracy only", 1, 0.0), ("out of fold, accuracy only", 5, 0.0), ("out of fold, 99% agreement", 5, None))
 
 
-def frontier(splits, oracle: float) -> dict:
-    """The default policy's accuracy / saving trade-off on the held-out queries, threshold by
-    threshold, checking every layer from L/2 (check cost aside): the best any plan of it gets."""
+def frontier(splits, oracle: float, make=None) -> dict:
+    """A policy's (default: the default one's) accuracy / saving trade-off on the held-out
+    queries, threshold by threshold, checking every layer from L/2 (check cost aside): the best
+    any plan of it gets."""
+    make = make or default_policy
     L, rows, body = splits[0][1].num_layers, [], []
     for t in THRESHOLDS:
         got = []
         for cal, ev in splits:
-            policy = default_policy().fit(*cal.training_arrays(default_policy().features, DEFAULT_TARGET))
+            policy = make().fit(*cal.training_arrays(make().features, DEFAULT_TARGET))
             got.append(simulate(_with_threshold(policy, t), ev, check_layers=range(L // 2, L)))
         correct, agrees = np.concatenate([r.correct for r in got]), np.concatenate([r.agrees for r in got])
         full = float(np.concatenate([ev.top1[:, -1] == ev.gold for _, ev in splits]).mean())
@@ -63,7 +65,7 @@ def frontier(splits, oracle: float) -> dict:
                          mean_exit_layer=exit_layer, share_of_oracle_saving=share))  # fmt: skip
         body.append([t, f"{100 * (correct.mean() - full):+.1f}", f"{100 * agrees.mean():.1f}", f"{exit_layer:.2f}",
                      "-" if share is None else f"{100 * share:.0f}%"])  # fmt: skip
-    text = (f"Trade-off of the default policy on the held-out queries, every layer from {L // 2} checked:\n\n"
+    text = (f"Trade-off of {type(make()).__name__} on the held-out queries, every layer from {L // 2} checked:\n\n"
             + _md(["threshold", "accuracy vs full (points)", "agreement with full (%)", "exit layer", "share of oracle saving"], body))
     return {"text": text, "rows": rows}
 
@@ -132,8 +134,11 @@ def main(argv=None):
 
     policies = {
         "paper: SVM on gap, top prob, depth; gold labels": (lambda: SVMExit(features=("gap", "top_prob", "layer_frac")), "gold", None),
-        "default: logistic on gap, top prob, entropy, depth; final labels; tuned threshold": (default_policy, DEFAULT_TARGET, THRESHOLDS),
-    }
+        "logistic, one model for all layers, on gap, top prob, entropy, depth; final labels; tuned threshold":
+            (lambda: LogisticExit(features=DEFAULT_FEATURES), DEFAULT_TARGET, THRESHOLDS),
+        "per-layer logistic on gap, top prob, entropy; final labels; tuned threshold":
+            (lambda: LayerLogisticExit(features=DEFAULT_FEATURES), DEFAULT_TARGET, THRESHOLDS),
+    }  # fmt: skip
     splits = _splits(pool, test, args.calibrate_on)
     L = test.num_layers
     full = float((test.top1[:, -1] == test.gold).mean())
@@ -175,15 +180,15 @@ def main(argv=None):
     head = (f"{meta['model']['model_id']}, {args.task} {args.shots}-shot, {len(test)} held-out queries; plans calibrated on "
             f"{where[args.calibrate_on]}; tolerance {args.tolerance}")
     bound = settled_bound(test)
-    front = frontier(splits, oracle)
-    table += "\n\n" + bound["text"] + "\n\n" + front["text"]
+    fronts = {name: frontier(splits, oracle, make) for name, (make, _, thresholds) in policies.items() if thresholds}
+    table += "\n\n" + bound["text"] + "".join("\n\n" + f["text"] for f in fronts.values())
     print(head + "\n\n" + table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         Path(f"{args.out}.md").write_text(f"{head}\n\n{table}\n")
         Path(f"{args.out}.json").write_text(json.dumps({"run": str(args.run), "task": args.task, "shots": args.shots,
                                                               "rows": rows, "settled_bound": bound["numbers"],
-                                                              "frontier": front["rows"]}, indent=2))  # fmt: skip
+                                                              "frontier": {n: f["rows"] for n, f in fronts.items()}}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":

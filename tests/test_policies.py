@@ -51,6 +51,27 @@ def test_logistic_threshold_trades_accuracy_for_depth():
     assert 0 <= loose.predict_proba(X).min() and loose.predict_proba(X).max() <= 1
 
 
+def test_layer_logistic_learns_each_layer_its_own_rule(tmp_path):
+    """At depth 0.25 a high gap means nothing (confidently wrong early layers), at 0.75 it means
+    settled: one shared linear rule cannot say both, a model per layer can."""
+    from adainfer.policies import LayerLogisticExit
+
+    rng = np.random.default_rng(0)
+    gap = rng.uniform(0, 1, 400)
+    depth = np.repeat([0.25, 0.75], 200)
+    X = np.stack([gap, depth], 1)
+    y = ((depth == 0.75) & (gap > 0.5)).astype(int)
+    per_layer = LayerLogisticExit(features=("gap", "layer_frac")).fit(X, y)
+    assert per_layer.score(X, y) > 0.95
+    early = per_layer.predict_proba(np.array([[0.99, 0.25], [0.99, 0.26]]))[:, 1]
+    assert (early < 0.01).all()  # all-negative layer: its (clipped) base rate; 0.26 maps to the nearest layer
+    model, _ = tiny_model("llama")
+    loaded = load_policy(save_policy(per_layer, tmp_path / "p.safetensors", model=model), model=model)
+    np.testing.assert_allclose(loaded.predict_proba(X), per_layer.predict_proba(X))
+    with pytest.raises(ValueError, match="layer_frac"):
+        LayerLogisticExit(features=("gap",)).fit(X[:, :1], y)
+
+
 def test_crf_learns_the_layer_sequence():
     X, y, groups = layered_data()
     crf = CRFExit().fit(X, y, groups)

@@ -19,6 +19,7 @@ PAPER_FEATURES = ("gap", "top_prob")
 LOGIT_FEATURES = ("gap", "top_prob", "entropy")
 SIMILARITY_FEATURES = {"cos_attn": "attn", "cos_mlp": "mlp", "cos_hidden": "hidden"}
 ALL_FEATURES = LOGIT_FEATURES + ("layer_frac",) + tuple(SIMILARITY_FEATURES)
+DEFAULT_FEATURES = LOGIT_FEATURES + ("layer_frac",)  # the default policy's: no similarity streams to track
 
 
 def check_names(names: Iterable[str]) -> tuple[str, ...]:

