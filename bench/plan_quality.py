@@ -3,17 +3,22 @@
 The speed issue's quality target: on SST-2 5-shot the default policy must stay within 1 point
 of the full model's accuracy while getting at least 60% of the oracle's layer saving. `adainfer
 bench` times 32 queries per cell, too few to resolve 1 point; this replays the same policies and
-planner on the 200 held-out queries of an `adainfer reproduce` run instead (replay equals live
-runs: tests/test_offline.py):
+planner on the 200 held-out queries of an `adainfer reproduce` run instead, or on more queries
+recorded with `adainfer collect --held-out` (`--test-traces`); replay equals live runs
+(tests/test_offline.py):
 
 - planning as before this work (in-sample, accuracy only), out of fold, and out of fold with the
-  99% agreement test (the default), for the paper's SVM and for the default bench policy;
+  99% agreement test (the default), for the paper's SVM, one logistic model for all layers and
+  the default policy (a logistic model per layer);
 - calibrated on one half of the held-out queries and evaluated on the other, both ways (as
   `adainfer bench` calibrates), or on the task's pool (`--calibrate-on pool`);
-- the bound: the settled oracle, how well the features can see it, and the default policy's
+- the bound: the settled oracle, how well the features can see it, and each logistic policy's
   accuracy / saving trade-off threshold by threshold.
 
-    python bench/plan_quality.py results/qwen2.5-0.5b --task sst2 --shots 5 --check-cost 1:1.23,8:0.20,32:0.10
+    adainfer collect --model qwen2.5-0.5b --dtype bfloat16 --task sst2 --shots 5 --n-test 872 --n-train 0 \
+        --held-out --data-dir ../shared/data --out results/qwen2.5-0.5b-sst2-872
+    python bench/plan_quality.py results/qwen2.5-0.5b --test-traces results/qwen2.5-0.5b-sst2-872 \
+        --task sst2 --shots 5 --check-cost 1:1.19,8:0.18,32:0.10
 
 Prints markdown; --out writes it with the numbers as JSON.
 """

@@ -7,8 +7,8 @@ For each model, dtype, task and batch size, in one process, the variants run int
           forward: what a user gets);
 - hooks:  the hooked engine running every layer with no check (the engine's own overhead);
 - policy: adainfer with the default policy, or a given one. The default: a logistic
-          classifier on gap, top prob, entropy and depth that predicts "this layer's answer is
-          already the full model's", with its stop threshold and its check schedule (one per
+          classifier per layer on gap, top prob and entropy that predicts "this layer's answer
+          is already the full model's", with its stop threshold and its check schedule (one per
           batch size) planned out of fold on calibration traces for the measured check cost;
 - oracle: the oracle exit (earliest layer whose top-1 is gold) through the same engine.
 Reported per row: accuracy, exit layer, checks, paper and true FLOPs ratios, median wall time,

@@ -245,9 +245,10 @@ class LayerLogisticExit(LogisticExit):
     """One logistic regression per layer, with a probability threshold like `LogisticExit`.
 
     What a settled answer looks like changes with depth (gap and entropy drift layer by layer),
-    which one linear model with depth as a feature cannot follow: on 872 Qwen2.5 SST-2 5-shot
-    queries, checking every layer from 12, per-layer models kept accuracy within 0.5 points
-    while getting 64% of the oracle's layer saving, one shared model 55% (threshold 0.9 both).
+    which one linear model with depth as a feature cannot follow. On 872 Qwen2.5 SST-2 5-shot
+    queries, checking every layer from 12 at threshold 0.9, per-layer models lose 0.5 points
+    and get 70% of the oracle's layer saving, one shared model loses 2.6 points for 58%
+    (bench/plan_quality.py).
     Needs `layer_frac` among its features to tell the layers apart; a layer whose labels are
     all equal gets that constant probability. Still one dot product per row."""
 
