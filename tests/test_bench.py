@@ -52,7 +52,8 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(saved_
               policy_path=str(tmp_path / "gap.safetensors"), shortlist=8, progress=False)  # fmt: skip
     result = bench.run_bench((model_dir,), out, **kw)
     assert [r["batch_size"] for r in result["rows"]] == [1, 2]
-    assert (out / "bench.md").read_text().count("\n") == 4
+    table, targets = (out / "bench.md").read_text().split("Targets")
+    assert table.strip().count("\n") == 3 and targets.count("\n- ") == 4
     (saved,) = (out / "policies").glob("*tiny-llama*-float32-capitalize.safetensors")
     policy = load_policy(saved)
     assert set(policy.check_plans_) == {1, 2}
@@ -84,3 +85,19 @@ def test_calibration_comes_from_the_timed_queries_split_but_never_the_same_queri
     assert not {q.prompt.rsplit("Q: ", 1)[1] for q in calibration} & {q.prompt.rsplit("Q: ", 1)[1] for q in timed}
     test_split = {e.input for e in load_benchmark("sst2", SHARED_DATA).examples}  # whole sentences, not pool phrases
     assert all(q.prompt.rsplit("Q: ", 1)[1].removesuffix("\nA:") in test_split for q in calibration)
+
+
+def test_targets_name_the_worst_cell_and_whether_each_is_met():
+    from adainfer.report import bench_targets
+
+    def row(bs, policy, never, flops, true_flops, peak_policy):
+        return {"model": "m", "dtype": "bfloat16", "task": "sst2", "batch_size": bs, "policy/plain": policy, "never/plain": never,
+                "policy": {"flops_ratio": flops, "true_flops_ratio": true_flops}, "peak_mem_plain_mb": 100.0,
+                "peak_mem_policy_mb": peak_policy}  # fmt: skip
+
+    rows = [row(1, 1.00, 1.01, 1.0, 1.0, 100.0), row(8, 0.95, 1.09, 0.9, 0.9, 105.0), row(32, 1.05, 1.02, 0.9, 0.9, 120.0)]
+    lines = bench_targets(rows).splitlines()
+    assert lines[0].startswith("- never slower") and "NOT met, 2 of 3 cells within" in lines[0] and "bs 32" in lines[0]
+    assert ": met, 2 of 2" in lines[1]  # batch 8's 1.09 is outside the overhead target's batch sizes
+    assert "NOT met, 1 of 2" in lines[2] and "1.050 against 1.035" in lines[2]  # only the cells that save layers
+    assert "NOT met, 2 of 3" in lines[3] and "120.000 against 111.000" in lines[3]

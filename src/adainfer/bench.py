@@ -255,9 +255,9 @@ def run_bench(
             del engine, lm
     result = {"rows": rows, "settings": settings, "machine": machine()}
     write_json(out / "bench.json", result)
-    from .report import bench_table
+    from .report import bench_table, bench_targets
 
-    (out / "bench.md").write_text(bench_table(rows) + "\n")
+    (out / "bench.md").write_text(bench_table(rows) + "\n\nTargets (speed issue):\n\n" + bench_targets(rows) + "\n")
     return result
 
 

@@ -128,6 +128,37 @@ def bench_table(rows) -> str:
     return _md(header, body)
 
 
+def bench_targets(rows) -> str:
+    """The speed issue's time and memory targets, checked on the grid: each one's worst cell.
+
+    Conversion applies where the policy saves layers (paper FLOPs below 100%). Memory compares
+    the peaks above the resident model (the loaded weights are the same for both), with 1 MB
+    of slack for the sampled resident set's granularity."""
+
+    def cell(r):
+        return f"{r['model']} {r['dtype']} {r['task']} bs {r['batch_size']}"
+
+    def worst(name, limit_of, value_of, cells):
+        cells = [r for r in cells if limit_of(r) is not None]
+        if not cells:
+            return f"- {name}: no cell applies"
+        r = max(cells, key=lambda r: value_of(r) - limit_of(r))
+        met = all(value_of(c) <= limit_of(c) for c in cells)
+        return (f"- {name}: {'met' if met else 'NOT met'}, {sum(value_of(c) <= limit_of(c) for c in cells)} of {len(cells)} "
+                f"cells within; worst {value_of(r):.3f} against {limit_of(r):.3f} ({cell(r)})")  # fmt: skip
+
+    saves = [r for r in rows if r["policy"]["flops_ratio"] < 1]
+    return "\n".join([
+        worst("never slower, policy/plain <= 1.03", lambda r: 1.03, lambda r: r["policy/plain"], rows),
+        worst("overhead, never/plain <= 1.05 at batch 1 and 32", lambda r: 1.05 if r["batch_size"] in (1, 32) else None,
+              lambda r: r["never/plain"], rows),
+        worst("conversion, policy/plain <= 1.10 x true FLOPs ratio at batch 1, 1.15 x above",
+              lambda r: (1.10 if r["batch_size"] == 1 else 1.15) * r["policy"]["true_flops_ratio"], lambda r: r["policy/plain"], saves),
+        worst("memory, policy peak <= plain peak + 10% + 1 MB (MB above the resident model)",
+              lambda r: 1.10 * r["peak_mem_plain_mb"] + 1.0, lambda r: r["peak_mem_policy_mb"], rows),
+    ])  # fmt: skip
+
+
 def reproduce_tables(results: dict) -> str:
     rows, cfg = results["rows"], results["config"]
     tasks = cfg["tasks"]
