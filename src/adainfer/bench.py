@@ -75,6 +75,11 @@ def _release_large_blocks():
         pass
 
 
+def resident_memory(device) -> int:
+    """Bytes in use now: the process's resident set on CPU, allocated tensors on GPU."""
+    return torch.cuda.memory_allocated() if torch.device(device).type == "cuda" else _rss()
+
+
 def peak_memory(fn, device) -> int:
     """Peak bytes allocated by fn() above what was in use before it."""
     if torch.device(device).type == "cuda":
@@ -136,14 +141,22 @@ def _time_variants(engine, batches, policy, repeats: int, shortlist=None):
     return {v: t[1:] for v, t in seconds.items()}, results
 
 
+MIN_PAIRED = 9  # paired (batch, repeat) ratios per cell at least
+
+
 def bench_cell(engine, queries, policy, *, batch_size: int, repeats: int, device, shortlist=None) -> dict:
     """One model, dtype, task and batch size. `shortlist`: (engine with shortlist checks, the
-    policy planned for it), timed as one more variant."""
+    policy planned for it), timed as one more variant.
+
+    A cell with few batches gets more repeats, up to `MIN_PAIRED` paired ratios: with 32 queries
+    at batch 32, 3 repeats gave 3 ratios, and two variants running the same plain forward
+    differed by 9%."""
     batches = []
     for i in range(0, len(queries), batch_size):
         qs = queries[i : i + batch_size]
         prompts = [q.prompt for q in qs]
         batches.append({"prompts": prompts, "gold": [q.gold for q in qs], "enc": engine.encode(prompts)})
+    repeats = max(repeats, -(-MIN_PAIRED // len(batches)))
     seconds, results = _time_variants(engine, batches, policy, repeats, shortlist)
     gold = np.array([q.gold for q in queries])
     row = {"batch_size": batch_size, "n": len(queries), "repeats": repeats}
@@ -174,6 +187,7 @@ def bench_cell(engine, queries, policy, *, batch_size: int, repeats: int, device
         "plain": lambda: plain_forward(engine.model, first["enc"]),
         "policy": lambda: engine.run(first["prompts"], policy),
     }
+    row["resident_mb"] = resident_memory(device) / 2**20  # the model and everything else already held
     row["peak_mem_plain_mb"] = peak_memory(mem["plain"], device) / 2**20
     row["peak_mem_policy_mb"] = peak_memory(mem["policy"], device) / 2**20
     return row
