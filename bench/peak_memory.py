@@ -3,8 +3,8 @@
 `adainfer bench` measures this too, once per cell after the timing; this re-measures it alone,
 e.g. after a memory fix, without the hour of timing:
 
-    python bench/peak_memory.py --model gemma3-270m --dtype bfloat16 --task capitalize --batch-size 32 \\
-        --policy results/bench-grid/policies/gemma3-270m-bfloat16-capitalize.safetensors --data-dir ../shared/data
+    python bench/peak_memory.py --model gemma3-270m --dtype bfloat16 --task sst2 --batch-size 32 \\
+        --policy results/bench/policies/gemma3-270m-bfloat16-sst2.safetensors --data-dir ../shared/data
 
 Prints, in MB, the peak above the resident set before each call (what a batch adds) and the
 process's total peak (weights included).
