@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adainfer.bench import DEFAULT_TARGET, default_policy
+from adainfer.bench import DEFAULT_TARGET
 from adainfer.checks import (
     THRESHOLDS,
     _with_threshold,
@@ -51,26 +51,29 @@ from adainfer.report import _layers, _md
 MODES = (("in-sample, accuracy only", 1, 0.0), ("out of fold, accuracy only", 5, 0.0), ("out of fold, 99% agreement", 5, None))
 
 
-def frontier(splits, oracle: float, make=None) -> dict:
-    """A policy's (default: the default one's) accuracy / saving trade-off on the held-out
-    queries, threshold by threshold, checking every layer from L/2 (check cost aside): the best
-    any plan of it gets."""
-    make = make or default_policy
+def fitted(make, target: str, traces: Traces):
+    policy = make().fit(*traces.training_arrays(make().features, target))
+    policy.target_ = target
+    return policy
+
+
+def frontier(splits, fits, oracle: float) -> dict:
+    """The accuracy / saving trade-off of a policy (`fits`: fitted on each split's calibration
+    half) on the held-out queries, threshold by threshold, checking every layer from L/2 (check
+    cost aside): the best any plan of it gets."""
     L, rows, body = splits[0][1].num_layers, [], []
+    full = float(np.concatenate([ev.top1[:, -1] == ev.gold for _, ev in splits]).mean())
     for t in THRESHOLDS:
-        got = []
-        for cal, ev in splits:
-            policy = make().fit(*cal.training_arrays(make().features, DEFAULT_TARGET))
-            got.append(simulate(_with_threshold(policy, t), ev, check_layers=range(L // 2, L)))
+        got = [simulate(_with_threshold(copy.deepcopy(policy), t), ev, check_layers=range(L // 2, L))
+               for policy, (_, ev) in zip(fits, splits)]  # fmt: skip
         correct, agrees = np.concatenate([r.correct for r in got]), np.concatenate([r.agrees for r in got])
-        full = float(np.concatenate([ev.top1[:, -1] == ev.gold for _, ev in splits]).mean())
         exit_layer = float(np.concatenate([r.exit_layer for r in got]).mean())
         share = (L - exit_layer) / (L - oracle) if oracle < L else None
         rows.append(dict(threshold=t, accuracy_delta=float(correct.mean()) - full, agreement=float(agrees.mean()),
                          mean_exit_layer=exit_layer, share_of_oracle_saving=share))  # fmt: skip
         body.append([t, f"{100 * (correct.mean() - full):+.1f}", f"{100 * agrees.mean():.1f}", f"{exit_layer:.2f}",
                      "-" if share is None else f"{100 * share:.0f}%"])  # fmt: skip
-    text = (f"Trade-off of {type(make()).__name__} on the held-out queries, every layer from {L // 2} checked:\n\n"
+    text = (f"Trade-off of {type(fits[0]).__name__} on the held-out queries, every layer from {L // 2} checked:\n\n"
             + _md(["threshold", "accuracy vs full (points)", "agreement with full (%)", "exit layer", "share of oracle saving"], body))
     return {"text": text, "rows": rows}
 
@@ -148,14 +151,14 @@ def main(argv=None):
     L = test.num_layers
     full = float((test.top1[:, -1] == test.gold).mean())
     oracle = float(oracle_bounds(test)["first_correct"].mean())
+    # each policy is fitted once per calibration half; the planning modes and the frontier share it
+    fits = {name: [fitted(make, target, cal) for cal, _ in splits] for name, (make, target, _) in policies.items()}
     rows, body = [], []
     for (name, (make, target, thresholds)), (mode, folds, agreement) in itertools.product(policies.items(), MODES):
         if agreement is None and args.min_agreement is not None:
             agreement, mode = args.min_agreement, f"out of fold, {100 * args.min_agreement:g}% agreement"
         per_bs = {bs: [] for bs in costs}  # (plan, replay) per split
-        for cal, ev in splits:
-            policy = make().fit(*cal.training_arrays(make().features, target))
-            policy.target_ = target
+        for policy, (cal, ev) in zip(fits[name], splits):
             plans = plan_checks_by_batch(policy, cal, costs, tolerance=args.tolerance, folds=folds, min_agreement=agreement,
                                          thresholds=thresholds)  # fmt: skip
             for bs, plan in plans.items():
@@ -185,7 +188,7 @@ def main(argv=None):
     head = (f"{meta['model']['model_id']}, {args.task} {args.shots}-shot, {len(test)} held-out queries; plans calibrated on "
             f"{where[args.calibrate_on]}; tolerance {args.tolerance}")
     bound = settled_bound(test)
-    fronts = {name: frontier(splits, oracle, make) for name, (make, _, thresholds) in policies.items() if thresholds}
+    fronts = {name: frontier(splits, fits[name], oracle) for name, (_, _, thresholds) in policies.items() if thresholds}
     table += "\n\n" + bound["text"] + "".join("\n\n" + f["text"] for f in fronts.values())
     print(head + "\n\n" + table)
     if args.out:

@@ -142,12 +142,17 @@ class GapThreshold(ExitPolicy):
 
 
 # ----------------------------------------------------------------------------- trained classifiers
+def _mean_scale(X) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and standard deviations, a constant column scaled by 1 (it stays 0)."""
+    std = X.std(0)
+    return X.mean(0), np.where(std > 1e-12, std, 1.0)
+
+
 class _Standardized(ExitPolicy):
     """Trained policies standardise features with training mean / std (kept as arrays)."""
 
     def _set_scaler(self, X):
-        self.mean_ = X.mean(0)
-        self.scale_ = np.where(X.std(0) > 1e-12, X.std(0), 1.0)
+        self.mean_, self.scale_ = _mean_scale(X)
 
     def _scale(self, X):
         return (_as_2d(X, self.features) - self.mean_) / self.scale_
@@ -270,8 +275,7 @@ class LayerLogisticExit(LogisticExit):
         self.mean_, self.scale_, self.coef_, self.intercept_ = np.zeros((K, F)), np.ones((K, F)), np.zeros((K, F)), np.zeros(K)
         for k, d in enumerate(self.depths_):
             Xk, yk = X[depth == d], y[depth == d]
-            self.mean_[k], std = Xk.mean(0), Xk.std(0)
-            self.scale_[k] = np.where(std > 1e-12, std, 1.0)
+            self.mean_[k], self.scale_[k] = _mean_scale(Xk)
             if 0 < yk.sum() < len(yk):
                 lr = LogisticRegression(C=self.C, max_iter=1000).fit((Xk - self.mean_[k]) / self.scale_[k], yk)
                 self.coef_[k], self.intercept_[k] = lr.coef_[0], lr.intercept_[0]
