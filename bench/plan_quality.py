@@ -8,8 +8,8 @@ recorded with `adainfer collect --held-out` (`--test-traces`); replay equals liv
 (tests/test_offline.py):
 
 - planning as before this work (in-sample, accuracy only), out of fold, and out of fold with the
-  99% agreement test (the default), for the paper's SVM, one logistic model for all layers and
-  the default policy (a logistic model per layer);
+  agreement test (`--min-agreement`, default `checks.MIN_AGREEMENT`), for the paper's SVM, one
+  logistic model for all layers and the default policy (a logistic model per layer);
 - calibrated on one half of the held-out queries and evaluated on the other, both ways (as
   `adainfer bench` calibrates), or on the task's pool (`--calibrate-on pool`);
 - the bound: the settled oracle, how well the features can see it, and each logistic policy's
@@ -35,6 +35,7 @@ import numpy as np
 
 from adainfer.bench import DEFAULT_TARGET
 from adainfer.checks import (
+    MIN_AGREEMENT,
     THRESHOLDS,
     _with_threshold,
     check_cost_layers,
@@ -47,8 +48,9 @@ from adainfer.offline import Traces, oracle_bounds, simulate
 from adainfer.policies import LayerLogisticExit, LogisticExit, SVMExit
 from adainfer.report import _layers, _md
 
-# (planning, folds, min agreement): as before this session, out of fold, and the default now
-MODES = (("in-sample, accuracy only", 1, 0.0), ("out of fold, accuracy only", 5, 0.0), ("out of fold, 99% agreement", 5, None))
+# (planning, folds, min agreement): as before the planner was judged out of fold, out of fold,
+# and as `adainfer` plans (None: the --min-agreement given)
+MODES = (("in-sample, accuracy only", 1, 0.0), ("out of fold, accuracy only", 5, 0.0), ("out of fold, {}% agreement", 5, None))
 
 
 def fitted(make, target: str, traces: Traces):
@@ -121,7 +123,7 @@ def main(argv=None):
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--check-cost", type=_check_cost, default={1: 1.0}, help="decoder layers per check, or BATCH:COST pairs")
     p.add_argument("--tolerance", type=float, default=0.01)
-    p.add_argument("--min-agreement", type=float, default=None, help="for the agreement-tested plans (default 1 - tolerance)")
+    p.add_argument("--min-agreement", type=float, default=MIN_AGREEMENT, help="for the agreement-tested plans (default: %(default)s)")
     p.add_argument("--calibrate-on", choices=("held-out", "pool"), default="held-out",
                    help="held-out: two halves of the held-out queries, each calibrating the plan for the other (what "
                         "`adainfer bench` does); pool: the run's training traces (the task's demonstration pool)")
@@ -155,8 +157,8 @@ def main(argv=None):
     fits = {name: [fitted(make, target, cal) for cal, _ in splits] for name, (make, target, _) in policies.items()}
     rows, body = [], []
     for (name, (make, target, thresholds)), (mode, folds, agreement) in itertools.product(policies.items(), MODES):
-        if agreement is None and args.min_agreement is not None:
-            agreement, mode = args.min_agreement, f"out of fold, {100 * args.min_agreement:g}% agreement"
+        if agreement is None:
+            agreement, mode = args.min_agreement, mode.format(f"{100 * args.min_agreement:g}")
         per_bs = {bs: [] for bs in costs}  # (plan, replay) per split
         for policy, (cal, ev) in zip(fits[name], splits):
             plans = plan_checks_by_batch(policy, cal, costs, tolerance=args.tolerance, folds=folds, min_agreement=agreement,

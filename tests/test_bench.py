@@ -1,6 +1,7 @@
 """The benchmark's machinery on a tiny model (its numbers belong in results/, not in tests)."""
 
 import numpy as np
+import pytest
 import torch
 from conftest import char_tokenizer, tiny_model
 
@@ -70,6 +71,31 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(saved_
     monkeypatch.setattr(bench, "bench_cell", no_more_cells)
     assert bench.run_bench((model_dir,), out, **kw)["rows"] == json.loads((out / "bench.json").read_text())["rows"]
 
+    # another agreement test that picks the same plans: the cells ran exactly so, keep their timing
+    before = json.loads((out / "bench.json").read_text())["rows"]
+    rows = bench.run_bench((model_dir,), out, **kw, min_agreement=0.5)["rows"]
+    assert [r["check_layers"] for r in rows] == [r["check_layers"] for r in before]
+    assert all(r["min_agreement"] == 0.5 and r["timed_with_min_agreement"] == bench.MIN_AGREEMENT for r in rows)
+
+    # other timing settings never overwrite a finished grid
+    with pytest.raises(ValueError, match="other settings"):
+        bench.run_bench((model_dir,), out, **{**kw, "repeats": 2})
+    assert json.loads((out / "bench.json").read_text())["rows"] == rows
+
+
+def test_a_cell_is_retimed_when_its_plan_changes():
+    from adainfer.bench import _same_plan
+    from adainfer.checks import CheckPlan
+
+    def plan(layers, threshold):
+        return CheckPlan(layers, 20.0, 0.7, 0.7, 0.2, 10, True, 0.99, threshold)
+
+    row = {"check_layers": [19, 22], "threshold": 0.9, "shortlist_check_layers": [], "shortlist_threshold": 0.5}
+    assert _same_plan(row, plan((19, 22), 0.9), plan((), 0.9))  # no shortlist check: its threshold is moot
+    assert not _same_plan(row, plan((19, 22), 0.85), None)  # same layers, another stop threshold
+    assert not _same_plan(row, plan((19,), 0.9), None)
+    assert not _same_plan(row, plan((19, 22), 0.9), plan((20,), 0.5))
+
 
 def test_calibration_comes_from_the_timed_queries_split_but_never_the_same_queries():
     from conftest import SHARED_DATA
@@ -78,8 +104,6 @@ def test_calibration_comes_from_the_timed_queries_split_but_never_the_same_queri
     from adainfer.benchmarks import load_benchmark
 
     if not SHARED_DATA.exists():
-        import pytest
-
         pytest.skip("shared data folder not present")
     calibration, timed = _calibration_and_timed(char_tokenizer(), ["sst2"], 1, 6, 4, 0, SHARED_DATA)
     assert len(calibration) == 6 and len(timed) == 4

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checks import (
+    MIN_AGREEMENT,
     THRESHOLDS,
     apply_plans,
     measure_check_cost,
@@ -206,6 +207,7 @@ def run_bench(
     n_train: int = 40,
     repeats: int = 3,
     policy_path: str | None = None,
+    min_agreement: float | None = None,
     shortlist: int | None = 256,
     device: str = "cpu",
     data_dir=None,
@@ -216,9 +218,17 @@ def run_bench(
 
     _release_large_blocks()
     out = Path(out_dir)
+    min_agreement = MIN_AGREEMENT if min_agreement is None else min_agreement
+    # what a cell's timing depends on; the plan's agreement test is recorded per row instead
     settings = dict(shots=shots, n_queries=n_queries, n_train=n_train, repeats=repeats, seed=seed, policy=policy_path, shortlist=shortlist)
-    rows = _finished_rows(out / "bench.json", settings)  # a killed run resumes at its next cell
-    done = {(r["model"], r["dtype"], r["task"], r["batch_size"]) for r in rows}
+    rows = {_key(r): r for r in _finished_rows(out / "bench.json", settings)}  # a killed run resumes at its next cell
+    done = {k for k, r in rows.items() if r["min_agreement"] == min_agreement}
+
+    def save():  # after every cell, so a killed grid loses at most the cell it was timing
+        result = {"rows": list(rows.values()), "settings": settings, "machine": machine()}
+        write_json(out / "bench.json", result)
+        return result
+
     for model_name in models:
         for dtype in dtypes:
             if all((model_name, dtype, t, b) in done for t in tasks for b in batch_sizes):
@@ -246,32 +256,38 @@ def run_bench(
                 policy, traces, tune = _calibrated(cal_dir, task, policy_path, lm)
                 replays = replay_schedules(policy, traces, thresholds=tune)  # shared by both kinds of check
                 if shortlist:  # the same fitted classifier, planned for the shortlist engine's costs
-                    short_plans = plan_checks_by_batch(policy, traces, cost, shortlist_costs=short, replays=replays)
+                    short_plans = plan_checks_by_batch(policy, traces, cost, shortlist_costs=short, replays=replays, min_agreement=min_agreement)
                     short_policy = apply_plans(copy.deepcopy(policy), short_plans)
                     save_policy(short_policy, out / "policies" / f"{name}-{dtype}-{task}-shortlist{shortlist}.safetensors", model=lm, shortlist=shortlist)
-                plans = plan_checks_by_batch(policy, traces, cost, replays=replays)
+                plans = plan_checks_by_batch(policy, traces, cost, replays=replays, min_agreement=min_agreement)
                 save_policy(apply_plans(policy, plans), out / "policies" / f"{name}-{dtype}-{task}.safetensors", model=lm)
                 queries = [q for q in test if q.task == task]
                 for bs in tqdm(batch_sizes, desc=f"{model_name} {dtype} {task}", disable=not progress):
-                    if (model_name, dtype, task, bs) in done:
+                    key = (model_name, dtype, task, bs)
+                    if key in done:
+                        continue
+                    if key in rows and _same_plan(rows[key], plans[bs], short_plans[bs] if shortlist else None):
+                        # timed under another agreement test that chose this very plan: the same run
+                        rows[key].setdefault("timed_with_min_agreement", rows[key]["min_agreement"])
+                        rows[key]["min_agreement"] = min_agreement
+                        save()
                         continue
                     row = bench_cell(engine, queries, policy, batch_size=bs, repeats=repeats, device=device,
                                      shortlist=(short_engine, short_policy) if shortlist else None)  # fmt: skip
                     row.update(model=model_name, dtype=dtype, task=task, shots=shots, check_cost_layers=cost[bs],
                                check_cost_bf16_head_layers=cheap[bs], check_layers=list(plans[bs].check_layers),
                                planned_cost_layers=plans[bs].expected_cost, plan_held_out=plans[bs].held_out,
-                               threshold=plans[bs].threshold)
+                               threshold=plans[bs].threshold, min_agreement=min_agreement)
                     if shortlist:
                         row.update(shortlist_size=shortlist, check_cost_shortlist_layers=short[bs],
                                    shortlist_check_layers=list(short_plans[bs].check_layers), shortlist_threshold=short_plans[bs].threshold)
-                    rows.append(row)
-                    write_json(out / "bench.json", {"rows": rows, "settings": settings, "machine": machine()})  # as we go
+                    rows[key] = row
+                    save()
             del engine, lm
-    result = {"rows": rows, "settings": settings, "machine": machine()}
-    write_json(out / "bench.json", result)
+    result = save()
     from .report import bench_table, bench_targets
 
-    (out / "bench.md").write_text(bench_table(rows) + "\n\nTargets (speed issue):\n\n" + bench_targets(rows) + "\n")
+    (out / "bench.md").write_text(bench_table(result["rows"]) + "\n\nTargets (speed issue):\n\n" + bench_targets(result["rows"]) + "\n")
     return result
 
 
@@ -300,16 +316,37 @@ def _calibrated(cal_dir, task, policy_path, model):
     return fit_policy(cal_dir, default_policy(), [task], target=DEFAULT_TARGET), traces, THRESHOLDS
 
 
+def _key(row) -> tuple:
+    return row["model"], row["dtype"], row["task"], row["batch_size"]
+
+
 def _finished_rows(path: Path, settings: dict) -> list[dict]:
     """Rows of an earlier run with the same settings (cells are independent: each times its
-    variants side by side), so an interrupted grid does not start over."""
+    variants side by side), so an interrupted grid does not start over; a grid with other
+    settings is never overwritten."""
     if not path.exists():
         return []
     try:
         previous = json.loads(path.read_text())
     except json.JSONDecodeError:
         return []
-    return previous["rows"] if previous.get("settings") == settings else []
+    if previous.get("settings") != settings:
+        raise ValueError(f"{path} holds a grid run with other settings ({previous.get('settings')}; now {settings}): "
+                         "give another --out-dir, or move that file away to start over")
+    for r in previous["rows"]:
+        r.setdefault("min_agreement", 0.99)  # rows from before it was recorded were planned at 0.99
+    return previous["rows"]
+
+
+def _same_plan(row, plan, short_plan) -> bool:
+    """Would the cell run exactly as timed in `row`? The classifier is refitted on the same
+    traces, so its check layers and stop threshold decide every exit (no check: no threshold)."""
+
+    def same(layers, threshold, p):
+        return list(layers) == list(p.check_layers) and (not layers or threshold == p.threshold)
+
+    return same(row["check_layers"], row["threshold"], plan) and (
+        short_plan is None or same(row["shortlist_check_layers"], row["shortlist_threshold"], short_plan))
 
 
 def machine() -> dict:

@@ -74,6 +74,20 @@ def _data_dir_arg(p):
     p.add_argument("--data-dir", default=None, help="local copy of the benchmark data (layout of shared/data); default $ADAINFER_DATA_DIR, else the Hugging Face hub via `datasets`")
 
 
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a share of queries is between 0 and 1, got {text}")
+    return value
+
+
+def _min_agreement_arg(p, prefix: str):
+    from .checks import MIN_AGREEMENT
+
+    p.add_argument("--min-agreement", type=_share, default=None, help=f"{prefix}the share of calibration queries whose answer a check "
+                   f"plan must keep equal to the full model's (default {MIN_AGREEMENT}; lower trades agreement for layers)")
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -112,8 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-cost", type=_check_cost, default=None, help="cost of one exit check in decoder layers (see `adainfer bench`, column check_cost_layers), "
                    "or per batch size as 1:1.2,8:0.2,32:0.1: learns where checking pays and stores that schedule (one per batch size); "
                    "omit to check every layer as in the paper")
-    p.add_argument("--min-agreement", type=float, default=None, help="with --check-cost: the share of calibration queries whose answer "
-                   "a plan must keep equal to the full model's (default 0.99; lower trades accuracy for layers)")
+    _min_agreement_arg(p, "with --check-cost: ")
     p.add_argument("--out", required=True, help="policy file to write (.safetensors)")
 
     p = sub.add_parser("eval", help="evaluate policies against the full model on held-out queries",
@@ -169,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-queries", type=int, default=32, help="timed queries per task (default: %(default)s)")
     p.add_argument("--n-train", type=int, default=40, help="calibration queries per task for the default policy and its check plan (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per variant; medians are reported (default: %(default)s)")
-    p.add_argument("--policy", default=None, help="a saved policy file instead of the default (SVM on gap, top_prob, layer_frac)")
+    p.add_argument("--policy", default=None, help="a saved policy file instead of the default (a logistic regression per layer on gap, "
+                   "top_prob and entropy, fitted on the calibration queries)")
+    _min_agreement_arg(p, "")
     p.add_argument("--shortlist", type=int, default=256, help="also time shortlist checks on this many candidate tokens per row, "
                    "with their own plan (0: skip) (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
@@ -257,7 +272,7 @@ def cmd_bench(args):
     run_bench(
         tuple(args.model or ["smollm2-135m"]), args.out_dir, tasks=tuple(args.task or ["sst2", "capitalize"]), shots=args.shots,
         batch_sizes=args.batch_sizes, dtypes=tuple(args.dtypes.split(",")), n_queries=args.n_queries, n_train=args.n_train,
-        repeats=args.repeats, policy_path=args.policy, shortlist=args.shortlist or None, device=args.device, data_dir=args.data_dir,
+        repeats=args.repeats, policy_path=args.policy, min_agreement=args.min_agreement, shortlist=args.shortlist or None, device=args.device, data_dir=args.data_dir,
     )
     print((Path(args.out_dir) / "bench.md").read_text())  # the table and the targets
     print(f"wrote {args.out_dir}/bench.md and bench.json")

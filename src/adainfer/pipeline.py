@@ -24,7 +24,7 @@ def fit_policy(data_dir, policy: ExitPolicy, tasks: Sequence[str] | None = None,
     where checking pays, per batch size, and (`tune_threshold`, for policies with a stop
     threshold) how sure it must be to stop (`checks.plan_checks_by_batch`); without, it checks
     every layer as in the paper. A plan must keep `min_agreement` of the full model's answers
-    on calibration queries it was not fitted on (default 0.99)."""
+    on calibration queries it was not fitted on (default `checks.MIN_AGREEMENT`)."""
     table, meta = load_collected(data_dir, tasks)
     if table.num_rows == 0:
         raise ValueError(f"no collected rows in {data_dir}" + (f" for tasks {list(tasks)}" if tasks else ""))
