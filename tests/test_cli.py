@@ -92,3 +92,8 @@ def test_fit_learns_final_targets_and_a_threshold(model_dir, tmp_path, capsys):
     policy = load_policy(out)
     assert policy.target_ == "final" and set(policy.check_plans_) == {1, 8}
     assert "stop threshold" in said and np.isfinite(policy.threshold)
+
+    # the bench's default policy, with its own features (it needs depth to tell layers apart)
+    out = tmp_path / "layer.safetensors"
+    assert main(["fit", "--data", str(data), "--policy", "layer-logistic", "--target", "final", "--out", str(out)]) == 0
+    assert "layer_frac" in load_policy(out).features

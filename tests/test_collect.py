@@ -58,6 +58,17 @@ def test_killed_run_resumes_without_redoing_work(setup, tmp_path, monkeypatch):
     assert table.num_rows == len(queries) * 4
 
 
+def test_prompts_of_similar_length_share_a_batch(setup, tmp_path, monkeypatch):
+    engine, queries = setup
+    real_run, batches = engine.run, []
+    monkeypatch.setattr(engine, "run", lambda prompts, *a, **k: (batches.append([len(p) for p in prompts]), real_run(prompts, *a, **k))[1])
+    collect(engine, queries, tmp_path, batch_size=3, progress=False)
+    lengths = sorted((len(q.prompt) for q in queries), reverse=True)
+    assert len(set(lengths)) > 3  # the order matters here
+    assert [n for b in batches for n in b] == lengths  # padded to their own length, not a random neighbour's
+    assert collected_ids(tmp_path) == {q.id for q in queries}
+
+
 def test_collect_folder_of_another_model_is_refused(setup, tmp_path):
     engine, queries = setup
     collect(engine, queries[:2], tmp_path, progress=False)

@@ -1,8 +1,8 @@
 """Where to check: an exit check is a cost, so the check schedule is part of the policy.
 
 One check (final norm + LM head on the active rows' last position) costs `c` decoder layers,
-measured on the model and batch size at hand (`measure_check_cost`; 0.3-4.5 layers on small
-models). `plan_checks` replays a fitted policy on calibration traces under candidate schedules
+measured on the model and batch size at hand (`measure_check_cost`; 0.08-3.5 layers for the
+small models of results/bench, bf16, batch 32 to 1). `plan_checks` replays a fitted policy on calibration traces under candidate schedules
 (every s-th layer from layer m, and "no check at all") and keeps the cheapest one whose
 accuracy stays within `tolerance` of the full model AND whose answers agree with the full
 model's on at least `MIN_AGREEMENT` of the queries, counting cost as exit layer + c x checks.

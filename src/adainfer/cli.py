@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .features import ALL_FEATURES, PAPER_FEATURES
+from .features import ALL_FEATURES
 from .policies import POLICIES
 
 
@@ -115,10 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
 
     p = sub.add_parser("fit", help="train an exit policy on collected data and save it (no pickle)",
-                       description="Train a policy (svm, crf, logistic; gap/never/oracle need no training) on a collect folder and save it as a .safetensors policy file that records the model it is for.")
+                       description="Train a policy (svm, crf, logistic, layer-logistic; gap/never/oracle need no training) on a collect folder and save it as a .safetensors policy file that records the model it is for.")
     p.add_argument("--data", required=True, help="folder written by `adainfer collect`")
     p.add_argument("--policy", default="svm", choices=sorted(POLICIES), help="policy type (default: %(default)s)")
-    p.add_argument("--features", type=_features, default=PAPER_FEATURES, help="comma-separated features (default: gap,top_prob, the paper's)")
+    p.add_argument("--features", type=_features, default=None, help="comma-separated features (default: the policy's own: "
+                   "gap,top_prob, the paper's; gap,top_prob,entropy,layer_frac for layer-logistic, which needs layer_frac)")
     p.add_argument("--param", type=_param, action="append", default=[], help="policy parameter KEY=VALUE, e.g. threshold=0.9 or C=10")
     p.add_argument("--tasks", help="comma-separated subset of collected tasks to train on")
     p.add_argument("--target", choices=("gold", "final"), default="gold", help="what the classifier learns per layer: gold (the paper: "

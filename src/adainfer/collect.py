@@ -54,6 +54,10 @@ def collect(
     done = collected_ids(out)
     # shard by position in the full list, never by what is left: ranks may start at different times
     todo = [q for i, q in enumerate(queries) if i % world_size == rank and q.id not in done]
+    # batch prompts of similar length: in the order given, padding made Qwen2.5's 5-shot batches
+    # 31% longer than their prompts (72% zero-shot). Longest first: a prompt too long for the
+    # model or the memory fails at once, and the progress bar's estimate errs on the safe side.
+    todo.sort(key=lambda q: len(q.prompt), reverse=True)
     policy = NeverExit(features=tuple(features))
     all_layers = list(range(1, engine.num_layers + 1))
     first = len(list(out.glob(f"part-r{rank}-*.parquet")))
