@@ -82,6 +82,15 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(saved_
         bench.run_bench((model_dir,), out, **{**kw, "repeats": 2})
     assert json.loads((out / "bench.json").read_text())["rows"] == rows
 
+    # the report alone, from bench.json (a grid stopped part-way has no fresh bench.md)
+    md = (out / "bench.md").read_text()
+    (out / "bench.md").unlink()
+    from adainfer.cli import main
+
+    assert main(["bench", "--report-only", "--out-dir", str(out)]) == 0
+    assert (out / "bench.md").read_text() == md
+    assert main(["bench", "--report-only", "--out-dir", str(tmp_path / "nothing")]) == 2
+
 
 def test_a_cell_is_retimed_when_its_plan_changes():
     from adainfer.bench import _same_plan

@@ -49,7 +49,7 @@ from .engine import AdaptiveEngine, ExitResult, plain_forward
 from .features import ALL_FEATURES, DEFAULT_FEATURES
 from .flops import result_ratios
 from .offline import Traces
-from .persist import load_policy, save_policy
+from .persist import load_policy, save_policy, write_atomic
 from .pipeline import fit_policy, write_json
 from .policies import LayerLogisticExit, NeverExit, OracleExit
 from .tasks import task_queries
@@ -290,10 +290,22 @@ def run_bench(
                     save()
             del engine, lm
     result = save()
+    write_report(out)
+    return result
+
+
+def write_report(out_dir) -> Path:
+    """bench.md from the grid's bench.json: the table and the targets under it (also for a grid
+    stopped part-way, whose rows are all in bench.json)."""
     from .report import bench_table, bench_targets
 
-    (out / "bench.md").write_text(bench_table(result["rows"]) + "\n\nTargets (speed issue):\n\n" + bench_targets(result["rows"]) + "\n")
-    return result
+    path = Path(out_dir) / "bench.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run `adainfer bench --out-dir {out_dir}` first")
+    rows = json.loads(path.read_text())["rows"]
+    md = Path(out_dir) / "bench.md"
+    write_atomic(md, lambda tmp: Path(tmp).write_text(bench_table(rows) + "\n\nTargets (speed issue):\n\n" + bench_targets(rows) + "\n"))
+    return md
 
 
 def _calibration_and_timed(tokenizer, tasks, shots, n_train, n_queries, seed, data_dir):

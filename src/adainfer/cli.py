@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     _data_dir_arg(p)
     p.add_argument("--out-dir", default="results/bench", help="output folder (default: %(default)s)")
+    p.add_argument("--report-only", action="store_true", help="rebuild bench.md from the bench.json in --out-dir (no model run)")
     return parser
 
 
@@ -268,13 +269,17 @@ def cmd_reproduce(args):
 
 
 def cmd_bench(args):
-    from .bench import run_bench
+    from .bench import run_bench, write_report
 
-    run_bench(
-        tuple(args.model or ["smollm2-135m"]), args.out_dir, tasks=tuple(args.task or ["sst2", "capitalize"]), shots=args.shots,
-        batch_sizes=args.batch_sizes, dtypes=tuple(args.dtypes.split(",")), n_queries=args.n_queries, n_train=args.n_train,
-        repeats=args.repeats, policy_path=args.policy, min_agreement=args.min_agreement, shortlist=args.shortlist or None, device=args.device, data_dir=args.data_dir,
-    )
+    if args.report_only:
+        write_report(args.out_dir)
+    else:
+        run_bench(
+            tuple(args.model or ["smollm2-135m"]), args.out_dir, tasks=tuple(args.task or ["sst2", "capitalize"]), shots=args.shots,
+            batch_sizes=args.batch_sizes, dtypes=tuple(args.dtypes.split(",")), n_queries=args.n_queries, n_train=args.n_train,
+            repeats=args.repeats, policy_path=args.policy, min_agreement=args.min_agreement, shortlist=args.shortlist or None,
+            device=args.device, data_dir=args.data_dir,
+        )  # fmt: skip
     print((Path(args.out_dir) / "bench.md").read_text())  # the table and the targets
     print(f"wrote {args.out_dir}/bench.md and bench.json")
 
