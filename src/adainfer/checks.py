@@ -2,10 +2,11 @@
 
 One check (final norm + LM head on the active rows' last position) costs `c` decoder layers,
 measured on the model and batch size at hand (`measure_check_cost`; 0.08-3.5 layers for the
-small models of results/bench, bf16, batch 32 to 1). `plan_checks` replays a fitted policy on calibration traces under candidate schedules
-(every s-th layer from layer m, and "no check at all") and keeps the cheapest one whose
-accuracy stays within `tolerance` of the full model AND whose answers agree with the full
-model's on at least `MIN_AGREEMENT` of the queries, counting cost as exit layer + c x checks.
+small models of results/bench, bf16, batch 32 to 1). `plan_checks` replays a fitted policy on
+calibration traces under candidate schedules (every s-th layer from layer m, and "no check at
+all") and keeps the cheapest one whose accuracy stays within `tolerance` of the full model AND
+whose answers agree with the full model's on at least `MIN_AGREEMENT` of the queries, counting
+cost as exit layer + c x checks.
 Agreement is the safe test on a small calibration set: on 200 held-out SST-2 queries Qwen2.5's
 layers 20-23 answer " positive" for 93% of rows and only the last layer turns 19% of them, a
 net 12-point gain that 40 calibration queries showed as none, so accuracy alone let a plan
