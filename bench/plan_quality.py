@@ -8,7 +8,8 @@ recorded with `adainfer collect --held-out` (`--test-traces`); replay equals liv
 (tests/test_offline.py):
 
 - planning as before this work (in-sample, accuracy only), out of fold, and out of fold with the
-  agreement test (`--min-agreement`, default `checks.MIN_AGREEMENT`), for the paper's SVM, one
+  agreement test (`--min-agreement`, default `checks.MIN_AGREEMENT`) or the loss bound
+  (`--confidence`, default `checks.CONFIDENCE`), for the paper's SVM, one
   logistic model for all layers and the default policy (a logistic model per layer);
 - calibrated on one half of the held-out queries and evaluated on the other, both ways (as
   `adainfer bench` calibrates), or on the task's pool (`--calibrate-on pool`);
@@ -35,6 +36,7 @@ import numpy as np
 
 from adainfer.bench import DEFAULT_TARGET
 from adainfer.checks import (
+    CONFIDENCE,
     MIN_AGREEMENT,
     THRESHOLDS,
     _with_threshold,
@@ -49,7 +51,7 @@ from adainfer.policies import LayerLogisticExit, LogisticExit, SVMExit
 from adainfer.report import _layers, _md
 
 # (planning, folds, min agreement): as before the planner was judged out of fold, out of fold,
-# and as `adainfer` plans (None: the --min-agreement given)
+# and as `adainfer` plans (None: the --min-agreement and --confidence given)
 MODES = (("in-sample, accuracy only", 1, 0.0), ("out of fold, accuracy only", 5, 0.0), ("out of fold, {}% agreement", 5, None))
 
 
@@ -123,12 +125,16 @@ def main(argv=None):
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--check-cost", type=_check_cost, default={1: 1.0}, help="decoder layers per check, or BATCH:COST pairs")
     p.add_argument("--tolerance", type=float, default=0.01)
+    p.add_argument("--confidence", type=float, default=CONFIDENCE, help="a plan below the agreement level passes if its accuracy "
+                   "loss is within the tolerance at this confidence (0: agreement test only) (default: %(default)s)")
     p.add_argument("--min-agreement", type=float, default=MIN_AGREEMENT, help="for the agreement-tested plans (default: %(default)s)")
     p.add_argument("--calibrate-on", choices=("held-out", "pool"), default="held-out",
                    help="held-out: two halves of the held-out queries, each calibrating the plan for the other (what "
                         "`adainfer bench` does); pool: the run's training traces (the task's demonstration pool)")
     p.add_argument("--test-traces", type=Path, help="held-out traces to use instead of the run's traces/test, e.g. "
                    "`adainfer collect --held-out --n-test 872` for more queries than the run has")
+    p.add_argument("--only", choices=("svm", "logistic", "layer-logistic"), action="append",
+                   help="these policies only (repeatable; default: all three)")
     p.add_argument("--out", type=Path, help="write the table (.md) and numbers (.json) here, without suffix")
     args = p.parse_args(argv)
     costs = args.check_cost if isinstance(args.check_cost, dict) else {1: args.check_cost}
@@ -149,6 +155,9 @@ def main(argv=None):
         "per-layer logistic on gap, top prob, entropy; final labels; tuned threshold":
             (lambda: LayerLogisticExit(features=DEFAULT_FEATURES), DEFAULT_TARGET, THRESHOLDS),
     }  # fmt: skip
+    if args.only:
+        by_short_name = dict(zip(("svm", "logistic", "layer-logistic"), policies))
+        policies = {by_short_name[k]: policies[by_short_name[k]] for k in dict.fromkeys(args.only)}
     splits = _splits(pool, test, args.calibrate_on)
     L = test.num_layers
     full = float((test.top1[:, -1] == test.gold).mean())
@@ -159,9 +168,10 @@ def main(argv=None):
     for (name, (make, target, thresholds)), (mode, folds, agreement) in itertools.product(policies.items(), MODES):
         if agreement is None:
             agreement, mode = args.min_agreement, mode.format(f"{100 * args.min_agreement:g}")
+            mode += f" or loss bounded at {100 * args.confidence:g}%" if args.confidence else ""
         per_bs = {bs: [] for bs in costs}  # (plan, replay) per split
         for policy, (cal, ev) in zip(fits[name], splits):
-            plans = plan_checks_by_batch(policy, cal, costs, tolerance=args.tolerance, folds=folds, min_agreement=agreement,
+            plans = plan_checks_by_batch(policy, cal, costs, tolerance=args.tolerance, folds=folds, min_agreement=agreement, confidence=args.confidence,
                                          thresholds=thresholds)  # fmt: skip
             for bs, plan in plans.items():
                 per_bs[bs].append((plan, simulate(_with_threshold(copy.deepcopy(policy), plan.threshold), ev, check_layers=plan.check_layers)))
@@ -188,7 +198,7 @@ def main(argv=None):
                  "share of oracle saving", "cost, layers"], body)  # fmt: skip
     where = {"pool": f"the {len(pool)} pool queries", "held-out": "one half of the held-out queries, evaluated on the other half, both ways"}
     head = (f"{meta['model']['model_id']}, {args.task} {args.shots}-shot, {len(test)} held-out queries; plans calibrated on "
-            f"{where[args.calibrate_on]}; tolerance {args.tolerance}")
+            f"{where[args.calibrate_on]}; tolerance {args.tolerance}" + (f", or within it at {100 * args.confidence:g}% confidence" if args.confidence else ""))
     bound = settled_bound(test)
     fronts = {name: frontier(splits, fits[name], oracle) for name, (_, _, thresholds) in policies.items() if thresholds}
     table += "\n\n" + bound["text"] + "".join("\n\n" + f["text"] for f in fronts.values())

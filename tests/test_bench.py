@@ -73,9 +73,10 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(saved_
 
     # another agreement test that picks the same plans: the cells ran exactly so, keep their timing
     before = json.loads((out / "bench.json").read_text())["rows"]
-    rows = bench.run_bench((model_dir,), out, **kw, min_agreement=0.5)["rows"]
+    rows = bench.run_bench((model_dir,), out, **kw, min_agreement=0.5, confidence=0.9)["rows"]
     assert [r["check_layers"] for r in rows] == [r["check_layers"] for r in before]
     assert all(r["min_agreement"] == 0.5 and r["timed_with_min_agreement"] == bench.MIN_AGREEMENT for r in rows)
+    assert all(r["confidence"] == 0.9 and r["timed_with_confidence"] == bench.CONFIDENCE for r in rows)
 
     # other timing settings never overwrite a finished grid
     with pytest.raises(ValueError, match="other settings"):

@@ -226,6 +226,25 @@ def test_min_agreement_must_be_a_share():
         plan_checks(GapThreshold(0.5), settling_traces(), check_cost=0.1, min_agreement=99)
 
 
+def test_a_plan_that_changes_answers_passes_only_if_its_loss_is_bounded():
+    # the last layer turns 20% of the right answers wrong: stopping early changes those answers
+    traces = settling_traces(Q=80)
+    traces.top1[::5, -1] = 1
+    gains = plan_checks(GapThreshold(0.5), traces, check_cost=0.1)  # default: agreement 97% or 95% bound
+    assert gains.check_layers and gains.expected_agreement < 0.9 and gains.expected_accuracy > gains.full_accuracy
+    assert plan_checks(GapThreshold(0.5), traces, check_cost=0.1, confidence=0).check_layers == ()  # agreement test only
+
+    # as many answers turn right as wrong: no loss on average, but too noisy to bound within 1 point
+    traces = settling_traces(Q=80)
+    traces.top1[::5, -1] = 1
+    traces.top1[1::5, 6:-1] = 1  # wrong until the last layer
+    traces.features[1::5, 6:-1, 0] = 0.9  # ... although the gap looks sure
+    plan = plan_checks(GapThreshold(0.5), traces, check_cost=0.1)
+    assert plan.check_layers == ()
+    with pytest.raises(ValueError, match="below 1"):
+        plan_checks(GapThreshold(0.5), traces, check_cost=0.1, confidence=1)
+
+
 def test_one_set_of_replays_plans_both_kinds_of_check():
     from adainfer.checks import THRESHOLDS, plan_checks_by_batch, replay_schedules
     from adainfer.policies import LogisticExit

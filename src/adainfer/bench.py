@@ -10,15 +10,16 @@ For each model, dtype, task and batch size, in one process, the variants run int
           classifier per layer on gap, top prob and entropy that predicts "this layer's answer
           is already the full model's", with its stop threshold and its check schedule (one per
           batch size) planned out of fold on calibration traces for the measured check cost,
-          keeping `min_agreement` (97%) of the full model's answers;
+          keeping `min_agreement` (97%) of the full model's answers, or bounding the accuracy
+          lost to 1 point at `confidence` (95%);
 - oracle: the oracle exit (earliest layer whose top-1 is gold) through the same engine.
 Reported per row: accuracy, exit layer, checks, paper and true FLOPs ratios, median wall time,
 time ratios against plain, prompts per second and peak memory (bytes above the resident set
 before the call: CUDA allocator peak on GPU, sampled RSS with glibc returning large blocks at
 once on CPU).
 Results are written after every cell. Run again with the same settings, the grid resumes at
-the first missing cell; with another `min_agreement`, it re-plans every cell and re-times only
-those whose plan changed; a grid with other settings in the output folder is never overwritten.
+the first missing cell; with another `min_agreement` or `confidence`, it re-plans every cell and
+re-times only those whose plan changed; a grid with other settings in the output folder is never overwritten.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checks import (
+    CONFIDENCE,
     MIN_AGREEMENT,
     THRESHOLDS,
     apply_plans,
@@ -213,6 +215,7 @@ def run_bench(
     repeats: int = 3,
     policy_path: str | None = None,
     min_agreement: float | None = None,
+    confidence: float | None = None,
     shortlist: int | None = 256,
     device: str = "cpu",
     data_dir=None,
@@ -223,11 +226,13 @@ def run_bench(
 
     _release_large_blocks()
     out = Path(out_dir)
-    min_agreement = MIN_AGREEMENT if min_agreement is None else min_agreement
-    # what a cell's timing depends on; the plan's agreement test is recorded per row instead
+    # the test a plan must pass, recorded per row: a new test re-plans, and re-times what changed
+    plan_test = dict(min_agreement=MIN_AGREEMENT if min_agreement is None else min_agreement,
+                confidence=CONFIDENCE if confidence is None else confidence)
+    # what a cell's timing depends on
     settings = dict(shots=shots, n_queries=n_queries, n_train=n_train, repeats=repeats, seed=seed, policy=policy_path, shortlist=shortlist)
     rows = {_key(r): r for r in _finished_rows(out / "bench.json", settings)}  # a killed run resumes at its next cell
-    done = {k for k, r in rows.items() if r["min_agreement"] == min_agreement}
+    done = {k for k, r in rows.items() if all(r[name] == value for name, value in plan_test.items())}
 
     def save():  # after every cell, so a killed grid loses at most the cell it was timing
         result = {"rows": list(rows.values()), "settings": settings, "machine": machine()}
@@ -261,10 +266,10 @@ def run_bench(
                 policy, traces, tune = _calibrated(cal_dir, task, policy_path, lm)
                 replays = replay_schedules(policy, traces, thresholds=tune)  # shared by both kinds of check
                 if shortlist:  # the same fitted classifier, planned for the shortlist engine's costs
-                    short_plans = plan_checks_by_batch(policy, traces, cost, shortlist_costs=short, replays=replays, min_agreement=min_agreement)
+                    short_plans = plan_checks_by_batch(policy, traces, cost, shortlist_costs=short, replays=replays, **plan_test)
                     short_policy = apply_plans(copy.deepcopy(policy), short_plans)
                     save_policy(short_policy, out / "policies" / f"{name}-{dtype}-{task}-shortlist{shortlist}.safetensors", model=lm, shortlist=shortlist)
-                plans = plan_checks_by_batch(policy, traces, cost, replays=replays, min_agreement=min_agreement)
+                plans = plan_checks_by_batch(policy, traces, cost, replays=replays, **plan_test)
                 save_policy(apply_plans(policy, plans), out / "policies" / f"{name}-{dtype}-{task}.safetensors", model=lm)
                 queries = [q for q in test if q.task == task]
                 for bs in tqdm(batch_sizes, desc=f"{model_name} {dtype} {task}", disable=not progress):
@@ -272,9 +277,10 @@ def run_bench(
                     if key in done:
                         continue
                     if key in rows and _same_plan(rows[key], plans[bs], short_plans[bs] if shortlist else None):
-                        # timed under another agreement test that chose this very plan: the same run
-                        rows[key].setdefault("timed_with_min_agreement", rows[key]["min_agreement"])
-                        rows[key]["min_agreement"] = min_agreement
+                        # timed under another test that chose this very plan: the same run
+                        for name, value in plan_test.items():
+                            rows[key].setdefault(f"timed_with_{name}", rows[key][name])
+                            rows[key][name] = value
                         save()
                         continue
                     row = bench_cell(engine, queries, policy, batch_size=bs, repeats=repeats, device=device,
@@ -282,7 +288,7 @@ def run_bench(
                     row.update(model=model_name, dtype=dtype, task=task, shots=shots, check_cost_layers=cost[bs],
                                check_cost_bf16_head_layers=cheap[bs], check_layers=list(plans[bs].check_layers),
                                planned_cost_layers=plans[bs].expected_cost, plan_held_out=plans[bs].held_out,
-                               threshold=plans[bs].threshold, min_agreement=min_agreement)
+                               threshold=plans[bs].threshold, **plan_test)
                     if shortlist:
                         row.update(shortlist_size=shortlist, check_cost_shortlist_layers=short[bs],
                                    shortlist_check_layers=list(short_plans[bs].check_layers), shortlist_threshold=short_plans[bs].threshold)
@@ -352,6 +358,7 @@ def _finished_rows(path: Path, settings: dict) -> list[dict]:
                          "give another --out-dir, or move that file away to start over")
     for r in previous["rows"]:
         r.setdefault("min_agreement", 0.99)  # rows from before it was recorded were planned at 0.99
+        r.setdefault("confidence", 0.0)  # ... and by the agreement test alone
     return previous["rows"]
 
 

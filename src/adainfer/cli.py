@@ -81,11 +81,20 @@ def _share(text: str) -> float:
     return value
 
 
-def _min_agreement_arg(p, prefix: str):
-    from .checks import MIN_AGREEMENT
+def _confidence(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"a confidence is at least 0 and below 1 (0.95 for 95%), got {text}")
+    return value
+
+
+def _plan_test_args(p, prefix: str):
+    from .checks import CONFIDENCE, MIN_AGREEMENT
 
     p.add_argument("--min-agreement", type=_share, default=None, help=f"{prefix}the share of calibration queries whose answer a check "
                    f"plan must keep equal to the full model's (default {MIN_AGREEMENT}; lower trades agreement for layers)")
+    p.add_argument("--confidence", type=_confidence, default=None, help=f"{prefix}a plan that changes more answers still passes if its "
+                   f"accuracy loss is within 1 point at this one-sided confidence (default {CONFIDENCE}; 0: agreement test only)")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -127,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-cost", type=_check_cost, default=None, help="cost of one exit check in decoder layers (see `adainfer bench`, column check_cost_layers), "
                    "or per batch size as 1:1.2,8:0.2,32:0.1: learns where checking pays and stores that schedule (one per batch size); "
                    "omit to check every layer as in the paper")
-    _min_agreement_arg(p, "with --check-cost: ")
+    _plan_test_args(p, "with --check-cost: ")
     p.add_argument("--out", required=True, help="policy file to write (.safetensors)")
 
     p = sub.add_parser("eval", help="evaluate policies against the full model on held-out queries",
@@ -185,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per variant; medians are reported (default: %(default)s)")
     p.add_argument("--policy", default=None, help="a saved policy file instead of the default (a logistic regression per layer on gap, "
                    "top_prob and entropy, fitted on the calibration queries)")
-    _min_agreement_arg(p, "")
+    _plan_test_args(p, "")
     p.add_argument("--shortlist", type=int, default=256, help="also time shortlist checks on this many candidate tokens per row, "
                    "with their own plan (0: skip) (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
@@ -216,7 +225,7 @@ def cmd_fit(args):
     tasks = args.tasks.split(",") if args.tasks else None
     tune = not any(k == "threshold" for k, _ in args.param)  # a threshold given by hand is kept
     policy = fit_policy(args.data, policy, tasks, check_cost=args.check_cost, target=args.target, tune_threshold=tune,
-                        min_agreement=args.min_agreement)
+                        min_agreement=args.min_agreement, confidence=args.confidence)
     where = "".join(f", batch {b}+: checks at layers {list(l) or 'none (plain model)'}" for b, l in getattr(policy, "check_plans_", {}).items())
     if args.check_cost is not None and "threshold" in policy.get_params():
         where += f", stop threshold {policy.threshold}"
@@ -277,7 +286,8 @@ def cmd_bench(args):
         run_bench(
             tuple(args.model or ["smollm2-135m"]), args.out_dir, tasks=tuple(args.task or ["sst2", "capitalize"]), shots=args.shots,
             batch_sizes=args.batch_sizes, dtypes=tuple(args.dtypes.split(",")), n_queries=args.n_queries, n_train=args.n_train,
-            repeats=args.repeats, policy_path=args.policy, min_agreement=args.min_agreement, shortlist=args.shortlist or None,
+            repeats=args.repeats, policy_path=args.policy, min_agreement=args.min_agreement, confidence=args.confidence,
+            shortlist=args.shortlist or None,
             device=args.device, data_dir=args.data_dir,
         )  # fmt: skip
     print((Path(args.out_dir) / "bench.md").read_text())  # the table and the targets

@@ -15,7 +15,8 @@ from .policies import POLICIES, ExitPolicy, make_policy
 
 def fit_policy(data_dir, policy: ExitPolicy, tasks: Sequence[str] | None = None,
                check_cost: float | Mapping[int, float] | None = None, *, target: str = "gold",
-               tune_threshold: bool = True, min_agreement: float | None = None) -> ExitPolicy:  # fmt: skip
+               tune_threshold: bool = True, min_agreement: float | None = None,
+               confidence: float | None = None) -> ExitPolicy:  # fmt: skip
     """Train `policy` on collected rows; it remembers the model the rows came from.
 
     `target`: what the classifier learns per layer, "gold" (the paper: the top-1 is the gold
@@ -24,7 +25,8 @@ def fit_policy(data_dir, policy: ExitPolicy, tasks: Sequence[str] | None = None,
     where checking pays, per batch size, and (`tune_threshold`, for policies with a stop
     threshold) how sure it must be to stop (`checks.plan_checks_by_batch`); without, it checks
     every layer as in the paper. A plan must keep `min_agreement` of the full model's answers
-    on calibration queries it was not fitted on (default `checks.MIN_AGREEMENT`)."""
+    on calibration queries it was not fitted on (default `checks.MIN_AGREEMENT`), or bound its
+    accuracy loss at `confidence` (default `checks.CONFIDENCE`)."""
     table, meta = load_collected(data_dir, tasks)
     if table.num_rows == 0:
         raise ValueError(f"no collected rows in {data_dir}" + (f" for tasks {list(tasks)}" if tasks else ""))
@@ -34,7 +36,8 @@ def fit_policy(data_dir, policy: ExitPolicy, tasks: Sequence[str] | None = None,
     if check_cost is not None:
         costs = check_cost if isinstance(check_cost, Mapping) else {1: float(check_cost)}
         plans = plan_checks_by_batch(policy, Traces.from_table(table, policy.features), costs,
-                                     thresholds=THRESHOLDS if tune_threshold else None, min_agreement=min_agreement)  # fmt: skip
+                                     thresholds=THRESHOLDS if tune_threshold else None, min_agreement=min_agreement,
+                                     confidence=confidence)  # fmt: skip
         apply_plans(policy, plans)
     policy.model_meta_ = meta["model"]
     return policy

@@ -110,7 +110,7 @@ def bench_table(rows) -> str:
             f"{100 * p['flops_ratio']:.1f}% / {100 * p['true_flops_ratio']:.1f}%",
             f"{r.get('check_cost_layers', nan):.2f} / {r.get('check_cost_bf16_head_layers', nan):.2f}"
             + (f" / {r.get('check_cost_shortlist_layers') or nan:.2f}" if short else ""),
-            _layers(r.get("check_layers")), f"{r.get('min_agreement', 0.99):g}", _ratio(r, "policy"), _ratio(r, "never"), _ratio(r, "hooks"), _ratio(r, "oracle"), f"{r['prompts_per_s_plain']:.1f} / {r['prompts_per_s_policy']:.1f}",
+            _layers(r.get("check_layers")), f"{r.get('min_agreement', 0.99):g} / " + (f"{r['confidence']:g}" if r.get("confidence") else "-"), _ratio(r, "policy"), _ratio(r, "never"), _ratio(r, "hooks"), _ratio(r, "oracle"), f"{r['prompts_per_s_plain']:.1f} / {r['prompts_per_s_policy']:.1f}",
             f"{r['peak_mem_plain_mb']:.0f} / {r['peak_mem_policy_mb']:.0f}",
         ]  # fmt: skip
         if short:
@@ -122,7 +122,7 @@ def bench_table(rows) -> str:
         body.append(line)
     header = ["model", "dtype", "task", "bs", "full acc", "policy acc", "exit layer (policy / oracle)", "checks",
               "paper / true FLOPs", "check cost, layers (exact / bf16 head" + (" / shortlist)" if short else ")"), "check layers",
-              "plan's agreement test", "policy/plain", "never/plain", "hooks/plain", "oracle/plain", "prompts/s (plain / policy)", "peak MB (plain / policy)"]  # fmt: skip
+              "plan's test: agreement / loss-bound confidence", "policy/plain", "never/plain", "hooks/plain", "oracle/plain", "prompts/s (plain / policy)", "peak MB (plain / policy)"]  # fmt: skip
     if short:
         header += ["shortlist: check layers", "shortlist: acc", "shortlist: exit layer", "shortlist/plain"]
     return _md(header, body)
