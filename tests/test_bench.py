@@ -50,16 +50,16 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(saved_
 
     model_dir, out = saved_tiny("llama"), tmp_path / "bench"
     save_policy(GapThreshold(0.5), tmp_path / "gap.safetensors")
-    kw = dict(tasks=("capitalize",), batch_sizes=(1, 2), dtypes=("float32",), n_queries=4, n_train=4, repeats=1,
+    kw = dict(tasks=("capitalize", "lowercase"), batch_sizes=(1, 2), dtypes=("float32",), n_queries=4, n_train=4, repeats=1,
               policy_path=str(tmp_path / "gap.safetensors"), shortlist=8, progress=False)  # fmt: skip
     result = bench.run_bench((model_dir,), out, **kw)
-    assert [r["batch_size"] for r in result["rows"]] == [1, 2]
+    assert [r["batch_size"] for r in result["rows"]] == [1, 2, 1, 2]
     table, targets = (out / "bench.md").read_text().split("Targets")
-    assert table.strip().count("\n") == 3 and targets.count("\n- ") == 4
+    assert table.strip().count("\n") == 5 and targets.count("\n- ") == 4
     (saved,) = (out / "policies").glob("*tiny-llama*-float32-capitalize.safetensors")
     policy = load_policy(saved)
     assert set(policy.check_plans_) == {1, 2}
-    assert [r["check_layers"] for r in result["rows"]] == [list(policy.check_plans_[b]) for b in (1, 2)]
+    assert [r["check_layers"] for r in result["rows"][:2]] == [list(policy.check_plans_[b]) for b in (1, 2)]
     for r in result["rows"]:  # the shortlist engine ran as one more variant, with its own plan
         assert r["shortlist_size"] == 8 and r["check_cost_shortlist_layers"] > 0 and r["shortlist/plain"] > 0
         assert 1 <= r["shortlist"]["mean_exit_layer"] <= 4
@@ -73,7 +73,9 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(saved_
 
     # another agreement test that picks the same plans: the cells ran exactly so, keep their timing
     before = json.loads((out / "bench.json").read_text())["rows"]
+    policies = sorted((out / "policies").iterdir())
     rows = bench.run_bench((model_dir,), out, **kw, min_agreement=0.5, confidence=0.9)["rows"]
+    assert sorted((out / "policies").iterdir()) == policies  # re-planned in place, under the model's name
     assert [r["check_layers"] for r in rows] == [r["check_layers"] for r in before]
     assert all(r["min_agreement"] == 0.5 and r["timed_with_min_agreement"] == bench.MIN_AGREEMENT for r in rows)
     assert all(r["confidence"] == 0.9 and r["timed_with_confidence"] == bench.CONFIDENCE for r in rows)

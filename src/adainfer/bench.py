@@ -232,7 +232,7 @@ def run_bench(
     # what a cell's timing depends on
     settings = dict(shots=shots, n_queries=n_queries, n_train=n_train, repeats=repeats, seed=seed, policy=policy_path, shortlist=shortlist)
     rows = {_key(r): r for r in _finished_rows(out / "bench.json", settings)}  # a killed run resumes at its next cell
-    done = {k for k, r in rows.items() if all(r[name] == value for name, value in plan_test.items())}
+    done = {k for k, r in rows.items() if all(r[field] == value for field, value in plan_test.items())}
 
     def save():  # after every cell, so a killed grid loses at most the cell it was timing
         result = {"rows": list(rows.values()), "settings": settings, "machine": machine()}
@@ -278,9 +278,9 @@ def run_bench(
                         continue
                     if key in rows and _same_plan(rows[key], plans[bs], short_plans[bs] if shortlist else None):
                         # timed under another test that chose this very plan: the same run
-                        for name, value in plan_test.items():
-                            rows[key].setdefault(f"timed_with_{name}", rows[key][name])
-                            rows[key][name] = value
+                        for field, value in plan_test.items():
+                            rows[key].setdefault(f"timed_with_{field}", rows[key][field])
+                            rows[key][field] = value
                         save()
                         continue
                     row = bench_cell(engine, queries, policy, batch_size=bs, repeats=repeats, device=device,
