@@ -19,7 +19,8 @@ before the call: CUDA allocator peak on GPU, sampled RSS with glibc returning la
 once on CPU).
 Results are written after every cell. Run again with the same settings, the grid resumes at
 the first missing cell; with another `min_agreement` or `confidence`, it re-plans every cell and
-re-times only those whose plan changed; a grid with other settings in the output folder is never overwritten.
+re-times only those whose plan changed; a grid with other settings in the output folder is never
+overwritten.
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ def run_bench(
     out = Path(out_dir)
     # the test a plan must pass, recorded per row: a new test re-plans, and re-times what changed
     plan_test = dict(min_agreement=MIN_AGREEMENT if min_agreement is None else min_agreement,
-                confidence=CONFIDENCE if confidence is None else confidence)
+                     confidence=CONFIDENCE if confidence is None else confidence)
     # what a cell's timing depends on
     settings = dict(shots=shots, n_queries=n_queries, n_train=n_train, repeats=repeats, seed=seed, policy=policy_path, shortlist=shortlist)
     rows = {_key(r): r for r in _finished_rows(out / "bench.json", settings)}  # a killed run resumes at its next cell

@@ -190,16 +190,20 @@ def plan_checks_by_batch(
     schedules, held_out, thresholds = replays.schedules, replays.held_out, tuple(replays.by_threshold)
     best_by_threshold = {}
     for t in thresholds:
+        # which schedules keep the answers does not depend on the check cost: judged once
+        passing = []
+        for layers, r in zip(schedules, replays.by_threshold[t]):
+            acc, agree = float(r.correct.mean()), float(r.agrees.mean())
+            if acc >= full - tolerance and (agree >= agreement or _bounded_loss(r.correct, full_correct, z, tolerance)):
+                passing.append((layers, r, acc, agree))
         plans = {}
         for batch_size, c in check_costs.items():
             short = None if shortlist_costs is None else shortlist_costs[batch_size]
             plain = CheckPlan((), float(L), full, full, c, len(schedules), held_out, 1.0, t)
             best = plain
-            for layers, r in zip(schedules, replays.by_threshold[t]):
+            for layers, r, acc, agree in passing:
                 cost = float(check_cost_layers(r, L, c, short).mean())
-                acc, agree = float(r.correct.mean()), float(r.agrees.mean())
-                if acc >= full - tolerance and (agree >= agreement or _bounded_loss(r.correct, full_correct, z, tolerance)) \
-                        and cost < best.expected_cost:  # fmt: skip
+                if cost < best.expected_cost:
                     best = CheckPlan(layers, cost, acc, full, c, len(schedules), held_out, agree, t)
             plans[batch_size] = plain if best.expected_cost > L * (1 - margin) else best  # no schedule pays: plain model
         best_by_threshold[t] = plans
