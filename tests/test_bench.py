@@ -85,6 +85,17 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(saved_
         bench.run_bench((model_dir,), out, **{**kw, "repeats": 2})
     assert json.loads((out / "bench.json").read_text())["rows"] == rows
 
+    # more paired samples asked for: every cell holding fewer is timed again, its earlier timing kept
+    monkeypatch.undo()
+    need = max(r["paired_samples"] for r in rows) + 1
+    retimed = bench.run_bench((model_dir,), out, **kw, min_agreement=0.5, confidence=0.9, min_paired=need)["rows"]
+    for old, new in zip(rows, retimed):
+        assert new["paired_samples"] >= need and len(new["policy/plain_paired"]) == new["paired_samples"]
+        assert new["earlier_timings"][-1]["policy/plain"] == old["policy/plain"]
+        assert new["earlier_timings"][-1]["paired_samples"] == old["paired_samples"]
+    assert "Cells timed more than once" in (out / "bench.md").read_text()
+    rows = retimed
+
     # the report alone, from bench.json (a grid stopped part-way has no fresh bench.md)
     md = (out / "bench.md").read_text()
     (out / "bench.md").unlink()

@@ -153,11 +153,12 @@ def _time_variants(engine, batches, policy, repeats: int, shortlist=None):
 MIN_PAIRED = 9  # paired (batch, repeat) ratios per cell at least
 
 
-def bench_cell(engine, queries, policy, *, batch_size: int, repeats: int, device, shortlist=None) -> dict:
+def bench_cell(engine, queries, policy, *, batch_size: int, repeats: int, device, shortlist=None,
+               min_paired: int = MIN_PAIRED) -> dict:  # fmt: skip
     """One model, dtype, task and batch size. `shortlist`: (engine with shortlist checks, the
     policy planned for it), timed as one more variant.
 
-    A cell with few batches gets more repeats, up to `MIN_PAIRED` paired ratios: with 32 queries
+    A cell with few batches gets more repeats, up to `min_paired` paired ratios: with 32 queries
     at batch 32, 3 repeats gave 3 ratios, and two variants running the same plain forward
     differed by 9%."""
     batches = []
@@ -165,7 +166,7 @@ def bench_cell(engine, queries, policy, *, batch_size: int, repeats: int, device
         qs = queries[i : i + batch_size]
         prompts = [q.prompt for q in qs]
         batches.append({"prompts": prompts, "gold": [q.gold for q in qs], "enc": engine.encode(prompts)})
-    repeats = max(repeats, -(-MIN_PAIRED // len(batches)))
+    repeats = max(repeats, -(-min_paired // len(batches)))
     seconds, results = _time_variants(engine, batches, policy, repeats, shortlist)
     gold = np.array([q.gold for q in queries])
     row = {"batch_size": batch_size, "n": len(queries), "repeats": repeats}
@@ -188,6 +189,7 @@ def bench_cell(engine, queries, policy, *, batch_size: int, repeats: int, device
             paired = (t / seconds["plain"]).ravel()
             row[f"{v}/plain"] = float(np.median(paired))
             row[f"{v}/plain_iqr"] = [float(q) for q in np.percentile(paired, [25, 75])]
+            row[f"{v}/plain_paired"] = [round(float(q), 4) for q in paired]  # kept, so runs can be pooled
     row["paired_samples"] = int(seconds["plain"].size)
     row["prompts_per_s_plain"] = len(queries) / row["time_plain_s"]
     row["prompts_per_s_policy"] = len(queries) / row["time_policy_s"]
@@ -221,19 +223,25 @@ def run_bench(
     device: str = "cpu",
     data_dir=None,
     seed: int = 0,
+    min_paired: int | None = None,
     progress: bool = True,
 ) -> dict:
+    """The grid, resumable. A finished cell is timed again when the plan's test changes its plan,
+    or when asked for more paired samples (`min_paired`) than it holds: its earlier timings stay
+    in the row (`earlier_timings`), so a re-run adds evidence and never silently replaces it."""
     from .models import load
 
     _release_large_blocks()
     out = Path(out_dir)
+    min_paired = MIN_PAIRED if min_paired is None else min_paired
     # the test a plan must pass, recorded per row: a new test re-plans, and re-times what changed
     plan_test = dict(min_agreement=MIN_AGREEMENT if min_agreement is None else min_agreement,
                      confidence=CONFIDENCE if confidence is None else confidence)
     # what a cell's timing depends on
     settings = dict(shots=shots, n_queries=n_queries, n_train=n_train, repeats=repeats, seed=seed, policy=policy_path, shortlist=shortlist)
     rows = {_key(r): r for r in _finished_rows(out / "bench.json", settings)}  # a killed run resumes at its next cell
-    done = {k for k, r in rows.items() if all(r[field] == value for field, value in plan_test.items())}
+    done = {k for k, r in rows.items()
+            if all(r[field] == value for field, value in plan_test.items()) and r["paired_samples"] >= min_paired}  # fmt: skip
 
     def save():  # after every cell, so a killed grid loses at most the cell it was timing
         result = {"rows": list(rows.values()), "settings": settings, "machine": machine()}
@@ -277,15 +285,18 @@ def run_bench(
                     key = (model_name, dtype, task, bs)
                     if key in done:
                         continue
-                    if key in rows and _same_plan(rows[key], plans[bs], short_plans[bs] if shortlist else None):
+                    if (key in rows and rows[key]["paired_samples"] >= min_paired
+                            and _same_plan(rows[key], plans[bs], short_plans[bs] if shortlist else None)):
                         # timed under another test that chose this very plan: the same run
                         for field, value in plan_test.items():
                             rows[key].setdefault(f"timed_with_{field}", rows[key][field])
                             rows[key][field] = value
                         save()
                         continue
-                    row = bench_cell(engine, queries, policy, batch_size=bs, repeats=repeats, device=device,
+                    row = bench_cell(engine, queries, policy, batch_size=bs, repeats=repeats, device=device, min_paired=min_paired,
                                      shortlist=(short_engine, short_policy) if shortlist else None)  # fmt: skip
+                    if key in rows:
+                        row["earlier_timings"] = _earlier_timings(rows[key])
                     row.update(model=model_name, dtype=dtype, task=task, shots=shots, check_cost_layers=cost[bs],
                                check_cost_bf16_head_layers=cheap[bs], check_layers=list(plans[bs].check_layers),
                                planned_cost_layers=plans[bs].expected_cost, plan_held_out=plans[bs].held_out,
@@ -304,14 +315,18 @@ def run_bench(
 def write_report(out_dir) -> Path:
     """bench.md from the grid's bench.json: the table and the targets under it (also for a grid
     stopped part-way, whose rows are all in bench.json)."""
-    from .report import bench_table, bench_targets
+    from .report import bench_retimed, bench_table, bench_targets
 
     path = Path(out_dir) / "bench.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; run `adainfer bench --out-dir {out_dir}` first")
     rows = json.loads(path.read_text())["rows"]
     md = Path(out_dir) / "bench.md"
-    write_atomic(md, lambda tmp: Path(tmp).write_text(bench_table(rows) + "\n\nTargets (speed issue):\n\n" + bench_targets(rows) + "\n"))
+    retimed = bench_retimed(rows)
+    text = bench_table(rows) + "\n\nTargets (speed issue):\n\n" + bench_targets(rows) + "\n"
+    if retimed:
+        text += "\nCells timed more than once (the table and the targets show the last run):\n\n" + retimed + "\n"
+    write_atomic(md, lambda tmp: Path(tmp).write_text(text))
     return md
 
 
@@ -361,6 +376,14 @@ def _finished_rows(path: Path, settings: dict) -> list[dict]:
         r.setdefault("min_agreement", 0.99)  # rows from before it was recorded were planned at 0.99
         r.setdefault("confidence", 0.0)  # ... and by the agreement test alone
     return previous["rows"]
+
+
+def _earlier_timings(row) -> list[dict]:
+    """What a re-timed cell measured before, oldest first: its plan and its time ratios."""
+    fields = ("check_layers", "threshold", "min_agreement", "confidence", "paired_samples")
+    kept = {f: row[f] for f in fields if f in row}
+    kept.update({k: v for k, v in row.items() if "/plain" in k})
+    return row.get("earlier_timings", []) + [kept]
 
 
 def _same_plan(row, plan, short_plan) -> bool:

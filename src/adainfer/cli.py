@@ -88,6 +88,16 @@ def _confidence(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _plan_test_args(p, prefix: str):
     from .checks import CONFIDENCE, MIN_AGREEMENT
 
@@ -192,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-queries", type=int, default=32, help="timed queries per task (default: %(default)s)")
     p.add_argument("--n-train", type=int, default=40, help="calibration queries per task for the default policy and its check plan (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per variant; medians are reported (default: %(default)s)")
+    p.add_argument("--min-paired", type=_positive_int, default=None, help="paired (batch, repeat) time ratios per cell at least; "
+                   "finished cells holding fewer are timed again, their earlier timings kept in the row (default: 9)")
     p.add_argument("--policy", default=None, help="a saved policy file instead of the default (a logistic regression per layer on gap, "
                    "top_prob and entropy, fitted on the calibration queries)")
     _plan_test_args(p, "")
@@ -287,7 +299,7 @@ def cmd_bench(args):
             tuple(args.model or ["smollm2-135m"]), args.out_dir, tasks=tuple(args.task or ["sst2", "capitalize"]), shots=args.shots,
             batch_sizes=args.batch_sizes, dtypes=tuple(args.dtypes.split(",")), n_queries=args.n_queries, n_train=args.n_train,
             repeats=args.repeats, policy_path=args.policy, min_agreement=args.min_agreement, confidence=args.confidence,
-            shortlist=args.shortlist or None,
+            shortlist=args.shortlist or None, min_paired=args.min_paired,
             device=args.device, data_dir=args.data_dir,
         )  # fmt: skip
     print((Path(args.out_dir) / "bench.md").read_text())  # the table and the targets

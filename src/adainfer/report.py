@@ -128,6 +128,18 @@ def bench_table(rows) -> str:
     return _md(header, body)
 
 
+def bench_retimed(rows) -> str:
+    """Cells timed more than once: every earlier timing next to the one in the table, so a re-run
+    adds evidence and never hides what came before."""
+    lines = []
+    for r in (r for r in rows if r.get("earlier_timings")):
+        runs = r["earlier_timings"] + [r]
+        said = "; ".join(f"policy/plain {_ratio(t, 'policy')}, never/plain {_ratio(t, 'never')} "
+                         f"({t.get('paired_samples', '?')} paired, checks at {_layers(t.get('check_layers'))})" for t in runs)  # fmt: skip
+        lines.append(f"- {r['model']} {r['dtype']} {r['task']} bs {r['batch_size']}, oldest first: {said}")
+    return "\n".join(lines)
+
+
 def bench_targets(rows) -> str:
     """The speed issue's time and memory targets, checked on the grid: each one's worst cell.
 
