@@ -55,6 +55,15 @@ from adainfer.report import _layers, _md
 MODES = (("in-sample, accuracy only", 1, 0.0), ("out of fold, accuracy only", 5, 0.0), ("out of fold, {}% agreement", 5, None))
 
 
+POLICIES = {  # short name for --only: (description, classifier, labels, thresholds tried)
+    "svm": ("paper: SVM on gap, top prob, depth; gold labels", lambda: SVMExit(features=("gap", "top_prob", "layer_frac")), "gold", None),
+    "logistic": ("logistic, one model for all layers, on gap, top prob, entropy, depth; final labels; tuned threshold",
+                 lambda: LogisticExit(features=DEFAULT_FEATURES), DEFAULT_TARGET, THRESHOLDS),
+    "layer-logistic": ("per-layer logistic on gap, top prob, entropy; final labels; tuned threshold",
+                       lambda: LayerLogisticExit(features=DEFAULT_FEATURES), DEFAULT_TARGET, THRESHOLDS),
+}  # fmt: skip
+
+
 def fitted(make, target: str, traces: Traces):
     policy = make().fit(*traces.training_arrays(make().features, target))
     policy.target_ = target
@@ -133,7 +142,7 @@ def main(argv=None):
                         "`adainfer bench` does); pool: the run's training traces (the task's demonstration pool)")
     p.add_argument("--test-traces", type=Path, help="held-out traces to use instead of the run's traces/test, e.g. "
                    "`adainfer collect --held-out --n-test 872` for more queries than the run has")
-    p.add_argument("--only", choices=("svm", "logistic", "layer-logistic"), action="append",
+    p.add_argument("--only", choices=tuple(POLICIES), action="append",
                    help="these policies only (repeatable; default: all three)")
     p.add_argument("--out", type=Path, help="write the table (.md) and numbers (.json) here, without suffix")
     args = p.parse_args(argv)
@@ -148,16 +157,7 @@ def main(argv=None):
     if len(test) == 0 or (args.calibrate_on == "pool" and len(pool) == 0):
         raise SystemExit(f"no {args.task} traces in {args.run} (pool {len(pool)}, held-out {len(test)} at k={args.shots})")
 
-    policies = {
-        "paper: SVM on gap, top prob, depth; gold labels": (lambda: SVMExit(features=("gap", "top_prob", "layer_frac")), "gold", None),
-        "logistic, one model for all layers, on gap, top prob, entropy, depth; final labels; tuned threshold":
-            (lambda: LogisticExit(features=DEFAULT_FEATURES), DEFAULT_TARGET, THRESHOLDS),
-        "per-layer logistic on gap, top prob, entropy; final labels; tuned threshold":
-            (lambda: LayerLogisticExit(features=DEFAULT_FEATURES), DEFAULT_TARGET, THRESHOLDS),
-    }  # fmt: skip
-    if args.only:
-        by_short_name = dict(zip(("svm", "logistic", "layer-logistic"), policies))
-        policies = {by_short_name[k]: policies[by_short_name[k]] for k in dict.fromkeys(args.only)}
+    policies = {POLICIES[k][0]: POLICIES[k][1:] for k in dict.fromkeys(args.only or POLICIES)}
     splits = _splits(pool, test, args.calibrate_on)
     L = test.num_layers
     full = float((test.top1[:, -1] == test.gold).mean())

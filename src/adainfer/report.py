@@ -97,6 +97,12 @@ def _ratio(row, variant) -> str:
     return f"{row[f'{variant}/plain']:.3f}" + (f" [{iqr[0]:.2f}-{iqr[1]:.2f}]" if iqr else "")
 
 
+def _plan_test(row) -> str:
+    """'agreement / confidence' of the test the row's plan passed ('-': not recorded, or off)."""
+    agreement = f"{row['min_agreement']:g}" if "min_agreement" in row else "-"
+    return agreement + " / " + (f"{row['confidence']:g}" if row.get("confidence") else "-")
+
+
 def bench_table(rows) -> str:
     """`adainfer bench`: one row per model, dtype, task and batch size."""
     nan = float("nan")
@@ -110,7 +116,7 @@ def bench_table(rows) -> str:
             f"{100 * p['flops_ratio']:.1f}% / {100 * p['true_flops_ratio']:.1f}%",
             f"{r.get('check_cost_layers', nan):.2f} / {r.get('check_cost_bf16_head_layers', nan):.2f}"
             + (f" / {r.get('check_cost_shortlist_layers') or nan:.2f}" if short else ""),
-            _layers(r.get("check_layers")), f"{r.get('min_agreement', 0.99):g} / " + (f"{r['confidence']:g}" if r.get("confidence") else "-"), _ratio(r, "policy"), _ratio(r, "never"), _ratio(r, "hooks"), _ratio(r, "oracle"), f"{r['prompts_per_s_plain']:.1f} / {r['prompts_per_s_policy']:.1f}",
+            _layers(r.get("check_layers")), _plan_test(r), _ratio(r, "policy"), _ratio(r, "never"), _ratio(r, "hooks"), _ratio(r, "oracle"), f"{r['prompts_per_s_plain']:.1f} / {r['prompts_per_s_policy']:.1f}",
             f"{r['peak_mem_plain_mb']:.0f} / {r['peak_mem_policy_mb']:.0f}",
         ]  # fmt: skip
         if short:
