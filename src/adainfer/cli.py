@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="output folder (traces/, results.json, tables.md, *.png)")
     p.add_argument("--report-only", action="store_true", help="rebuild tables and figures from the traces already in --out-dir (no model run)")
 
+    from .bench import MIN_PAIRED
+
     p = sub.add_parser("bench", help="wall-clock time of adainfer next to the plain model (a benchmark, not a test)",
                        description="Interleave plain / never / hooks / policy / oracle variants on the same queries per model, dtype, task and "
                        "batch size; print and write bench.md and bench.json with accuracy, exit layers, checks, FLOPs ratios, median "
@@ -203,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=40, help="calibration queries per task for the default policy and its check plan (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per variant; medians are reported (default: %(default)s)")
     p.add_argument("--min-paired", type=_positive_int, default=None, help="paired (batch, repeat) time ratios per cell at least; "
-                   "finished cells holding fewer are timed again, their earlier timings kept in the row (default: 9)")
+                   f"finished cells holding fewer are timed again, their earlier timings kept in the row (default: {MIN_PAIRED})")
     p.add_argument("--policy", default=None, help="a saved policy file instead of the default (a logistic regression per layer on gap, "
                    "top_prob and entropy, fitted on the calibration queries)")
     _plan_test_args(p, "")
