@@ -69,6 +69,22 @@ def test_prompts_of_similar_length_share_a_batch(setup, tmp_path, monkeypatch):
     assert collected_ids(tmp_path) == {q.id for q in queries}
 
 
+def test_long_prompts_run_alone_under_the_token_budget(setup, tmp_path, monkeypatch):
+    from adainfer.collect import _batches
+
+    assert list(_batches([900, 500, 300, 300, 100, 100, 100], 4, 1000)) == [(0, 1), (1, 3), (3, 6), (6, 7)]
+    assert list(_batches([5000, 10], 8, 1000)) == [(0, 1), (1, 2)]  # a prompt over the budget still runs, alone
+    assert list(_batches([900, 500, 300], 2, None)) == [(0, 2), (2, 3)]
+    engine, queries = setup
+    real_run, batches = engine.run, []
+    monkeypatch.setattr(engine, "run", lambda prompts, *a, **k: (batches.append(engine.encode(prompts)["input_ids"].shape), real_run(prompts, *a, **k))[1])
+    budget = 3 * max(len(q.prompt) for q in queries) // 2  # room for one longest prompt, not two
+    collect(engine, queries, tmp_path, batch_size=4, max_batch_tokens=budget, progress=False)
+    assert batches[0][0] == 1 and max(b[0] for b in batches) > 1
+    assert all(rows == 1 or rows * length <= budget for rows, length in batches)
+    assert collected_ids(tmp_path) == {q.id for q in queries}
+
+
 def test_collect_folder_of_another_model_is_refused(setup, tmp_path):
     engine, queries = setup
     collect(engine, queries[:2], tmp_path, progress=False)

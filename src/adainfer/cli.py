@@ -70,6 +70,14 @@ def _task_args(p, n_train: bool):
     _data_dir_arg(p)
 
 
+def _max_batch_tokens_arg(p):
+    from .collect import MAX_BATCH_TOKENS
+
+    p.add_argument("--max-batch-tokens", type=int, default=MAX_BATCH_TOKENS, help="padded tokens per batch at most: longer prompts "
+                   "run in smaller batches, one alone past half of it (on CPU a padded batch's attention costs twice a lone prompt's); "
+                   "0: no limit, e.g. on a GPU (default: %(default)s)")
+
+
 def _data_dir_arg(p):
     p.add_argument("--data-dir", default=None, help="local copy of the benchmark data (layout of shared/data); default $ADAINFER_DATA_DIR, else the Hugging Face hub via `datasets`")
 
@@ -131,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", type=_features, default=ALL_FEATURES, help=f"comma-separated features to record (default: all: {','.join(ALL_FEATURES)})")
     p.add_argument("--held-out", action="store_true", help="record the --n-test held-out queries instead of the training "
                    "ones, to judge policies offline on many queries (bench/plan_quality.py --test-traces)")
+    _max_batch_tokens_arg(p)
     p.add_argument("--out", required=True, help="output folder")
 
     p = sub.add_parser("fit", help="train an exit policy on collected data and save it (no pickle)",
@@ -186,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer-from", default=None, help="another model's reproduce folder: adds inter-model generalization (train there, test here)")
     p.add_argument("--seed", type=int, default=0, help="seed for splits, demonstrations and the training subset (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default: %(default)s)")
+    _max_batch_tokens_arg(p)
     _data_dir_arg(p)
     p.add_argument("--out-dir", required=True, help="output folder (traces/, results.json, tables.md, *.png)")
     p.add_argument("--report-only", action="store_true", help="rebuild tables and figures from the traces already in --out-dir (no model run)")
@@ -226,7 +236,8 @@ def cmd_collect(args):
     model, tok = _load(args)
     train, test = task_queries(tok, args.task, shots=args.shots, n_train=args.n_train, n_test=args.n_test, seed=args.seed, data_dir=args.data_dir)
     queries = test if args.held_out else train
-    out = collect(AdaptiveEngine(model, tok), queries, args.out, batch_size=args.batch_size, features=args.features)
+    out = collect(AdaptiveEngine(model, tok), queries, args.out, batch_size=args.batch_size, features=args.features,
+                  max_batch_tokens=args.max_batch_tokens or None)
     print(f"collected {len(queries)} {'held-out' if args.held_out else 'training'} queries x {model.config.num_hidden_layers} layers into {out}")
 
 
@@ -284,7 +295,7 @@ def cmd_reproduce(args):
     results = run_reproduce(
         args.model, args.out_dir, tasks=args.task or DEFAULT_TASKS, n_queries=args.n_queries, shots=args.shots,
         n_train=args.n_train, train_shots=args.train_shots, n_train_tasks=args.n_train_tasks,
-        transfer_from=args.transfer_from, seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
+        transfer_from=args.transfer_from, seed=args.seed, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens or None, dtype=args.dtype,
         data_dir=args.data_dir, device=args.device, device_map=args.device_map, report_only=args.report_only,
     )
     if results is not None:  # rank 0 (or a single process) writes the report

@@ -24,7 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .collect import collect, load_collected, select_tasks, training_arrays
+from .collect import (
+    MAX_BATCH_TOKENS,
+    collect,
+    load_collected,
+    select_tasks,
+    training_arrays,
+)
 from .features import ALL_FEATURES, PAPER_FEATURES
 from .flops import ratios
 from .offline import Traces, oracle_bounds, simulate
@@ -96,6 +102,7 @@ def run_reproduce(
     transfer_from: str | Path | None = None,
     seed: int = 0,
     batch_size: int = 8,
+    max_batch_tokens: int | None = MAX_BATCH_TOKENS,
     dtype: str = "float32",
     device: str = "cpu",
     device_map=None,
@@ -113,7 +120,7 @@ def run_reproduce(
     train_tasks = sorted(random.Random(seed).sample(tasks, min(n_train_tasks, len(tasks))))
     config = dict(
         model=model, dtype=dtype, tasks=tasks, n_queries=n_queries, shots=list(shots), n_train=n_train,
-        train_shots=train_shots, train_tasks=train_tasks, seed=seed, batch_size=batch_size, world_size=1,
+        train_shots=train_shots, train_tasks=train_tasks, seed=seed, batch_size=batch_size, max_batch_tokens=max_batch_tokens, world_size=1,
         transfer_from=str(transfer_from) if transfer_from else None, skipped={},
     )
     if report_only:  # tables from the traces already collected; no model needed
@@ -140,7 +147,7 @@ def run_reproduce(
     config.update(tasks=[name_of[t] for t in tasks], train_tasks=[name_of[t] for t in train_tasks])
     if rank == 0:
         write_json(out / RUN_CONFIG, config)
-    kw = dict(batch_size=batch_size, progress=progress and rank == 0, rank=rank, world_size=world)
+    kw = dict(batch_size=batch_size, max_batch_tokens=max_batch_tokens, progress=progress and rank == 0, rank=rank, world_size=world)
     collect(engine, train, out / "traces" / "train", **kw)
     collect(engine, test, out / "traces" / "test", **kw)
     _barrier(world)
