@@ -83,6 +83,7 @@ def test_long_prompts_run_alone_under_the_token_budget(setup, tmp_path, monkeypa
     assert batches[0][0] == 1 and max(b[0] for b in batches) > 1
     assert all(rows == 1 or rows * length <= budget for rows, length in batches)
     assert collected_ids(tmp_path) == {q.id for q in queries}
+    assert len(list(tmp_path.glob("part-*.parquet"))) < len(batches)  # small batches share a part
 
 
 def test_collect_folder_of_another_model_is_refused(setup, tmp_path):

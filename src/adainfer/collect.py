@@ -80,19 +80,23 @@ def collect(
     todo, tokens = [todo[i] for i in order], [tokens[i] for i in order]
     policy = NeverExit(features=tuple(features))
     all_layers = list(range(1, engine.num_layers + 1))
-    first = len(list(out.glob(f"part-r{rank}-*.parquet")))
+    next_part = len(list(out.glob(f"part-r{rank}-*.parquet")))
     # progress in tokens, not queries: longest first, a count of queries put the first estimate
     # of a 4.8M-token few-shot run at 22 h for about 4 h of work
     bar = tqdm(total=sum(tokens), desc=f"collect [rank {rank}]" if world_size > 1 else "collect", unit="tok",
                unit_scale=True, disable=not progress)  # fmt: skip
-    for n, (start, stop) in enumerate(_batches(tokens, batch_size, max_batch_tokens)):
+    pending = []  # small batches (the token budget's) are written together, batch_size queries a part
+    for start, stop in _batches(tokens, batch_size, max_batch_tokens):
         batch = todo[start:stop]
         choices = [q.choice_tokens for q in batch]
         result = engine.run(
             [q.prompt for q in batch], policy, features=features, check_layers=all_layers, choices=choices
         )
-        table = _rows(batch, result)
-        write_atomic(out / f"part-r{rank}-{first + n:05d}.parquet", lambda tmp: pq.write_table(table, tmp))
+        pending.append(_rows(batch, result))
+        if sum(t.num_rows for t in pending) >= batch_size * engine.num_layers or stop == len(todo):
+            table, pending = pa.concat_tables(pending), []
+            write_atomic(out / f"part-r{rank}-{next_part:05d}.parquet", lambda tmp: pq.write_table(table, tmp))
+            next_part += 1
         bar.update(sum(tokens[start:stop]))
         bar.set_postfix_str(f"{stop}/{len(todo)} queries", refresh=False)
     bar.close()
