@@ -20,6 +20,16 @@ def test_every_command_explains_itself(command, capsys):
     assert len(capsys.readouterr().out) > 300
 
 
+@pytest.mark.parametrize("args", [["reproduce", "--out-dir", "x", "--max-batch-tokens", "-5"],
+                                  ["collect", "--task", "capitalize", "--out", "x", "--max-batch-tokens", "many"],
+                                  ["bench", "--min-paired", "0"]])  # fmt: skip
+def test_counts_out_of_range_are_refused_with_the_bound(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(args)
+    assert e.value.code == 2
+    assert "expected a whole number of at least" in capsys.readouterr().err
+
+
 def test_collect_fit_eval(model_dir, tmp_path, capsys):
     data, policy, summary = tmp_path / "data", tmp_path / "gap.safetensors", tmp_path / "eval.json"
     common = ["--model", model_dir, "--task", "capitalize", "--shots", "2", "--n-test", "6"]

@@ -73,7 +73,7 @@ def _task_args(p, n_train: bool):
 def _max_batch_tokens_arg(p):
     from .collect import MAX_BATCH_TOKENS
 
-    p.add_argument("--max-batch-tokens", type=int, default=MAX_BATCH_TOKENS, help="padded tokens per batch at most: longer prompts "
+    p.add_argument("--max-batch-tokens", type=_int_at_least(0), default=MAX_BATCH_TOKENS, help="padded tokens per batch at most: longer prompts "
                    "run in smaller batches, one alone past half of it (on CPU a padded batch's attention costs twice a lone prompt's); "
                    "0: no limit, e.g. on a GPU (default: %(default)s)")
 
@@ -96,14 +96,17 @@ def _confidence(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {low}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _plan_test_args(p, prefix: str):
@@ -214,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-queries", type=int, default=32, help="timed queries per task (default: %(default)s)")
     p.add_argument("--n-train", type=int, default=40, help="calibration queries per task for the default policy and its check plan (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per variant; medians are reported (default: %(default)s)")
-    p.add_argument("--min-paired", type=_positive_int, default=None, help="paired (batch, repeat) time ratios per cell at least; "
+    p.add_argument("--min-paired", type=_int_at_least(1), default=None, help="paired (batch, repeat) time ratios per cell at least; "
                    f"finished cells holding fewer are timed again, their earlier timings kept in the row (default: {MIN_PAIRED})")
     p.add_argument("--policy", default=None, help="a saved policy file instead of the default (a logistic regression per layer on gap, "
                    "top_prob and entropy, fitted on the calibration queries)")
