@@ -240,8 +240,8 @@ def run_bench(
     # what a cell's timing depends on
     settings = dict(shots=shots, n_queries=n_queries, n_train=n_train, repeats=repeats, seed=seed, policy=policy_path, shortlist=shortlist)
     rows = {_key(r): r for r in _finished_rows(out / "bench.json", settings)}  # a killed run resumes at its next cell
-    done = {k for k, r in rows.items()
-            if all(r[field] == value for field, value in plan_test.items()) and r["paired_samples"] >= min_paired}  # fmt: skip
+    sampled = {k for k, r in rows.items() if r["paired_samples"] >= min_paired}  # else: timed again, with more samples
+    done = {k for k in sampled if all(rows[k][field] == value for field, value in plan_test.items())}
 
     def save():  # after every cell, so a killed grid loses at most the cell it was timing
         result = {"rows": list(rows.values()), "settings": settings, "machine": machine()}
@@ -285,8 +285,7 @@ def run_bench(
                     key = (model_name, dtype, task, bs)
                     if key in done:
                         continue
-                    if (key in rows and rows[key]["paired_samples"] >= min_paired
-                            and _same_plan(rows[key], plans[bs], short_plans[bs] if shortlist else None)):
+                    if key in sampled and _same_plan(rows[key], plans[bs], short_plans[bs] if shortlist else None):
                         # timed under another test that chose this very plan: the same run
                         for field, value in plan_test.items():
                             rows[key].setdefault(f"timed_with_{field}", rows[key][field])
