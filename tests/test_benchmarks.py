@@ -286,3 +286,21 @@ def test_hub_rows_are_formatted_like_local_files(monkeypatch):
     squad = load_benchmark("squad").examples  # only questions whose annotators agree, as in the local file
     assert [(e.input, e.output) for e in squad] == [("Paris is big.\nWhat?", "Paris")]
     assert ("nyu-mll/glue", "sst2", "validation") in calls
+
+
+@pytest.mark.parametrize(
+    "rel, name, data, where, what",
+    [
+        ("sst2/dev.tsv", "sst2", b"text\tlabel\ngood\t1\nna\xefve\t1\n", "line 3", "not UTF-8"),
+        ("commonsense_qa/validation.jsonl", "commonsense_qa", b'{"question": "\xff"}\n', "line 1", "not UTF-8"),
+        ("lre_relations/data/factual/capital.json", "lre:capital", b'{"samples": [\n{"subject": "\xe9"}]}', "line 2", "not UTF-8"),
+        ("ag_news/test.csv", "ag_news", b'"1","a","b"\n"2","unterminated,"b"\n', "line 2", "malformed CSV"),
+    ],
+)
+def test_undecodable_or_broken_files_name_file_and_line(tmp_path, rel, name, data, where, what):
+    root = mini_data(tmp_path)
+    path = root / rel
+    path.write_bytes(data)
+    with pytest.raises(TaskError) as err:
+        load_benchmark(name, root)
+    assert str(path) in str(err.value) and where in str(err.value) and what in str(err.value)

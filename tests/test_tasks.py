@@ -92,6 +92,13 @@ def test_malformed_task_files_name_the_item_at_fault(tmp_path, name, content, me
         load_task(str(path))
 
 
+def test_task_file_in_another_encoding_names_its_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"input": "x", "output": "y"}\n{"input": "café", "output": "y"}\n'.encode("latin-1"))
+    with pytest.raises(TaskError, match=r"latin1.jsonl, line 2: not UTF-8 .*save the file as UTF-8"):
+        load_task(str(path))
+
+
 def test_unknown_task_lists_the_builtin_ones():
     with pytest.raises(TaskError, match="capitalize"):
         load_task("no_such_task")

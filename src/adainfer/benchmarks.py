@@ -23,19 +23,26 @@ loaders keep only the first example of each repeated input (fv conll2003_*, nati
 lre product_by_company, ... repeat inputs): a held-out query then never reappears as a
 training query. ag_news deliberately keeps pool=None rather than borrowing
 function_vectors/.../ag_news.json, whose labels differ ("Science" for "Sci/Tech").
+
+Two differences a user may meet: the hub's ag_news has one `text` field, title and description
+already joined by a space, so hub prompts read "title description" where local files give
+"title: description"; and each MMLU subject has only 5 dev rows, so few-shot demonstrations for
+`mmlu` (all subjects, or a group) are drawn from the pooled dev rows of those subjects, not
+the query's own subject alone; a single subject (`mmlu:anatomy`) allows k <= 5.
 """
 
 from __future__ import annotations
 
 import csv
 import html
+import io
 import json
 import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .tasks import Example, Task, TaskError, load_task_file
+from .tasks import Example, Task, TaskError, load_task_file, read_text
 
 ENV_VAR = "ADAINFER_DATA_DIR"
 SST2_LABELS = ("negative", "positive")
@@ -168,18 +175,23 @@ def _csv_rows(path: Path, columns: int, headers: Iterable[tuple[str, ...]] = (),
     # GLUE's TSVs are unquoted (sentences hold stray '"'); the CSVs quote fields with commas
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     data_rows = 0
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
-        for row in reader:
-            where = f"{path}, line {reader.line_num}"
-            if headers and reader.line_num == 1:
-                if tuple(row) not in headers:
-                    raise TaskError(f"{where}: expected a header {' or '.join(map(repr, headers))}, got {row}")
-                continue
-            if len(row) != columns:
-                raise TaskError(f"{where}: expected {columns} columns, got {len(row)}")
-            data_rows += 1
-            yield where, row
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter, quoting=quoting, strict=True)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:  # an unterminated quote, most often
+            raise TaskError(f"{path}, line {reader.line_num}: malformed CSV ({e})") from None
+        where = f"{path}, line {reader.line_num}"
+        if headers and reader.line_num == 1:
+            if tuple(row) not in headers:
+                raise TaskError(f"{where}: expected a header {' or '.join(map(repr, headers))}, got {row}")
+            continue
+        if len(row) != columns:
+            raise TaskError(f"{where}: expected {columns} columns, got {len(row)}")
+        data_rows += 1
+        yield where, row
     if not data_rows:
         raise TaskError(f"{path}: no data rows")
 
@@ -187,13 +199,12 @@ def _csv_rows(path: Path, columns: int, headers: Iterable[tuple[str, ...]] = (),
 def _jsonl_rows(path: Path):
     if not path.is_file():
         raise TaskError(f"missing data file {path}")
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield f"{path}, line {n}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+    for n, line in enumerate(read_text(path).split("\n"), 1):
+        if line.strip():
+            try:
+                yield f"{path}, line {n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
 
 
 def _examples(rows, make: Callable[..., Example]) -> list[Example]:
@@ -360,7 +371,7 @@ def _fv(name, root, arg):
 def _lre(name, root, arg):
     path = _find_json(arg, root / "lre_relations" / "data", LRE_DIRS, "lre")
     try:
-        samples = json.loads(path.read_text(encoding="utf-8"))["samples"]
+        samples = json.loads(read_text(path))["samples"]
     except json.JSONDecodeError as e:
         raise TaskError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except (KeyError, TypeError):

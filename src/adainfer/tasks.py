@@ -87,14 +87,24 @@ def load_task(name_or_path: str, data_dir: str | Path | None = None) -> Task:
     )
 
 
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text; a file in another encoding gets an error naming its line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise TaskError(f"{path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8") from None
+
+
 def load_task_file(path: str | Path) -> Task:
     path = Path(path)
     if not path.is_file():
         raise TaskError(f"task file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if path.suffix == ".jsonl":
         items = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
