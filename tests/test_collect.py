@@ -112,3 +112,16 @@ def test_training_arrays_and_fit(setup, tmp_path):
 def test_missing_collect_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="adainfer collect"):
         load_collected(tmp_path / "nothing")
+
+
+def test_a_missing_middle_part_is_refilled_without_overwriting_the_others(setup, tmp_path):
+    engine, queries = setup
+    collect(engine, queries, tmp_path, batch_size=2, progress=False)
+    parts = sorted(tmp_path.glob("part-*.parquet"))
+    assert len(parts) >= 3
+    parts[1].unlink()  # lost or deleted by hand: its queries must run again, the rest stay put
+    kept = {p: p.read_bytes() for p in parts if p != parts[1]}
+    collect(engine, queries, tmp_path, batch_size=2, progress=False)
+    assert all(p.read_bytes() == b for p, b in kept.items())
+    table, _ = load_collected(tmp_path)
+    assert sorted(table.column("query_id").to_pylist()) == sorted(q.id for q in queries for _ in range(4))

@@ -12,6 +12,7 @@ from adainfer.tasks import (
     answer_token,
     build_prompt,
     few_shot_prompts,
+    held_out_indices,
     load_task,
     split,
     task_queries,
@@ -58,6 +59,18 @@ def test_train_and_test_queries_do_not_overlap():
     for q in train:  # no test query is a training query or any training demonstration
         assert not any(f"Q: {x}" in q.prompt for x in test_inputs)
     assert len({q.id for q in train + test}) == 60
+
+
+@pytest.mark.parametrize("name", ["capitalize", "sst2"])  # split from the task, and the task's own pool
+def test_held_out_indices_name_the_test_queries(name):
+    if name == "sst2" and not SHARED_DATA.exists():
+        pytest.skip("shared data folder not present")
+    task = load_task(name, SHARED_DATA)
+    _, test = task_queries(char_tokenizer(), [name], shots=2, n_train=0, n_test=12, seed=5, data_dir=SHARED_DATA)
+    idx = held_out_indices(task, 12, seed=5)
+    assert len(set(idx)) == 12
+    assert [q.prompt.rsplit("Q: ", 1)[1] for q in test] == [f"{task.examples[i].input}\nA:" for i in idx]
+    assert held_out_indices(task, 12, seed=6) != idx
 
 
 def test_gold_is_the_first_token_of_the_answer():

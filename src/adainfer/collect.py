@@ -80,7 +80,8 @@ def collect(
     todo, tokens = [todo[i] for i in order], [tokens[i] for i in order]
     policy = NeverExit(features=tuple(features))
     all_layers = list(range(1, engine.num_layers + 1))
-    next_part = len(list(out.glob(f"part-r{rank}-*.parquet")))
+    # after the highest part, not the count: with a part deleted, a count would overwrite the last
+    next_part = 1 + max((int(p.stem.rsplit("-", 1)[1]) for p in out.glob(f"part-r{rank}-*.parquet")), default=-1)
     # progress in tokens, not queries: longest first, a count of queries put the first estimate
     # of a 4.8M-token few-shot run at 22 h for about 4 h of work
     bar = tqdm(total=sum(tokens), desc=f"collect [rank {rank}]" if world_size > 1 else "collect", unit="tok",

@@ -6,6 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .persist import write_atomic
+
+
+def _save(fig, path, dpi: int) -> None:
+    """A PNG written whole or not at all (a kill mid-write leaves the previous figure)."""
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+
 
 def plot_accuracy_vs_layers(summary: dict, layer_acc: np.ndarray | None, path: str | Path, title: str = "") -> Path:
     """Left: accuracy if every query stopped at layer l. Right: each policy's accuracy vs layers used."""
@@ -41,7 +48,7 @@ def plot_accuracy_vs_layers(summary: dict, layer_acc: np.ndarray | None, path: s
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    _save(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -197,7 +204,9 @@ def reproduce_tables(results: dict) -> str:
         f"task has fewer); k in {cfg['shots']}; classifiers trained on {cfg['n_train']} pool queries per task "
         f"({cfg['train_shots']}-shot) of the random training subset {cfg['train_tasks']}; seed {cfg['seed']}. "
         "Accuracy: top-1 over the whole vocabulary at the exit layer (the paper's); `choice`: restricted to the "
-        "choice tokens (lm-eval-harness style). FLOPs in % of the full model: paper formula / true (checks charged).",
+        "choice tokens (lm-eval-harness style). FLOPs in % of the full model: paper formula / true (checks charged)."
+        + (" The held-out examples of each task (indices into its data) are in results.json, `config.held_out`."
+           if cfg.get("held_out") else ""),
     ]
     for title, cond in settings:
         out += ["", f"## Tables 2/3: full model vs AdaInfer (SVM), {title}", ""]
@@ -222,14 +231,14 @@ def reproduce_tables(results: dict) -> str:
             for t in tasks
         ]
         out.append(_md(["task", *main_names], body))
-    choice_tasks = [t for t in tasks if _avg(rows, "choice_accuracy", family="main", policy="full", task=t) is not None]
-    if choice_tasks:
-        out += ["", "## Whole-vocabulary vs choice-restricted accuracy (all k)", ""]
-        out.append(_md(
-            ["task", "full: vocab", "full: choice", "SVM: vocab", "SVM: choice"],
-            [[t] + [_pct(_avg(rows, m, family="main", policy=p, task=t)) for p in ("full", "svm") for m in ("accuracy", "choice_accuracy")]
-             for t in choice_tasks],
-        ))  # fmt: skip
+        choice_tasks = [t for t in tasks if _avg(rows, "choice_accuracy", family="main", policy="full", task=t) is not None]
+        if choice_tasks:
+            out += ["", f"## Whole-vocabulary vs choice-restricted accuracy, {title}", ""]
+            out.append(_md(
+                ["task", "full: vocab", "full: choice", "SVM: vocab", "SVM: choice"],
+                [[t] + [_pct(_avg(rows, m, family="main", policy=p, shots=cond, task=t))
+                        for p in ("full", "svm") for m in ("accuracy", "choice_accuracy")] for t in choice_tasks],
+            ))  # fmt: skip
     out += ["", "## Table 6: generalization of the SVM (few-shot; accuracy / FLOPs)", ""]
     few_shot, scopes = (lambda k: k > 0), ({"task": "sst2"}, {})
     body = [["full model", *(_cell(rows, "main", "full", shots=few_shot, **s) for s in scopes)],
@@ -298,7 +307,7 @@ def reproduce_figures(results: dict, traces, shots_of, out_dir) -> list[Path]:
     fig.suptitle(f"Figure 1 - {cfg['model']}")
     fig.tight_layout()
     paths.append(out_dir / "fig1_accuracy_vs_layer.png")
-    fig.savefig(paths[-1], dpi=110)
+    _save(fig, paths[-1], dpi=110)
     plt.close(fig)
 
     names = traces.feature_names
@@ -312,7 +321,7 @@ def reproduce_figures(results: dict, traces, shots_of, out_dir) -> list[Path]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out_dir / "fig3_features_vs_layer.png")
-    fig.savefig(paths[-1], dpi=110)
+    _save(fig, paths[-1], dpi=110)
     plt.close(fig)
 
     rows = [r for r in results["rows"] if r["family"] == "main"]
@@ -332,6 +341,6 @@ def reproduce_figures(results: dict, traces, shots_of, out_dir) -> list[Path]:
     fig.suptitle(f"Exit-layer distribution per task ({cfg['model']}, all k)")
     fig.tight_layout()
     paths.append(out_dir / "exit_layer_histograms.png")
-    fig.savefig(paths[-1], dpi=100)
+    _save(fig, paths[-1], dpi=100)
     plt.close(fig)
     return paths

@@ -20,6 +20,7 @@ import logging
 import os
 import random
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from .collect import (
 from .features import ALL_FEATURES, PAPER_FEATURES
 from .flops import ratios
 from .offline import Traces, oracle_bounds, simulate
+from .persist import write_atomic
 from .pipeline import write_json
 from .policies import NeverExit, OracleExit, SVMExit, standard_policies
 from .tasks import TaskError
@@ -49,6 +51,9 @@ QA = ("mmlu", "commonsense_qa", "squad")
 CLASSIFICATION = ("sst2", "ag_news")
 SENTIMENT = "sst2"
 RUN_CONFIG = Path("traces") / "run.json"  # the run's settings and the (task, k) cells it could not make
+# A query's id is its task, k, seed and position, so a resumed run must draw the same prompts:
+# these settings cannot change in an output folder (adding tasks or k can).
+FIXED_ON_RESUME = ("dtype", "seed", "n_queries", "n_train", "train_shots")
 
 
 def task_group(task: str) -> str:
@@ -77,7 +82,8 @@ def _dist():
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        # a resumed run leaves the shards unequal: one rank may wait hours at the final barrier
+        dist.init_process_group("gloo", timeout=timedelta(hours=24))
     return dist.get_rank(), world
 
 
@@ -112,7 +118,7 @@ def run_reproduce(
 ) -> dict | None:
     from .engine import AdaptiveEngine
     from .models import load
-    from .tasks import task_queries
+    from .tasks import held_out_indices, load_task, task_queries
 
     out = Path(out_dir)
     tasks = list(dict.fromkeys(tasks))
@@ -130,10 +136,13 @@ def run_reproduce(
         config["model"] = meta["model"]["model_id"]
         return report(out, config, hidden=meta["model"]["hidden_size"], vocab=meta["model"]["vocab_size"])
 
+    _check_resumable(out, config)
     rank, world = _dist()
+    if world > 1 and device.startswith("cuda") and ":" not in device:  # one GPU per rank
+        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     lm, tok = load(model, dtype=dtype, device=device, device_map=device_map)
     engine = AdaptiveEngine(lm, tok)
-    test, train, name_of = [], [], {}
+    test, train, name_of, held_out = [], [], {}, {}
     for task in tasks:
         for k in shots:
             try:
@@ -144,7 +153,12 @@ def run_reproduce(
                             data_dir=data_dir, strict=False)[0]
         train += mine
         name_of[task] = mine[0].task if mine else task  # a task file is named by its stem in the traces
-    config.update(tasks=[name_of[t] for t in tasks], train_tasks=[name_of[t] for t in train_tasks])
+        held_out[name_of[task]] = held_out_indices(load_task(task, data_dir), n_queries, seed)  # the split, recorded
+    names = [name_of[t] for t in tasks]
+    if len(set(names)) < len(names):  # two task files with one stem would share query ids
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise TaskError(f"tasks {dup} appear twice (task files are named by their file name): rename one")
+    config.update(tasks=names, train_tasks=[name_of[t] for t in train_tasks], world_size=world, held_out=held_out)
     if rank == 0:
         write_json(out / RUN_CONFIG, config)
     kw = dict(batch_size=batch_size, max_batch_tokens=max_batch_tokens, progress=progress and rank == 0, rank=rank, world_size=world)
@@ -153,8 +167,20 @@ def run_reproduce(
     _barrier(world)
     if rank != 0:
         return None
-    config.update(model=getattr(lm, "adainfer_id", model), world_size=world)
+    config.update(model=getattr(lm, "adainfer_id", model))
     return report(out, config, hidden=lm.config.hidden_size, vocab=engine.parts.head.weight.shape[0])
+
+
+def _check_resumable(out: Path, config: dict) -> None:
+    if not (out / RUN_CONFIG).exists():
+        return
+    old = json.loads((out / RUN_CONFIG).read_text())
+    changed = [f"--{k.replace('_', '-')} {old[k]} (now {config[k]})" for k in FIXED_ON_RESUME if k in old and old[k] != config[k]]
+    if changed:
+        raise ValueError(
+            f"{out} holds traces collected with {', '.join(changed)}; resuming would mix queries drawn "
+            "under other settings into the same cells: use those settings (tasks and k may be added) or a new --out-dir"
+        )
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -240,6 +266,7 @@ def report(out: Path, config: dict, *, hidden: int, vocab: int) -> dict:
     write_json(out / "results.json", results)
     from .report import reproduce_figures, reproduce_tables
 
-    (out / "tables.md").write_text(reproduce_tables(results))
+    tables = reproduce_tables(results)
+    write_atomic(out / "tables.md", lambda tmp: Path(tmp).write_text(tables))
     reproduce_figures(results, test, shots_of, out)
     return results

@@ -146,11 +146,24 @@ def split(task: Task, n_test: int, seed: int = 0) -> tuple[list[Example], list[E
     """Disjoint (pool, test) split: demonstrations and training queries come from the pool."""
     if not 0 < n_test < len(task):
         raise TaskError(f"task {task.name} has {len(task)} examples; cannot hold out {n_test}")
-    order = list(range(len(task)))
-    random.Random(seed).shuffle(order)
+    order = _shuffled(len(task), seed)
     test = [task.examples[i] for i in order[:n_test]]
     pool = [task.examples[i] for i in order[n_test:]]
     return pool, test
+
+
+def _shuffled(n: int, seed: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def held_out_indices(task: Task, n_test: int, seed: int = 0) -> list[int]:
+    """Which of `task.examples` `task_queries` holds out as test queries, in query order: the
+    split a results file records. The rest (or the task's own pool) serves demonstrations."""
+    if task.pool is not None:
+        return random.Random(seed).sample(range(len(task.examples)), min(n_test, len(task.examples)))
+    return _shuffled(len(task), seed)[: min(n_test, len(task) // 2)]
 
 
 def few_shot_prompts(queries: Sequence[Example], pool: Sequence[Example], k: int, seed: int = 0) -> list[str]:
@@ -219,7 +232,7 @@ def task_queries(
         task = load_task(name, data_dir)
         if task.pool is not None:  # the benchmark has its own demonstration split
             pool = task.pool
-            held_out = random.Random(seed).sample(task.examples, min(n_test, len(task.examples)))
+            held_out = [task.examples[i] for i in held_out_indices(task, n_test, seed)]
         else:
             pool, held_out = split(task, min(n_test, len(task) // 2), seed)
         n = n_train if strict else min(n_train, len(pool))
