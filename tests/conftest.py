@@ -44,12 +44,19 @@ def _config(arch: str, layers: int = 4):
         return transformers.Phi3Config(**llama_like)
     if arch == "gemma3":
         return transformers.Gemma3TextConfig(head_dim=8, sliding_window=8, final_logit_softcapping=30.0, **llama_like)
+    if arch == "granite":  # its forward divides the logits by logits_scaling: the lens must too
+        return transformers.GraniteConfig(logits_scaling=8.0, **llama_like)
     if arch == "gpt2":
         return transformers.GPT2Config(n_embd=h, n_layer=layers, n_head=4, n_positions=4096, **common)
     if arch == "opt":
         return transformers.OPTConfig(
             hidden_size=h, num_hidden_layers=layers, num_attention_heads=4, ffn_dim=64,
             max_position_embeddings=256, word_embed_proj_dim=h, **common,
+        )
+    if arch == "opt-350m":  # post-norm layers, no final norm, project_in / project_out
+        return transformers.OPTConfig(
+            hidden_size=h, num_hidden_layers=layers, num_attention_heads=4, ffn_dim=64,
+            max_position_embeddings=256, word_embed_proj_dim=16, do_layer_norm_before=False, **common,
         )
     if arch == "gpt_neox":
         return transformers.GPTNeoXConfig(
@@ -59,7 +66,7 @@ def _config(arch: str, layers: int = 4):
     raise KeyError(arch)
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "gpt2", "opt", "gpt_neox"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "granite", "gpt2", "opt", "opt-350m", "gpt_neox"]
 
 
 def tiny_model(arch: str = "llama", layers: int = 4, seed: int = 0):

@@ -35,6 +35,16 @@ def test_never_exit_equals_plain_hf_logits(tiny):
     assert (result.top1 == plain_last_logits(engine, PROMPTS).argmax(-1).numpy()).all()
 
 
+def test_checks_decode_with_the_models_own_head(tiny):
+    # a gap of 2 is never reached: every layer is checked and the last one decodes through the
+    # logit lens, which must apply whatever the model's forward does (softcap, logit scaling)
+    model, tok = tiny
+    engine = AdaptiveEngine(model, tok)
+    result = engine.run(PROMPTS, GapThreshold(threshold=2.0))
+    assert (result.exit_layer == engine.num_layers).all() and (result.num_checks == engine.num_layers - 1).all()
+    torch.testing.assert_close(result.logits, plain_last_logits(engine, PROMPTS), rtol=1e-4, atol=1e-5)
+
+
 def test_rows_exiting_at_different_layers_match_batch_size_one(tiny):
     model, tok = tiny
     engine = AdaptiveEngine(model, tok)

@@ -21,6 +21,7 @@ class ArchSpec:
     attn: str  # attribute of one decoder layer: the attention block
     mlp: str  # attribute of one decoder layer: the feed-forward block (its output module)
     project_out: str | None = None  # OPT-350m style projection applied after the final norm
+    norm_optional: bool = False  # OPT-350m (post-norm layers) has no final norm at all
 
 
 _LLAMA_LIKE = ArchSpec(layers="layers", norm="norm", attn="self_attn", mlp="mlp")
@@ -51,6 +52,7 @@ SPECS: dict[str, ArchSpec] = {
         attn="self_attn",
         mlp="fc2",
         project_out="decoder.project_out",
+        norm_optional=True,
     ),
     "gpt_neox": ArchSpec(layers="layers", norm="final_layer_norm", attn="attention", mlp="mlp"),
 }
@@ -80,6 +82,15 @@ class ModelParts:
     spec: ArchSpec
     project_out: nn.Module | None = None
     softcap: float | None = None
+    logit_scale: float = 1.0  # Granite divides its logits by config.logits_scaling
+
+    def finish(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the model's own forward does to the head's output: scaling, soft-capping."""
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        if self.softcap:  # Gemma 2/3 style final-logit soft-capping
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
     @property
     def num_layers(self) -> int:
@@ -94,10 +105,7 @@ class ModelParts:
         hidden = self.norm(hidden)
         if self.project_out is not None:
             hidden = self.project_out(hidden)
-        logits = self.head(hidden)
-        if self.softcap:  # Gemma 2/3 style final-logit soft-capping
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return self.finish(self.head(hidden))
 
     def shortlist_logits(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Logits of each row's candidate tokens only: [A, H] x ids [A, k] -> [A, k].
@@ -109,9 +117,7 @@ class ModelParts:
         logits = torch.einsum("ah,akh->ak", hidden, self.head.weight[ids])
         if getattr(self.head, "bias", None) is not None:
             logits = logits + self.head.bias[ids]
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return self.finish(logits)
 
 
 def find_parts(model: nn.Module) -> ModelParts:
@@ -128,6 +134,8 @@ def find_parts(model: nn.Module) -> ModelParts:
         )
     layers = _get(base, spec.layers)
     norm = _get(base, spec.norm)
+    if norm is None and spec.norm_optional:
+        norm = nn.Identity()
     if not isinstance(layers, nn.ModuleList) or norm is None:
         raise UnsupportedModel(
             f"{type(model).__name__} has no decoder layers at '{spec.layers}' or final norm at "
@@ -143,4 +151,5 @@ def find_parts(model: nn.Module) -> ModelParts:
         spec=spec,
         project_out=project_out,
         softcap=getattr(config, "final_logit_softcapping", None),
+        logit_scale=1.0 / getattr(config, "logits_scaling", 1.0),
     )

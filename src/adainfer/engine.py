@@ -224,8 +224,8 @@ class AdaptiveEngine:
         if self._cheap_head is None:
             self._cheap_head = self.parts.head.weight.detach().to(self.check_dtype)
         logits = torch.nn.functional.linear(self.parts.norm(last).to(self.check_dtype), self._cheap_head)
-        if self.parts.softcap:
-            logits = torch.tanh(logits.float() / self.parts.softcap) * self.parts.softcap
+        if self.parts.softcap or self.parts.logit_scale != 1.0:
+            logits = self.parts.finish(logits.float())  # in fp32: tanh on bf16 logits blurs the top gap
         return logits
 
     # ---------------------------------------------------------------- tokenization
