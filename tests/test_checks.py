@@ -74,6 +74,7 @@ def test_bf16_checks_answer_with_the_exact_head():
     assert cheap.exit_layer.tolist() == [1, 2, 3, 4]
     torch.testing.assert_close(cheap.logits, exact.logits, rtol=1e-5, atol=1e-5)
     assert cheap.top1.tolist() == exact.top1.tolist()
+    assert cheap.num_confirms.tolist() == [1, 1, 1, 0]  # each early answer is projected again, exactly
     # the features came from the bf16 head: close, not equal
     np.testing.assert_allclose(cheap.features[:, 0], exact.features[:, 0], atol=0.05)
 
@@ -193,6 +194,7 @@ def test_shortlist_checks_answer_and_decide_on_the_whole_vocabulary(arch):
     torch.testing.assert_close(short.logits, exact.logits, rtol=1e-5, atol=1e-5)  # answers: exact head
     assert short.num_checks.tolist() == exact.num_checks.tolist() == [2, 3, 3, 2]
     assert short.num_short_checks.tolist() == [1, 2, 2, 1]  # all but the first check of each row
+    assert short.num_confirms.tolist() == [1, 1, 0, 1] and exact.num_confirms.tolist() == [0] * 4  # charged
     # the exit layer's features are the exact ones (confirmed), earlier ones the shortlist's
     np.testing.assert_allclose(short.features[[0, 3], 1], exact.features[[0, 3], 1], rtol=1e-5, atol=1e-6)
 
@@ -202,6 +204,7 @@ def test_shortlist_checks_answer_and_decide_on_the_whole_vocabulary(arch):
     policy = StopWhenTopProb(0.45)
     r = engine.run(PROMPTS, policy, check_layers=[1, 2, 3])
     assert (r.exit_layer == 4).all() and r.num_checks.tolist() == [3] * 4 and r.num_short_checks.tolist() == [2] * 4
+    assert r.num_confirms.tolist() == [2] * 4  # refused confirmations cost a whole head too
     torch.testing.assert_close(r.logits, plain_last_logits(engine, PROMPTS), rtol=1e-5, atol=1e-5)
 
 

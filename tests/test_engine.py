@@ -161,6 +161,14 @@ def test_rows_without_choices_mix_with_choice_rows():
     assert (r.layer_choice[2] == 7).all() and set(r.layer_choice[0]) <= {5, 9}
 
 
+def test_run_all_keeps_choices_when_a_batch_has_none():
+    engine = AdaptiveEngine(*tiny_model("llama", layers=4))
+    choices = [np.array([5, 9]), np.array([7]), np.array([], dtype=int), []]  # arrays work as well as lists
+    whole = engine.run_all(PROMPTS, NeverExit(), choices=choices, batch_size=2)  # the 2nd batch has no choice row
+    assert whole.layer_choice is not None and (whole.layer_choice[2:] == -1).all()
+    assert whole.choice_top1[:2].tolist() == engine.run(PROMPTS[:2], NeverExit(), choices=choices[:2]).choice_top1.tolist()
+
+
 def test_features_are_the_same_whatever_the_chunk_of_rows():
     from adainfer import features
 

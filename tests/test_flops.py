@@ -23,10 +23,10 @@ def test_true_ratio_charges_every_check():
 
 def test_shortlist_checks_are_charged_their_size_plus_a_confirmation():
     exact = true_ratio([2], [2], 4, 10, 100, [5])[0]
-    short = true_ratio([2], [2], 4, 10, 100, [5], short_checks=[1], shortlist_size=8)[0]
+    short = true_ratio([2], [2], 4, 10, 100, [5], short_checks=[1], shortlist_size=8, confirms=[1])[0]
     # one exact check + one 8-token check + the exact confirmation at the stop
     layer = 5 * 2 * 65
     assert short == (2 * layer + 100 + 8 + 100) / (4 * layer + 100)
     assert short > exact  # with V = 100 the confirmation outweighs what the shortlist saved
-    many = true_ratio([3], [3], 4, 10, 10_000, [5], short_checks=[2], shortlist_size=8)[0]
+    many = true_ratio([3], [3], 4, 10, 10_000, [5], short_checks=[2], shortlist_size=8, confirms=[1])[0]
     assert many < true_ratio([3], [3], 4, 10, 10_000, [5])[0]  # with a big vocabulary it pays

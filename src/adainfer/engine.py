@@ -58,6 +58,9 @@ class ExitResult:
     wall_time_s: float = 0.0
     num_short_checks: np.ndarray | None = None  # [B] of num_checks, those on a shortlist only
     shortlist_size: int = 0
+    # [B] extra whole-vocabulary projections to confirm a stop (a shortlist check's, agreed or
+    # not, or the exact answer after a `check_dtype` check): charged by the true FLOPs ratio
+    num_confirms: np.ndarray | None = None
 
     @property
     def choice_top1(self) -> np.ndarray | None:
@@ -75,12 +78,12 @@ class ExitResult:
         logits = None
         if all(r.logits is not None for r in results):
             logits = torch.cat([r.logits for r in results])
-        choice = None
-        if all(r.layer_choice is not None for r in results):
-            choice = np.concatenate([r.layer_choice for r in results])
-        short = None
-        if any(r.num_short_checks is not None for r in results):
-            short = np.concatenate([r.num_short_checks if r.num_short_checks is not None else np.zeros(len(r), int) for r in results])
+        def merged(name, fill):  # a batch without the field (no choice row, say) gets `fill`
+            if all(getattr(r, name) is None for r in results):
+                return None
+            return np.concatenate([
+                getattr(r, name) if getattr(r, name) is not None else np.full((len(r), *fill[1:]), fill[0]) for r in results
+            ])  # fmt: skip
         return ExitResult(
             **{
                 name: np.concatenate([getattr(r, name) for r in results])
@@ -89,10 +92,11 @@ class ExitResult:
             feature_names=first.feature_names,
             num_layers=first.num_layers,
             logits=logits,
-            layer_choice=choice,
+            layer_choice=merged("layer_choice", (-1, first.num_layers)),
             wall_time_s=sum(r.wall_time_s for r in results),
-            num_short_checks=short,
+            num_short_checks=merged("num_short_checks", (0,)),
             shortlist_size=max(r.shortlist_size for r in results),
+            num_confirms=merged("num_confirms", (0,)),
         )
 
 
@@ -128,6 +132,7 @@ class _Batch:
     choices: torch.Tensor | None  # [B, C] choice token ids (rows padded by repeating their first)
     layer_choice: torch.Tensor | None  # [B, L]
     num_short: torch.Tensor | None = None  # [B] checks made on a shortlist
+    num_confirms: torch.Tensor | None = None  # [B] whole-vocabulary projections confirming a stop
     shortlist: torch.Tensor | None = None  # [B, k] each row's candidate tokens, once it has some
     checked: list[int] = field(default_factory=list)
     previous: dict[str, torch.Tensor] = field(default_factory=dict)  # last position, layer l-1
@@ -339,6 +344,8 @@ class AdaptiveEngine:
                 if not stop.any():
                     return None
                 exact = None if ids is None and self.check_dtype is None else self.parts.logits(last[stop.to(last.device)])
+                if exact is not None:
+                    batch.num_confirms[rows[stop]] += 1
                 if ids is not None:  # confirm on the whole vocabulary: exact features, same policy
                     sub = rows[stop]
                     feats, top1 = self._record(batch, layer, exact, sims, where=stop)
@@ -391,6 +398,7 @@ class AdaptiveEngine:
             wall_time_s=elapsed,
             num_short_checks=None if self.shortlist is None else batch.num_short.numpy(),
             shortlist_size=self.shortlist or 0,
+            num_confirms=batch.num_confirms.numpy(),
         )
 
     def _new_batch(self, enc, names, gold, choices) -> _Batch:
@@ -398,7 +406,8 @@ class AdaptiveEngine:
         if gold is not None and len(gold) != B:
             raise ValueError(f"got {len(gold)} gold tokens for {B} prompts")
         choice_ids = None
-        if choices is not None and any(choices):
+        if choices is not None and any(len(c) for c in choices):
+            choices = [[int(t) for t in c] for c in choices]  # lists, tuples or numpy arrays
             if len(choices) != B:
                 raise ValueError(f"got choices for {len(choices)} rows, expected {B}")
             # rows may mix choice tasks and open tasks: pad with the row's first choice (or -1)
@@ -419,6 +428,7 @@ class AdaptiveEngine:
             choices=choice_ids,
             layer_choice=None if choice_ids is None else torch.full((B, L), -1, dtype=torch.long),
             num_short=torch.zeros(B, dtype=torch.long),
+            num_confirms=torch.zeros(B, dtype=torch.long),
         )
 
     @staticmethod
