@@ -62,6 +62,8 @@ def test_bad_inputs_give_one_clear_line(model_dir, tmp_path, capsys):
     assert "smollm2-135m" in capsys.readouterr().err
     assert main(["eval", "--model", model_dir, "--task", "capitalize", "--policy", "forest", "--out", str(tmp_path / "e.json")]) == 2
     assert "svm" in capsys.readouterr().err
+    assert main(["eval", "--model", model_dir, "--task", "capitalize", "--policy", "svm", "--out", str(tmp_path / "e.json")]) == 2
+    assert "adainfer fit" in capsys.readouterr().err  # an untrained classifier is refused, not a traceback
     assert main(["fit", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "p.safetensors")]) == 2
     assert "adainfer collect" in capsys.readouterr().err
 

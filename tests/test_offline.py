@@ -1,5 +1,7 @@
 """Replaying policies on collected traces gives exactly what a live engine run gives."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import char_tokenizer, tiny_model
@@ -51,6 +53,19 @@ def test_replay_matches_live_trained_policy_with_learned_check_layers(traced):
     replay = simulate(policy, traces)
     assert replay.exit_layer.tolist() == live.exit_layer.tolist()
     assert set(replay.exit_layer) <= {2, 4, 6}
+
+
+def test_replay_uses_the_plan_of_the_batch_size_the_engine_would(traced):
+    engine, queries, traces = traced
+    policy = GapThreshold(-1.0)  # stops at the first layer it checks
+    policy.check_layers_, policy.check_plans_ = (3,), {1: (3,), 4: (2,)}
+    live = engine.run([q.prompt for q in queries[:4]], policy, features=ALL_FEATURES)
+    assert set(live.exit_layer) == {2}  # a batch of 4 uses the batch-4 plan
+    assert simulate(policy, traces, batch_size=4).exit_layer.tolist() == [2] * len(traces)
+    assert simulate(policy, traces).exit_layer.tolist() == [3] * len(traces)  # no batch size: check_layers_
+    narrow = dataclasses.replace(traces, features=traces.features[:, :, :2], feature_names=traces.feature_names[:2])
+    with pytest.raises(ValueError, match=r"features \['entropy'\] that the traces lack"):
+        simulate(LogisticExit(features=("entropy",)), narrow)
 
 
 def test_oracle_and_never(traced):

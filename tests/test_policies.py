@@ -81,6 +81,10 @@ def test_crf_learns_the_layer_sequence():
     assert (labels == y[groups == 0]).mean() >= 0.75
     with pytest.raises(ValueError, match="groups"):
         CRFExit().fit(X, y)
+    import copy
+
+    twin = copy.deepcopy(crf)  # after use: the open C tagger is not copied, the model is
+    assert (twin.predict_sequence(seq) == labels).all()
 
 
 def test_gap_threshold_and_reference_policies():
@@ -147,6 +151,20 @@ def test_not_a_policy_file_is_a_clear_error(tmp_path):
 def test_unknown_policy_name():
     with pytest.raises(ValueError, match="svm"):
         make_policy("forest")
+
+
+def test_a_file_of_an_unknown_policy_kind_says_so(tmp_path):
+    import json
+
+    from safetensors.numpy import save_file
+
+    from adainfer.persist import FORMAT
+
+    path = tmp_path / "future.safetensors"
+    header = {"format": FORMAT, "policy": "quantum", "params": {}, "features": ["gap"]}
+    save_file({"_empty": np.zeros(1)}, str(path), metadata={"adainfer": json.dumps(header)})
+    with pytest.raises(ValueError, match=r"'quantum' policy.*known: never"):
+        load_policy(path)
 
 
 def test_learned_check_schedule_survives_save_and_load(tmp_path):

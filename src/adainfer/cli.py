@@ -267,7 +267,7 @@ def cmd_eval(args):
     from .report import eval_table
     from .tasks import task_queries
 
-    policies = {p: resolve_policy(p) for p in args.policy}
+    policies = {p: resolve_policy(p, ready=True) for p in args.policy}
     model, tok = _load(args)
     engine = AdaptiveEngine(model, tok, min_layer=args.min_layer, stride=args.stride, shortlist=args.shortlist)
     _, test = task_queries(tok, args.task, shots=args.shots, n_train=0, n_test=args.n_test, seed=args.seed, data_dir=args.data_dir)

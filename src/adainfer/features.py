@@ -6,7 +6,8 @@ All features describe the LAST prompt position of each active row after decoder 
 - layer_frac: l / L, lets a classifier learn "never this early" on models whose early layers are
   confidently wrong (SmolLM2, Gemma 3);
 - cos_attn, cos_mlp, cos_hidden: cosine similarity between layer l and layer l-1 of the attention
-  output, the MLP output and the hidden state (the paper's factor study). 0 at layer 1.
+  output, the MLP output and the hidden state (the paper's factor study). At layer 1 the hidden
+  state is compared with the input embeddings; cos_attn and cos_mlp, which have no layer 0, are 0.
 """
 
 from __future__ import annotations

@@ -100,12 +100,16 @@ class Replay:
     agrees: np.ndarray | None = None  # [Q] the answer is the full model's answer
 
 
-def simulate(policy, traces: Traces, check_layers: Sequence[int] | None = None) -> Replay:
-    """Exit layer of every query under `policy`, checking at `check_layers` (default: all)."""
+def simulate(policy, traces: Traces, check_layers: Sequence[int] | None = None, batch_size: int | None = None) -> Replay:
+    """Exit layer of every query under `policy`, checking at `check_layers` (default: the
+    policy's plan for batches of `batch_size`, as the engine picks it; unplanned: every layer)."""
     L, Q = traces.num_layers, len(traces)
-    learned = planned_checks(policy)
+    learned = planned_checks(policy, batch_size)
     layers = check_layers if check_layers is not None else (learned if learned is not None else range(1, L + 1))
     layers = sorted(l for l in set(layers) if 1 <= l < L)
+    missing = [f for f in policy.features if f not in traces.feature_names]
+    if missing:
+        raise ValueError(f"the policy needs features {missing} that the traces lack (they hold {list(traces.feature_names)})")
     cols = [traces.feature_names.index(f) for f in policy.features]
     exit_layer, num_checks = np.full(Q, L), np.zeros(Q, dtype=int)
     active = np.arange(Q)

@@ -88,6 +88,9 @@ def load_policy(path, model=None) -> ExitPolicy:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not an adainfer policy file (format {FORMAT} expected)")
     params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["params"].items()}
+    if meta.get("policy") not in POLICIES:
+        raise ValueError(f"{path} holds a {meta.get('policy')!r} policy, which this adainfer ({__version__}) does not know; "
+                         f"known: {', '.join(POLICIES)}")
     policy = POLICIES[meta["policy"]](**params)
     policy.features = tuple(meta["features"])
     policy._load_arrays(arrays)

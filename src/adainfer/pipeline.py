@@ -43,11 +43,16 @@ def fit_policy(data_dir, policy: ExitPolicy, tasks: Sequence[str] | None = None,
     return policy
 
 
-def resolve_policy(spec: str, features: Sequence[str] | None = None) -> ExitPolicy:
-    """A saved policy file, or a policy name (untrained; `gap`, `never`, `oracle` need no training)."""
+def resolve_policy(spec: str, features: Sequence[str] | None = None, *, ready: bool = False) -> ExitPolicy:
+    """A saved policy file, or a policy name (untrained; `gap`, `never`, `oracle` need no training).
+    `ready`: the policy will run as is, so a name that needs training is an error."""
     if spec in POLICIES:
         params = {"features": tuple(features)} if features and spec not in ("gap",) else {}
-        return make_policy(spec, **params)
+        policy = make_policy(spec, **params)
+        if ready and policy.trainable:
+            raise ValueError(f"--policy {spec} needs training first: `adainfer fit --data <collected dir> --policy {spec} "
+                             f"--out {spec}.safetensors`, then pass that file (untrained names: gap, never, oracle)")
+        return policy
     if Path(spec).exists():
         return load_policy(spec)
     raise ValueError(f"--policy {spec!r} is neither a saved policy file nor one of {', '.join(POLICIES)}")

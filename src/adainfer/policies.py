@@ -328,6 +328,9 @@ class CRFExit(ExitPolicy):
         self._tagger = None
         return self
 
+    def __getstate__(self):  # copy / pickle the model bytes, not the open C tagger
+        return {k: v for k, v in self.__dict__.items() if k not in ("_tagger", "_buffer")}
+
     @property
     def tagger(self):
         import pycrfsuite
