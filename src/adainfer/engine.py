@@ -137,7 +137,9 @@ class _Batch:
     checked: list[int] = field(default_factory=list)
     previous: dict[str, torch.Tensor] = field(default_factory=dict)  # last position, layer l-1
     current: dict[str, torch.Tensor] = field(default_factory=dict)  # last position, layer l
-    sliced: dict[int, torch.Tensor] = field(default_factory=dict)  # per-row args, cut to active
+    # per-row args cut to the active rows, by id of the full tensor; the full tensor is kept in
+    # the entry so that its id cannot be reused by another tensor while the entry lives
+    sliced: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     rows_by_seq: tuple = ()  # [A, S] of the layer now running
 
     def slice_rows(self, value):
@@ -146,8 +148,8 @@ class _Batch:
             if value.ndim >= 2 and value.shape[0] == self.size:
                 key = id(value)
                 if key not in self.sliced:
-                    self.sliced[key] = value.index_select(0, self.active.to(value.device))
-                return self.sliced[key]
+                    self.sliced[key] = (value, value.index_select(0, self.active.to(value.device)))
+                return self.sliced[key][1]
             return value
         if isinstance(value, tuple):
             return tuple(self.slice_rows(v) for v in value)

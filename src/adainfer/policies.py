@@ -189,9 +189,10 @@ class SVMExit(_Standardized):
         return self
 
     def decision_function(self, X):
-        Z = self._scale(X)
-        sq = ((Z[:, None, :] - self.support_vectors_[None]) ** 2).sum(-1)
-        return np.exp(-self.gamma_[0] * sq) @ self.dual_coef_ + self.intercept_[0]
+        Z, sv = self._scale(X), self.support_vectors_
+        # |z - s|^2 = |z|^2 - 2 z.s + |s|^2: an [n, n_SV] matrix, never the [n, n_SV, F] of differences
+        sq = (Z**2).sum(1)[:, None] - 2 * Z @ sv.T + (sv**2).sum(1)[None]
+        return np.exp(-self.gamma_[0] * np.maximum(sq, 0.0)) @ self.dual_coef_ + self.intercept_[0]
 
     def cost_flops(self):
         return 4.0 * self.support_vectors_.size
