@@ -5,6 +5,10 @@ layer follows from it: `simulate` runs the engine's own decision loop (same `Ste
 `decide`, rows leave as they stop) over the recorded layers. One full pass per query then
 scores every policy, threshold and feature set; the tests check that the replay and a live
 engine run give the same exit layers.
+
+The replay assumes exact checks on the traces' own batching: an engine with `shortlist` or
+`check_dtype` decides on approximate features, and a row near a policy's threshold may then
+stop one check earlier or later than replayed (the bench times those engines live).
 """
 
 from __future__ import annotations
