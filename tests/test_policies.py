@@ -134,6 +134,7 @@ def test_loaded_policy_refuses_another_model(tmp_path):
     with pytest.raises(IncompatiblePolicy, match="num_layers"):
         load_policy(path, model=other)
     assert load_policy(path).model_meta_["num_layers"] == 4  # loads fine without a model to check
+    assert load_policy(path, model=other, allow_other_model=True).model_meta_["num_layers"] == 4  # as the error says
     from adainfer.persist import check_compatible
 
     check_compatible(load_policy(path), other, allow_other_model=True)  # deliberate transfer

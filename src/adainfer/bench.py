@@ -214,7 +214,7 @@ def run_bench(
     batch_sizes=(1, 8, 32),
     dtypes=("float32", "bfloat16"),
     n_queries: int = 32,
-    n_train: int = 40,
+    n_train: int = 200,  # calibration queries: 40 cannot show a 1-point loss (checks.py)
     repeats: int = 3,
     policy_path: str | None = None,
     min_agreement: float | None = None,

@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_int_list, default=(1, 8, 32), help="comma-separated (default: 1,8,32)")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default: %(default)s)")
     p.add_argument("--n-queries", type=int, default=32, help="timed queries per task (default: %(default)s)")
-    p.add_argument("--n-train", type=int, default=40, help="calibration queries per task for the default policy and its check plan (default: %(default)s)")
+    p.add_argument("--n-train", type=int, default=200, help="calibration queries per task for the default policy and its check plan; "
+                   "fewer where the task's held-out split is smaller (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per variant; medians are reported (default: %(default)s)")
     p.add_argument("--min-paired", type=_int_at_least(1), default=None, help="paired (batch, repeat) time ratios per cell at least; "
                    f"finished cells holding fewer are timed again, their earlier timings kept in the row (default: {MIN_PAIRED})")

@@ -75,7 +75,8 @@ def save_policy(policy: ExitPolicy, path, model=None, **extra) -> Path:
     return Path(path)
 
 
-def load_policy(path, model=None) -> ExitPolicy:
+def load_policy(path, model=None, allow_other_model: bool = False) -> ExitPolicy:
+    """A saved policy; with `model`, one trained for another model is refused unless allowed."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no policy file at {path}")
@@ -103,7 +104,7 @@ def load_policy(path, model=None) -> ExitPolicy:
     policy.model_meta_ = meta.get("model")
     policy.metadata_ = meta
     if model is not None:
-        check_compatible(policy, model)
+        check_compatible(policy, model, allow_other_model)
     return policy
 
 
@@ -112,7 +113,8 @@ class IncompatiblePolicy(ValueError):
 
 
 def check_compatible(policy: ExitPolicy, model, allow_other_model: bool = False) -> None:
-    """Refuse a policy trained for another model (shape mismatch always; other id unless allowed)."""
+    """Refuse a policy trained for another model (other id, depth, width or vocabulary), unless
+    `allow_other_model`: its features are model-agnostic, so transfer is a deliberate experiment."""
     trained = getattr(policy, "model_meta_", None)
     if not trained or allow_other_model:  # inter-model transfer is a deliberate experiment
         return
