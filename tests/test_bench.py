@@ -80,10 +80,19 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(saved_
     assert all(r["min_agreement"] == 0.5 and r["timed_with_min_agreement"] == bench.MIN_AGREEMENT for r in rows)
     assert all(r["confidence"] == 0.9 and r["timed_with_confidence"] == bench.CONFIDENCE for r in rows)
 
-    # other timing settings never overwrite a finished grid
+    # other timing settings, or another device, never overwrite a finished grid
     with pytest.raises(ValueError, match="other settings"):
         bench.run_bench((model_dir,), out, **{**kw, "repeats": 2})
+    with pytest.raises(ValueError, match="other settings"):
+        bench.run_bench((model_dir,), out, **kw, device="meta")
     assert json.loads((out / "bench.json").read_text())["rows"] == rows
+    assert all(r["machine"]["torch_threads"] >= 1 for r in rows)  # each cell says where it was timed
+    # nor does a grid file that cannot be read
+    good = (out / "bench.json").read_text()
+    (out / "bench.json").write_text(good[:-20])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        bench.run_bench((model_dir,), out, **kw)
+    (out / "bench.json").write_text(good)
 
     # more paired samples asked for: every cell holding fewer is timed again, its earlier timing kept
     monkeypatch.undo()

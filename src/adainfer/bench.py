@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import gc
 import json
 import os
 import re
@@ -238,7 +239,8 @@ def run_bench(
     plan_test = dict(min_agreement=MIN_AGREEMENT if min_agreement is None else min_agreement,
                      confidence=CONFIDENCE if confidence is None else confidence)
     # what a cell's timing depends on
-    settings = dict(shots=shots, n_queries=n_queries, n_train=n_train, repeats=repeats, seed=seed, policy=policy_path, shortlist=shortlist)
+    settings = dict(shots=shots, n_queries=n_queries, n_train=n_train, repeats=repeats, seed=seed, policy=policy_path, shortlist=shortlist,
+                    device=str(device))
     rows = {_key(r): r for r in _finished_rows(out / "bench.json", settings)}  # a killed run resumes at its next cell
     sampled = {k for k, r in rows.items() if r["paired_samples"] >= min_paired}  # else: timed again, with more samples
     done = {k for k in sampled if all(rows[k][field] == value for field, value in plan_test.items())}
@@ -273,7 +275,9 @@ def run_bench(
                     continue
                 # calibrated on this task's queries, as a user calibrates on the task they serve
                 policy, traces, tune = _calibrated(cal_dir, task, policy_path, lm)
-                replays = replay_schedules(policy, traces, thresholds=tune)  # shared by both kinds of check
+                # shared by both kinds of check; a given policy never saw these traces, so it is
+                # replayed as it is (folds=1), not refitted fold by fold
+                replays = replay_schedules(policy, traces, thresholds=tune, folds=1 if policy_path else 5)
                 if shortlist:  # the same fitted classifier, planned for the shortlist engine's costs
                     short_plans = plan_checks_by_batch(policy, traces, cost, shortlist_costs=short, replays=replays, **plan_test)
                     short_policy = apply_plans(copy.deepcopy(policy), short_plans)
@@ -299,13 +303,16 @@ def run_bench(
                     row.update(model=model_name, dtype=dtype, task=task, shots=shots, check_cost_layers=cost[bs],
                                check_cost_bf16_head_layers=cheap[bs], check_layers=list(plans[bs].check_layers),
                                planned_cost_layers=plans[bs].expected_cost, plan_held_out=plans[bs].held_out,
-                               threshold=plans[bs].threshold, **plan_test)
+                               threshold=plans[bs].threshold, machine=machine(), **plan_test)  # a resumed grid may span machines
                     if shortlist:
                         row.update(shortlist_size=shortlist, check_cost_shortlist_layers=short[bs],
                                    shortlist_check_layers=list(short_plans[bs].check_layers), shortlist_threshold=short_plans[bs].threshold)
                     rows[key] = row
                     save()
-            del engine, lm
+            del engine, short_engine, lm  # every reference, or the next model loads beside this one
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     result = save()
     write_report(out)
     return result
@@ -366,9 +373,10 @@ def _finished_rows(path: Path, settings: dict) -> list[dict]:
         return []
     try:
         previous = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return []
-    if previous.get("settings") != settings:
+    except json.JSONDecodeError as e:  # never overwrite a grid that cannot be read: it may be hours of timing
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); repair it or move it away to start over") from None
+    previous.setdefault("settings", {}).setdefault("device", "cpu")  # grids from before the device was recorded
+    if previous["settings"] != settings:
         raise ValueError(f"{path} holds a grid run with other settings ({previous.get('settings')}; now {settings}): "
                          "give another --out-dir, or move that file away to start over")
     for r in previous["rows"]:

@@ -237,7 +237,7 @@ def apply_plans(policy, plans: Mapping[int, CheckPlan]):
 def measure_check_cost(engine, prompts, repeats: int = 5, shortlist: int | None = None) -> float:
     """Seconds of one check on len(prompts) rows over seconds of one decoder layer, measured;
     with `shortlist`, of a check on that many candidate tokens per row."""
-    from .engine import plain_forward
+    from .engine import plain_forward, synchronize
 
     enc = engine.encode(prompts)
     hidden = torch.randn(len(prompts), engine.model.config.hidden_size, dtype=engine.model.dtype, device=enc["input_ids"].device)
@@ -257,5 +257,6 @@ def measure_check_cost(engine, prompts, repeats: int = 5, shortlist: int | None 
         t0 = time.perf_counter()
         for _ in range(4):
             check()
+        synchronize()
         cost.append((time.perf_counter() - t0) / 4)
     return float(np.median(cost) / (np.median(plain) / engine.num_layers))

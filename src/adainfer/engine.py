@@ -379,6 +379,7 @@ class AdaptiveEngine:
                 self.parts.base(**enc, use_cache=False)
             except _Done:
                 pass
+            synchronize()
             elapsed = time.perf_counter() - start
         finally:
             for h in handles:
@@ -538,8 +539,17 @@ def context_length(config) -> int | None:
 
 @torch.inference_mode()
 def plain_forward(model, enc: dict) -> torch.Tensor:
-    """The unmodified Hugging Face model, one full forward: next-token logits per row."""
-    return model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+    """The unmodified Hugging Face model, one full forward: next-token logits per row, computed
+    (not only queued on a GPU) when it returns, so that it can be timed."""
+    logits = model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+    synchronize()
+    return logits
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work: a timer read before it would time the queueing only."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def plain_last_logits(engine: AdaptiveEngine, prompts: Sequence[str]) -> torch.Tensor:
