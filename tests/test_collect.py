@@ -125,3 +125,16 @@ def test_a_missing_middle_part_is_refilled_without_overwriting_the_others(setup,
     assert all(p.read_bytes() == b for p, b in kept.items())
     table, _ = load_collected(tmp_path)
     assert sorted(table.column("query_id").to_pylist()) == sorted(q.id for q in queries for _ in range(4))
+
+
+def test_an_id_collected_from_another_prompt_is_refused(setup, tmp_path):
+    import dataclasses
+
+    engine, queries = setup
+    collect(engine, queries[:4], tmp_path, batch_size=4, progress=False)
+    # the same ids drawn under other settings (another --n-test moves every query): refuse, never mix
+    moved = [dataclasses.replace(q, prompt=q.prompt.replace("Q:", "Q: ", 1)) for q in queries]
+    with pytest.raises(ValueError, match=f"holds 4 queries with these ids but other prompts.*first: {queries[0].id}"):
+        collect(engine, moved, tmp_path, batch_size=4, progress=False)
+    collect(engine, queries, tmp_path, batch_size=4, progress=False)  # the same queries resume as before
+    assert collected_ids(tmp_path) == {q.id for q in queries}

@@ -8,6 +8,7 @@ resumes at the first batch not written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,7 +70,13 @@ def collect(
             )
     else:
         write_atomic(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
-    done = collected_ids(out)
+    done = collected_fingerprints(out)
+    changed = [q.id for q in queries if done.get(q.id) not in (None, fingerprint(q))]
+    if changed:  # ids are positions: other settings or data reuse them for other prompts
+        raise ValueError(
+            f"{out} holds {len(changed)} queries with these ids but other prompts or answers (first: {changed[0]}): "
+            "the data, --n-test / --n-train or --seed changed since they were collected; use a new --out folder"
+        )
     # shard by position in the full list, never by what is left: ranks may start at different times
     todo = [q for i, q in enumerate(queries) if i % world_size == rank and q.id not in done]
     # batch prompts of similar length: in the order given, padding made Qwen2.5's 5-shot batches
@@ -119,17 +126,31 @@ def _rows(batch: Sequence[Query], result) -> pa.Table:
         "label": (result.layer_top1 == gold[:, None]).reshape(-1).astype(np.int8),
         # choice-restricted answer (lm-eval-harness style), -1 where the task has no choices
         "choice_top1": (result.layer_choice if result.layer_choice is not None else np.full((B, L), -1)).reshape(-1),
+        "fingerprint": np.repeat([fingerprint(q) for q in batch], L),  # what was run under this id
     }
     for j, name in enumerate(result.feature_names):
         cols[name] = result.features[:, :, j].reshape(-1)
     return pa.table(cols)
 
 
-def collected_ids(out_dir: str | Path) -> set[str]:
+def fingerprint(q: Query) -> str:
+    """A short hash of what a query runs and how it is scored."""
+    return hashlib.sha256(f"{q.prompt}\0{q.gold}\0{list(q.choice_tokens)}".encode()).hexdigest()[:16]
+
+
+def collected_fingerprints(out_dir: str | Path) -> dict[str, str | None]:
+    """{query id: fingerprint} of the collected queries (None in parts written before
+    fingerprints were recorded)."""
     parts = sorted(Path(out_dir).glob("part-*.parquet"))
     if not parts:
-        return set()
-    return set(ds.dataset(parts).to_table(columns=["query_id"]).column(0).to_pylist())
+        return {}
+    schema = pa.schema([("query_id", pa.string()), ("fingerprint", pa.string())])
+    table = ds.dataset(parts, schema=schema).to_table()
+    return dict(zip(table.column("query_id").to_pylist(), table.column("fingerprint").to_pylist()))
+
+
+def collected_ids(out_dir: str | Path) -> set[str]:
+    return set(collected_fingerprints(out_dir))
 
 
 def load_collected(path: str | Path, tasks: Sequence[str] | None = None) -> tuple[pa.Table, dict]:
