@@ -260,19 +260,21 @@ def run_bench(
             cal_dir = out / "calibration" / f"{name}-{dtype}"
             train, test = _calibration_and_timed(tok, tasks, shots, n_train, n_queries, seed, data_dir)
             collect(engine, train, cal_dir, batch_size=8, progress=progress)
-            # a check's cost relative to a layer falls with the batch size: one plan per size
-            cost, cheap, short = {}, {}, {}
-            for bs in batch_sizes:
-                prompts = [q.prompt for q in test[:bs]]
-                cost[bs] = measure_check_cost(engine, prompts)
-                # cheaper checks, measured the same way: the LM head in bf16 (half the bytes read),
-                # and a head over each row's `shortlist` candidates (k rows instead of V)
-                cheap[bs] = measure_check_cost(AdaptiveEngine(lm, tok, check_dtype=torch.bfloat16), prompts) if lm.dtype != torch.bfloat16 else cost[bs]
-                short[bs] = measure_check_cost(engine, prompts, shortlist=shortlist) if shortlist else None
             short_engine = AdaptiveEngine(lm, tok, shortlist=shortlist) if shortlist else None
             for task in tasks:
                 if all((model_name, dtype, task, b) in done for b in batch_sizes):
                     continue
+                queries = [q for q in test if q.task == task]
+                # a check's cost relative to a layer falls with the batch size (one plan per size)
+                # and with the prompt length (a layer grows with it, a check does not): per task
+                cost, cheap, short = {}, {}, {}
+                for bs in batch_sizes:
+                    prompts = [q.prompt for q in queries[:bs]]
+                    cost[bs] = measure_check_cost(engine, prompts)
+                    # cheaper checks, measured the same way: the LM head in bf16 (half the bytes
+                    # read), and a head over each row's `shortlist` candidates (k rows instead of V)
+                    cheap[bs] = measure_check_cost(AdaptiveEngine(lm, tok, check_dtype=torch.bfloat16), prompts) if lm.dtype != torch.bfloat16 else cost[bs]
+                    short[bs] = measure_check_cost(engine, prompts, shortlist=shortlist) if shortlist else None
                 # calibrated on this task's queries, as a user calibrates on the task they serve
                 policy, traces, tune = _calibrated(cal_dir, task, policy_path, lm)
                 # shared by both kinds of check; a given policy never saw these traces, so it is
@@ -284,7 +286,6 @@ def run_bench(
                     save_policy(short_policy, out / "policies" / f"{name}-{dtype}-{task}-shortlist{shortlist}.safetensors", model=lm, shortlist=shortlist)
                 plans = plan_checks_by_batch(policy, traces, cost, replays=replays, **plan_test)
                 save_policy(apply_plans(policy, plans), out / "policies" / f"{name}-{dtype}-{task}.safetensors", model=lm)
-                queries = [q for q in test if q.task == task]
                 for bs in tqdm(batch_sizes, desc=f"{model_name} {dtype} {task}", disable=not progress):
                     key = (model_name, dtype, task, bs)
                     if key in done:
