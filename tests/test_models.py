@@ -229,22 +229,31 @@ def _fake_alias(monkeypatch, tmp_path, source="file", data=b"GGUF fake weights",
 
 @pytest.mark.parametrize("source", ["file", "assemble", "parts"])
 def test_alias_converts_once_then_reads_cache(monkeypatch, tmp_path, fake_convert, source):
-    _fake_alias(monkeypatch, tmp_path, source)
+    alias = _fake_alias(monkeypatch, tmp_path, source)
     cache = tmp_path / "cache"
     model, tok = models.load("Tiny-Test", cache_dir=cache)
     assert fake_convert == [b"GGUF fake weights"]  # parts concatenated in order
     assert model.adainfer_id == "org/tiny-test" and tok.pad_token == "<eos>"
     # only the finished folder remains: no temp dir, no assembled GGUF
-    assert [p.name for p in cache.iterdir()] == ["tiny-test"]
+    assert [p.name for p in cache.iterdir()] == [f"tiny-test-{alias.sha256[:12]}"]  # keyed by the GGUF's hash
     model, _ = models.load("tiny-test", cache_dir=cache)
     assert len(fake_convert) == 1 and model.adainfer_id == "org/tiny-test"
 
 
+def test_an_alias_moved_to_another_package_version_converts_anew(monkeypatch, tmp_path, fake_convert):
+    cache = tmp_path / "cache"
+    _fake_alias(monkeypatch, tmp_path / "v1")
+    models.load("tiny-test", cache_dir=cache)
+    _fake_alias(monkeypatch, tmp_path / "v2", data=b"GGUF other weights")  # same name, other file
+    models.load("tiny-test", cache_dir=cache)
+    assert fake_convert == [b"GGUF fake weights", b"GGUF other weights"]  # the old folder is not reused
+
+
 def test_cache_dir_defaults_to_env(monkeypatch, tmp_path, fake_convert):
-    _fake_alias(monkeypatch, tmp_path)
+    alias = _fake_alias(monkeypatch, tmp_path)
     monkeypatch.setenv("ADAINFER_CACHE", str(tmp_path / "env-cache"))
     models.load("tiny-test")
-    assert (tmp_path / "env-cache" / "tiny-test" / "config.json").is_file()
+    assert (tmp_path / "env-cache" / f"tiny-test-{alias.sha256[:12]}" / "config.json").is_file()
 
 
 def test_sha_mismatch_is_refused(monkeypatch, tmp_path, fake_convert):
@@ -252,15 +261,15 @@ def test_sha_mismatch_is_refused(monkeypatch, tmp_path, fake_convert):
     with pytest.raises(ModelNotAvailable, match="sha256") as err:
         models.load("tiny-test", cache_dir=tmp_path / "cache")
     assert "pip install adainfer-fake==1.0" in str(err.value)
-    assert fake_convert == [] and not (tmp_path / "cache" / "tiny-test").exists()
+    assert fake_convert == [] and list((tmp_path / "cache").iterdir()) == []  # no folder, no temp dir
 
 
 def test_leftover_temp_dir_does_not_count_as_cached(monkeypatch, tmp_path, fake_convert, tiny_dir):
-    _fake_alias(monkeypatch, tmp_path)
-    cache = tmp_path / "cache"
+    alias = _fake_alias(monkeypatch, tmp_path)
+    cache, name = tmp_path / "cache", f"tiny-test-{alias.sha256[:12]}"
     # What a conversion killed mid-way leaves: a temp dir, here even with a full-looking folder.
-    fresh = shutil.copytree(tiny_dir, cache / ".tiny-test.tmp-killed" / "hf")
-    stale = shutil.copytree(tiny_dir, cache / ".tiny-test.tmp-ancient" / "hf")
+    fresh = shutil.copytree(tiny_dir, cache / f".{name}.tmp-killed" / "hf")
+    stale = shutil.copytree(tiny_dir, cache / f".{name}.tmp-ancient" / "hf")
     os.utime(stale.parent, (0, 0))
     model, _ = models.load("tiny-test", cache_dir=cache)
     assert len(fake_convert) == 1  # converted anyway

@@ -220,14 +220,16 @@ def _from_pretrained(source, torch_dtype, kwargs: dict, *, from_hub: bool):
             raise
         raise ModelNotAvailable(
             f"could not load {source!r} from the Hugging Face hub: {e}\n"
-            f"Offline? Use a bundled alias ({', '.join(ALIASES)}) or a local model folder instead."
+            f"Offline? Use a bundled alias ({', '.join(ALIASES)}) or a local model folder instead "
+            f"(no folder {str(Path(source).resolve())!r} exists here)."
         ) from e
     return model, tokenizer
 
 
 def _alias_folder(alias: ModelAlias, root: Path) -> Path:
-    """The cached HF folder of an alias, converting its GGUF the first time."""
-    dest = root / alias.name
+    """The cached HF folder of an alias, converting its GGUF the first time (keyed by the
+    GGUF's hash: an alias that moves to another package version converts anew)."""
+    dest = root / f"{alias.name}-{alias.sha256[:12]}"
     if (dest / "config.json").is_file():
         return dest
     missing = [m for m in alias.modules if importlib.util.find_spec(m) is None]
@@ -295,7 +297,8 @@ def _convert_once(dest: Path, make_gguf: Callable[[Path], Path]) -> Path:
             os.replace(work / "hf", dest)  # atomic on one filesystem
         except OSError:
             if not (dest / "config.json").is_file():
-                raise
+                raise ModelNotAvailable(f"{dest} exists but holds no converted model (left by another tool?); "
+                                        "delete it and load again") from None
             # another process finished the same conversion first; keep its folder
         log.info("converted in %.0f s; later loads read %s", time.perf_counter() - start, dest)
     finally:
