@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import json
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +46,8 @@ from adainfer.cli import _check_cost
 from adainfer.collect import load_collected, select_tasks
 from adainfer.features import ALL_FEATURES, DEFAULT_FEATURES
 from adainfer.offline import Traces, oracle_bounds, simulate
+from adainfer.persist import write_atomic
+from adainfer.pipeline import write_json
 from adainfer.policies import LayerLogisticExit, LogisticExit, SVMExit
 from adainfer.report import _layers, _md
 
@@ -149,8 +150,12 @@ def main(argv=None):
     costs = args.check_cost if isinstance(args.check_cost, dict) else {1: args.check_cost}
 
     train, meta = load_collected(args.run / "traces" / "train")
-    test_table, _ = load_collected(args.test_traces or args.run / "traces" / "test")
+    test_table, test_meta = load_collected(args.test_traces or args.run / "traces" / "test")
+    if test_meta["model"] != meta["model"]:
+        raise SystemExit(f"{args.test_traces} holds traces of {test_meta['model']['model_id']}, the run {meta['model']['model_id']}: "
+                         "plans must be judged on the model they were made for")
     pool = Traces.from_table(select_tasks(train, [args.task]), ALL_FEATURES)
+    pool = pool.subset(np.array([int(q.split("/")[1].removesuffix("shot")) == args.shots for q in pool.query_id]))
     test = Traces.from_table(test_table, ALL_FEATURES)
     shots = np.array([int(q.split("/")[1].removesuffix("shot")) for q in test.query_id])  # ids: task/kshot/seed/i
     test = test.subset((test.task == args.task) & (shots == args.shots))
@@ -205,10 +210,9 @@ def main(argv=None):
     print(head + "\n\n" + table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        Path(f"{args.out}.md").write_text(f"{head}\n\n{table}\n")
-        Path(f"{args.out}.json").write_text(json.dumps({"run": str(args.run), "task": args.task, "shots": args.shots,
-                                                              "rows": rows, "settled_bound": bound["numbers"],
-                                                              "frontier": {n: f["rows"] for n, f in fronts.items()}}, indent=2))  # fmt: skip
+        write_atomic(Path(f"{args.out}.md"), lambda tmp: Path(tmp).write_text(f"{head}\n\n{table}\n"))
+        write_json(Path(f"{args.out}.json"), {"run": str(args.run), "task": args.task, "shots": args.shots, "rows": rows,
+                                              "settled_bound": bound["numbers"], "frontier": {n: f["rows"] for n, f in fronts.items()}})  # fmt: skip
 
 
 if __name__ == "__main__":
