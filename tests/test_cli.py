@@ -22,7 +22,13 @@ def test_every_command_explains_itself(command, capsys):
 
 @pytest.mark.parametrize("args", [["reproduce", "--out-dir", "x", "--max-batch-tokens", "-5"],
                                   ["collect", "--task", "capitalize", "--out", "x", "--max-batch-tokens", "many"],
-                                  ["bench", "--min-paired", "0"]])  # fmt: skip
+                                  ["bench", "--min-paired", "0"],
+                                  ["collect", "--task", "capitalize", "--out", "x", "--batch-size", "0"],  # looped forever
+                                  ["eval", "--task", "capitalize", "--policy", "gap", "--out", "x", "--n-test", "-1"],
+                                  ["eval", "--task", "capitalize", "--policy", "gap", "--out", "x", "--stride", "0"],
+                                  ["collect", "--task", "capitalize", "--out", "x", "--shots", "-2"],
+                                  ["reproduce", "--out-dir", "x", "--n-queries", "0"],
+                                  ["bench", "--repeats", "0"]])  # fmt: skip
 def test_counts_out_of_range_are_refused_with_the_bound(args, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(args)

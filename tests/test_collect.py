@@ -138,3 +138,13 @@ def test_an_id_collected_from_another_prompt_is_refused(setup, tmp_path):
         collect(engine, moved, tmp_path, batch_size=4, progress=False)
     collect(engine, queries, tmp_path, batch_size=4, progress=False)  # the same queries resume as before
     assert collected_ids(tmp_path) == {q.id for q in queries}
+
+
+def test_a_mistyped_task_or_batch_size_is_an_error(setup, tmp_path):
+    engine, queries = setup
+    collect(engine, queries, tmp_path, batch_size=4, progress=False)
+    assert load_collected(tmp_path, ["capitalize"])[0].num_rows == 6 * 4
+    with pytest.raises(ValueError, match=r"no rows of task\(s\) \['first_iten'\]; it holds \['capitalize', 'first_item'\]"):
+        load_collected(tmp_path, ["capitalize", "first_iten"])  # would train on capitalize alone
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        collect(engine, queries, tmp_path / "b", batch_size=0, progress=False)  # looped forever

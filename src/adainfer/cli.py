@@ -61,12 +61,12 @@ def _load(args):
 
 def _task_args(p, n_train: bool):
     p.add_argument("--task", action="append", required=True, help="built-in rule task name or a .json/.jsonl file of {input, output}; repeat for several")
-    p.add_argument("--shots", type=int, default=5, help="demonstrations per prompt (default: %(default)s)")
-    p.add_argument("--n-test", type=int, default=40, help="queries held out per task for evaluation; collect and eval must use the same value and --seed so they never overlap (default: %(default)s)")
+    p.add_argument("--shots", type=_int_at_least(0), default=5, help="demonstrations per prompt (default: %(default)s)")
+    p.add_argument("--n-test", type=_int_at_least(1), default=40, help="queries held out per task for evaluation; collect and eval must use the same value and --seed so they never overlap (default: %(default)s)")
     if n_train:
-        p.add_argument("--n-train", type=int, default=40, help="training queries per task (default: %(default)s)")
+        p.add_argument("--n-train", type=_int_at_least(0), default=40, help="training queries per task (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="split and demonstration seed (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default: %(default)s)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="prompts per forward pass (default: %(default)s)")
     _data_dir_arg(p)
 
 
@@ -166,9 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _task_args(p, n_train=False)
     p.add_argument("--policy", action="append", required=True, help="policy file or name (gap, never, oracle); repeat for several")
-    p.add_argument("--min-layer", type=int, default=1, help="first layer to check (default: %(default)s)")
-    p.add_argument("--stride", type=int, default=1, help="check every STRIDE layers (default: %(default)s)")
-    p.add_argument("--shortlist", type=int, default=None, help="after a row's first exact check, check it on its top-K tokens only "
+    p.add_argument("--min-layer", type=_int_at_least(1), default=1, help="first layer to check (default: %(default)s)")
+    p.add_argument("--stride", type=_int_at_least(1), default=1, help="check every STRIDE layers (default: %(default)s)")
+    p.add_argument("--shortlist", type=_int_at_least(1), default=None, help="after a row's first exact check, check it on its top-K tokens only "
                    "(exact confirmation before any stop)")
     p.add_argument("--allow-other-model", action="store_true", help="use policies trained for another model (inter-model generalisation)")
     p.add_argument("--out", required=True, help="JSON summary to write")
@@ -177,10 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The whole method in one command on the bundled SmolLM2-135M (or --model): prints a table and writes a plot.")
     _model_args(p)
     p.add_argument("--out-dir", default="runs/demo", help="where to write data, policies, summary.json, table.md and the plot (default: %(default)s)")
-    p.add_argument("--shots", type=int, default=5, help="demonstrations per prompt (default: %(default)s)")
-    p.add_argument("--n-train", type=int, default=40, help="training queries per task (default: %(default)s)")
-    p.add_argument("--n-test", type=int, default=40, help="held-out queries per task (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default: %(default)s)")
+    p.add_argument("--shots", type=_int_at_least(0), default=5, help="demonstrations per prompt (default: %(default)s)")
+    p.add_argument("--n-train", type=_int_at_least(0), default=40, help="training queries per task (default: %(default)s)")
+    p.add_argument("--n-test", type=_int_at_least(1), default=40, help="held-out queries per task (default: %(default)s)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="prompts per forward pass (default: %(default)s)")
 
     from .reproduce import DEFAULT_TASKS
 
@@ -190,14 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "4/8/9, 6, 7, oracle bounds) and figures. Resumes after a kill; under `torchrun --nproc-per-node N` ranks share the queries.")
     _model_args(p)
     p.add_argument("--task", action="append", help=f"task (repeat); default: {' '.join(DEFAULT_TASKS)}")
-    p.add_argument("--n-queries", type=int, default=200, help="held-out queries per task and k (default: %(default)s)")
+    p.add_argument("--n-queries", type=_int_at_least(1), default=200, help="held-out queries per task and k (default: %(default)s)")
     p.add_argument("--shots", type=_int_list, default=(0, 5, 10, 15, 20), help="comma-separated k values (default: 0,5,10,15,20)")
-    p.add_argument("--n-train", type=int, default=40, help="training queries per task (default: %(default)s)")
-    p.add_argument("--train-shots", type=int, default=5, help="k for training queries (default: %(default)s)")
-    p.add_argument("--n-train-tasks", type=int, default=None, help="size of the random task subset the classifiers train on (default: two thirds)")
+    p.add_argument("--n-train", type=_int_at_least(0), default=40, help="training queries per task (default: %(default)s)")
+    p.add_argument("--train-shots", type=_int_at_least(0), default=5, help="k for training queries (default: %(default)s)")
+    p.add_argument("--n-train-tasks", type=_int_at_least(1), default=None, help="size of the random task subset the classifiers train on (default: two thirds)")
     p.add_argument("--transfer-from", default=None, help="another model's reproduce folder: adds inter-model generalization (train there, test here)")
     p.add_argument("--seed", type=int, default=0, help="seed for splits, demonstrations and the training subset (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default: %(default)s)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="prompts per forward pass (default: %(default)s)")
     _max_batch_tokens_arg(p)
     _data_dir_arg(p)
     p.add_argument("--out-dir", required=True, help="output folder (traces/, results.json, tables.md, *.png)")
@@ -211,19 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "wall time, time ratios, prompts per second and peak memory.")
     p.add_argument("--model", action="append", help="model (repeat); default: smollm2-135m")
     p.add_argument("--task", action="append", help="task (repeat); default: sst2 and capitalize")
-    p.add_argument("--shots", type=int, default=5, help="demonstrations per prompt (default: %(default)s)")
+    p.add_argument("--shots", type=_int_at_least(0), default=5, help="demonstrations per prompt (default: %(default)s)")
     p.add_argument("--batch-sizes", type=_int_list, default=(1, 8, 32), help="comma-separated (default: 1,8,32)")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default: %(default)s)")
-    p.add_argument("--n-queries", type=int, default=32, help="timed queries per task (default: %(default)s)")
-    p.add_argument("--n-train", type=int, default=200, help="calibration queries per task for the default policy and its check plan; "
+    p.add_argument("--n-queries", type=_int_at_least(1), default=32, help="timed queries per task (default: %(default)s)")
+    p.add_argument("--n-train", type=_int_at_least(0), default=200, help="calibration queries per task for the default policy and its check plan; "
                    "fewer where the task's held-out split is smaller (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per variant; medians are reported (default: %(default)s)")
+    p.add_argument("--repeats", type=_int_at_least(1), default=3, help="timed repeats per variant; medians are reported (default: %(default)s)")
     p.add_argument("--min-paired", type=_int_at_least(1), default=None, help="paired (batch, repeat) time ratios per cell at least; "
                    f"finished cells holding fewer are timed again, their earlier timings kept in the row (default: {MIN_PAIRED})")
     p.add_argument("--policy", default=None, help="a saved policy file instead of the default (a logistic regression per layer on gap, "
                    "top_prob and entropy, fitted on the calibration queries)")
     _plan_test_args(p, "")
-    p.add_argument("--shortlist", type=int, default=256, help="also time shortlist checks on this many candidate tokens per row, "
+    p.add_argument("--shortlist", type=_int_at_least(0), default=256, help="also time shortlist checks on this many candidate tokens per row, "
                    "with their own plan (0: skip) (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     _data_dir_arg(p)

@@ -57,6 +57,8 @@ def collect(
     """Collect `queries` into `out_dir`. With world_size > 1 (torchrun), rank r takes every
     world_size-th query and writes its own parts; readers merge all parts. A batch holds at most
     `batch_size` prompts and `max_batch_tokens` padded tokens (None: no limit)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": model_signature(engine.model), "features": list(features)}
@@ -161,6 +163,10 @@ def load_collected(path: str | Path, tasks: Sequence[str] | None = None) -> tupl
         raise FileNotFoundError(f"{path} holds no collected data; run `adainfer collect --out {path}` first")
     table = ds.dataset(parts).to_table()
     if tasks:
+        have = set(table.column("task").to_pylist())
+        unknown = [t for t in tasks if t not in have]
+        if unknown:  # a typo would silently train on the other tasks only
+            raise ValueError(f"{path} holds no rows of task(s) {unknown}; it holds {sorted(have)}")
         table = select_tasks(table, tasks)
     return table, json.loads((path / "meta.json").read_text())
 
