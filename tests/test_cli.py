@@ -115,3 +115,28 @@ def test_fit_learns_final_targets_and_a_threshold(model_dir, tmp_path, capsys):
     out = tmp_path / "layer.safetensors"
     assert main(["fit", "--data", str(data), "--policy", "layer-logistic", "--target", "final", "--out", str(out)]) == 0
     assert "layer_frac" in load_policy(out).features
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(saved_tiny, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from adainfer import demo, models
+    from adainfer.engine import AdaptiveEngine, plain_last_logits
+
+    path = saved_tiny("llama")
+    engine = AdaptiveEngine(*models.load(path))
+    real = demo.task_queries
+
+    def answered_by_the_model(tok, *a, **k):  # a random model is never right: its own answer is the gold
+        return [[replace(q, gold=int(g)) for q, g in zip(s, plain_last_logits(engine, [q.prompt for q in s]).argmax(-1))]
+                for s in real(tok, *a, **k)]  # fmt: skip
+
+    monkeypatch.setattr(demo, "task_queries", answered_by_the_model)
+    s = demo.run_demo(path, tmp_path, tasks=("capitalize", "first_item"), shots=1, n_train=6, n_test=4, batch_size=4, progress=False)
+    names = {"full", "gap", "crf", "svm", "logistic", "svm+layer", "svm+layer, planned", "oracle"}
+    assert set(s["policies"]) == names
+    assert s["policies"]["full"]["accuracy"] == 1.0 and s["layer_accuracy"][-1] == 1.0 and len(s["layer_accuracy"]) == 4
+    assert s["policies"]["oracle"]["mean_exit_layer"] <= s["policies"]["full"]["mean_exit_layer"] == 4
+    assert all(line.split(" | ")[0].strip("| ") in names for line in (tmp_path / "table.md").read_text().splitlines()[2:])
+    assert len(list((tmp_path / "policies").glob("*.safetensors"))) == 6
+    assert (tmp_path / "accuracy_vs_layers.png").stat().st_size > 10_000
