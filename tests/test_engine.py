@@ -179,3 +179,17 @@ def test_features_are_the_same_whatever_the_chunk_of_rows():
     logp = logits.log_softmax(-1)
     assert torch.equal(top1, top1_chunked) and torch.allclose(whole, chunked)
     assert torch.allclose(chunked[:, 2], -(logp.exp() * logp).sum(-1), atol=1e-4)
+    p = logp.exp().sort(-1, descending=True).values
+    assert torch.allclose(chunked[:, 0], p[:, 0] - p[:, 1], atol=1e-6) and torch.allclose(chunked[:, 1], p[:, 0], atol=1e-6)
+    assert (chunked[:, 3] == 3 / 12).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_hidden_state_cosine_is_the_models_own_layer_to_layer_similarity(arch):
+    model, tok = tiny_model(arch, layers=4)
+    engine = AdaptiveEngine(model, tok)
+    r = engine.run(PROMPTS[:1], NeverExit(features=("cos_hidden",)), check_layers=[1, 2, 3, 4])
+    with torch.no_grad():  # hidden_states[l] is the output of layer l, [0] the embeddings
+        hs = model(**engine.encode(PROMPTS[:1]), output_hidden_states=True).hidden_states
+    expected = [float(torch.cosine_similarity(hs[l][0, -1], hs[l - 1][0, -1], dim=0)) for l in (1, 2, 3)]
+    np.testing.assert_allclose(r.features[0, :3, 0], expected, rtol=1e-4, atol=1e-5)  # the last one is after the final norm in HF
