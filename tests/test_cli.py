@@ -43,12 +43,18 @@ def test_collect_fit_eval(model_dir, tmp_path, capsys):
     assert list(data.glob("part-*.parquet"))
     assert main(["fit", "--data", str(data), "--policy", "gap", "--param", "threshold=0.5", "--check-cost", "0.5", "--out", str(policy)]) == 0
     assert "checks at layers" in capsys.readouterr().out
+    from adainfer.persist import load_policy
+
+    fitted = load_policy(policy)  # a threshold given by hand is kept; the schedule is planned around it
+    assert fitted.threshold == 0.5 and set(fitted.check_plans_) == {1}
     assert main(["eval", *common, "--policy", str(policy), "--policy", "oracle", "--out", str(summary)]) == 0
     s = json.loads(summary.read_text())
     assert set(s["policies"]) == {"full", str(policy), "oracle"}
     for fig in s["policies"].values():
         assert {"accuracy", "mean_exit_layer", "num_layers", "flops_ratio", "true_flops_ratio", "wall_time_s"} <= set(fig)
     assert s["num_queries"] == 6 and s["policies"]["full"]["flops_ratio"] == 1.0
+    assert s["policies"]["oracle"]["accuracy"] >= s["policies"]["full"]["accuracy"]
+    assert all(sum(fig["exit_layer_histogram"]) == 6 and set(fig["per_task"]) == {"capitalize"} for fig in s["policies"].values())
     assert "| full |" in capsys.readouterr().out
     # the held-out queries can be recorded too, for offline judging; never the training ones
     held = tmp_path / "held"
@@ -110,6 +116,11 @@ def test_fit_learns_final_targets_and_a_threshold(model_dir, tmp_path, capsys):
     policy = load_policy(out)
     assert policy.target_ == "final" and set(policy.check_plans_) == {1, 8}
     assert "stop threshold" in said and np.isfinite(policy.threshold)
+    from adainfer.pipeline import fit_policy
+    from adainfer.policies import LogisticExit
+
+    same = fit_policy(data, LogisticExit(), check_cost={1: 0.5, 8: 0.1}, target="final")  # the CLI is the library, no more
+    assert same.threshold == policy.threshold and same.check_plans_ == policy.check_plans_
 
     # the bench's default policy, with its own features (it needs depth to tell layers apart)
     out = tmp_path / "layer.safetensors"
