@@ -18,9 +18,12 @@ pytestmark = pytest.mark.real
 
 @pytest.fixture(scope="module")
 def engine():
-    from adainfer.models import load
+    from adainfer.models import ModelNotAvailable, load
 
-    return AdaptiveEngine(*load("smollm2-135m"))
+    try:
+        return AdaptiveEngine(*load("smollm2-135m"))
+    except ModelNotAvailable as e:  # the bundled weights' package is not installed (`make test` installs it)
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
