@@ -121,6 +121,21 @@ def test_empty_prompt_is_a_clear_error(bad):
         engine.run(bad, NeverExit())
 
 
+@pytest.mark.parametrize("make, run, error, message", [
+    (dict(min_layer=0), {}, ValueError, "min_layer and stride must be >= 1"),
+    (dict(stride=0), {}, ValueError, "min_layer and stride must be >= 1"),
+    ({}, dict(check_layers=[0, 2]), ValueError, r"check layers \[0\] outside 1..4"),
+    ({}, dict(prompts="one string"), TypeError, "list of strings"),
+    ({}, dict(features=("gap",), policy=NeverExit(features=("entropy",))), ValueError, r"needs features \['entropy'\]"),
+    ({}, dict(gold=[1]), ValueError, "got 1 gold tokens for 4 prompts"),
+])
+def test_bad_engine_arguments_say_what_to_fix(make, run, error, message):
+    run = dict(run)
+    with pytest.raises(error, match=message):
+        engine = AdaptiveEngine(*tiny_model("llama"), **make)
+        engine.run(run.pop("prompts", PROMPTS), run.pop("policy", NeverExit()), **run)
+
+
 def test_prompt_longer_than_context_is_a_clear_error():
     engine = AdaptiveEngine(*tiny_model("llama"))
     with pytest.raises(ValueError, match="context is 256"):

@@ -89,3 +89,15 @@ def test_oracle_bounds_on_a_hand_made_trace():
     assert b["settled"].tolist() == [4, 1]
     stop = simulate(ExitAt([3, 1]), t)
     assert stop.exit_layer.tolist() == [3, 1] and stop.correct.tolist() == [False, False]
+
+
+def test_a_query_collected_twice_is_refused_not_interleaved(traced):
+    import pyarrow as pa
+
+    engine, queries, traces = traced
+    table = pa.table({"query_id": ["a"] * 12 + ["b"] * 6, "task": ["t"] * 18, "layer": [*range(1, 7)] * 3,
+                      "num_layers": [6] * 18, "top1": [0] * 18, "gold": [0] * 18, "seq_len": [5] * 18,
+                      "gap": [0.5] * 18})  # fmt: skip
+    with pytest.raises(ValueError, match="query 'a' is repeated or lacks layers"):
+        Traces.from_table(table, ("gap",))
+    assert len(Traces.from_table(table.slice(6), ("gap",))) == 2

@@ -54,6 +54,11 @@ class Traces:
         def col(name):
             return table.column(name).to_numpy(zero_copy_only=False).reshape(Q, L)
 
+        ids, layers = col("query_id"), col("layer")
+        bad = np.flatnonzero((ids != ids[:, :1]).any(1) | (layers != np.arange(1, L + 1)).any(1))
+        if len(bad):  # a query collected twice, or one missing layers, would interleave rows
+            raise ValueError(f"collected table is not one row per query and layer 1..{L}: query {ids[bad[0], 0]!r} "
+                             "is repeated or lacks layers (two folders merged, or two tasks with one name?)")
         return cls(
             query_id=col("query_id")[:, 0],
             task=col("task")[:, 0],
