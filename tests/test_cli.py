@@ -28,12 +28,19 @@ def test_every_command_explains_itself(command, capsys):
                                   ["eval", "--task", "capitalize", "--policy", "gap", "--out", "x", "--stride", "0"],
                                   ["collect", "--task", "capitalize", "--out", "x", "--shots", "-2"],
                                   ["reproduce", "--out-dir", "x", "--n-queries", "0"],
-                                  ["bench", "--repeats", "0"]])  # fmt: skip
+                                  ["bench", "--repeats", "0"],
+                                  ["bench", "--batch-sizes", "8,0"],
+                                  ["reproduce", "--out-dir", "x", "--shots", "0,-5"],
+                                  ["reproduce", "--out-dir", "x", "--shots", ","]])  # fmt: skip
 def test_counts_out_of_range_are_refused_with_the_bound(args, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(args)
     assert e.value.code == 2
-    assert "expected a whole number of at least" in capsys.readouterr().err
+    assert "whole number" in capsys.readouterr().err
+
+
+def test_repeated_values_in_a_list_count_once():
+    assert build_parser().parse_args(["bench", "--batch-sizes", "8,1,8"]).batch_sizes == (8, 1)
 
 
 def test_collect_fit_eval(model_dir, tmp_path, capsys):

@@ -184,6 +184,12 @@ def test_report_fills_every_table_when_classifiers_can_learn(tmp_path):
     assert "| inter-model (train: toy-b) |" in tables and "choice-restricted accuracy, zero-shot" in tables
     svm_line = next(line for line in tables.splitlines() if line.startswith("| sst2 |"))
     assert " - " not in svm_line  # a number in every cell
+    assert "### zero-shot" in tables and "### few-shot (k = 5)" in tables  # oracle bounds per setting
+
+    # rebuilt from the traces alone, the run's recorded transfer_from still gives the inter-model row
+    (tmp_path / "here" / "traces" / "run.json").write_text(json.dumps(config))
+    again = run_reproduce(out_dir=tmp_path / "here", report_only=True)
+    assert again["families"]["generalization"] == results["families"]["generalization"]
 
 
 def test_resume_refuses_settings_that_change_the_queries(tmp_path):

@@ -47,7 +47,7 @@ def _check_cost(text: str) -> float | dict[int, float]:
 
 def _model_args(p):
     p.add_argument("--model", default="smollm2-135m", help="bundled alias (smollm2-135m, gemma3-270m, qwen2.5-0.5b, qwen2.5-1.5b), local HF folder, .gguf file or hub id (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", help="float32 (exact) or bfloat16 (2-4x faster on CPU) (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", help="float32 (exact) or bfloat16 (1-2.4x faster on CPUs with bf16 support, measured in results/bench) (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--device-map", default=None, help="passed to from_pretrained (e.g. auto: accelerate spreads a model too big for one device); overrides --device")
 
@@ -118,11 +118,19 @@ def _plan_test_args(p, prefix: str):
                    f"accuracy loss is within 1 point at this one-sided confidence (default {CONFIDENCE}; 0: agreement test only)")
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+def _int_list(low: int):
+    """Comma-separated whole numbers of at least `low`, repeats dropped, in the order given."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(dict.fromkeys(int(x) for x in text.split(",") if x.strip()))
+        except ValueError:
+            values = ()
+        if not values or min(values) < low:
+            raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers of at least {low}, got {text!r}")
+        return values
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--task", action="append", help=f"task (repeat); default: {' '.join(DEFAULT_TASKS)}")
     p.add_argument("--n-queries", type=_int_at_least(1), default=200, help="held-out queries per task and k (default: %(default)s)")
-    p.add_argument("--shots", type=_int_list, default=(0, 5, 10, 15, 20), help="comma-separated k values (default: 0,5,10,15,20)")
+    p.add_argument("--shots", type=_int_list(0), default=(0, 5, 10, 15, 20), help="comma-separated k values (default: 0,5,10,15,20)")
     p.add_argument("--n-train", type=_int_at_least(0), default=40, help="training queries per task (default: %(default)s)")
     p.add_argument("--train-shots", type=_int_at_least(0), default=5, help="k for training queries (default: %(default)s)")
     p.add_argument("--n-train-tasks", type=_int_at_least(1), default=None, help="size of the random task subset the classifiers train on (default: two thirds)")
@@ -212,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", help="model (repeat); default: smollm2-135m")
     p.add_argument("--task", action="append", help="task (repeat); default: sst2 and capitalize")
     p.add_argument("--shots", type=_int_at_least(0), default=5, help="demonstrations per prompt (default: %(default)s)")
-    p.add_argument("--batch-sizes", type=_int_list, default=(1, 8, 32), help="comma-separated (default: 1,8,32)")
+    p.add_argument("--batch-sizes", type=_int_list(1), default=(1, 8, 32), help="comma-separated (default: 1,8,32)")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default: %(default)s)")
     p.add_argument("--n-queries", type=_int_at_least(1), default=32, help="timed queries per task (default: %(default)s)")
     p.add_argument("--n-train", type=_int_at_least(0), default=200, help="calibration queries per task for the default policy and its check plan; "

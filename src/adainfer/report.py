@@ -194,7 +194,7 @@ def reproduce_tables(results: dict) -> str:
     groups = list(dict.fromkeys(r["group"] for r in rows))
     few = [k for k in cfg["shots"] if k > 0]
     settings = ([("zero-shot", lambda k: k == 0)] if 0 in cfg["shots"] else []) + (
-        [(f"few-shot (k = {', '.join(map(str, few))}, averaged)", lambda k: k > 0)] if few else []
+        [(f"few-shot (k = {', '.join(map(str, few))}{', averaged' if len(few) > 1 else ''})", lambda k: k > 0)] if few else []
     )
     main_names = results["families"]["main"]
     out = [
@@ -245,7 +245,7 @@ def reproduce_tables(results: dict) -> str:
             ["in-distribution (train: random task subset)", *(_cell(rows, "main", "svm", shots=few_shot, **s) for s in scopes)]]
     body += [[g, *(_cell(rows, "generalization", g, shots=few_shot, **s) for s in scopes)] for g in results["families"]["generalization"]]
     out.append(_md(["classifier", "tested on sst2", "tested on all tasks"], body))  # fmt: skip
-    out += ["", "## Table 7: feature factor study (SVM, all tasks, all k; accuracy / FLOPs)", ""]
+    out += ["", "## Table 7: feature factor study (SVM, all tasks, all k)", ""]
     out.append(_md(
         ["features", "accuracy", "FLOPs", "true FLOPs"],
         [[f, _pct(_avg(rows, "accuracy", family="factor", policy=f)), _pct(_avg(rows, "flops_ratio", family="factor", policy=f)),
@@ -253,31 +253,36 @@ def reproduce_tables(results: dict) -> str:
     ))  # fmt: skip
     out += ["", "## Oracle bounds: how much saving was reachable, and how much each policy got", "",
             "first correct: earliest layer whose top-1 is the gold token; settled: earliest layer after which "
-            "the top-1 never changes. Share = (L - policy exit) / (L - first correct), averaged over k; "
-            "`lossy` where the policy loses more than 1 point of accuracy against the full model.", ""]  # fmt: skip
-    b = results["oracle_bounds"]
+            "the top-1 never changes (both averaged over the setting's k). Share = (L - policy exit) / (L - first "
+            "correct), of those averages; `-` where less than half a layer was reachable; `lossy` where the policy "
+            "loses more than 1 point of accuracy against the full model; `before the oracle` where it stops, on "
+            "average, before the first correct layer without losing (the full model is as wrong).", ""]  # fmt: skip
     policies = [p for p in main_names if p not in ("full", "oracle")]
-    body = []
-    for t in tasks:
-        tb = [x for x in b if x["task"] == t]
-        if not tb:
-            continue
-        L = tb[0]["num_layers"]
-        first = np.mean([x["first_correct_layer"] for x in tb])
-        settled = np.mean([x["settled_layer"] for x in tb])
-        shares = []
-        full_acc = _avg(rows, "accuracy", family="main", policy="full", task=t)
-        for p in policies:
-            e = _avg(rows, "mean_exit_layer", family="main", policy=p, task=t)
-            acc = _avg(rows, "accuracy", family="main", policy=p, task=t)
-            if e is None or L - first < 1e-9:
-                shares.append("-")
-            elif acc < full_acc - 0.01:  # saving by answering wrong is no share of the reachable saving
-                shares.append(f"lossy ({100 * (acc - full_acc):+.1f} acc)")
-            else:
-                shares.append(f"{100 * (L - e) / (L - first):.0f}%")
-        body.append([t, f"{first:.1f} / {L}", f"{settled:.1f} / {L}", *shares])
-    out.append(_md(["task", "first correct", "settled", *(f"share: {p}" for p in policies)], body))
+    for title, cond in settings:
+        body = []
+        for t in tasks:
+            tb = [x for x in results["oracle_bounds"] if x["task"] == t and cond(x["shots"])]
+            if not tb:
+                continue
+            L = tb[0]["num_layers"]
+            first = np.mean([x["first_correct_layer"] for x in tb])
+            settled = np.mean([x["settled_layer"] for x in tb])
+            full_acc = _avg(rows, "accuracy", family="main", policy="full", task=t, shots=cond)
+            shares = []
+            for p in policies:
+                e = _avg(rows, "mean_exit_layer", family="main", policy=p, task=t, shots=cond)
+                acc = _avg(rows, "accuracy", family="main", policy=p, task=t, shots=cond)
+                if e is None or L - first < 0.5:
+                    shares.append("-")
+                elif acc < full_acc - 0.01:  # saving by answering wrong is no share of the reachable saving
+                    shares.append(f"lossy ({100 * (acc - full_acc):+.1f} acc)")
+                elif e < first:  # stops before the oracle could: no share of a saving, a guess
+                    shares.append(f"before the oracle (exit {e:.1f})")
+                else:
+                    shares.append(f"{100 * (L - e) / (L - first):.0f}%")
+            body.append([t, f"{first:.1f} / {L}", f"{settled:.1f} / {L}", *shares])
+        out += ["", f"### {title}", ""]
+        out.append(_md(["task", "first correct", "settled", *(f"share: {p}" for p in policies)], body))
     if results.get("notes"):
         out += ["", "## Notes", ""] + [f"- {k}: {v}" for k, v in results["notes"].items()]
     return "\n".join(out) + "\n"

@@ -132,7 +132,8 @@ def run_reproduce(
     if report_only:  # tables from the traces already collected; no model needed
         _, meta = load_collected(out / "traces" / "test")
         if (out / RUN_CONFIG).exists():  # the run's own settings, skipped cells included
-            config = {**json.loads((out / RUN_CONFIG).read_text()), "transfer_from": config["transfer_from"]}
+            recorded = json.loads((out / RUN_CONFIG).read_text())  # its transfer_from unless another is given
+            config = {**recorded, "transfer_from": config["transfer_from"] or recorded.get("transfer_from")}
         config["model"] = meta["model"]["model_id"]
         return report(out, config, hidden=meta["model"]["hidden_size"], vocab=meta["model"]["vocab_size"])
 
