@@ -236,6 +236,8 @@ def report(out: Path, config: dict, *, hidden: int, vocab: int) -> dict:
     }
     if config.get("transfer_from"):
         other, other_meta = load_collected(Path(config["transfer_from"]) / "traces" / "train")
+        # the other model's traces of the same training tasks: like for like with the in-distribution row
+        other = select_tasks(other, config["train_tasks"])
         general[f"inter-model (train: {other_meta['model']['model_id']})"] = _fit(SVMExit(), other, "inter-model", notes)
 
     rows = []
