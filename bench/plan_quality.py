@@ -155,10 +155,9 @@ def main(argv=None):
         raise SystemExit(f"{args.test_traces} holds traces of {test_meta['model']['model_id']}, the run {meta['model']['model_id']}: "
                          "plans must be judged on the model they were made for")
     pool = Traces.from_table(select_tasks(train, [args.task]), ALL_FEATURES)
-    pool = pool.subset(np.array([int(q.split("/")[1].removesuffix("shot")) == args.shots for q in pool.query_id]))
+    pool = pool.subset(pool.shots == args.shots)
     test = Traces.from_table(test_table, ALL_FEATURES)
-    shots = np.array([int(q.split("/")[1].removesuffix("shot")) for q in test.query_id])  # ids: task/kshot/seed/i
-    test = test.subset((test.task == args.task) & (shots == args.shots))
+    test = test.subset((test.task == args.task) & (test.shots == args.shots))
     if len(test) == 0 or (args.calibrate_on == "pool" and len(pool) == 0):
         raise SystemExit(f"no {args.task} traces in {args.run} (pool {len(pool)}, held-out {len(test)} at k={args.shots})")
 

@@ -43,6 +43,11 @@ class Traces:
     def __len__(self) -> int:
         return len(self.query_id)
 
+    @property
+    def shots(self) -> np.ndarray:
+        """[Q] k of each query, read from its id (task/kshot/seed/i, `tasks.make_queries`)."""
+        return np.array([int(q.split("/")[1].removesuffix("shot")) for q in self.query_id])
+
     @classmethod
     def from_table(cls, table: pa.Table, feature_names: Sequence[str]) -> Traces:
         table = table.sort_by([("query_id", "ascending"), ("layer", "ascending")])
@@ -60,7 +65,7 @@ class Traces:
             raise ValueError(f"collected table is not one row per query and layer 1..{L}: query {ids[bad[0], 0]!r} "
                              "is repeated or lacks layers (two folders merged, or two tasks with one name?)")
         return cls(
-            query_id=col("query_id")[:, 0],
+            query_id=ids[:, 0],
             task=col("task")[:, 0],
             features=np.stack([col(f) for f in feature_names], axis=-1).astype(np.float64),
             feature_names=tuple(feature_names),

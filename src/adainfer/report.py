@@ -288,7 +288,7 @@ def reproduce_tables(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def reproduce_figures(results: dict, traces, shots_of, out_dir) -> list[Path]:
+def reproduce_figures(results: dict, traces, out_dir) -> list[Path]:
     """Figure 1 (accuracy vs layer), Figure 3 (features vs layer), exit-layer histograms."""
     import matplotlib
 
@@ -297,7 +297,7 @@ def reproduce_figures(results: dict, traces, shots_of, out_dir) -> list[Path]:
 
     out_dir, cfg, paths = Path(out_dir), results["config"], []
     L = traces.num_layers
-    layers = np.arange(1, L + 1)
+    layers, shots_of = np.arange(1, L + 1), traces.shots
     tasks = cfg["tasks"]
     fig1_tasks = [t for t in tasks if t in ("sst2",) or t.startswith("mmlu")][:2] or tasks[:2]
     fig, axes = plt.subplots(1, len(fig1_tasks), figsize=(5.5 * len(fig1_tasks), 4), squeeze=False)

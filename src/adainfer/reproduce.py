@@ -218,7 +218,7 @@ def report(out: Path, config: dict, *, hidden: int, vocab: int) -> dict:
     train_table, meta = load_collected(out / "traces" / "train")
     test_table, _ = load_collected(out / "traces" / "test")
     test = Traces.from_table(test_table, ALL_FEATURES)
-    shots_of = np.array([int(q.split("/")[1].removesuffix("shot")) for q in test.query_id])
+    shots_of = test.shots
     notes: dict[str, str] = dict(config.get("skipped", {}))
 
     subset = select_tasks(train_table, config["train_tasks"])  # the paper's random training subset
@@ -271,5 +271,5 @@ def report(out: Path, config: dict, *, hidden: int, vocab: int) -> dict:
 
     tables = reproduce_tables(results)
     write_atomic(out / "tables.md", lambda tmp: Path(tmp).write_text(tables))
-    reproduce_figures(results, test, shots_of, out)
+    reproduce_figures(results, test, out)
     return results
