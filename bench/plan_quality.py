@@ -46,7 +46,7 @@ from adainfer.cli import _check_cost
 from adainfer.collect import load_collected, select_tasks
 from adainfer.features import ALL_FEATURES, DEFAULT_FEATURES
 from adainfer.offline import Traces, oracle_bounds, simulate
-from adainfer.persist import write_atomic
+from adainfer.persist import write_text_atomic
 from adainfer.pipeline import write_json
 from adainfer.policies import LayerLogisticExit, LogisticExit, SVMExit
 from adainfer.report import _layers, _md
@@ -209,7 +209,7 @@ def main(argv=None):
     print(head + "\n\n" + table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(Path(f"{args.out}.md"), lambda tmp: Path(tmp).write_text(f"{head}\n\n{table}\n"))
+        write_text_atomic(Path(f"{args.out}.md"), f"{head}\n\n{table}\n")
         write_json(Path(f"{args.out}.json"), {"run": str(args.run), "task": args.task, "shots": args.shots, "rows": rows,
                                               "settled_bound": bound["numbers"], "frontier": {n: f["rows"] for n, f in fronts.items()}})  # fmt: skip
 

@@ -53,7 +53,7 @@ from .engine import AdaptiveEngine, ExitResult, plain_forward
 from .features import ALL_FEATURES, DEFAULT_FEATURES
 from .flops import result_ratios
 from .offline import Traces
-from .persist import load_policy, save_policy, write_atomic
+from .persist import load_policy, save_policy, write_text_atomic
 from .pipeline import fit_policy, write_json
 from .policies import LayerLogisticExit, NeverExit, OracleExit
 from .tasks import task_queries
@@ -333,7 +333,7 @@ def write_report(out_dir) -> Path:
     text = bench_table(rows) + "\n\nTargets (speed issue):\n\n" + bench_targets(rows) + "\n"
     if retimed:
         text += "\nCells timed more than once (the table and the targets show the last run):\n\n" + retimed + "\n"
-    write_atomic(md, lambda tmp: Path(tmp).write_text(text))
+    write_text_atomic(md, text)
     return md
 
 

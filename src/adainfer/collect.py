@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .engine import AdaptiveEngine
 from .features import ALL_FEATURES
-from .persist import model_signature, write_atomic
+from .persist import model_signature, write_atomic, write_text_atomic
 from .policies import NeverExit
 from .tasks import Query
 
@@ -71,7 +71,7 @@ def collect(
                 f"({old['model']['model_id']}, {old['features']}); use a new --out folder"
             )
     else:
-        write_atomic(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+        write_text_atomic(meta_path, json.dumps(meta, indent=2))
     done = collected_fingerprints(out)
     changed = [q.id for q in queries if done.get(q.id) not in (None, fingerprint(q))]
     if changed:  # ids are positions: other settings or data reuse them for other prompts

@@ -15,7 +15,7 @@ from .collect import collect
 from .engine import AdaptiveEngine
 from .evaluate import evaluate, layer_accuracy
 from .models import DEFAULT_MODEL, load
-from .persist import save_policy, write_atomic
+from .persist import save_policy, write_text_atomic
 from .pipeline import fit_policy, write_json
 from .policies import OracleExit, SVMExit, standard_policies
 from .report import eval_table, plot_accuracy_vs_layers
@@ -71,7 +71,7 @@ def run_demo(
         table=eval_table(summary),
     )
     write_json(out / "summary.json", summary)
-    write_atomic(out / "table.md", lambda tmp: Path(tmp).write_text(summary["table"] + "\n"))
+    write_text_atomic(out / "table.md", summary["table"] + "\n")
     summary["plot"] = str(
         plot_accuracy_vs_layers(summary, layer_acc, out / "accuracy_vs_layers.png", f"{summary['model']}, {shots}-shot rule tasks")
     )

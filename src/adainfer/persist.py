@@ -52,6 +52,10 @@ def write_atomic(path: str | os.PathLike, write) -> None:
         raise
 
 
+def write_text_atomic(path, text: str) -> None:
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def _umask() -> int:
     mask = os.umask(0)  # reading the umask means setting it: set it straight back
     os.umask(mask)

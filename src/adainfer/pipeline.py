@@ -9,7 +9,7 @@ from pathlib import Path
 from .checks import THRESHOLDS, apply_plans, plan_checks_by_batch
 from .collect import load_collected, training_arrays
 from .offline import Traces
-from .persist import load_policy, write_atomic
+from .persist import load_policy, write_text_atomic
 from .policies import POLICIES, ExitPolicy, make_policy
 
 
@@ -59,6 +59,6 @@ def resolve_policy(spec: str, features: Sequence[str] | None = None, *, ready: b
 
 
 def write_json(path, data) -> Path:
-    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
+    write_text_atomic(path, json.dumps(data, indent=2))
     return Path(path)
 

@@ -47,8 +47,7 @@ def plot_accuracy_vs_layers(summary: dict, layer_acc: np.ndarray | None, path: s
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save(fig, path, dpi=120)
+    _save(fig, path, dpi=120)  # write_atomic makes the folder
     plt.close(fig)
     return path
 

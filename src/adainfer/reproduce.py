@@ -35,7 +35,7 @@ from .collect import (
 from .features import ALL_FEATURES, PAPER_FEATURES
 from .flops import ratios
 from .offline import Traces, oracle_bounds, simulate
-from .persist import write_atomic
+from .persist import write_text_atomic
 from .pipeline import write_json
 from .policies import NeverExit, OracleExit, SVMExit, standard_policies
 from .tasks import TaskError
@@ -269,7 +269,6 @@ def report(out: Path, config: dict, *, hidden: int, vocab: int) -> dict:
     write_json(out / "results.json", results)
     from .report import reproduce_figures, reproduce_tables
 
-    tables = reproduce_tables(results)
-    write_atomic(out / "tables.md", lambda tmp: Path(tmp).write_text(tables))
+    write_text_atomic(out / "tables.md", reproduce_tables(results))
     reproduce_figures(results, test, out)
     return results
