@@ -176,22 +176,19 @@ def _csv_rows(path: Path, columns: int, headers: Iterable[tuple[str, ...]] = (),
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     data_rows = 0
     reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter, quoting=quoting, strict=True)
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:  # an unterminated quote, most often
-            raise TaskError(f"{path}, line {reader.line_num}: malformed CSV ({e})") from None
-        where = f"{path}, line {reader.line_num}"
-        if headers and reader.line_num == 1:
-            if tuple(row) not in headers:
-                raise TaskError(f"{where}: expected a header {' or '.join(map(repr, headers))}, got {row}")
-            continue
-        if len(row) != columns:
-            raise TaskError(f"{where}: expected {columns} columns, got {len(row)}")
-        data_rows += 1
-        yield where, row
+    try:
+        for row in reader:
+            where = f"{path}, line {reader.line_num}"
+            if headers and reader.line_num == 1:
+                if tuple(row) not in headers:
+                    raise TaskError(f"{where}: expected a header {' or '.join(map(repr, headers))}, got {row}")
+                continue
+            if len(row) != columns:
+                raise TaskError(f"{where}: expected {columns} columns, got {len(row)}")
+            data_rows += 1
+            yield where, row
+    except csv.Error as e:  # an unterminated quote, most often
+        raise TaskError(f"{path}, line {reader.line_num}: malformed CSV ({e})") from None
     if not data_rows:
         raise TaskError(f"{path}: no data rows")
 

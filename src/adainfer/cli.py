@@ -120,13 +120,11 @@ def _plan_test_args(p, prefix: str):
 
 def _int_list(low: int):
     """Comma-separated whole numbers of at least `low`, repeats dropped, in the order given."""
+    item = _int_at_least(low)
 
     def parse(text: str) -> tuple[int, ...]:
-        try:
-            values = tuple(dict.fromkeys(int(x) for x in text.split(",") if x.strip()))
-        except ValueError:
-            values = ()
-        if not values or min(values) < low:
+        values = tuple(dict.fromkeys(item(x) for x in text.split(",") if x.strip()))  # item names a bad one
+        if not values:
             raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers of at least {low}, got {text!r}")
         return values
 

@@ -163,7 +163,7 @@ def load_collected(path: str | Path, tasks: Sequence[str] | None = None) -> tupl
         raise FileNotFoundError(f"{path} holds no collected data; run `adainfer collect --out {path}` first")
     table = ds.dataset(parts).to_table()
     if tasks:
-        have = set(table.column("task").to_pylist())
+        have = set(table.column("task").unique().to_pylist())
         unknown = [t for t in tasks if t not in have]
         if unknown:  # a typo would silently train on the other tasks only
             raise ValueError(f"{path} holds no rows of task(s) {unknown}; it holds {sorted(have)}")

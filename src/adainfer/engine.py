@@ -78,12 +78,13 @@ class ExitResult:
         logits = None
         if all(r.logits is not None for r in results):
             logits = torch.cat([r.logits for r in results])
-        def merged(name, fill):  # a batch without the field (no choice row, say) gets `fill`
-            if all(getattr(r, name) is None for r in results):
+
+        def merged(name, fill, *width):  # a batch without the field (no choice row, say) gets `fill`
+            parts = [getattr(r, name) for r in results]
+            if all(p is None for p in parts):
                 return None
-            return np.concatenate([
-                getattr(r, name) if getattr(r, name) is not None else np.full((len(r), *fill[1:]), fill[0]) for r in results
-            ])  # fmt: skip
+            return np.concatenate([p if p is not None else np.full((len(r), *width), fill) for p, r in zip(parts, results)])
+
         return ExitResult(
             **{
                 name: np.concatenate([getattr(r, name) for r in results])
@@ -92,11 +93,11 @@ class ExitResult:
             feature_names=first.feature_names,
             num_layers=first.num_layers,
             logits=logits,
-            layer_choice=merged("layer_choice", (-1, first.num_layers)),
+            layer_choice=merged("layer_choice", -1, first.num_layers),
             wall_time_s=sum(r.wall_time_s for r in results),
-            num_short_checks=merged("num_short_checks", (0,)),
+            num_short_checks=merged("num_short_checks", 0),
             shortlist_size=max(r.shortlist_size for r in results),
-            num_confirms=merged("num_confirms", (0,)),
+            num_confirms=merged("num_confirms", 0),
         )
 
 
