@@ -145,16 +145,15 @@ def run_reproduce(
     engine = AdaptiveEngine(lm, tok)
     test, train, name_of, held_out = [], [], {}, {}
     for task in tasks:
+        loaded = load_task(task, data_dir)
         for k in shots:
             try:
-                test += task_queries(tok, [task], shots=k, n_train=0, n_test=n_queries, seed=seed, data_dir=data_dir)[1]
+                test += task_queries(tok, [loaded], shots=k, n_train=0, n_test=n_queries, seed=seed)[1]
             except TaskError as e:  # e.g. a small task cannot give k demonstrations
                 config["skipped"][f"{task} {k}-shot"] = str(e)
-        mine = task_queries(tok, [task], shots=train_shots, n_train=n_train, n_test=n_queries, seed=seed,
-                            data_dir=data_dir, strict=False)[0]
-        train += mine
-        name_of[task] = mine[0].task if mine else task  # a task file is named by its stem in the traces
-        held_out[name_of[task]] = held_out_indices(load_task(task, data_dir), n_queries, seed)  # the split, recorded
+        train += task_queries(tok, [loaded], shots=train_shots, n_train=n_train, n_test=n_queries, seed=seed, strict=False)[0]
+        name_of[task] = loaded.name  # a task file is named by its stem in the traces
+        held_out[loaded.name] = held_out_indices(loaded, n_queries, seed)  # the split, recorded
     names = [name_of[t] for t in tasks]
     if len(set(names)) < len(names):  # two task files with one stem would share query ids
         dup = sorted({n for n in names if names.count(n) > 1})

@@ -220,16 +220,16 @@ def make_queries(
 
 
 def task_queries(
-    tokenizer, names: Sequence[str], *, shots: int, n_train: int, n_test: int, seed: int = 0, data_dir=None, strict: bool = True
+    tokenizer, names: Sequence[str | Task], *, shots: int, n_train: int, n_test: int, seed: int = 0, data_dir=None, strict: bool = True
 ):
     """(train queries, test queries) over several tasks; test examples never serve as demos.
 
     A task without its own demonstration pool is split in two (at most half held out, so
     small tasks keep a pool); training queries are a seeded sample of the pool (all of it, when
-    `strict=False` and the pool is smaller than n_train)."""
+    `strict=False` and the pool is smaller than n_train). A name may be a loaded Task."""
     train, test = [], []
     for name in names:
-        task = load_task(name, data_dir)
+        task = name if isinstance(name, Task) else load_task(name, data_dir)
         if task.pool is not None:  # the benchmark has its own demonstration split
             pool = task.pool
             held_out = [task.examples[i] for i in held_out_indices(task, n_test, seed)]
