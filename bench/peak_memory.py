@@ -22,13 +22,17 @@ from adainfer.tasks import task_queries
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--task", default="sst2")
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--policy", required=True, help="a saved policy file (e.g. from `adainfer bench`)")
+    p.add_argument(
+        "--policy", required=True, help="a saved policy file (e.g. from `adainfer bench`)"
+    )
     p.add_argument("--data-dir", default=None)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
@@ -36,16 +40,28 @@ def main(argv=None):
     _release_large_blocks()
     model, tok = load(args.model, dtype=args.dtype)
     engine, policy = AdaptiveEngine(model, tok), load_policy(args.policy, model=model)
-    _, test = task_queries(tok, [args.task], shots=args.shots, n_train=0, n_test=args.batch_size, data_dir=args.data_dir)
+    _, test = task_queries(
+        tok,
+        [args.task],
+        shots=args.shots,
+        n_train=0,
+        n_test=args.batch_size,
+        data_dir=args.data_dir,
+    )
     prompts = [q.prompt for q in test]
     enc = engine.encode(prompts)
-    runs = {"plain": lambda: plain_forward(model, enc), "policy": lambda: engine.run(prompts, policy)}
+    runs = {
+        "plain": lambda: plain_forward(model, enc),
+        "policy": lambda: engine.run(prompts, policy),
+    }
     for fn in runs.values():
         fn()  # warm-up
     for name, fn in runs.items():
         before = _rss()
         peaks = [peak_memory(fn, "cpu") for _ in range(args.repeats)]
-        print(f"{name:6s} peak above resident: {max(peaks) / 2**20:7.1f} MB   total peak: {(before + max(peaks)) / 2**20:7.1f} MB")
+        print(
+            f"{name:6s} peak above resident: {max(peaks) / 2**20:7.1f} MB   total peak: {(before + max(peaks)) / 2**20:7.1f} MB"
+        )
 
 
 if __name__ == "__main__":

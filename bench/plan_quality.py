@@ -53,16 +53,33 @@ from adainfer.report import _layers, _md
 
 # (planning, folds, min agreement): as before the planner was judged out of fold, out of fold,
 # and as `adainfer` plans (None: the --min-agreement and --confidence given)
-MODES = (("in-sample, accuracy only", 1, 0.0), ("out of fold, accuracy only", 5, 0.0), ("out of fold, {}% agreement", 5, None))
+MODES = (
+    ("in-sample, accuracy only", 1, 0.0),
+    ("out of fold, accuracy only", 5, 0.0),
+    ("out of fold, {}% agreement", 5, None),
+)
 
 
 POLICIES = {  # short name for --only: (description, classifier, labels, thresholds tried)
-    "svm": ("paper: SVM on gap, top prob, depth; gold labels", lambda: SVMExit(features=("gap", "top_prob", "layer_frac")), "gold", None),
-    "logistic": ("logistic, one model for all layers, on gap, top prob, entropy, depth; final labels; tuned threshold",
-                 lambda: LogisticExit(features=DEFAULT_FEATURES), DEFAULT_TARGET, THRESHOLDS),
-    "layer-logistic": ("per-layer logistic on gap, top prob, entropy; final labels; tuned threshold",
-                       lambda: LayerLogisticExit(features=DEFAULT_FEATURES), DEFAULT_TARGET, THRESHOLDS),
-}  # fmt: skip
+    "svm": (
+        "paper: SVM on gap, top prob, depth; gold labels",
+        lambda: SVMExit(features=("gap", "top_prob", "layer_frac")),
+        "gold",
+        None,
+    ),
+    "logistic": (
+        "logistic, one model for all layers, on gap, top prob, entropy, depth; final labels; tuned threshold",
+        lambda: LogisticExit(features=DEFAULT_FEATURES),
+        DEFAULT_TARGET,
+        THRESHOLDS,
+    ),
+    "layer-logistic": (
+        "per-layer logistic on gap, top prob, entropy; final labels; tuned threshold",
+        lambda: LayerLogisticExit(features=DEFAULT_FEATURES),
+        DEFAULT_TARGET,
+        THRESHOLDS,
+    ),
+}
 
 
 def fitted(make, target: str, traces: Traces):
@@ -78,17 +95,47 @@ def frontier(splits, fits, oracle: float) -> dict:
     L, rows, body = splits[0][1].num_layers, [], []
     full = float(np.concatenate([ev.top1[:, -1] == ev.gold for _, ev in splits]).mean())
     for t in THRESHOLDS:
-        got = [simulate(_with_threshold(copy.deepcopy(policy), t), ev, check_layers=range(L // 2, L))
-               for policy, (_, ev) in zip(fits, splits)]  # fmt: skip
-        correct, agrees = np.concatenate([r.correct for r in got]), np.concatenate([r.agrees for r in got])
+        got = [
+            simulate(_with_threshold(copy.deepcopy(policy), t), ev, check_layers=range(L // 2, L))
+            for policy, (_, ev) in zip(fits, splits)
+        ]
+        correct, agrees = (
+            np.concatenate([r.correct for r in got]),
+            np.concatenate([r.agrees for r in got]),
+        )
         exit_layer = float(np.concatenate([r.exit_layer for r in got]).mean())
         share = (L - exit_layer) / (L - oracle) if oracle < L else None
-        rows.append(dict(threshold=t, accuracy_delta=float(correct.mean()) - full, agreement=float(agrees.mean()),
-                         mean_exit_layer=exit_layer, share_of_oracle_saving=share))  # fmt: skip
-        body.append([t, f"{100 * (correct.mean() - full):+.1f}", f"{100 * agrees.mean():.1f}", f"{exit_layer:.2f}",
-                     "-" if share is None else f"{100 * share:.0f}%"])  # fmt: skip
-    text = (f"Trade-off of {type(fits[0]).__name__} on the held-out queries, every layer from {L // 2} checked:\n\n"
-            + _md(["threshold", "accuracy vs full (points)", "agreement with full (%)", "exit layer", "share of oracle saving"], body))
+        rows.append(
+            dict(
+                threshold=t,
+                accuracy_delta=float(correct.mean()) - full,
+                agreement=float(agrees.mean()),
+                mean_exit_layer=exit_layer,
+                share_of_oracle_saving=share,
+            )
+        )
+        body.append(
+            [
+                t,
+                f"{100 * (correct.mean() - full):+.1f}",
+                f"{100 * agrees.mean():.1f}",
+                f"{exit_layer:.2f}",
+                "-" if share is None else f"{100 * share:.0f}%",
+            ]
+        )
+    text = (
+        f"Trade-off of {type(fits[0]).__name__} on the held-out queries, every layer from {L // 2} checked:\n\n"
+        + _md(
+            [
+                "threshold",
+                "accuracy vs full (points)",
+                "agreement with full (%)",
+                "exit layer",
+                "share of oracle saving",
+            ],
+            body,
+        )
+    )
     return {"text": text, "rows": rows}
 
 
@@ -109,13 +156,25 @@ def settled_bound(test: Traces) -> dict:
     for layer in range(max(1, L - 8), L):
         y = settled <= layer
         if 5 <= y.sum() <= len(y) - 5:
-            p = cross_val_predict(LogisticRegression(max_iter=2000), test.features[:, layer - 1], y, cv=5, method="predict_proba")[:, 1]
+            p = cross_val_predict(
+                LogisticRegression(max_iter=2000),
+                test.features[:, layer - 1],
+                y,
+                cv=5,
+                method="predict_proba",
+            )[:, 1]
             aucs[layer] = float(roc_auc_score(y, p))
-    text = (f"Settled oracle (earliest layer after which the top-1 never changes; exiting there keeps every answer): "
-            f"mean {settled.mean():.2f} of {L}, {100 * (settled < L).mean():.0f}% of rows settled before the last layer. "
-            "Cross-validated AUC of all features for 'already final' at layer l: "
-            + ", ".join(f"{l}: {a:.2f}" for l, a in aucs.items()) + ".")  # fmt: skip
-    return {"text": text, "numbers": {"mean_settled_layer": float(settled.mean()), "auc_by_layer": aucs}}
+    text = (
+        f"Settled oracle (earliest layer after which the top-1 never changes; exiting there keeps every answer): "
+        f"mean {settled.mean():.2f} of {L}, {100 * (settled < L).mean():.0f}% of rows settled before the last layer. "
+        "Cross-validated AUC of all features for 'already final' at layer l: "
+        + ", ".join(f"{l}: {a:.2f}" for l, a in aucs.items())
+        + "."
+    )
+    return {
+        "text": text,
+        "numbers": {"mean_settled_layer": float(settled.mean()), "auc_by_layer": aucs},
+    }
 
 
 def _splits(pool: Traces, test: Traces, calibrate_on: str, seed: int = 0):
@@ -129,37 +188,76 @@ def _splits(pool: Traces, test: Traces, calibrate_on: str, seed: int = 0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", type=Path, help="output folder of `adainfer reproduce` (with traces/train and traces/test)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "run",
+        type=Path,
+        help="output folder of `adainfer reproduce` (with traces/train and traces/test)",
+    )
     p.add_argument("--task", default="sst2")
     p.add_argument("--shots", type=int, default=5)
-    p.add_argument("--check-cost", type=_check_cost, default={1: 1.0}, help="decoder layers per check, or BATCH:COST pairs")
+    p.add_argument(
+        "--check-cost",
+        type=_check_cost,
+        default={1: 1.0},
+        help="decoder layers per check, or BATCH:COST pairs",
+    )
     p.add_argument("--tolerance", type=float, default=0.01)
-    p.add_argument("--confidence", type=float, default=CONFIDENCE, help="a plan below the agreement level passes if its accuracy "
-                   "loss is within the tolerance at this confidence (0: agreement test only) (default: %(default)s)")
-    p.add_argument("--min-agreement", type=float, default=MIN_AGREEMENT, help="for the agreement-tested plans (default: %(default)s)")
-    p.add_argument("--calibrate-on", choices=("held-out", "pool"), default="held-out",
-                   help="held-out: two halves of the held-out queries, each calibrating the plan for the other (what "
-                        "`adainfer bench` does); pool: the run's training traces (the task's demonstration pool)")
-    p.add_argument("--test-traces", type=Path, help="held-out traces to use instead of the run's traces/test, e.g. "
-                   "`adainfer collect --held-out --n-test 872` for more queries than the run has")
-    p.add_argument("--only", choices=tuple(POLICIES), action="append",
-                   help="these policies only (repeatable; default: all three)")
-    p.add_argument("--out", type=Path, help="write the table (.md) and numbers (.json) here, without suffix")
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=CONFIDENCE,
+        help="a plan below the agreement level passes if its accuracy "
+        "loss is within the tolerance at this confidence (0: agreement test only) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        default=MIN_AGREEMENT,
+        help="for the agreement-tested plans (default: %(default)s)",
+    )
+    p.add_argument(
+        "--calibrate-on",
+        choices=("held-out", "pool"),
+        default="held-out",
+        help="held-out: two halves of the held-out queries, each calibrating the plan for the other (what "
+        "`adainfer bench` does); pool: the run's training traces (the task's demonstration pool)",
+    )
+    p.add_argument(
+        "--test-traces",
+        type=Path,
+        help="held-out traces to use instead of the run's traces/test, e.g. "
+        "`adainfer collect --held-out --n-test 872` for more queries than the run has",
+    )
+    p.add_argument(
+        "--only",
+        choices=tuple(POLICIES),
+        action="append",
+        help="these policies only (repeatable; default: all three)",
+    )
+    p.add_argument(
+        "--out", type=Path, help="write the table (.md) and numbers (.json) here, without suffix"
+    )
     args = p.parse_args(argv)
     costs = args.check_cost if isinstance(args.check_cost, dict) else {1: args.check_cost}
 
     train, meta = load_collected(args.run / "traces" / "train")
     test_table, test_meta = load_collected(args.test_traces or args.run / "traces" / "test")
     if test_meta["model"] != meta["model"]:
-        raise SystemExit(f"{args.test_traces} holds traces of {test_meta['model']['model_id']}, the run {meta['model']['model_id']}: "
-                         "plans must be judged on the model they were made for")
+        raise SystemExit(
+            f"{args.test_traces} holds traces of {test_meta['model']['model_id']}, the run {meta['model']['model_id']}: "
+            "plans must be judged on the model they were made for"
+        )
     pool = Traces.from_table(select_tasks(train, [args.task]), ALL_FEATURES)
     pool = pool.subset(pool.shots == args.shots)
     test = Traces.from_table(test_table, ALL_FEATURES)
     test = test.subset((test.task == args.task) & (test.shots == args.shots))
     if len(test) == 0 or (args.calibrate_on == "pool" and len(pool) == 0):
-        raise SystemExit(f"no {args.task} traces in {args.run} (pool {len(pool)}, held-out {len(test)} at k={args.shots})")
+        raise SystemExit(
+            f"no {args.task} traces in {args.run} (pool {len(pool)}, held-out {len(test)} at k={args.shots})"
+        )
 
     policies = {POLICIES[k][0]: POLICIES[k][1:] for k in dict.fromkeys(args.only or POLICIES)}
     splits = _splits(pool, test, args.calibrate_on)
@@ -167,18 +265,40 @@ def main(argv=None):
     full = float((test.top1[:, -1] == test.gold).mean())
     oracle = float(oracle_bounds(test)["first_correct"].mean())
     # each policy is fitted once per calibration half; the planning modes and the frontier share it
-    fits = {name: [fitted(make, target, cal) for cal, _ in splits] for name, (make, target, _) in policies.items()}
+    fits = {
+        name: [fitted(make, target, cal) for cal, _ in splits]
+        for name, (make, target, _) in policies.items()
+    }
     rows, body = [], []
-    for (name, (make, target, thresholds)), (mode, folds, agreement) in itertools.product(policies.items(), MODES):
+    for (name, (make, target, thresholds)), (mode, folds, agreement) in itertools.product(
+        policies.items(), MODES
+    ):
         if agreement is None:
             agreement, mode = args.min_agreement, mode.format(f"{100 * args.min_agreement:g}")
             mode += f" or loss bounded at {100 * args.confidence:g}%" if args.confidence else ""
         per_bs = {bs: [] for bs in costs}  # (plan, replay) per split
         for policy, (cal, ev) in zip(fits[name], splits):
-            plans = plan_checks_by_batch(policy, cal, costs, tolerance=args.tolerance, folds=folds, min_agreement=agreement, confidence=args.confidence,
-                                         thresholds=thresholds)  # fmt: skip
+            plans = plan_checks_by_batch(
+                policy,
+                cal,
+                costs,
+                tolerance=args.tolerance,
+                folds=folds,
+                min_agreement=agreement,
+                confidence=args.confidence,
+                thresholds=thresholds,
+            )
             for bs, plan in plans.items():
-                per_bs[bs].append((plan, simulate(_with_threshold(copy.deepcopy(policy), plan.threshold), ev, check_layers=plan.check_layers)))
+                per_bs[bs].append(
+                    (
+                        plan,
+                        simulate(
+                            _with_threshold(copy.deepcopy(policy), plan.threshold),
+                            ev,
+                            check_layers=plan.check_layers,
+                        ),
+                    )
+                )
         for bs, got in per_bs.items():
             correct = np.concatenate([r.correct for _, r in got])
             agrees = np.concatenate([r.agrees for _, r in got])
@@ -186,32 +306,97 @@ def main(argv=None):
             cost_layers = np.concatenate([check_cost_layers(r, L, costs[bs]) for _, r in got])
             exit_layer = float(exits.mean())
             share = (L - exit_layer) / (L - oracle) if oracle < L else None
-            plans_txt = " | ".join(f"{_layers(p.check_layers)} @ {p.threshold if p.threshold is not None else '-'}" for p, _ in got)
-            rows.append(dict(policy=name, mode=mode, batch_size=bs, check_cost=costs[bs], calibrate_on=args.calibrate_on,
-                             plans=[dict(check_layers=list(p.check_layers), threshold=p.threshold,
-                                         calibration_accuracy=p.expected_accuracy, calibration_agreement=p.expected_agreement)
-                                    for p, _ in got],
-                             full_accuracy=full, accuracy=float(correct.mean()), agreement=float(agrees.mean()),
-                             mean_exit_layer=exit_layer, oracle_exit_layer=oracle, share_of_oracle_saving=share,
-                             cost_layers=float(cost_layers.mean())))  # fmt: skip
-            body.append([name, mode, bs, f"{costs[bs]:.2f}", plans_txt, f"{100 * correct.mean():.1f} / {100 * full:.1f}",
-                         f"{100 * (correct.mean() - full):+.1f}", f"{100 * agrees.mean():.1f}", f"{exit_layer:.2f} / {oracle:.2f} / {L}",
-                         "-" if share is None else f"{100 * share:.0f}%", f"{cost_layers.mean():.2f}"])  # fmt: skip
-    table = _md(["policy", "planning", "batch", "check cost", "check layers @ threshold (per calibration split)",
-                 "held-out acc (policy / full)", "delta", "agreement with full (%)", "exit layer (policy / oracle / L)",
-                 "share of oracle saving", "cost, layers"], body)  # fmt: skip
-    where = {"pool": f"the {len(pool)} pool queries", "held-out": "one half of the held-out queries, evaluated on the other half, both ways"}
-    head = (f"{meta['model']['model_id']}, {args.task} {args.shots}-shot, {len(test)} held-out queries; plans calibrated on "
-            f"{where[args.calibrate_on]}; tolerance {args.tolerance}" + (f", or within it at {100 * args.confidence:g}% confidence" if args.confidence else ""))
+            plans_txt = " | ".join(
+                f"{_layers(p.check_layers)} @ {p.threshold if p.threshold is not None else '-'}"
+                for p, _ in got
+            )
+            rows.append(
+                dict(
+                    policy=name,
+                    mode=mode,
+                    batch_size=bs,
+                    check_cost=costs[bs],
+                    calibrate_on=args.calibrate_on,
+                    plans=[
+                        dict(
+                            check_layers=list(p.check_layers),
+                            threshold=p.threshold,
+                            calibration_accuracy=p.expected_accuracy,
+                            calibration_agreement=p.expected_agreement,
+                        )
+                        for p, _ in got
+                    ],
+                    full_accuracy=full,
+                    accuracy=float(correct.mean()),
+                    agreement=float(agrees.mean()),
+                    mean_exit_layer=exit_layer,
+                    oracle_exit_layer=oracle,
+                    share_of_oracle_saving=share,
+                    cost_layers=float(cost_layers.mean()),
+                )
+            )
+            body.append(
+                [
+                    name,
+                    mode,
+                    bs,
+                    f"{costs[bs]:.2f}",
+                    plans_txt,
+                    f"{100 * correct.mean():.1f} / {100 * full:.1f}",
+                    f"{100 * (correct.mean() - full):+.1f}",
+                    f"{100 * agrees.mean():.1f}",
+                    f"{exit_layer:.2f} / {oracle:.2f} / {L}",
+                    "-" if share is None else f"{100 * share:.0f}%",
+                    f"{cost_layers.mean():.2f}",
+                ]
+            )
+    table = _md(
+        [
+            "policy",
+            "planning",
+            "batch",
+            "check cost",
+            "check layers @ threshold (per calibration split)",
+            "held-out acc (policy / full)",
+            "delta",
+            "agreement with full (%)",
+            "exit layer (policy / oracle / L)",
+            "share of oracle saving",
+            "cost, layers",
+        ],
+        body,
+    )
+    where = {
+        "pool": f"the {len(pool)} pool queries",
+        "held-out": "one half of the held-out queries, evaluated on the other half, both ways",
+    }
+    head = (
+        f"{meta['model']['model_id']}, {args.task} {args.shots}-shot, {len(test)} held-out queries; plans calibrated on "
+        f"{where[args.calibrate_on]}; tolerance {args.tolerance}"
+        + (f", or within it at {100 * args.confidence:g}% confidence" if args.confidence else "")
+    )
     bound = settled_bound(test)
-    fronts = {name: frontier(splits, fits[name], oracle) for name, (_, _, thresholds) in policies.items() if thresholds}
+    fronts = {
+        name: frontier(splits, fits[name], oracle)
+        for name, (_, _, thresholds) in policies.items()
+        if thresholds
+    }
     table += "\n\n" + bound["text"] + "".join("\n\n" + f["text"] for f in fronts.values())
     print(head + "\n\n" + table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(f"{args.out}.md"), f"{head}\n\n{table}\n")
-        write_json(Path(f"{args.out}.json"), {"run": str(args.run), "task": args.task, "shots": args.shots, "rows": rows,
-                                              "settled_bound": bound["numbers"], "frontier": {n: f["rows"] for n, f in fronts.items()}})  # fmt: skip
+        write_json(
+            Path(f"{args.out}.json"),
+            {
+                "run": str(args.run),
+                "task": args.task,
+                "shots": args.shots,
+                "rows": rows,
+                "settled_bound": bound["numbers"],
+                "frontier": {n: f["rows"] for n, f in fronts.items()},
+            },
+        )
 
 
 if __name__ == "__main__":

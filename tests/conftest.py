@@ -11,7 +11,11 @@ import torch
 import transformers
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
-SHARED_DATA = Path(os.environ.get("ADAINFER_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+SHARED_DATA = Path(
+    os.environ.get(
+        "ADAINFER_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    )
+)
 
 VOCAB = ["<pad>", "<unk>", "<eos>"] + list(string.printable[:95])
 
@@ -29,8 +33,13 @@ def _config(arch: str, layers: int = 4):
     v, h = len(VOCAB), 32
     common = dict(vocab_size=v, pad_token_id=0, eos_token_id=2, bos_token_id=2)
     llama_like = dict(
-        hidden_size=h, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, **common,
+        hidden_size=h,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **common,
     )
     if arch == "llama":
         return transformers.LlamaConfig(**llama_like)
@@ -43,35 +52,68 @@ def _config(arch: str, layers: int = 4):
     if arch == "phi3":
         return transformers.Phi3Config(**llama_like)
     if arch == "gemma3":
-        return transformers.Gemma3TextConfig(head_dim=8, sliding_window=8, final_logit_softcapping=30.0, **llama_like)
+        return transformers.Gemma3TextConfig(
+            head_dim=8, sliding_window=8, final_logit_softcapping=30.0, **llama_like
+        )
     if arch == "granite":  # its forward divides the logits by logits_scaling: the lens must too
         return transformers.GraniteConfig(logits_scaling=8.0, **llama_like)
     if arch == "gpt2":
-        return transformers.GPT2Config(n_embd=h, n_layer=layers, n_head=4, n_positions=4096, **common)
+        return transformers.GPT2Config(
+            n_embd=h, n_layer=layers, n_head=4, n_positions=4096, **common
+        )
     if arch == "opt":
         return transformers.OPTConfig(
-            hidden_size=h, num_hidden_layers=layers, num_attention_heads=4, ffn_dim=64,
-            max_position_embeddings=256, word_embed_proj_dim=h, **common,
+            hidden_size=h,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            ffn_dim=64,
+            max_position_embeddings=256,
+            word_embed_proj_dim=h,
+            **common,
         )
     if arch == "opt-350m":  # post-norm layers, no final norm, project_in / project_out
         return transformers.OPTConfig(
-            hidden_size=h, num_hidden_layers=layers, num_attention_heads=4, ffn_dim=64,
-            max_position_embeddings=256, word_embed_proj_dim=16, do_layer_norm_before=False, **common,
+            hidden_size=h,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            ffn_dim=64,
+            max_position_embeddings=256,
+            word_embed_proj_dim=16,
+            do_layer_norm_before=False,
+            **common,
         )
     if arch == "gpt_neox":
         return transformers.GPTNeoXConfig(
-            hidden_size=h, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=256, **common,
+            hidden_size=h,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=256,
+            **common,
         )
     raise KeyError(arch)
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "granite", "gpt2", "opt", "opt-350m", "gpt_neox"]
+ARCHS = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma3",
+    "granite",
+    "gpt2",
+    "opt",
+    "opt-350m",
+    "gpt_neox",
+]
 
 
 def tiny_model(arch: str = "llama", layers: int = 4, seed: int = 0):
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(_config(arch, layers), dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(
+        _config(arch, layers), dtype=torch.float32
+    )
     model.adainfer_id = f"tiny-{arch}"
     return model.eval(), char_tokenizer()
 

@@ -5,18 +5,20 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_model
 
 from adainfer import AdaptiveEngine
 from adainfer.bench import VARIANTS, bench_cell, peak_memory
 from adainfer.policies import GapThreshold
 from adainfer.report import bench_table
 from adainfer.tasks import task_queries
+from conftest import char_tokenizer, tiny_model
 
 
 def test_peak_memory_sees_a_large_temporary():
     def allocate():
-        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, alive for 50 ms: the sampler gets a turn on a loaded machine
+        x = torch.ones(
+            64 * 2**20 // 4
+        )  # 64 MiB, alive for 50 ms: the sampler gets a turn on a loaded machine
         time.sleep(0.05)
         return float(x.sum())
 
@@ -39,13 +41,17 @@ def test_bench_cell_reports_every_variant_on_the_same_queries():
     table = bench_table([row])
     assert table.count("\n") == 2 and "| tiny | float32 | capitalize | 4 |" in table
     assert np.isfinite(row["policy/plain"])
-    assert row["paired_samples"] == 10 and row["repeats"] == 5  # 2 batches: 5 repeats to reach MIN_PAIRED = 9 ratios
+    assert (
+        row["paired_samples"] == 10 and row["repeats"] == 5
+    )  # 2 batches: 5 repeats to reach MIN_PAIRED = 9 ratios
     assert row["resident_mb"] > 0
     lo, hi = row["policy/plain_iqr"]
     assert lo <= row["policy/plain"] <= hi
 
 
-def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(saved_tiny, tmp_path, monkeypatch):
+def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(
+    saved_tiny, tmp_path, monkeypatch
+):
     import json
 
     from adainfer import bench
@@ -53,8 +59,17 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(saved_
 
     model_dir, out = saved_tiny("llama"), tmp_path / "bench"
     save_policy(GapThreshold(0.5), tmp_path / "gap.safetensors")
-    kw = dict(tasks=("capitalize", "lowercase"), batch_sizes=(1, 2), dtypes=("float32",), n_queries=4, n_train=4, repeats=1,
-              policy_path=str(tmp_path / "gap.safetensors"), shortlist=8, progress=False)  # fmt: skip
+    kw = dict(
+        tasks=("capitalize", "lowercase"),
+        batch_sizes=(1, 2),
+        dtypes=("float32",),
+        n_queries=4,
+        n_train=4,
+        repeats=1,
+        policy_path=str(tmp_path / "gap.safetensors"),
+        shortlist=8,
+        progress=False,
+    )
     result = bench.run_bench((model_dir,), out, **kw)
     assert [r["batch_size"] for r in result["rows"]] == [1, 2, 1, 2]
     table, targets = (out / "bench.md").read_text().split("Targets")
@@ -62,9 +77,15 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(saved_
     (saved,) = (out / "policies").glob("*tiny-llama*-float32-capitalize.safetensors")
     policy = load_policy(saved)
     assert set(policy.check_plans_) == {1, 2}
-    assert [r["check_layers"] for r in result["rows"][:2]] == [list(policy.check_plans_[b]) for b in (1, 2)]
+    assert [r["check_layers"] for r in result["rows"][:2]] == [
+        list(policy.check_plans_[b]) for b in (1, 2)
+    ]
     for r in result["rows"]:  # the shortlist engine ran as one more variant, with its own plan
-        assert r["shortlist_size"] == 8 and r["check_cost_shortlist_layers"] > 0 and r["shortlist/plain"] > 0
+        assert (
+            r["shortlist_size"] == 8
+            and r["check_cost_shortlist_layers"] > 0
+            and r["shortlist/plain"] > 0
+        )
         assert 1 <= r["shortlist"]["mean_exit_layer"] <= 4
     assert "shortlist/plain" in (out / "bench.md").read_text()
 
@@ -72,16 +93,26 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(saved_
         raise AssertionError("a finished cell ran again")
 
     monkeypatch.setattr(bench, "bench_cell", no_more_cells)
-    assert bench.run_bench((model_dir,), out, **kw)["rows"] == json.loads((out / "bench.json").read_text())["rows"]
+    assert (
+        bench.run_bench((model_dir,), out, **kw)["rows"]
+        == json.loads((out / "bench.json").read_text())["rows"]
+    )
 
     # another agreement test that picks the same plans: the cells ran exactly so, keep their timing
     before = json.loads((out / "bench.json").read_text())["rows"]
     policies = sorted((out / "policies").iterdir())
     rows = bench.run_bench((model_dir,), out, **kw, min_agreement=0.5, confidence=0.9)["rows"]
-    assert sorted((out / "policies").iterdir()) == policies  # re-planned in place, under the model's name
+    assert (
+        sorted((out / "policies").iterdir()) == policies
+    )  # re-planned in place, under the model's name
     assert [r["check_layers"] for r in rows] == [r["check_layers"] for r in before]
-    assert all(r["min_agreement"] == 0.5 and r["timed_with_min_agreement"] == bench.MIN_AGREEMENT for r in rows)
-    assert all(r["confidence"] == 0.9 and r["timed_with_confidence"] == bench.CONFIDENCE for r in rows)
+    assert all(
+        r["min_agreement"] == 0.5 and r["timed_with_min_agreement"] == bench.MIN_AGREEMENT
+        for r in rows
+    )
+    assert all(
+        r["confidence"] == 0.9 and r["timed_with_confidence"] == bench.CONFIDENCE for r in rows
+    )
 
     # other timing settings, or another device, never overwrite a finished grid
     with pytest.raises(ValueError, match="other settings"):
@@ -89,7 +120,9 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(saved_
     with pytest.raises(ValueError, match="other settings"):
         bench.run_bench((model_dir,), out, **kw, device="meta")
     assert json.loads((out / "bench.json").read_text())["rows"] == rows
-    assert all(r["machine"]["torch_threads"] >= 1 for r in rows)  # each cell says where it was timed
+    assert all(
+        r["machine"]["torch_threads"] >= 1 for r in rows
+    )  # each cell says where it was timed
     # nor does a grid file that cannot be read
     good = (out / "bench.json").read_text()
     (out / "bench.json").write_text(good[:-20])
@@ -100,9 +133,14 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(saved_
     # more paired samples asked for: every cell holding fewer is timed again, its earlier timing kept
     monkeypatch.undo()
     need = max(r["paired_samples"] for r in rows) + 1
-    retimed = bench.run_bench((model_dir,), out, **kw, min_agreement=0.5, confidence=0.9, min_paired=need)["rows"]
+    retimed = bench.run_bench(
+        (model_dir,), out, **kw, min_agreement=0.5, confidence=0.9, min_paired=need
+    )["rows"]
     for old, new in zip(rows, retimed):
-        assert new["paired_samples"] >= need and len(new["policy/plain_paired"]) == new["paired_samples"]
+        assert (
+            new["paired_samples"] >= need
+            and len(new["policy/plain_paired"]) == new["paired_samples"]
+        )
         assert new["earlier_timings"][-1]["policy/plain"] == old["policy/plain"]
         assert new["earlier_timings"][-1]["paired_samples"] == old["paired_samples"]
     assert "Cells timed more than once" in (out / "bench.md").read_text()
@@ -125,25 +163,35 @@ def test_a_cell_is_retimed_when_its_plan_changes():
     def plan(layers, threshold):
         return CheckPlan(layers, 20.0, 0.7, 0.7, 0.2, 10, True, 0.99, threshold)
 
-    row = {"check_layers": [19, 22], "threshold": 0.9, "shortlist_check_layers": [], "shortlist_threshold": 0.5}
-    assert _same_plan(row, plan((19, 22), 0.9), plan((), 0.9))  # no shortlist check: its threshold is moot
+    row = {
+        "check_layers": [19, 22],
+        "threshold": 0.9,
+        "shortlist_check_layers": [],
+        "shortlist_threshold": 0.5,
+    }
+    assert _same_plan(
+        row, plan((19, 22), 0.9), plan((), 0.9)
+    )  # no shortlist check: its threshold is moot
     assert not _same_plan(row, plan((19, 22), 0.85), None)  # same layers, another stop threshold
     assert not _same_plan(row, plan((19,), 0.9), None)
     assert not _same_plan(row, plan((19, 22), 0.9), plan((20,), 0.5))
 
 
 def test_calibration_comes_from_the_timed_queries_split_but_never_the_same_queries():
-    from conftest import SHARED_DATA
-
     from adainfer.bench import _calibration_and_timed
     from adainfer.benchmarks import load_benchmark
+    from conftest import SHARED_DATA
 
     if not SHARED_DATA.exists():
         pytest.skip("shared data folder not present")
     calibration, timed = _calibration_and_timed(char_tokenizer(), ["sst2"], 1, 6, 4, 0, SHARED_DATA)
     assert len(calibration) == 6 and len(timed) == 4
-    assert not {q.prompt.rsplit("Q: ", 1)[1] for q in calibration} & {q.prompt.rsplit("Q: ", 1)[1] for q in timed}
-    test_split = {e.input for e in load_benchmark("sst2", SHARED_DATA).examples}  # whole sentences, not pool phrases
+    assert not {q.prompt.rsplit("Q: ", 1)[1] for q in calibration} & {
+        q.prompt.rsplit("Q: ", 1)[1] for q in timed
+    }
+    test_split = {
+        e.input for e in load_benchmark("sst2", SHARED_DATA).examples
+    }  # whole sentences, not pool phrases
     assert all(q.prompt.rsplit("Q: ", 1)[1].removesuffix("\nA:") in test_split for q in calibration)
 
 
@@ -151,15 +199,35 @@ def test_targets_name_the_worst_cell_and_whether_each_is_met():
     from adainfer.report import bench_targets
 
     def row(bs, policy, never, flops, true_flops, peak_policy):
-        return {"model": "m", "dtype": "bfloat16", "task": "sst2", "batch_size": bs, "policy/plain": policy, "never/plain": never,
-                "policy": {"flops_ratio": flops, "true_flops_ratio": true_flops}, "peak_mem_plain_mb": 100.0,
-                "peak_mem_policy_mb": peak_policy}  # fmt: skip
+        return {
+            "model": "m",
+            "dtype": "bfloat16",
+            "task": "sst2",
+            "batch_size": bs,
+            "policy/plain": policy,
+            "never/plain": never,
+            "policy": {"flops_ratio": flops, "true_flops_ratio": true_flops},
+            "peak_mem_plain_mb": 100.0,
+            "peak_mem_policy_mb": peak_policy,
+        }
 
-    rows = [row(1, 1.00, 1.01, 1.0, 1.0, 100.0), row(8, 0.95, 1.09, 0.9, 0.9, 105.0), row(32, 1.05, 1.02, 0.9, 0.9, 120.0)]
+    rows = [
+        row(1, 1.00, 1.01, 1.0, 1.0, 100.0),
+        row(8, 0.95, 1.09, 0.9, 0.9, 105.0),
+        row(32, 1.05, 1.02, 0.9, 0.9, 120.0),
+    ]
     lines = bench_targets(rows).splitlines()
-    assert lines[0].startswith("- never slower") and "NOT met, 2 of 3 cells within" in lines[0] and "bs 32" in lines[0]
-    assert ": met, 2 of 2" in lines[1]  # batch 8's 1.09 is outside the overhead target's batch sizes
-    assert "NOT met, 1 of 2" in lines[2] and "1.050 against 1.035" in lines[2]  # only the cells that save layers
+    assert (
+        lines[0].startswith("- never slower")
+        and "NOT met, 2 of 3 cells within" in lines[0]
+        and "bs 32" in lines[0]
+    )
+    assert (
+        ": met, 2 of 2" in lines[1]
+    )  # batch 8's 1.09 is outside the overhead target's batch sizes
+    assert (
+        "NOT met, 1 of 2" in lines[2] and "1.050 against 1.035" in lines[2]
+    )  # only the cells that save layers
     assert "NOT met, 2 of 3" in lines[3] and "120.000 against 111.000" in lines[3]
     for r in rows:  # the same peaks on top of a 1 GB process are well within 10%
         r["resident_mb"] = 1000.0

@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
-from test_engine import PROMPTS, ExitAt
 
 from adainfer import AdaptiveEngine
 from adainfer.checks import candidate_schedules, measure_check_cost, plan_checks
 from adainfer.engine import plain_last_logits
 from adainfer.offline import Traces, simulate
 from adainfer.policies import GapThreshold, NeverExit
+from conftest import tiny_model
+from test_engine import PROMPTS, ExitAt
 
 
 def settling_traces(Q=40, L=12, settle=(7, 10), seed=0):
@@ -21,10 +21,15 @@ def settling_traces(Q=40, L=12, settle=(7, 10), seed=0):
     right = layers[None] >= at[:, None]
     gap = np.where(right, 0.9, 0.1) + rng.normal(0, 0.01, (Q, L))
     return Traces(
-        query_id=np.array([f"q{i}" for i in range(Q)]), task=np.array(["t"] * Q),
-        features=np.stack([gap, gap + 0.05], -1), feature_names=("gap", "top_prob"),
-        top1=np.where(right, 5, 1), choice_top1=np.full((Q, L), -1), gold=np.full(Q, 5), seq_len=np.full(Q, 20),
-    )  # fmt: skip
+        query_id=np.array([f"q{i}" for i in range(Q)]),
+        task=np.array(["t"] * Q),
+        features=np.stack([gap, gap + 0.05], -1),
+        feature_names=("gap", "top_prob"),
+        top1=np.where(right, 5, 1),
+        choice_top1=np.full((Q, L), -1),
+        gold=np.full(Q, 5),
+        seq_len=np.full(Q, 20),
+    )
 
 
 def test_candidates_never_include_the_last_layer():
@@ -39,7 +44,9 @@ def test_cheap_checks_get_a_schedule_that_saves_layers():
     assert plan.expected_cost < 12 * 0.95
     assert plan.expected_accuracy >= plan.full_accuracy - 0.01
     every = simulate(GapThreshold(0.5), traces, check_layers=range(1, 12))
-    assert plan.expected_cost < (every.exit_layer + 0.1 * every.num_checks).mean()  # beats checking everywhere
+    assert (
+        plan.expected_cost < (every.exit_layer + 0.1 * every.num_checks).mean()
+    )  # beats checking everywhere
 
 
 def test_expensive_checks_fall_back_to_the_plain_model():
@@ -64,17 +71,26 @@ def test_an_empty_plan_runs_the_plain_model(monkeypatch):
     monkeypatch.setattr(engine, "_plain_run", lambda *a: calls.append(1) or original(*a))
     result = engine.run(PROMPTS, policy)
     assert calls and (result.exit_layer == 4).all() and (result.num_checks == 0).all()
-    torch.testing.assert_close(result.logits, plain_last_logits(engine, PROMPTS), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        result.logits, plain_last_logits(engine, PROMPTS), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_bf16_checks_answer_with_the_exact_head():
     model, tok = tiny_model("qwen2")
     exact = AdaptiveEngine(model, tok).run(PROMPTS, ExitAt([1, 2, 3, 4]))
-    cheap = AdaptiveEngine(model, tok, check_dtype=torch.bfloat16).run(PROMPTS, ExitAt([1, 2, 3, 4]))
+    cheap = AdaptiveEngine(model, tok, check_dtype=torch.bfloat16).run(
+        PROMPTS, ExitAt([1, 2, 3, 4])
+    )
     assert cheap.exit_layer.tolist() == [1, 2, 3, 4]
     torch.testing.assert_close(cheap.logits, exact.logits, rtol=1e-5, atol=1e-5)
     assert cheap.top1.tolist() == exact.top1.tolist()
-    assert cheap.num_confirms.tolist() == [1, 1, 1, 0]  # each early answer is projected again, exactly
+    assert cheap.num_confirms.tolist() == [
+        1,
+        1,
+        1,
+        0,
+    ]  # each early answer is projected again, exactly
     # the features came from the bf16 head: close, not equal
     np.testing.assert_allclose(cheap.features[:, 0], exact.features[:, 0], atol=0.05)
 
@@ -89,7 +105,9 @@ def test_trained_policies_are_planned_out_of_fold():
     from adainfer.policies import LogisticExit
 
     traces = settling_traces(Q=60)
-    policy = LogisticExit(features=("gap", "top_prob")).fit(*traces.training_arrays(("gap", "top_prob")))
+    policy = LogisticExit(features=("gap", "top_prob")).fit(
+        *traces.training_arrays(("gap", "top_prob"))
+    )
     coef = policy.coef_.copy()
     plan = plan_checks(policy, traces, check_cost=0.1)
     assert plan.held_out and plan.check_layers and plan.expected_cost < 12 * 0.95
@@ -99,27 +117,42 @@ def test_trained_policies_are_planned_out_of_fold():
 
 
 def test_traces_give_the_same_training_arrays_as_collect(tmp_path):
-    from conftest import char_tokenizer
-
     from adainfer.collect import collect, load_collected, training_arrays
     from adainfer.tasks import task_queries
+    from conftest import char_tokenizer
 
     engine = AdaptiveEngine(*tiny_model("llama"))
     train, _ = task_queries(char_tokenizer(), ["capitalize"], shots=1, n_train=5, n_test=2)
     collect(engine, train, tmp_path, batch_size=4, progress=False)
     table, _ = load_collected(tmp_path)
     names = ("gap", "top_prob")
-    for a, b in zip(Traces.from_table(table, names).training_arrays(names), training_arrays(table, names)):
+    for a, b in zip(
+        Traces.from_table(table, names).training_arrays(names), training_arrays(table, names)
+    ):
         np.testing.assert_array_equal(a, b)
-    stored = table.sort_by([("query_id", "ascending"), ("layer", "ascending")]).column("label").to_numpy()
-    np.testing.assert_array_equal(training_arrays(table, names)[1], stored)  # gold labels, as collected
+    stored = (
+        table.sort_by([("query_id", "ascending"), ("layer", "ascending")])
+        .column("label")
+        .to_numpy()
+    )
+    np.testing.assert_array_equal(
+        training_arrays(table, names)[1], stored
+    )  # gold labels, as collected
 
 
 def test_final_labels_mark_the_layers_from_which_the_answer_no_longer_changes():
     traces = settling_traces(Q=3, L=6)
     traces.top1[:] = [[1, 2, 5, 5, 5, 5], [5, 5, 1, 5, 5, 5], [1, 1, 1, 1, 1, 2]]
-    assert traces.labels("final").astype(int).tolist() == [[0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 1]]
-    assert traces.labels("gold").astype(int).tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 0, 1, 1, 1], [0] * 6]
+    assert traces.labels("final").astype(int).tolist() == [
+        [0, 0, 1, 1, 1, 1],
+        [0, 0, 0, 1, 1, 1],
+        [0, 0, 0, 0, 0, 1],
+    ]
+    assert traces.labels("gold").astype(int).tolist() == [
+        [0, 0, 1, 1, 1, 1],
+        [1, 1, 0, 1, 1, 1],
+        [0] * 6,
+    ]
     with pytest.raises(ValueError, match="final"):
         traces.labels("silver")
 
@@ -135,7 +168,9 @@ def test_the_plan_tunes_the_stop_threshold_to_keep_the_full_models_answers():
     policy = LogisticExit(features=("gap",)).fit(*traces.training_arrays(("gap",), "final"))
     policy.target_ = "final"
     loose = plan_checks_by_batch(policy, traces, {1: 0.05}, min_agreement=0.0, tolerance=1.0)[1]
-    tuned = plan_checks_by_batch(policy, traces, {1: 0.05}, thresholds=THRESHOLDS, min_agreement=0.99)[1]
+    tuned = plan_checks_by_batch(
+        policy, traces, {1: 0.05}, thresholds=THRESHOLDS, min_agreement=0.99
+    )[1]
     assert tuned.check_layers and tuned.threshold in THRESHOLDS and tuned.expected_agreement >= 0.99
     assert loose.expected_agreement < 0.99  # without the agreement test it would stop too soon
     assert apply_plans(policy, {1: tuned}).threshold == tuned.threshold
@@ -191,19 +226,29 @@ def test_shortlist_checks_answer_and_decide_on_the_whole_vocabulary(arch):
     exact = AdaptiveEngine(model, tok).run(PROMPTS, ExitAt([2, 3, 4, 2]))
     short = AdaptiveEngine(model, tok, shortlist=8).run(PROMPTS, ExitAt([2, 3, 4, 2]))
     assert short.exit_layer.tolist() == [2, 3, 4, 2]
-    torch.testing.assert_close(short.logits, exact.logits, rtol=1e-5, atol=1e-5)  # answers: exact head
+    torch.testing.assert_close(
+        short.logits, exact.logits, rtol=1e-5, atol=1e-5
+    )  # answers: exact head
     assert short.num_checks.tolist() == exact.num_checks.tolist() == [2, 3, 3, 2]
     assert short.num_short_checks.tolist() == [1, 2, 2, 1]  # all but the first check of each row
-    assert short.num_confirms.tolist() == [1, 1, 0, 1] and exact.num_confirms.tolist() == [0] * 4  # charged
+    assert (
+        short.num_confirms.tolist() == [1, 1, 0, 1] and exact.num_confirms.tolist() == [0] * 4
+    )  # charged
     # the exit layer's features are the exact ones (confirmed), earlier ones the shortlist's
-    np.testing.assert_allclose(short.features[[0, 3], 1], exact.features[[0, 3], 1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        short.features[[0, 3], 1], exact.features[[0, 3], 1], rtol=1e-5, atol=1e-6
+    )
 
     # a 2-token shortlist makes every row look sure (P >= 0.5), the whole vocabulary does not:
     # the exact confirmation refuses every stop, and each row runs to the end
     engine = AdaptiveEngine(model, tok, shortlist=2)
     policy = StopWhenTopProb(0.45)
     r = engine.run(PROMPTS, policy, check_layers=[1, 2, 3])
-    assert (r.exit_layer == 4).all() and r.num_checks.tolist() == [3] * 4 and r.num_short_checks.tolist() == [2] * 4
+    assert (
+        (r.exit_layer == 4).all()
+        and r.num_checks.tolist() == [3] * 4
+        and r.num_short_checks.tolist() == [2] * 4
+    )
     assert r.num_confirms.tolist() == [2] * 4  # refused confirmations cost a whole head too
     torch.testing.assert_close(r.logits, plain_last_logits(engine, PROMPTS), rtol=1e-5, atol=1e-5)
 
@@ -233,9 +278,17 @@ def test_a_plan_that_changes_answers_passes_only_if_its_loss_is_bounded():
     # the last layer turns 20% of the right answers wrong: stopping early changes those answers
     traces = settling_traces(Q=80)
     traces.top1[::5, -1] = 1
-    gains = plan_checks(GapThreshold(0.5), traces, check_cost=0.1)  # default: agreement 97% or 95% bound
-    assert gains.check_layers and gains.expected_agreement < 0.9 and gains.expected_accuracy > gains.full_accuracy
-    assert plan_checks(GapThreshold(0.5), traces, check_cost=0.1, confidence=0).check_layers == ()  # agreement test only
+    gains = plan_checks(
+        GapThreshold(0.5), traces, check_cost=0.1
+    )  # default: agreement 97% or 95% bound
+    assert (
+        gains.check_layers
+        and gains.expected_agreement < 0.9
+        and gains.expected_accuracy > gains.full_accuracy
+    )
+    assert (
+        plan_checks(GapThreshold(0.5), traces, check_cost=0.1, confidence=0).check_layers == ()
+    )  # agreement test only
 
     # as many answers turn right as wrong: no loss on average, but too noisy to bound within 1 point
     traces = settling_traces(Q=80)
@@ -257,6 +310,10 @@ def test_one_set_of_replays_plans_both_kinds_of_check():
     policy.target_ = "final"
     replays = replay_schedules(policy, traces, thresholds=THRESHOLDS)
     for short in (None, {1: 0.01, 8: 0.005}):
-        fresh = plan_checks_by_batch(policy, traces, {1: 2.0, 8: 0.3}, shortlist_costs=short, thresholds=THRESHOLDS)
-        reused = plan_checks_by_batch(policy, traces, {1: 2.0, 8: 0.3}, shortlist_costs=short, replays=replays)
+        fresh = plan_checks_by_batch(
+            policy, traces, {1: 2.0, 8: 0.3}, shortlist_costs=short, thresholds=THRESHOLDS
+        )
+        reused = plan_checks_by_batch(
+            policy, traces, {1: 2.0, 8: 0.3}, shortlist_costs=short, replays=replays
+        )
         assert reused == fresh

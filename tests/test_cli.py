@@ -20,18 +20,23 @@ def test_every_command_explains_itself(command, capsys):
     assert len(capsys.readouterr().out) > 300
 
 
-@pytest.mark.parametrize("args", [["reproduce", "--out-dir", "x", "--max-batch-tokens", "-5"],
-                                  ["collect", "--task", "capitalize", "--out", "x", "--max-batch-tokens", "many"],
-                                  ["bench", "--min-paired", "0"],
-                                  ["collect", "--task", "capitalize", "--out", "x", "--batch-size", "0"],  # looped forever
-                                  ["eval", "--task", "capitalize", "--policy", "gap", "--out", "x", "--n-test", "-1"],
-                                  ["eval", "--task", "capitalize", "--policy", "gap", "--out", "x", "--stride", "0"],
-                                  ["collect", "--task", "capitalize", "--out", "x", "--shots", "-2"],
-                                  ["reproduce", "--out-dir", "x", "--n-queries", "0"],
-                                  ["bench", "--repeats", "0"],
-                                  ["bench", "--batch-sizes", "8,0"],
-                                  ["reproduce", "--out-dir", "x", "--shots", "0,-5"],
-                                  ["reproduce", "--out-dir", "x", "--shots", ","]])  # fmt: skip
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["reproduce", "--out-dir", "x", "--max-batch-tokens", "-5"],
+        ["collect", "--task", "capitalize", "--out", "x", "--max-batch-tokens", "many"],
+        ["bench", "--min-paired", "0"],
+        ["collect", "--task", "capitalize", "--out", "x", "--batch-size", "0"],  # looped forever
+        ["eval", "--task", "capitalize", "--policy", "gap", "--out", "x", "--n-test", "-1"],
+        ["eval", "--task", "capitalize", "--policy", "gap", "--out", "x", "--stride", "0"],
+        ["collect", "--task", "capitalize", "--out", "x", "--shots", "-2"],
+        ["reproduce", "--out-dir", "x", "--n-queries", "0"],
+        ["bench", "--repeats", "0"],
+        ["bench", "--batch-sizes", "8,0"],
+        ["reproduce", "--out-dir", "x", "--shots", "0,-5"],
+        ["reproduce", "--out-dir", "x", "--shots", ","],
+    ],
+)
 def test_counts_out_of_range_are_refused_with_the_bound(args, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(args)
@@ -48,42 +53,131 @@ def test_collect_fit_eval(model_dir, tmp_path, capsys):
     common = ["--model", model_dir, "--task", "capitalize", "--shots", "2", "--n-test", "6"]
     assert main(["collect", *common, "--n-train", "4", "--out", str(data)]) == 0
     assert list(data.glob("part-*.parquet"))
-    assert main(["fit", "--data", str(data), "--policy", "gap", "--param", "threshold=0.5", "--check-cost", "0.5", "--out", str(policy)]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--data",
+                str(data),
+                "--policy",
+                "gap",
+                "--param",
+                "threshold=0.5",
+                "--check-cost",
+                "0.5",
+                "--out",
+                str(policy),
+            ]
+        )
+        == 0
+    )
     assert "checks at layers" in capsys.readouterr().out
     from adainfer.persist import load_policy
 
-    fitted = load_policy(policy)  # a threshold given by hand is kept; the schedule is planned around it
+    fitted = load_policy(
+        policy
+    )  # a threshold given by hand is kept; the schedule is planned around it
     assert fitted.threshold == 0.5 and set(fitted.check_plans_) == {1}
-    assert main(["eval", *common, "--policy", str(policy), "--policy", "oracle", "--out", str(summary)]) == 0
+    assert (
+        main(
+            ["eval", *common, "--policy", str(policy), "--policy", "oracle", "--out", str(summary)]
+        )
+        == 0
+    )
     s = json.loads(summary.read_text())
     assert set(s["policies"]) == {"full", str(policy), "oracle"}
     for fig in s["policies"].values():
-        assert {"accuracy", "mean_exit_layer", "num_layers", "flops_ratio", "true_flops_ratio", "wall_time_s"} <= set(fig)
+        assert {
+            "accuracy",
+            "mean_exit_layer",
+            "num_layers",
+            "flops_ratio",
+            "true_flops_ratio",
+            "wall_time_s",
+        } <= set(fig)
     assert s["num_queries"] == 6 and s["policies"]["full"]["flops_ratio"] == 1.0
     assert s["policies"]["oracle"]["accuracy"] >= s["policies"]["full"]["accuracy"]
-    assert all(sum(fig["exit_layer_histogram"]) == 6 and set(fig["per_task"]) == {"capitalize"} for fig in s["policies"].values())
+    assert all(
+        sum(fig["exit_layer_histogram"]) == 6 and set(fig["per_task"]) == {"capitalize"}
+        for fig in s["policies"].values()
+    )
     assert "| full |" in capsys.readouterr().out
     # the held-out queries can be recorded too, for offline judging; never the training ones
     held = tmp_path / "held"
     assert main(["collect", *common, "--n-train", "4", "--held-out", "--out", str(held)]) == 0
     from adainfer.collect import load_collected
 
-    held_ids, train_ids = (set(load_collected(d)[0].column("query_id").to_pylist()) for d in (held, data))
+    held_ids, train_ids = (
+        set(load_collected(d)[0].column("query_id").to_pylist()) for d in (held, data)
+    )
     assert len(held_ids) == 6 and len(train_ids) == 4 and not held_ids & train_ids
 
 
 def test_bad_inputs_give_one_clear_line(model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "a", "output": "b"}\nnot json\n')
-    assert main(["collect", "--model", model_dir, "--task", str(bad), "--out", str(tmp_path / "d")]) == 2
+    assert (
+        main(["collect", "--model", model_dir, "--task", str(bad), "--out", str(tmp_path / "d")])
+        == 2
+    )
     assert "line 2" in capsys.readouterr().err
-    assert main(["eval", "--model", "no-such-model", "--task", "capitalize", "--policy", "gap", "--out", str(tmp_path / "e.json")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "no-such-model",
+                "--task",
+                "capitalize",
+                "--policy",
+                "gap",
+                "--out",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 2
+    )
     assert "smollm2-135m" in capsys.readouterr().err
-    assert main(["eval", "--model", model_dir, "--task", "capitalize", "--policy", "forest", "--out", str(tmp_path / "e.json")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                model_dir,
+                "--task",
+                "capitalize",
+                "--policy",
+                "forest",
+                "--out",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 2
+    )
     assert "svm" in capsys.readouterr().err
-    assert main(["eval", "--model", model_dir, "--task", "capitalize", "--policy", "svm", "--out", str(tmp_path / "e.json")]) == 2
-    assert "adainfer fit" in capsys.readouterr().err  # an untrained classifier is refused, not a traceback
-    assert main(["fit", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "p.safetensors")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                model_dir,
+                "--task",
+                "capitalize",
+                "--policy",
+                "svm",
+                "--out",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 2
+    )
+    assert (
+        "adainfer fit" in capsys.readouterr().err
+    )  # an untrained classifier is refused, not a traceback
+    assert (
+        main(["fit", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "p.safetensors")])
+        == 2
+    )
     assert "adainfer collect" in capsys.readouterr().err
 
 
@@ -95,8 +189,11 @@ def test_device_map_auto_passes_through_to_accelerate(model_dir, tmp_path, monke
     from adainfer.policies import NeverExit
 
     seen, real = [], transformers.AutoModelForCausalLM.from_pretrained
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
-                        lambda *a, **k: seen.append(k.get("device_map")) or real(*a, **k))  # fmt: skip
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM,
+        "from_pretrained",
+        lambda *a, **k: seen.append(k.get("device_map")) or real(*a, **k),
+    )
     model, tok = load(model_dir, device_map="auto")
     assert seen == ["auto"]  # handed to accelerate (which keeps a CPU-only model on the CPU)
     engine = AdaptiveEngine(model, tok)
@@ -104,8 +201,26 @@ def test_device_map_auto_passes_through_to_accelerate(model_dir, tmp_path, monke
     result = engine.run(prompts, NeverExit(), check_layers=[1, 2, 3, 4])
     assert (result.top1 == plain_last_logits(engine, prompts).argmax(-1).numpy()).all()
     out = tmp_path / "e.json"
-    assert main(["eval", "--model", model_dir, "--device-map", "auto", "--task", "capitalize", "--n-test", "4",
-                 "--policy", "oracle", "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                model_dir,
+                "--device-map",
+                "auto",
+                "--task",
+                "capitalize",
+                "--n-test",
+                "4",
+                "--policy",
+                "oracle",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert seen == ["auto", "auto"]
 
 
@@ -115,10 +230,43 @@ def test_fit_learns_final_targets_and_a_threshold(model_dir, tmp_path, capsys):
     from adainfer.persist import load_policy
 
     data, out = tmp_path / "data", tmp_path / "p.safetensors"
-    assert main(["collect", "--model", model_dir, "--task", "capitalize", "--shots", "2", "--n-train", "8", "--out", str(data)]) == 0
+    assert (
+        main(
+            [
+                "collect",
+                "--model",
+                model_dir,
+                "--task",
+                "capitalize",
+                "--shots",
+                "2",
+                "--n-train",
+                "8",
+                "--out",
+                str(data),
+            ]
+        )
+        == 0
+    )
     # the tiny model's top-1 changes over depth, so "already final" labels have both classes
-    assert main(["fit", "--data", str(data), "--policy", "logistic", "--target", "final", "--check-cost", "1:0.5,8:0.1",
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "fit",
+                "--data",
+                str(data),
+                "--policy",
+                "logistic",
+                "--target",
+                "final",
+                "--check-cost",
+                "1:0.5,8:0.1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     said = capsys.readouterr().out
     policy = load_policy(out)
     assert policy.target_ == "final" and set(policy.check_plans_) == {1, 8}
@@ -126,12 +274,29 @@ def test_fit_learns_final_targets_and_a_threshold(model_dir, tmp_path, capsys):
     from adainfer.pipeline import fit_policy
     from adainfer.policies import LogisticExit
 
-    same = fit_policy(data, LogisticExit(), check_cost={1: 0.5, 8: 0.1}, target="final")  # the CLI is the library, no more
+    same = fit_policy(
+        data, LogisticExit(), check_cost={1: 0.5, 8: 0.1}, target="final"
+    )  # the CLI is the library, no more
     assert same.threshold == policy.threshold and same.check_plans_ == policy.check_plans_
 
     # the bench's default policy, with its own features (it needs depth to tell layers apart)
     out = tmp_path / "layer.safetensors"
-    assert main(["fit", "--data", str(data), "--policy", "layer-logistic", "--target", "final", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--data",
+                str(data),
+                "--policy",
+                "layer-logistic",
+                "--target",
+                "final",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "layer_frac" in load_policy(out).features
 
 
@@ -145,16 +310,41 @@ def test_demo_runs_end_to_end_on_a_tiny_model(saved_tiny, tmp_path, monkeypatch)
     engine = AdaptiveEngine(*models.load(path))
     real = demo.task_queries
 
-    def answered_by_the_model(tok, *a, **k):  # a random model is never right: its own answer is the gold
-        return [[replace(q, gold=int(g)) for q, g in zip(s, plain_last_logits(engine, [q.prompt for q in s]).argmax(-1))]
-                for s in real(tok, *a, **k)]  # fmt: skip
+    def answered_by_the_model(
+        tok, *a, **k
+    ):  # a random model is never right: its own answer is the gold
+        return [
+            [
+                replace(q, gold=int(g))
+                for q, g in zip(s, plain_last_logits(engine, [q.prompt for q in s]).argmax(-1))
+            ]
+            for s in real(tok, *a, **k)
+        ]
 
     monkeypatch.setattr(demo, "task_queries", answered_by_the_model)
-    s = demo.run_demo(path, tmp_path, tasks=("capitalize", "first_item"), shots=1, n_train=6, n_test=4, batch_size=4, progress=False)
+    s = demo.run_demo(
+        path,
+        tmp_path,
+        tasks=("capitalize", "first_item"),
+        shots=1,
+        n_train=6,
+        n_test=4,
+        batch_size=4,
+        progress=False,
+    )
     names = {"full", "gap", "crf", "svm", "logistic", "svm+layer", "svm+layer, planned", "oracle"}
     assert set(s["policies"]) == names
-    assert s["policies"]["full"]["accuracy"] == 1.0 and s["layer_accuracy"][-1] == 1.0 and len(s["layer_accuracy"]) == 4
-    assert s["policies"]["oracle"]["mean_exit_layer"] <= s["policies"]["full"]["mean_exit_layer"] == 4
-    assert all(line.split(" | ")[0].strip("| ") in names for line in (tmp_path / "table.md").read_text().splitlines()[2:])
+    assert (
+        s["policies"]["full"]["accuracy"] == 1.0
+        and s["layer_accuracy"][-1] == 1.0
+        and len(s["layer_accuracy"]) == 4
+    )
+    assert (
+        s["policies"]["oracle"]["mean_exit_layer"] <= s["policies"]["full"]["mean_exit_layer"] == 4
+    )
+    assert all(
+        line.split(" | ")[0].strip("| ") in names
+        for line in (tmp_path / "table.md").read_text().splitlines()[2:]
+    )
     assert len(list((tmp_path / "policies").glob("*.safetensors"))) == 6
     assert (tmp_path / "accuracy_vs_layers.png").stat().st_size > 10_000

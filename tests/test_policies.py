@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from conftest import tiny_model
 
 from adainfer import load_policy, save_policy
 from adainfer.persist import IncompatiblePolicy, model_signature
@@ -15,6 +14,7 @@ from adainfer.policies import (
     SVMExit,
     make_policy,
 )
+from conftest import tiny_model
 
 
 def layered_data(n_examples=60, L=8, seed=0):
@@ -38,7 +38,9 @@ def test_svm_decision_matches_sklearn_svc():
     ours = SVMExit().fit(X, y)
     scaler = StandardScaler().fit(X)
     ref = SVC().fit(scaler.transform(X), y)
-    np.testing.assert_allclose(ours.decision_function(X), ref.decision_function(scaler.transform(X)), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(
+        ours.decision_function(X), ref.decision_function(scaler.transform(X)), rtol=1e-6, atol=1e-8
+    )
     assert (ours.predict(X) == ref.predict(scaler.transform(X))).all()
     assert ours.score(X, y) > 0.85
 
@@ -64,9 +66,13 @@ def test_layer_logistic_learns_each_layer_its_own_rule(tmp_path):
     per_layer = LayerLogisticExit(features=("gap", "layer_frac")).fit(X, y)
     assert per_layer.score(X, y) > 0.95
     early = per_layer.predict_proba(np.array([[0.99, 0.25], [0.99, 0.26]]))[:, 1]
-    assert (early < 0.01).all()  # all-negative layer: its (clipped) base rate; 0.26 maps to the nearest layer
+    assert (
+        early < 0.01
+    ).all()  # all-negative layer: its (clipped) base rate; 0.26 maps to the nearest layer
     model, _ = tiny_model("llama")
-    loaded = load_policy(save_policy(per_layer, tmp_path / "p.safetensors", model=model), model=model)
+    loaded = load_policy(
+        save_policy(per_layer, tmp_path / "p.safetensors", model=model), model=model
+    )
     np.testing.assert_allclose(loaded.predict_proba(X), per_layer.predict_proba(X))
     with pytest.raises(ValueError, match="layer_frac"):
         LayerLogisticExit(features=("gap",)).fit(X[:, :1], y)
@@ -94,7 +100,9 @@ def test_gap_threshold_and_reference_policies():
     with pytest.raises(ValueError, match="gold"):
         from adainfer.engine import Step
 
-        OracleExit().decide(Step(1, 4, (), np.zeros((1, 0)), np.zeros((1, 1, 0)), np.array([3]), np.array([0])))
+        OracleExit().decide(
+            Step(1, 4, (), np.zeros((1, 0)), np.zeros((1, 1, 0)), np.array([3]), np.array([0]))
+        )
 
 
 def test_single_class_labels_are_a_clear_error():
@@ -134,7 +142,9 @@ def test_loaded_policy_refuses_another_model(tmp_path):
     with pytest.raises(IncompatiblePolicy, match="num_layers"):
         load_policy(path, model=other)
     assert load_policy(path).model_meta_["num_layers"] == 4  # loads fine without a model to check
-    assert load_policy(path, model=other, allow_other_model=True).model_meta_["num_layers"] == 4  # as the error says
+    assert (
+        load_policy(path, model=other, allow_other_model=True).model_meta_["num_layers"] == 4
+    )  # as the error says
     from adainfer.persist import check_compatible
 
     check_compatible(load_policy(path), other, allow_other_model=True)  # deliberate transfer

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from test_engine import ExitAt
 
 from adainfer import AdaptiveEngine, load_policy, save_policy
 from adainfer.collect import collect
@@ -12,6 +11,7 @@ from adainfer.evaluate import evaluate
 from adainfer.pipeline import fit_policy
 from adainfer.policies import GapThreshold, NeverExit, OracleExit, SVMExit
 from adainfer.tasks import task_queries
+from test_engine import ExitAt
 
 pytestmark = pytest.mark.real
 
@@ -22,19 +22,25 @@ def engine():
 
     try:
         return AdaptiveEngine(*load("smollm2-135m"))
-    except ModelNotAvailable as e:  # the bundled weights' package is not installed (`make test` installs it)
+    except (
+        ModelNotAvailable
+    ) as e:  # the bundled weights' package is not installed (`make test` installs it)
         pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
 def queries(engine):
-    return task_queries(engine.tokenizer, ["capitalize", "last_item"], shots=3, n_train=8, n_test=4, seed=0)
+    return task_queries(
+        engine.tokenizer, ["capitalize", "last_item"], shots=3, n_train=8, n_test=4, seed=0
+    )
 
 
 def test_never_exit_equals_plain_model(engine, queries):
     prompts = [q.prompt for q in queries[1]] + ["Hi"]
     result = engine.run(prompts, NeverExit())
-    torch.testing.assert_close(result.logits, plain_last_logits(engine, prompts), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        result.logits, plain_last_logits(engine, prompts), rtol=1e-4, atol=1e-4
+    )
     assert result.top1.tolist() == plain_last_logits(engine, prompts).argmax(-1).tolist()
 
 

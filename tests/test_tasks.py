@@ -3,7 +3,6 @@
 import json
 
 import pytest
-from conftest import SHARED_DATA, char_tokenizer
 
 from adainfer.tasks import (
     RULE_TASKS,
@@ -17,6 +16,7 @@ from adainfer.tasks import (
     split,
     task_queries,
 )
+from conftest import SHARED_DATA, char_tokenizer
 
 
 def test_rule_tasks_are_generated_and_correct():
@@ -53,7 +53,9 @@ def test_a_query_never_appears_among_its_own_demonstrations():
 
 def test_train_and_test_queries_do_not_overlap():
     tok = char_tokenizer()
-    train, test = task_queries(tok, ["capitalize", "last_item"], shots=3, n_train=20, n_test=10, seed=0)
+    train, test = task_queries(
+        tok, ["capitalize", "last_item"], shots=3, n_train=20, n_test=10, seed=0
+    )
     assert len(train) == 40 and len(test) == 20
     test_inputs = {q.prompt.rsplit("Q: ", 1)[1] for q in test}
     for q in train:  # no test query is a training query or any training demonstration
@@ -61,15 +63,21 @@ def test_train_and_test_queries_do_not_overlap():
     assert len({q.id for q in train + test}) == 60
 
 
-@pytest.mark.parametrize("name", ["capitalize", "sst2"])  # split from the task, and the task's own pool
+@pytest.mark.parametrize(
+    "name", ["capitalize", "sst2"]
+)  # split from the task, and the task's own pool
 def test_held_out_indices_name_the_test_queries(name):
     if name == "sst2" and not SHARED_DATA.exists():
         pytest.skip("shared data folder not present")
     task = load_task(name, SHARED_DATA)
-    _, test = task_queries(char_tokenizer(), [name], shots=2, n_train=0, n_test=12, seed=5, data_dir=SHARED_DATA)
+    _, test = task_queries(
+        char_tokenizer(), [name], shots=2, n_train=0, n_test=12, seed=5, data_dir=SHARED_DATA
+    )
     idx = held_out_indices(task, 12, seed=5)
     assert len(set(idx)) == 12
-    assert [q.prompt.rsplit("Q: ", 1)[1] for q in test] == [f"{task.examples[i].input}\nA:" for i in idx]
+    assert [q.prompt.rsplit("Q: ", 1)[1] for q in test] == [
+        f"{task.examples[i].input}\nA:" for i in idx
+    ]
     assert held_out_indices(task, 12, seed=6) != idx
 
 
@@ -91,8 +99,16 @@ def test_task_files_json_and_jsonl(tmp_path):
     "name, content, message",
     [
         ("bad.jsonl", '{"input": "x", "output": "y"}\n{"input": "x"\n', "line 2: not valid JSON"),
-        ("bad.jsonl", '{"input": "x", "output": "y"}\n{"inp": "x", "output": "y"}\n', "line 2: each item needs"),
-        ("bad.json", '[{"input": "x", "output": "y"}, {"input": "", "output": "y"}]', "item 1: .* non-empty"),
+        (
+            "bad.jsonl",
+            '{"input": "x", "output": "y"}\n{"inp": "x", "output": "y"}\n',
+            "line 2: each item needs",
+        ),
+        (
+            "bad.json",
+            '[{"input": "x", "output": "y"}, {"input": "", "output": "y"}]',
+            "item 1: .* non-empty",
+        ),
         ("bad.json", '{"input": "x"}', "expected a JSON list"),
         ("bad.json", "[1, 2", "not valid JSON"),
         ("bad.json", "[]", "no examples"),
@@ -107,8 +123,12 @@ def test_malformed_task_files_name_the_item_at_fault(tmp_path, name, content, me
 
 def test_task_file_in_another_encoding_names_its_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes('{"input": "x", "output": "y"}\n{"input": "café", "output": "y"}\n'.encode("latin-1"))
-    with pytest.raises(TaskError, match=r"latin1.jsonl, line 2: not UTF-8 .*save the file as UTF-8"):
+    path.write_bytes(
+        '{"input": "x", "output": "y"}\n{"input": "café", "output": "y"}\n'.encode("latin-1")
+    )
+    with pytest.raises(
+        TaskError, match=r"latin1.jsonl, line 2: not UTF-8 .*save the file as UTF-8"
+    ):
         load_task(str(path))
 
 

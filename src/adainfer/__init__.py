@@ -14,4 +14,13 @@ def load(*args, **kwargs):
     return _load(*args, **kwargs)
 
 
-__all__ = ["AdaptiveEngine", "ExitResult", "Step", "POLICIES", "make_policy", "load", "load_policy", "save_policy"]
+__all__ = [
+    "AdaptiveEngine",
+    "ExitResult",
+    "Step",
+    "POLICIES",
+    "make_policy",
+    "load",
+    "load_policy",
+    "save_policy",
+]

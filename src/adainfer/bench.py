@@ -154,8 +154,17 @@ def _time_variants(engine, batches, policy, repeats: int, shortlist=None):
 MIN_PAIRED = 9  # paired (batch, repeat) ratios per cell at least
 
 
-def bench_cell(engine, queries, policy, *, batch_size: int, repeats: int, device, shortlist=None,
-               min_paired: int = MIN_PAIRED) -> dict:  # fmt: skip
+def bench_cell(
+    engine,
+    queries,
+    policy,
+    *,
+    batch_size: int,
+    repeats: int,
+    device,
+    shortlist=None,
+    min_paired: int = MIN_PAIRED,
+) -> dict:
     """One model, dtype, task and batch size. `shortlist`: (engine with shortlist checks, the
     policy planned for it), timed as one more variant.
 
@@ -166,14 +175,18 @@ def bench_cell(engine, queries, policy, *, batch_size: int, repeats: int, device
     for i in range(0, len(queries), batch_size):
         qs = queries[i : i + batch_size]
         prompts = [q.prompt for q in qs]
-        batches.append({"prompts": prompts, "gold": [q.gold for q in qs], "enc": engine.encode(prompts)})
+        batches.append(
+            {"prompts": prompts, "gold": [q.gold for q in qs], "enc": engine.encode(prompts)}
+        )
     repeats = max(repeats, -(-min_paired // len(batches)))
     seconds, results = _time_variants(engine, batches, policy, repeats, shortlist)
     gold = np.array([q.gold for q in queries])
     row = {"batch_size": batch_size, "n": len(queries), "repeats": repeats}
     for v in (v for v in results if v != "hooks"):  # hooks: timed for its overhead only
         r = ExitResult.concat(results[v])
-        f = result_ratios(r, engine.parts, {"policy": policy, "shortlist": shortlist and shortlist[1]}.get(v))
+        f = result_ratios(
+            r, engine.parts, {"policy": policy, "shortlist": shortlist and shortlist[1]}.get(v)
+        )
         row[v] = {
             "accuracy": float((r.top1 == gold).mean()),
             "mean_exit_layer": float(r.exit_layer.mean()),
@@ -190,7 +203,9 @@ def bench_cell(engine, queries, policy, *, batch_size: int, repeats: int, device
             paired = (t / seconds["plain"]).ravel()
             row[f"{v}/plain"] = float(np.median(paired))
             row[f"{v}/plain_iqr"] = [float(q) for q in np.percentile(paired, [25, 75])]
-            row[f"{v}/plain_paired"] = [round(float(q), 4) for q in paired]  # kept, so runs can be pooled
+            row[f"{v}/plain_paired"] = [
+                round(float(q), 4) for q in paired
+            ]  # kept, so runs can be pooled
     row["paired_samples"] = int(seconds["plain"].size)
     row["prompts_per_s_plain"] = len(queries) / row["time_plain_s"]
     row["prompts_per_s_policy"] = len(queries) / row["time_policy_s"]
@@ -199,7 +214,9 @@ def bench_cell(engine, queries, policy, *, batch_size: int, repeats: int, device
         "plain": lambda: plain_forward(engine.model, first["enc"]),
         "policy": lambda: engine.run(first["prompts"], policy),
     }
-    row["resident_mb"] = resident_memory(device) / 2**20  # the model and everything else already held
+    row["resident_mb"] = (
+        resident_memory(device) / 2**20
+    )  # the model and everything else already held
     row["peak_mem_plain_mb"] = peak_memory(mem["plain"], device) / 2**20
     row["peak_mem_policy_mb"] = peak_memory(mem["policy"], device) / 2**20
     return row
@@ -236,14 +253,30 @@ def run_bench(
     out = Path(out_dir)
     min_paired = MIN_PAIRED if min_paired is None else min_paired
     # the test a plan must pass, recorded per row: a new test re-plans, and re-times what changed
-    plan_test = dict(min_agreement=MIN_AGREEMENT if min_agreement is None else min_agreement,
-                     confidence=CONFIDENCE if confidence is None else confidence)
+    plan_test = dict(
+        min_agreement=MIN_AGREEMENT if min_agreement is None else min_agreement,
+        confidence=CONFIDENCE if confidence is None else confidence,
+    )
     # what a cell's timing depends on
-    settings = dict(shots=shots, n_queries=n_queries, n_train=n_train, repeats=repeats, seed=seed, policy=policy_path, shortlist=shortlist,
-                    device=str(device))
-    rows = {_key(r): r for r in _finished_rows(out / "bench.json", settings)}  # a killed run resumes at its next cell
-    sampled = {k for k, r in rows.items() if r["paired_samples"] >= min_paired}  # else: timed again, with more samples
-    done = {k for k in sampled if all(rows[k][field] == value for field, value in plan_test.items())}
+    settings = dict(
+        shots=shots,
+        n_queries=n_queries,
+        n_train=n_train,
+        repeats=repeats,
+        seed=seed,
+        policy=policy_path,
+        shortlist=shortlist,
+        device=str(device),
+    )
+    rows = {
+        _key(r): r for r in _finished_rows(out / "bench.json", settings)
+    }  # a killed run resumes at its next cell
+    sampled = {
+        k for k, r in rows.items() if r["paired_samples"] >= min_paired
+    }  # else: timed again, with more samples
+    done = {
+        k for k in sampled if all(rows[k][field] == value for field, value in plan_test.items())
+    }
 
     def save():  # after every cell, so a killed grid loses at most the cell it was timing
         result = {"rows": list(rows.values()), "settings": settings, "machine": machine()}
@@ -256,9 +289,13 @@ def run_bench(
                 continue
             lm, tok = load(model_name, dtype=dtype, device=device)
             engine = AdaptiveEngine(lm, tok)
-            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name).strip("_")  # an alias, a hub id or a path
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name).strip(
+                "_"
+            )  # an alias, a hub id or a path
             cal_dir = out / "calibration" / f"{name}-{dtype}"
-            train, test = _calibration_and_timed(tok, tasks, shots, n_train, n_queries, seed, data_dir)
+            train, test = _calibration_and_timed(
+                tok, tasks, shots, n_train, n_queries, seed, data_dir
+            )
             collect(engine, train, cal_dir, batch_size=8, progress=progress)
             short_engine = AdaptiveEngine(lm, tok, shortlist=shortlist) if shortlist else None
             for task in tasks:
@@ -273,41 +310,94 @@ def run_bench(
                     cost[bs] = measure_check_cost(engine, prompts)
                     # cheaper checks, measured the same way: the LM head in bf16 (half the bytes
                     # read), and a head over each row's `shortlist` candidates (k rows instead of V)
-                    cheap[bs] = measure_check_cost(AdaptiveEngine(lm, tok, check_dtype=torch.bfloat16), prompts) if lm.dtype != torch.bfloat16 else cost[bs]
-                    short[bs] = measure_check_cost(engine, prompts, shortlist=shortlist) if shortlist else None
+                    cheap[bs] = (
+                        measure_check_cost(
+                            AdaptiveEngine(lm, tok, check_dtype=torch.bfloat16), prompts
+                        )
+                        if lm.dtype != torch.bfloat16
+                        else cost[bs]
+                    )
+                    short[bs] = (
+                        measure_check_cost(engine, prompts, shortlist=shortlist)
+                        if shortlist
+                        else None
+                    )
                 # calibrated on this task's queries, as a user calibrates on the task they serve
                 policy, traces, tune = _calibrated(cal_dir, task, policy_path, lm)
                 # shared by both kinds of check; a given policy never saw these traces, so it is
                 # replayed as it is (folds=1), not refitted fold by fold
-                replays = replay_schedules(policy, traces, thresholds=tune, folds=1 if policy_path else 5)
-                if shortlist:  # the same fitted classifier, planned for the shortlist engine's costs
-                    short_plans = plan_checks_by_batch(policy, traces, cost, shortlist_costs=short, replays=replays, **plan_test)
+                replays = replay_schedules(
+                    policy, traces, thresholds=tune, folds=1 if policy_path else 5
+                )
+                if (
+                    shortlist
+                ):  # the same fitted classifier, planned for the shortlist engine's costs
+                    short_plans = plan_checks_by_batch(
+                        policy, traces, cost, shortlist_costs=short, replays=replays, **plan_test
+                    )
                     short_policy = apply_plans(copy.deepcopy(policy), short_plans)
-                    save_policy(short_policy, out / "policies" / f"{name}-{dtype}-{task}-shortlist{shortlist}.safetensors", model=lm, shortlist=shortlist)
+                    save_policy(
+                        short_policy,
+                        out
+                        / "policies"
+                        / f"{name}-{dtype}-{task}-shortlist{shortlist}.safetensors",
+                        model=lm,
+                        shortlist=shortlist,
+                    )
                 plans = plan_checks_by_batch(policy, traces, cost, replays=replays, **plan_test)
-                save_policy(apply_plans(policy, plans), out / "policies" / f"{name}-{dtype}-{task}.safetensors", model=lm)
-                for bs in tqdm(batch_sizes, desc=f"{model_name} {dtype} {task}", disable=not progress):
+                save_policy(
+                    apply_plans(policy, plans),
+                    out / "policies" / f"{name}-{dtype}-{task}.safetensors",
+                    model=lm,
+                )
+                for bs in tqdm(
+                    batch_sizes, desc=f"{model_name} {dtype} {task}", disable=not progress
+                ):
                     key = (model_name, dtype, task, bs)
                     if key in done:
                         continue
-                    if key in sampled and _same_plan(rows[key], plans[bs], short_plans[bs] if shortlist else None):
+                    if key in sampled and _same_plan(
+                        rows[key], plans[bs], short_plans[bs] if shortlist else None
+                    ):
                         # timed under another test that chose this very plan: the same run
                         for field, value in plan_test.items():
                             rows[key].setdefault(f"timed_with_{field}", rows[key][field])
                             rows[key][field] = value
                         save()
                         continue
-                    row = bench_cell(engine, queries, policy, batch_size=bs, repeats=repeats, device=device, min_paired=min_paired,
-                                     shortlist=(short_engine, short_policy) if shortlist else None)  # fmt: skip
+                    row = bench_cell(
+                        engine,
+                        queries,
+                        policy,
+                        batch_size=bs,
+                        repeats=repeats,
+                        device=device,
+                        min_paired=min_paired,
+                        shortlist=(short_engine, short_policy) if shortlist else None,
+                    )
                     if key in rows:
                         row["earlier_timings"] = _earlier_timings(rows[key])
-                    row.update(model=model_name, dtype=dtype, task=task, shots=shots, check_cost_layers=cost[bs],
-                               check_cost_bf16_head_layers=cheap[bs], check_layers=list(plans[bs].check_layers),
-                               planned_cost_layers=plans[bs].expected_cost, plan_held_out=plans[bs].held_out,
-                               threshold=plans[bs].threshold, machine=machine(), **plan_test)  # a resumed grid may span machines
+                    row.update(
+                        model=model_name,
+                        dtype=dtype,
+                        task=task,
+                        shots=shots,
+                        check_cost_layers=cost[bs],
+                        check_cost_bf16_head_layers=cheap[bs],
+                        check_layers=list(plans[bs].check_layers),
+                        planned_cost_layers=plans[bs].expected_cost,
+                        plan_held_out=plans[bs].held_out,
+                        threshold=plans[bs].threshold,
+                        machine=machine(),
+                        **plan_test,
+                    )  # a resumed grid may span machines
                     if shortlist:
-                        row.update(shortlist_size=shortlist, check_cost_shortlist_layers=short[bs],
-                                   shortlist_check_layers=list(short_plans[bs].check_layers), shortlist_threshold=short_plans[bs].threshold)
+                        row.update(
+                            shortlist_size=shortlist,
+                            check_cost_shortlist_layers=short[bs],
+                            shortlist_check_layers=list(short_plans[bs].check_layers),
+                            shortlist_threshold=short_plans[bs].threshold,
+                        )
                     rows[key] = row
                     save()
             del engine, short_engine, lm  # every reference, or the next model loads beside this one
@@ -326,13 +416,19 @@ def write_report(out_dir) -> Path:
 
     path = Path(out_dir) / "bench.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; run `adainfer bench --out-dir {out_dir}` first")
+        raise FileNotFoundError(
+            f"{path} does not exist; run `adainfer bench --out-dir {out_dir}` first"
+        )
     rows = json.loads(path.read_text())["rows"]
     md = Path(out_dir) / "bench.md"
     retimed = bench_retimed(rows)
     text = bench_table(rows) + "\n\nTargets (speed issue):\n\n" + bench_targets(rows) + "\n"
     if retimed:
-        text += "\nCells timed more than once (the table and the targets show the last run):\n\n" + retimed + "\n"
+        text += (
+            "\nCells timed more than once (the table and the targets show the last run):\n\n"
+            + retimed
+            + "\n"
+        )
     write_text_atomic(md, text)
     return md
 
@@ -346,7 +442,15 @@ def _calibration_and_timed(tokenizer, tasks, shots, n_train, n_queries, seed, da
     accuracy on the other 100 (bench/plan_quality.py)."""
     calibration, timed = [], []
     for task in tasks:
-        _, held_out = task_queries(tokenizer, [task], shots=shots, n_train=0, n_test=n_queries + n_train, seed=seed, data_dir=data_dir)
+        _, held_out = task_queries(
+            tokenizer,
+            [task],
+            shots=shots,
+            n_train=0,
+            n_test=n_queries + n_train,
+            seed=seed,
+            data_dir=data_dir,
+        )
         timed += held_out[:n_queries]
         calibration += held_out[n_queries:]
     return calibration, timed
@@ -374,12 +478,20 @@ def _finished_rows(path: Path, settings: dict) -> list[dict]:
         return []
     try:
         previous = json.loads(path.read_text())
-    except json.JSONDecodeError as e:  # never overwrite a grid that cannot be read: it may be hours of timing
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); repair it or move it away to start over") from None
-    previous.setdefault("settings", {}).setdefault("device", "cpu")  # grids from before the device was recorded
+    except (
+        json.JSONDecodeError
+    ) as e:  # never overwrite a grid that cannot be read: it may be hours of timing
+        raise ValueError(
+            f"{path} is not valid JSON ({e.msg} at line {e.lineno}); repair it or move it away to start over"
+        ) from None
+    previous.setdefault("settings", {}).setdefault(
+        "device", "cpu"
+    )  # grids from before the device was recorded
     if previous["settings"] != settings:
-        raise ValueError(f"{path} holds a grid run with other settings ({previous.get('settings')}; now {settings}): "
-                         "give another --out-dir, or move that file away to start over")
+        raise ValueError(
+            f"{path} holds a grid run with other settings ({previous.get('settings')}; now {settings}): "
+            "give another --out-dir, or move that file away to start over"
+        )
     for r in previous["rows"]:
         r.setdefault("min_agreement", 0.99)  # rows from before it was recorded were planned at 0.99
         r.setdefault("confidence", 0.0)  # ... and by the agreement test alone
@@ -402,11 +514,18 @@ def _same_plan(row, plan, short_plan) -> bool:
         return list(layers) == list(p.check_layers) and (not layers or threshold == p.threshold)
 
     return same(row["check_layers"], row["threshold"], plan) and (
-        short_plan is None or same(row["shortlist_check_layers"], row["shortlist_threshold"], short_plan))
+        short_plan is None
+        or same(row["shortlist_check_layers"], row["shortlist_threshold"], short_plan)
+    )
 
 
 def machine() -> dict:
     import platform
 
-    return {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "torch": torch.__version__}
+    return {
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+    }

@@ -64,27 +64,69 @@ HUB = {  # name -> (hub id, config) for users without a local copy
 # counts anatomy under "other" (health); we follow the harness, whose numbers get reported.
 MMLU_GROUPS: dict[str, tuple[str, ...]] = {
     "STEM": (
-        "abstract_algebra", "anatomy", "astronomy", "college_biology", "college_chemistry",
-        "college_computer_science", "college_mathematics", "college_physics", "computer_security",
-        "conceptual_physics", "electrical_engineering", "elementary_mathematics", "high_school_biology",
-        "high_school_chemistry", "high_school_computer_science", "high_school_mathematics",
-        "high_school_physics", "high_school_statistics", "machine_learning",
+        "abstract_algebra",
+        "anatomy",
+        "astronomy",
+        "college_biology",
+        "college_chemistry",
+        "college_computer_science",
+        "college_mathematics",
+        "college_physics",
+        "computer_security",
+        "conceptual_physics",
+        "electrical_engineering",
+        "elementary_mathematics",
+        "high_school_biology",
+        "high_school_chemistry",
+        "high_school_computer_science",
+        "high_school_mathematics",
+        "high_school_physics",
+        "high_school_statistics",
+        "machine_learning",
     ),
     "humanities": (
-        "formal_logic", "high_school_european_history", "high_school_us_history", "high_school_world_history",
-        "international_law", "jurisprudence", "logical_fallacies", "moral_disputes", "moral_scenarios",
-        "philosophy", "prehistory", "professional_law", "world_religions",
+        "formal_logic",
+        "high_school_european_history",
+        "high_school_us_history",
+        "high_school_world_history",
+        "international_law",
+        "jurisprudence",
+        "logical_fallacies",
+        "moral_disputes",
+        "moral_scenarios",
+        "philosophy",
+        "prehistory",
+        "professional_law",
+        "world_religions",
     ),
     "social_sciences": (
-        "econometrics", "high_school_geography", "high_school_government_and_politics",
-        "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology",
-        "human_sexuality", "professional_psychology", "public_relations", "security_studies", "sociology",
+        "econometrics",
+        "high_school_geography",
+        "high_school_government_and_politics",
+        "high_school_macroeconomics",
+        "high_school_microeconomics",
+        "high_school_psychology",
+        "human_sexuality",
+        "professional_psychology",
+        "public_relations",
+        "security_studies",
+        "sociology",
         "us_foreign_policy",
     ),
     "other": (
-        "business_ethics", "clinical_knowledge", "college_medicine", "global_facts", "human_aging",
-        "management", "marketing", "medical_genetics", "miscellaneous", "nutrition",
-        "professional_accounting", "professional_medicine", "virology",
+        "business_ethics",
+        "clinical_knowledge",
+        "college_medicine",
+        "global_facts",
+        "human_aging",
+        "management",
+        "marketing",
+        "medical_genetics",
+        "miscellaneous",
+        "nutrition",
+        "professional_accounting",
+        "professional_medicine",
+        "virology",
     ),
 }
 MMLU_SUBJECTS = tuple(sorted(s for group in MMLU_GROUPS.values() for s in group))
@@ -121,7 +163,9 @@ def load_benchmark(name: str, data_dir: str | Path | None = None) -> Task:
         return (_fv if base == "fv" else _lre)(name, root, arg)
     if base == "mmlu":
         return _mmlu(name, root, _mmlu_subjects(arg))
-    return {"sst2": _sst2, "ag_news": _ag_news, "commonsense_qa": _csqa, "squad": _squad}[base](name, root)
+    return {"sst2": _sst2, "ag_news": _ag_news, "commonsense_qa": _csqa, "squad": _squad}[base](
+        name, root
+    )
 
 
 def list_benchmarks(data_dir: str | Path | None = None) -> list[str]:
@@ -145,7 +189,9 @@ def _data_dir(data_dir) -> Path | None:
         return None
     root = Path(chosen).expanduser()
     if not root.is_dir():
-        raise TaskError(f"data dir {root} does not exist (from {'--data-dir' if data_dir else ENV_VAR})")
+        raise TaskError(
+            f"data dir {root} does not exist (from {'--data-dir' if data_dir else ENV_VAR})"
+        )
     return root
 
 
@@ -157,17 +203,23 @@ def _hub(name: str, split: str, config: str | None = None) -> list[tuple[str, di
     try:
         import datasets  # lazy: an optional dependency, only needed without a data dir
     except ImportError:
-        raise TaskError(f"{name}: no data dir given and the `datasets` library is missing; {hint}, "
-                        "or `pip install datasets`") from None
+        raise TaskError(
+            f"{name}: no data dir given and the `datasets` library is missing; {hint}, "
+            "or `pip install datasets`"
+        ) from None
     try:
         rows = datasets.load_dataset(hub_id, config, split=split)
     except Exception as e:  # offline, hub down, renamed dataset, ...: all mean "use local files"
-        raise TaskError(f"{name}: could not load {hub_id} ({config or 'default'}, {split}) from the "
-                        f"Hugging Face hub ({type(e).__name__}: {e}); {hint}") from None
+        raise TaskError(
+            f"{name}: could not load {hub_id} ({config or 'default'}, {split}) from the "
+            f"Hugging Face hub ({type(e).__name__}: {e}); {hint}"
+        ) from None
     return [(f"{hub_id} {split} row {i}", row) for i, row in enumerate(rows)]
 
 
-def _csv_rows(path: Path, columns: int, headers: Iterable[tuple[str, ...]] = (), delimiter: str = ","):
+def _csv_rows(
+    path: Path, columns: int, headers: Iterable[tuple[str, ...]] = (), delimiter: str = ","
+):
     """(where, row) per record; `headers` lists the accepted header rows (none: no header)."""
     if not path.is_file():
         raise TaskError(f"missing data file {path}")
@@ -175,13 +227,17 @@ def _csv_rows(path: Path, columns: int, headers: Iterable[tuple[str, ...]] = (),
     # GLUE's TSVs are unquoted (sentences hold stray '"'); the CSVs quote fields with commas
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     data_rows = 0
-    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter, quoting=quoting, strict=True)
+    reader = csv.reader(
+        io.StringIO(read_text(path), newline=""), delimiter=delimiter, quoting=quoting, strict=True
+    )
     try:
         for row in reader:
             where = f"{path}, line {reader.line_num}"
             if headers and reader.line_num == 1:
                 if tuple(row) not in headers:
-                    raise TaskError(f"{where}: expected a header {' or '.join(map(repr, headers))}, got {row}")
+                    raise TaskError(
+                        f"{where}: expected a header {' or '.join(map(repr, headers))}, got {row}"
+                    )
                 continue
             if len(row) != columns:
                 raise TaskError(f"{where}: expected {columns} columns, got {len(row)}")
@@ -234,7 +290,9 @@ def _text(s) -> str:
 
 
 def _lettered(question: str, options) -> str:
-    return _text(question) + "".join(f"\n{letter}. {str(o).strip()}" for letter, o in zip(LETTERS, options))
+    return _text(question) + "".join(
+        f"\n{letter}. {str(o).strip()}" for letter, o in zip(LETTERS, options)
+    )
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -271,10 +329,15 @@ def _ag_news_example(text: str, label: int) -> Example:
 
 def _ag_news(name, root):
     if root is None:  # the hub's `text` is already title + " " + description; label is 0-based
-        return Task(name, _examples(_hub("ag_news", "test"), lambda r: _ag_news_example(r["text"], r["label"])))
+        return Task(
+            name,
+            _examples(_hub("ag_news", "test"), lambda r: _ag_news_example(r["text"], r["label"])),
+        )
     rows = _csv_rows(root / "ag_news" / "test.csv", 3)  # class (1-4), title, description
     # pool=None: tasks.split carves one out of the test rows
-    return Task(name, _examples(rows, lambda r: _ag_news_example(f"{r[1].strip()}: {r[2]}", int(r[0]) - 1)))
+    return Task(
+        name, _examples(rows, lambda r: _ag_news_example(f"{r[1].strip()}: {r[2]}", int(r[0]) - 1))
+    )
 
 
 def _mmlu_subjects(arg: str) -> tuple[str, ...]:
@@ -284,8 +347,10 @@ def _mmlu_subjects(arg: str) -> tuple[str, ...]:
         return MMLU_GROUPS[_GROUP_BY_LOWER[arg.lower()]]
     if arg in MMLU_SUBJECTS:
         return (arg,)
-    raise TaskError(f"unknown MMLU subject or group {arg!r}; groups: {', '.join(MMLU_GROUPS)}; "
-                    f"subjects: {', '.join(MMLU_SUBJECTS)}")
+    raise TaskError(
+        f"unknown MMLU subject or group {arg!r}; groups: {', '.join(MMLU_GROUPS)}; "
+        f"subjects: {', '.join(MMLU_SUBJECTS)}"
+    )
 
 
 def _mmlu_example(question, options, answer) -> Example:
@@ -297,14 +362,18 @@ def _mmlu_example(question, options, answer) -> Example:
 
 
 def _mmlu(name, root, subjects):
-    header = [("question", "choice0", "choice1", "choice2", "choice3", "answer")]  # cais/mmlu export layout
+    header = [
+        ("question", "choice0", "choice1", "choice2", "choice3", "answer")
+    ]  # cais/mmlu export layout
 
     def split(kind: str) -> list[Example]:
         out = []
         for s in subjects:
             if root is None:
                 rows = _hub("mmlu", kind, s)
-                out += _examples(rows, lambda r: _mmlu_example(r["question"], r["choices"], r["answer"]))
+                out += _examples(
+                    rows, lambda r: _mmlu_example(r["question"], r["choices"], r["answer"])
+                )
             else:
                 rows = _csv_rows(root / "mmlu" / kind / f"{s}_{kind}.csv", 6, header)
                 out += _examples(rows, lambda r: _mmlu_example(r[0], r[1:5], r[5]))
@@ -323,8 +392,11 @@ def _csqa_example(row) -> Example:
 
 
 def _csqa(name, root):
-    rows = _hub("commonsense_qa", "validation") if root is None else _jsonl_rows(
-        root / "commonsense_qa" / "validation.jsonl")
+    rows = (
+        _hub("commonsense_qa", "validation")
+        if root is None
+        else _jsonl_rows(root / "commonsense_qa" / "validation.jsonl")
+    )
     return Task(name, _unique(_examples(rows, _csqa_example)))
 
 
@@ -353,14 +425,18 @@ def _find_json(name, base: Path, subdirs, family: str) -> Path:
         if (base / d / f"{name}.json").is_file():
             return base / d / f"{name}.json"
     valid = _json_names(base, subdirs)
-    raise TaskError(f"unknown {family} task {name!r} under {base}; valid: {', '.join(valid) or '(none found)'}")
+    raise TaskError(
+        f"unknown {family} task {name!r} under {base}; valid: {', '.join(valid) or '(none found)'}"
+    )
 
 
 def _fv(name, root, arg):
     path = _find_json(arg, root / "function_vectors" / "dataset_files", FV_DIRS, "fv")
     examples = _unique(load_task_file(path).examples)  # its errors name the file and item
     outputs = sorted({e.output for e in examples})
-    if len(outputs) <= MAX_CLOSED_SET:  # sentiment, ag_news, person-sport, ...: score as a choice task
+    if (
+        len(outputs) <= MAX_CLOSED_SET
+    ):  # sentiment, ag_news, person-sport, ...: score as a choice task
         examples = [Example(e.input, e.output, tuple(outputs)) for e in examples]
     return Task(name, examples)
 
@@ -372,8 +448,10 @@ def _lre(name, root, arg):
     except json.JSONDecodeError as e:
         raise TaskError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except (KeyError, TypeError):
-        raise TaskError(f"{path}: expected an object with a \"samples\" list") from None
+        raise TaskError(f'{path}: expected an object with a "samples" list') from None
     if not isinstance(samples, list) or not samples:
-        raise TaskError(f"{path}: \"samples\" must be a non-empty list")
+        raise TaskError(f'{path}: "samples" must be a non-empty list')
     rows = ((f"{path}, sample {i}", s) for i, s in enumerate(samples))
-    return Task(name, _unique(_examples(rows, lambda s: Example(_text(s["subject"]), _text(s["object"])))))
+    return Task(
+        name, _unique(_examples(rows, lambda s: Example(_text(s["subject"]), _text(s["object"]))))
+    )

@@ -31,7 +31,17 @@ from sklearn.base import clone
 
 from .offline import Replay, Traces, simulate
 
-THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)  # tried for policies with a `threshold`
+THRESHOLDS = (
+    0.5,
+    0.6,
+    0.7,
+    0.8,
+    0.85,
+    0.9,
+    0.95,
+    0.98,
+    0.99,
+)  # tried for policies with a `threshold`
 # Default share of calibration answers a plan must keep equal to the full model's. On 872
 # held-out SST-2 queries (bench/plan_quality.py) 0.97 keeps Qwen2.5 within 1 point at 60-70% of
 # the oracle's saving (0.99: 51-59%; 0.95: -1.3 points at batch 32) and Gemma-3 +0.5 at 44%.
@@ -82,8 +92,13 @@ def _replays(policy, traces: Traces, schedules, thresholds, folds: int, seed: in
     n, target = len(traces), getattr(policy, "target_", "gold")
 
     def in_sample():
-        return {t: [simulate(_with_threshold(copy.deepcopy(policy), t), traces, check_layers=s) for s in schedules]
-                for t in thresholds}, False  # fmt: skip
+        return {
+            t: [
+                simulate(_with_threshold(copy.deepcopy(policy), t), traces, check_layers=s)
+                for s in schedules
+            ]
+            for t in thresholds
+        }, False
 
     if folds < 2 or not policy.trainable or n < 2 * folds:
         return in_sample()
@@ -102,12 +117,24 @@ def _replays(policy, traces: Traces, schedules, thresholds, folds: int, seed: in
             _with_threshold(fitted, t)
             for j, s in enumerate(schedules):
                 r = simulate(fitted, held, check_layers=s)
-                exit_layer[i, j, m], checks[i, j, m], correct[i, j, m], agrees[i, j, m] = r.exit_layer, r.num_checks, r.correct, r.agrees
-    return {t: [Replay(exit_layer[i, j], checks[i, j], correct[i, j], None, agrees[i, j]) for j in range(len(schedules))]
-            for i, t in enumerate(thresholds)}, True  # fmt: skip
+                exit_layer[i, j, m], checks[i, j, m], correct[i, j, m], agrees[i, j, m] = (
+                    r.exit_layer,
+                    r.num_checks,
+                    r.correct,
+                    r.agrees,
+                )
+    return {
+        t: [
+            Replay(exit_layer[i, j], checks[i, j], correct[i, j], None, agrees[i, j])
+            for j in range(len(schedules))
+        ]
+        for i, t in enumerate(thresholds)
+    }, True
 
 
-def check_cost_layers(replay, num_layers: int, check_cost: float, shortlist_cost: float | None = None) -> np.ndarray:
+def check_cost_layers(
+    replay, num_layers: int, check_cost: float, shortlist_cost: float | None = None
+) -> np.ndarray:
     """Per query: layers run plus checks made, in decoder layers.
 
     With a shortlist (`AdaptiveEngine(shortlist=k)`) a row's first check is exact, the later ones
@@ -136,8 +163,15 @@ class ScheduleReplays:
     held_out: bool  # replayed out of fold
 
 
-def replay_schedules(policy, traces: Traces, *, strides=(1, 2, 3, 4, 6), thresholds: Sequence[float] | None = None,
-                     folds: int = 5, seed: int = 0) -> ScheduleReplays:  # fmt: skip
+def replay_schedules(
+    policy,
+    traces: Traces,
+    *,
+    strides=(1, 2, 3, 4, 6),
+    thresholds: Sequence[float] | None = None,
+    folds: int = 5,
+    seed: int = 0,
+) -> ScheduleReplays:
     schedules = list(candidate_schedules(traces.num_layers, strides))
     thresholds = tuple(thresholds) if thresholds and "threshold" in policy.get_params() else (None,)
     return ScheduleReplays(schedules, *_replays(policy, traces, schedules, thresholds, folds, seed))
@@ -186,15 +220,23 @@ def plan_checks_by_batch(
         raise ValueError(f"confidence is a probability, at least 0 and below 1; got {confidence}")
     z = NormalDist().inv_cdf(confidence) if confidence > 0 else None
     if replays is None:
-        replays = replay_schedules(policy, traces, strides=strides, thresholds=thresholds, folds=folds, seed=seed)
-    schedules, held_out, thresholds = replays.schedules, replays.held_out, tuple(replays.by_threshold)
+        replays = replay_schedules(
+            policy, traces, strides=strides, thresholds=thresholds, folds=folds, seed=seed
+        )
+    schedules, held_out, thresholds = (
+        replays.schedules,
+        replays.held_out,
+        tuple(replays.by_threshold),
+    )
     best_by_threshold = {}
     for t in thresholds:
         # which schedules keep the answers does not depend on the check cost: judged once
         passing = []
         for layers, r in zip(schedules, replays.by_threshold[t]):
             acc, agree = float(r.correct.mean()), float(r.agrees.mean())
-            if acc >= full - tolerance and (agree >= agreement or _bounded_loss(r.correct, full_correct, z, tolerance)):
+            if acc >= full - tolerance and (
+                agree >= agreement or _bounded_loss(r.correct, full_correct, z, tolerance)
+            ):
                 passing.append((layers, r, acc, agree))
         plans = {}
         for batch_size, c in check_costs.items():
@@ -205,10 +247,18 @@ def plan_checks_by_batch(
                 cost = float(check_cost_layers(r, L, c, short).mean())
                 if cost < best.expected_cost:
                     best = CheckPlan(layers, cost, acc, full, c, len(schedules), held_out, agree, t)
-            plans[batch_size] = plain if best.expected_cost > L * (1 - margin) else best  # no schedule pays: plain model
+            plans[batch_size] = (
+                plain if best.expected_cost > L * (1 - margin) else best
+            )  # no schedule pays: plain model
         best_by_threshold[t] = plans
     # one threshold for every batch size: the cheapest on average (ties: the higher, safer one)
-    t = min(thresholds, key=lambda t: (np.mean([p.expected_cost for p in best_by_threshold[t].values()]), -(t or 0)))
+    t = min(
+        thresholds,
+        key=lambda t: (
+            np.mean([p.expected_cost for p in best_by_threshold[t].values()]),
+            -(t or 0),
+        ),
+    )
     return best_by_threshold[t]
 
 
@@ -240,12 +290,25 @@ def measure_check_cost(engine, prompts, repeats: int = 5, shortlist: int | None 
     from .engine import plain_forward, synchronize
 
     enc = engine.encode(prompts)
-    hidden = torch.randn(len(prompts), engine.model.config.hidden_size, dtype=engine.model.dtype, device=enc["input_ids"].device)
+    hidden = torch.randn(
+        len(prompts),
+        engine.model.config.hidden_size,
+        dtype=engine.model.dtype,
+        device=enc["input_ids"].device,
+    )
     vocab = engine.parts.head.weight.shape[0]
-    ids = None if shortlist is None else torch.randint(vocab, (len(prompts), shortlist), device=hidden.device)
+    ids = (
+        None
+        if shortlist is None
+        else torch.randint(vocab, (len(prompts), shortlist), device=hidden.device)
+    )
 
     def check():
-        logits = engine.check_logits(hidden) if ids is None else engine.parts.shortlist_logits(hidden, ids)
+        logits = (
+            engine.check_logits(hidden)
+            if ids is None
+            else engine.parts.shortlist_logits(hidden, ids)
+        )
         return logits.float().softmax(-1).topk(2, dim=-1)
 
     plain, cost = [], []

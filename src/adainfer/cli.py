@@ -37,19 +37,38 @@ def _check_cost(text: str) -> float | dict[int, float]:
     try:
         if ":" not in text:
             return float(text)
-        costs = {int(b): float(c) for b, c in (item.split(":") for item in text.split(",") if item.strip())}
+        costs = {
+            int(b): float(c)
+            for b, c in (item.split(":") for item in text.split(",") if item.strip())
+        }
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--check-cost takes a number of layers or BATCH:COST pairs like 1:1.2,8:0.2; got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--check-cost takes a number of layers or BATCH:COST pairs like 1:1.2,8:0.2; got {text!r}"
+        ) from None
     if not costs or min(costs) < 1 or min(costs.values()) < 0:
-        raise argparse.ArgumentTypeError(f"--check-cost: batch sizes must be >= 1 and costs >= 0; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--check-cost: batch sizes must be >= 1 and costs >= 0; got {text!r}"
+        )
     return costs
 
 
 def _model_args(p):
-    p.add_argument("--model", default="smollm2-135m", help="bundled alias (smollm2-135m, gemma3-270m, qwen2.5-0.5b, qwen2.5-1.5b), local HF folder, .gguf file or hub id (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", help="float32 (exact) or bfloat16 (1-2.4x faster on CPUs with bf16 support, measured in results/bench) (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="bundled alias (smollm2-135m, gemma3-270m, qwen2.5-0.5b, qwen2.5-1.5b), local HF folder, .gguf file or hub id (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="float32 (exact) or bfloat16 (1-2.4x faster on CPUs with bf16 support, measured in results/bench) (default: %(default)s)",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    p.add_argument("--device-map", default=None, help="passed to from_pretrained (e.g. auto: accelerate spreads a model too big for one device); overrides --device")
+    p.add_argument(
+        "--device-map",
+        default=None,
+        help="passed to from_pretrained (e.g. auto: accelerate spreads a model too big for one device); overrides --device",
+    )
 
 
 def _load(args):
@@ -60,26 +79,62 @@ def _load(args):
 
 
 def _task_args(p, n_train: bool):
-    p.add_argument("--task", action="append", required=True, help="built-in rule task name or a .json/.jsonl file of {input, output}; repeat for several")
-    p.add_argument("--shots", type=_int_at_least(0), default=5, help="demonstrations per prompt (default: %(default)s)")
-    p.add_argument("--n-test", type=_int_at_least(1), default=40, help="queries held out per task for evaluation; collect and eval must use the same value and --seed so they never overlap (default: %(default)s)")
+    p.add_argument(
+        "--task",
+        action="append",
+        required=True,
+        help="built-in rule task name or a .json/.jsonl file of {input, output}; repeat for several",
+    )
+    p.add_argument(
+        "--shots",
+        type=_int_at_least(0),
+        default=5,
+        help="demonstrations per prompt (default: %(default)s)",
+    )
+    p.add_argument(
+        "--n-test",
+        type=_int_at_least(1),
+        default=40,
+        help="queries held out per task for evaluation; collect and eval must use the same value and --seed so they never overlap (default: %(default)s)",
+    )
     if n_train:
-        p.add_argument("--n-train", type=_int_at_least(0), default=40, help="training queries per task (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="split and demonstration seed (default: %(default)s)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="prompts per forward pass (default: %(default)s)")
+        p.add_argument(
+            "--n-train",
+            type=_int_at_least(0),
+            default=40,
+            help="training queries per task (default: %(default)s)",
+        )
+    p.add_argument(
+        "--seed", type=int, default=0, help="split and demonstration seed (default: %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_int_at_least(1),
+        default=8,
+        help="prompts per forward pass (default: %(default)s)",
+    )
     _data_dir_arg(p)
 
 
 def _max_batch_tokens_arg(p):
     from .collect import MAX_BATCH_TOKENS
 
-    p.add_argument("--max-batch-tokens", type=_int_at_least(0), default=MAX_BATCH_TOKENS, help="padded tokens per batch at most: longer prompts "
-                   "run in smaller batches, one alone past half of it (on CPU a padded batch's attention costs twice a lone prompt's); "
-                   "0: no limit, e.g. on a GPU (default: %(default)s)")
+    p.add_argument(
+        "--max-batch-tokens",
+        type=_int_at_least(0),
+        default=MAX_BATCH_TOKENS,
+        help="padded tokens per batch at most: longer prompts "
+        "run in smaller batches, one alone past half of it (on CPU a padded batch's attention costs twice a lone prompt's); "
+        "0: no limit, e.g. on a GPU (default: %(default)s)",
+    )
 
 
 def _data_dir_arg(p):
-    p.add_argument("--data-dir", default=None, help="local copy of the benchmark data (layout of shared/data); default $ADAINFER_DATA_DIR, else the Hugging Face hub via `datasets`")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="local copy of the benchmark data (layout of shared/data); default $ADAINFER_DATA_DIR, else the Hugging Face hub via `datasets`",
+    )
 
 
 def _share(text: str) -> float:
@@ -92,7 +147,9 @@ def _share(text: str) -> float:
 def _confidence(text: str) -> float:
     value = float(text)
     if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"a confidence is at least 0 and below 1 (0.95 for 95%), got {text}")
+        raise argparse.ArgumentTypeError(
+            f"a confidence is at least 0 and below 1 (0.95 for 95%), got {text}"
+        )
     return value
 
 
@@ -103,7 +160,9 @@ def _int_at_least(low: int):
         except ValueError:
             value = low - 1
         if value < low:
-            raise argparse.ArgumentTypeError(f"expected a whole number of at least {low}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number of at least {low}, got {text!r}"
+            )
         return value
 
     return parse
@@ -112,10 +171,20 @@ def _int_at_least(low: int):
 def _plan_test_args(p, prefix: str):
     from .checks import CONFIDENCE, MIN_AGREEMENT
 
-    p.add_argument("--min-agreement", type=_share, default=None, help=f"{prefix}the share of calibration queries whose answer a check "
-                   f"plan must keep equal to the full model's (default {MIN_AGREEMENT}; lower trades agreement for layers)")
-    p.add_argument("--confidence", type=_confidence, default=None, help=f"{prefix}a plan that changes more answers still passes if its "
-                   f"accuracy loss is within 1 point at this one-sided confidence (default {CONFIDENCE}; 0: agreement test only)")
+    p.add_argument(
+        "--min-agreement",
+        type=_share,
+        default=None,
+        help=f"{prefix}the share of calibration queries whose answer a check "
+        f"plan must keep equal to the full model's (default {MIN_AGREEMENT}; lower trades agreement for layers)",
+    )
+    p.add_argument(
+        "--confidence",
+        type=_confidence,
+        default=None,
+        help=f"{prefix}a plan that changes more answers still passes if its "
+        f"accuracy loss is within 1 point at this one-sided confidence (default {CONFIDENCE}; 0: agreement test only)",
+    )
 
 
 def _int_list(low: int):
@@ -123,9 +192,13 @@ def _int_list(low: int):
     item = _int_at_least(low)
 
     def parse(text: str) -> tuple[int, ...]:
-        values = tuple(dict.fromkeys(item(x) for x in text.split(",") if x.strip()))  # item names a bad one
+        values = tuple(
+            dict.fromkeys(item(x) for x in text.split(",") if x.strip())
+        )  # item names a bad one
         if not values:
-            raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers of at least {low}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated whole numbers of at least {low}, got {text!r}"
+            )
         return values
 
     return parse
@@ -139,102 +212,297 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("collect", help="run training queries at full depth and record features + labels at every layer",
-                       description="Write, for every training query and layer, the exit features and the label "
-                       "(1 if that layer's top-1 token is the gold answer's first token) as parquet parts. "
-                       "Re-running with the same --out resumes where a killed run stopped.")
+    p = sub.add_parser(
+        "collect",
+        help="run training queries at full depth and record features + labels at every layer",
+        description="Write, for every training query and layer, the exit features and the label "
+        "(1 if that layer's top-1 token is the gold answer's first token) as parquet parts. "
+        "Re-running with the same --out resumes where a killed run stopped.",
+    )
     _model_args(p)
     _task_args(p, n_train=True)
-    p.add_argument("--features", type=_features, default=ALL_FEATURES, help=f"comma-separated features to record (default: all: {','.join(ALL_FEATURES)})")
-    p.add_argument("--held-out", action="store_true", help="record the --n-test held-out queries instead of the training "
-                   "ones, to judge policies offline on many queries (bench/plan_quality.py --test-traces)")
+    p.add_argument(
+        "--features",
+        type=_features,
+        default=ALL_FEATURES,
+        help=f"comma-separated features to record (default: all: {','.join(ALL_FEATURES)})",
+    )
+    p.add_argument(
+        "--held-out",
+        action="store_true",
+        help="record the --n-test held-out queries instead of the training "
+        "ones, to judge policies offline on many queries (bench/plan_quality.py --test-traces)",
+    )
     _max_batch_tokens_arg(p)
     p.add_argument("--out", required=True, help="output folder")
 
-    p = sub.add_parser("fit", help="train an exit policy on collected data and save it (no pickle)",
-                       description="Train a policy (svm, crf, logistic, layer-logistic; gap/never/oracle need no training) on a collect folder and save it as a .safetensors policy file that records the model it is for.")
+    p = sub.add_parser(
+        "fit",
+        help="train an exit policy on collected data and save it (no pickle)",
+        description="Train a policy (svm, crf, logistic, layer-logistic; gap/never/oracle need no training) on a collect folder and save it as a .safetensors policy file that records the model it is for.",
+    )
     p.add_argument("--data", required=True, help="folder written by `adainfer collect`")
-    p.add_argument("--policy", default="svm", choices=sorted(POLICIES), help="policy type (default: %(default)s)")
-    p.add_argument("--features", type=_features, default=None, help="comma-separated features (default: the policy's own: "
-                   "gap,top_prob, the paper's; gap,top_prob,entropy,layer_frac for layer-logistic, which needs layer_frac)")
-    p.add_argument("--param", type=_param, action="append", default=[], help="policy parameter KEY=VALUE, e.g. threshold=0.9 or C=10")
+    p.add_argument(
+        "--policy",
+        default="svm",
+        choices=sorted(POLICIES),
+        help="policy type (default: %(default)s)",
+    )
+    p.add_argument(
+        "--features",
+        type=_features,
+        default=None,
+        help="comma-separated features (default: the policy's own: "
+        "gap,top_prob, the paper's; gap,top_prob,entropy,layer_frac for layer-logistic, which needs layer_frac)",
+    )
+    p.add_argument(
+        "--param",
+        type=_param,
+        action="append",
+        default=[],
+        help="policy parameter KEY=VALUE, e.g. threshold=0.9 or C=10",
+    )
     p.add_argument("--tasks", help="comma-separated subset of collected tasks to train on")
-    p.add_argument("--target", choices=("gold", "final"), default="gold", help="what the classifier learns per layer: gold (the paper: "
-                   "the top-1 is the gold token) or final (the top-1 is already the full model's answer; keeps its answers) (default: %(default)s)")
-    p.add_argument("--check-cost", type=_check_cost, default=None, help="cost of one exit check in decoder layers (see `adainfer bench`, column check_cost_layers), "
-                   "or per batch size as 1:1.2,8:0.2,32:0.1: learns where checking pays and stores that schedule (one per batch size); "
-                   "omit to check every layer as in the paper")
+    p.add_argument(
+        "--target",
+        choices=("gold", "final"),
+        default="gold",
+        help="what the classifier learns per layer: gold (the paper: "
+        "the top-1 is the gold token) or final (the top-1 is already the full model's answer; keeps its answers) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--check-cost",
+        type=_check_cost,
+        default=None,
+        help="cost of one exit check in decoder layers (see `adainfer bench`, column check_cost_layers), "
+        "or per batch size as 1:1.2,8:0.2,32:0.1: learns where checking pays and stores that schedule (one per batch size); "
+        "omit to check every layer as in the paper",
+    )
     _plan_test_args(p, "with --check-cost: ")
     p.add_argument("--out", required=True, help="policy file to write (.safetensors)")
 
-    p = sub.add_parser("eval", help="evaluate policies against the full model on held-out queries",
-                       description="Run the plain model, the full-depth engine and each policy on the same held-out queries and write a JSON summary: accuracy, mean exit layer, paper and true FLOPs ratios, wall time.")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate policies against the full model on held-out queries",
+        description="Run the plain model, the full-depth engine and each policy on the same held-out queries and write a JSON summary: accuracy, mean exit layer, paper and true FLOPs ratios, wall time.",
+    )
     _model_args(p)
     _task_args(p, n_train=False)
-    p.add_argument("--policy", action="append", required=True, help="policy file or name (gap, never, oracle); repeat for several")
-    p.add_argument("--min-layer", type=_int_at_least(1), default=1, help="first layer to check (default: %(default)s)")
-    p.add_argument("--stride", type=_int_at_least(1), default=1, help="check every STRIDE layers (default: %(default)s)")
-    p.add_argument("--shortlist", type=_int_at_least(1), default=None, help="after a row's first exact check, check it on its top-K tokens only "
-                   "(exact confirmation before any stop)")
-    p.add_argument("--allow-other-model", action="store_true", help="use policies trained for another model (inter-model generalisation)")
+    p.add_argument(
+        "--policy",
+        action="append",
+        required=True,
+        help="policy file or name (gap, never, oracle); repeat for several",
+    )
+    p.add_argument(
+        "--min-layer",
+        type=_int_at_least(1),
+        default=1,
+        help="first layer to check (default: %(default)s)",
+    )
+    p.add_argument(
+        "--stride",
+        type=_int_at_least(1),
+        default=1,
+        help="check every STRIDE layers (default: %(default)s)",
+    )
+    p.add_argument(
+        "--shortlist",
+        type=_int_at_least(1),
+        default=None,
+        help="after a row's first exact check, check it on its top-K tokens only "
+        "(exact confirmation before any stop)",
+    )
+    p.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="use policies trained for another model (inter-model generalisation)",
+    )
     p.add_argument("--out", required=True, help="JSON summary to write")
 
-    p = sub.add_parser("demo", help="collect, fit and evaluate on built-in rule tasks with the bundled model, offline",
-                       description="The whole method in one command on the bundled SmolLM2-135M (or --model): prints a table and writes a plot.")
+    p = sub.add_parser(
+        "demo",
+        help="collect, fit and evaluate on built-in rule tasks with the bundled model, offline",
+        description="The whole method in one command on the bundled SmolLM2-135M (or --model): prints a table and writes a plot.",
+    )
     _model_args(p)
-    p.add_argument("--out-dir", default="runs/demo", help="where to write data, policies, summary.json, table.md and the plot (default: %(default)s)")
-    p.add_argument("--shots", type=_int_at_least(0), default=5, help="demonstrations per prompt (default: %(default)s)")
-    p.add_argument("--n-train", type=_int_at_least(0), default=40, help="training queries per task (default: %(default)s)")
-    p.add_argument("--n-test", type=_int_at_least(1), default=40, help="held-out queries per task (default: %(default)s)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="prompts per forward pass (default: %(default)s)")
+    p.add_argument(
+        "--out-dir",
+        default="runs/demo",
+        help="where to write data, policies, summary.json, table.md and the plot (default: %(default)s)",
+    )
+    p.add_argument(
+        "--shots",
+        type=_int_at_least(0),
+        default=5,
+        help="demonstrations per prompt (default: %(default)s)",
+    )
+    p.add_argument(
+        "--n-train",
+        type=_int_at_least(0),
+        default=40,
+        help="training queries per task (default: %(default)s)",
+    )
+    p.add_argument(
+        "--n-test",
+        type=_int_at_least(1),
+        default=40,
+        help="held-out queries per task (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_int_at_least(1),
+        default=8,
+        help="prompts per forward pass (default: %(default)s)",
+    )
 
     from .reproduce import DEFAULT_TASKS
 
-    p = sub.add_parser("reproduce", help="the paper's experiments on any model: tables, JSON and figures",
-                       description="Run held-out queries of each task at every k once at full depth (traces), train the classifiers on a random "
-                       "subset of the tasks' training pools, replay every policy on the traces and write results.json, tables.md (Tables 2/3, "
-                       "4/8/9, 6, 7, oracle bounds) and figures. Resumes after a kill; under `torchrun --nproc-per-node N` ranks share the queries.")
+    p = sub.add_parser(
+        "reproduce",
+        help="the paper's experiments on any model: tables, JSON and figures",
+        description="Run held-out queries of each task at every k once at full depth (traces), train the classifiers on a random "
+        "subset of the tasks' training pools, replay every policy on the traces and write results.json, tables.md (Tables 2/3, "
+        "4/8/9, 6, 7, oracle bounds) and figures. Resumes after a kill; under `torchrun --nproc-per-node N` ranks share the queries.",
+    )
     _model_args(p)
-    p.add_argument("--task", action="append", help=f"task (repeat); default: {' '.join(DEFAULT_TASKS)}")
-    p.add_argument("--n-queries", type=_int_at_least(1), default=200, help="held-out queries per task and k (default: %(default)s)")
-    p.add_argument("--shots", type=_int_list(0), default=(0, 5, 10, 15, 20), help="comma-separated k values (default: 0,5,10,15,20)")
-    p.add_argument("--n-train", type=_int_at_least(0), default=40, help="training queries per task (default: %(default)s)")
-    p.add_argument("--train-shots", type=_int_at_least(0), default=5, help="k for training queries (default: %(default)s)")
-    p.add_argument("--n-train-tasks", type=_int_at_least(1), default=None, help="size of the random task subset the classifiers train on (default: two thirds)")
-    p.add_argument("--transfer-from", default=None, help="another model's reproduce folder: adds inter-model generalization (train there, test here)")
-    p.add_argument("--seed", type=int, default=0, help="seed for splits, demonstrations and the training subset (default: %(default)s)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="prompts per forward pass (default: %(default)s)")
+    p.add_argument(
+        "--task", action="append", help=f"task (repeat); default: {' '.join(DEFAULT_TASKS)}"
+    )
+    p.add_argument(
+        "--n-queries",
+        type=_int_at_least(1),
+        default=200,
+        help="held-out queries per task and k (default: %(default)s)",
+    )
+    p.add_argument(
+        "--shots",
+        type=_int_list(0),
+        default=(0, 5, 10, 15, 20),
+        help="comma-separated k values (default: 0,5,10,15,20)",
+    )
+    p.add_argument(
+        "--n-train",
+        type=_int_at_least(0),
+        default=40,
+        help="training queries per task (default: %(default)s)",
+    )
+    p.add_argument(
+        "--train-shots",
+        type=_int_at_least(0),
+        default=5,
+        help="k for training queries (default: %(default)s)",
+    )
+    p.add_argument(
+        "--n-train-tasks",
+        type=_int_at_least(1),
+        default=None,
+        help="size of the random task subset the classifiers train on (default: two thirds)",
+    )
+    p.add_argument(
+        "--transfer-from",
+        default=None,
+        help="another model's reproduce folder: adds inter-model generalization (train there, test here)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for splits, demonstrations and the training subset (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_int_at_least(1),
+        default=8,
+        help="prompts per forward pass (default: %(default)s)",
+    )
     _max_batch_tokens_arg(p)
     _data_dir_arg(p)
-    p.add_argument("--out-dir", required=True, help="output folder (traces/, results.json, tables.md, *.png)")
-    p.add_argument("--report-only", action="store_true", help="rebuild tables and figures from the traces already in --out-dir (no model run)")
+    p.add_argument(
+        "--out-dir", required=True, help="output folder (traces/, results.json, tables.md, *.png)"
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild tables and figures from the traces already in --out-dir (no model run)",
+    )
 
     from .bench import MIN_PAIRED
 
-    p = sub.add_parser("bench", help="wall-clock time of adainfer next to the plain model (a benchmark, not a test)",
-                       description="Interleave plain / never / hooks / policy / oracle variants on the same queries per model, dtype, task and "
-                       "batch size; print and write bench.md and bench.json with accuracy, exit layers, checks, FLOPs ratios, median "
-                       "wall time, time ratios, prompts per second and peak memory.")
+    p = sub.add_parser(
+        "bench",
+        help="wall-clock time of adainfer next to the plain model (a benchmark, not a test)",
+        description="Interleave plain / never / hooks / policy / oracle variants on the same queries per model, dtype, task and "
+        "batch size; print and write bench.md and bench.json with accuracy, exit layers, checks, FLOPs ratios, median "
+        "wall time, time ratios, prompts per second and peak memory.",
+    )
     p.add_argument("--model", action="append", help="model (repeat); default: smollm2-135m")
     p.add_argument("--task", action="append", help="task (repeat); default: sst2 and capitalize")
-    p.add_argument("--shots", type=_int_at_least(0), default=5, help="demonstrations per prompt (default: %(default)s)")
-    p.add_argument("--batch-sizes", type=_int_list(1), default=(1, 8, 32), help="comma-separated (default: 1,8,32)")
-    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (default: %(default)s)")
-    p.add_argument("--n-queries", type=_int_at_least(1), default=32, help="timed queries per task (default: %(default)s)")
-    p.add_argument("--n-train", type=_int_at_least(0), default=200, help="calibration queries per task for the default policy and its check plan; "
-                   "fewer where the task's held-out split is smaller (default: %(default)s)")
-    p.add_argument("--repeats", type=_int_at_least(1), default=3, help="timed repeats per variant; medians are reported (default: %(default)s)")
-    p.add_argument("--min-paired", type=_int_at_least(1), default=None, help="paired (batch, repeat) time ratios per cell at least; "
-                   f"finished cells holding fewer are timed again, their earlier timings kept in the row (default: {MIN_PAIRED})")
-    p.add_argument("--policy", default=None, help="a saved policy file instead of the default (a logistic regression per layer on gap, "
-                   "top_prob and entropy, fitted on the calibration queries)")
+    p.add_argument(
+        "--shots",
+        type=_int_at_least(0),
+        default=5,
+        help="demonstrations per prompt (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        type=_int_list(1),
+        default=(1, 8, 32),
+        help="comma-separated (default: 1,8,32)",
+    )
+    p.add_argument(
+        "--dtypes", default="float32,bfloat16", help="comma-separated (default: %(default)s)"
+    )
+    p.add_argument(
+        "--n-queries",
+        type=_int_at_least(1),
+        default=32,
+        help="timed queries per task (default: %(default)s)",
+    )
+    p.add_argument(
+        "--n-train",
+        type=_int_at_least(0),
+        default=200,
+        help="calibration queries per task for the default policy and its check plan; "
+        "fewer where the task's held-out split is smaller (default: %(default)s)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=_int_at_least(1),
+        default=3,
+        help="timed repeats per variant; medians are reported (default: %(default)s)",
+    )
+    p.add_argument(
+        "--min-paired",
+        type=_int_at_least(1),
+        default=None,
+        help="paired (batch, repeat) time ratios per cell at least; "
+        f"finished cells holding fewer are timed again, their earlier timings kept in the row (default: {MIN_PAIRED})",
+    )
+    p.add_argument(
+        "--policy",
+        default=None,
+        help="a saved policy file instead of the default (a logistic regression per layer on gap, "
+        "top_prob and entropy, fitted on the calibration queries)",
+    )
     _plan_test_args(p, "")
-    p.add_argument("--shortlist", type=_int_at_least(0), default=256, help="also time shortlist checks on this many candidate tokens per row, "
-                   "with their own plan (0: skip) (default: %(default)s)")
+    p.add_argument(
+        "--shortlist",
+        type=_int_at_least(0),
+        default=256,
+        help="also time shortlist checks on this many candidate tokens per row, "
+        "with their own plan (0: skip) (default: %(default)s)",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     _data_dir_arg(p)
-    p.add_argument("--out-dir", default="results/bench", help="output folder (default: %(default)s)")
-    p.add_argument("--report-only", action="store_true", help="rebuild bench.md from the bench.json in --out-dir (no model run)")
+    p.add_argument(
+        "--out-dir", default="results/bench", help="output folder (default: %(default)s)"
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild bench.md from the bench.json in --out-dir (no model run)",
+    )
     return parser
 
 
@@ -244,11 +512,27 @@ def cmd_collect(args):
     from .tasks import task_queries
 
     model, tok = _load(args)
-    train, test = task_queries(tok, args.task, shots=args.shots, n_train=args.n_train, n_test=args.n_test, seed=args.seed, data_dir=args.data_dir)
+    train, test = task_queries(
+        tok,
+        args.task,
+        shots=args.shots,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        seed=args.seed,
+        data_dir=args.data_dir,
+    )
     queries = test if args.held_out else train
-    out = collect(AdaptiveEngine(model, tok), queries, args.out, batch_size=args.batch_size, features=args.features,
-                  max_batch_tokens=args.max_batch_tokens or None)
-    print(f"collected {len(queries)} {'held-out' if args.held_out else 'training'} queries x {model.config.num_hidden_layers} layers into {out}")
+    out = collect(
+        AdaptiveEngine(model, tok),
+        queries,
+        args.out,
+        batch_size=args.batch_size,
+        features=args.features,
+        max_batch_tokens=args.max_batch_tokens or None,
+    )
+    print(
+        f"collected {len(queries)} {'held-out' if args.held_out else 'training'} queries x {model.config.num_hidden_layers} layers into {out}"
+    )
 
 
 def cmd_fit(args):
@@ -259,12 +543,25 @@ def cmd_fit(args):
     policy.set_params(**dict(args.param))
     tasks = args.tasks.split(",") if args.tasks else None
     tune = not any(k == "threshold" for k, _ in args.param)  # a threshold given by hand is kept
-    policy = fit_policy(args.data, policy, tasks, check_cost=args.check_cost, target=args.target, tune_threshold=tune,
-                        min_agreement=args.min_agreement, confidence=args.confidence)
-    where = "".join(f", batch {b}+: checks at layers {list(l) or 'none (plain model)'}" for b, l in getattr(policy, "check_plans_", {}).items())
+    policy = fit_policy(
+        args.data,
+        policy,
+        tasks,
+        check_cost=args.check_cost,
+        target=args.target,
+        tune_threshold=tune,
+        min_agreement=args.min_agreement,
+        confidence=args.confidence,
+    )
+    where = "".join(
+        f", batch {b}+: checks at layers {list(l) or 'none (plain model)'}"
+        for b, l in getattr(policy, "check_plans_", {}).items()
+    )
     if args.check_cost is not None and "threshold" in policy.get_params():
         where += f", stop threshold {policy.threshold}"
-    print(f"saved {args.policy} policy ({', '.join(policy.features)}{where}) to {save_policy(policy, args.out)}")
+    print(
+        f"saved {args.policy} policy ({', '.join(policy.features)}{where}) to {save_policy(policy, args.out)}"
+    )
 
 
 def cmd_eval(args):
@@ -276,10 +573,27 @@ def cmd_eval(args):
 
     policies = {p: resolve_policy(p, ready=True) for p in args.policy}
     model, tok = _load(args)
-    engine = AdaptiveEngine(model, tok, min_layer=args.min_layer, stride=args.stride, shortlist=args.shortlist)
-    _, test = task_queries(tok, args.task, shots=args.shots, n_train=0, n_test=args.n_test, seed=args.seed, data_dir=args.data_dir)
-    summary = evaluate(engine, test, policies, batch_size=args.batch_size, allow_other_model=args.allow_other_model)
-    summary.update(model=getattr(model, "adainfer_id", args.model), tasks=args.task, shots=args.shots, seed=args.seed)
+    engine = AdaptiveEngine(
+        model, tok, min_layer=args.min_layer, stride=args.stride, shortlist=args.shortlist
+    )
+    _, test = task_queries(
+        tok,
+        args.task,
+        shots=args.shots,
+        n_train=0,
+        n_test=args.n_test,
+        seed=args.seed,
+        data_dir=args.data_dir,
+    )
+    summary = evaluate(
+        engine, test, policies, batch_size=args.batch_size, allow_other_model=args.allow_other_model
+    )
+    summary.update(
+        model=getattr(model, "adainfer_id", args.model),
+        tasks=args.task,
+        shots=args.shots,
+        seed=args.seed,
+    )
     write_json(args.out, summary)
     print(eval_table(summary))
     print(f"\nwrote {args.out}")
@@ -288,14 +602,27 @@ def cmd_eval(args):
 def cmd_demo(args):
     from .demo import run_demo
 
-    s = run_demo(args.model, args.out_dir, shots=args.shots, n_train=args.n_train, n_test=args.n_test,
-                 batch_size=args.batch_size, dtype=args.dtype, device=args.device, device_map=args.device_map)
-    print(f"\n{s['model']} ({s['dtype']}), {s['shots']}-shot, tasks {', '.join(s['tasks'])}, "
-          f"{s['num_queries']} held-out queries; oracle = earliest layer whose top-1 is the gold token\n")
+    s = run_demo(
+        args.model,
+        args.out_dir,
+        shots=args.shots,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        device_map=args.device_map,
+    )
+    print(
+        f"\n{s['model']} ({s['dtype']}), {s['shots']}-shot, tasks {', '.join(s['tasks'])}, "
+        f"{s['num_queries']} held-out queries; oracle = earliest layer whose top-1 is the gold token\n"
+    )
     print(s["table"])
     planned = s["planned_check_layers"]
-    print(f"\none exit check costs {s['check_cost_layers']:.2f} decoder layers here; the planned policy checks at "
-          f"{'layers ' + str(planned) if planned else 'no layer (no check pays: it runs the plain model)'}")
+    print(
+        f"\none exit check costs {s['check_cost_layers']:.2f} decoder layers here; the planned policy checks at "
+        f"{'layers ' + str(planned) if planned else 'no layer (no check pays: it runs the plain model)'}"
+    )
     print(f"\nwrote {args.out_dir}/summary.json, {args.out_dir}/table.md and {s['plot']}")
 
 
@@ -303,10 +630,23 @@ def cmd_reproduce(args):
     from .reproduce import DEFAULT_TASKS, run_reproduce
 
     results = run_reproduce(
-        args.model, args.out_dir, tasks=args.task or DEFAULT_TASKS, n_queries=args.n_queries, shots=args.shots,
-        n_train=args.n_train, train_shots=args.train_shots, n_train_tasks=args.n_train_tasks,
-        transfer_from=args.transfer_from, seed=args.seed, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens or None, dtype=args.dtype,
-        data_dir=args.data_dir, device=args.device, device_map=args.device_map, report_only=args.report_only,
+        args.model,
+        args.out_dir,
+        tasks=args.task or DEFAULT_TASKS,
+        n_queries=args.n_queries,
+        shots=args.shots,
+        n_train=args.n_train,
+        train_shots=args.train_shots,
+        n_train_tasks=args.n_train_tasks,
+        transfer_from=args.transfer_from,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_batch_tokens=args.max_batch_tokens or None,
+        dtype=args.dtype,
+        data_dir=args.data_dir,
+        device=args.device,
+        device_map=args.device_map,
+        report_only=args.report_only,
     )
     if results is not None:  # rank 0 (or a single process) writes the report
         print(f"wrote {args.out_dir}/results.json, tables.md and figures")
@@ -319,31 +659,53 @@ def cmd_bench(args):
         write_report(args.out_dir)
     else:
         run_bench(
-            tuple(args.model or ["smollm2-135m"]), args.out_dir, tasks=tuple(args.task or ["sst2", "capitalize"]), shots=args.shots,
-            batch_sizes=args.batch_sizes, dtypes=tuple(args.dtypes.split(",")), n_queries=args.n_queries, n_train=args.n_train,
-            repeats=args.repeats, policy_path=args.policy, min_agreement=args.min_agreement, confidence=args.confidence,
-            shortlist=args.shortlist or None, min_paired=args.min_paired,
-            device=args.device, data_dir=args.data_dir,
-        )  # fmt: skip
+            tuple(args.model or ["smollm2-135m"]),
+            args.out_dir,
+            tasks=tuple(args.task or ["sst2", "capitalize"]),
+            shots=args.shots,
+            batch_sizes=args.batch_sizes,
+            dtypes=tuple(args.dtypes.split(",")),
+            n_queries=args.n_queries,
+            n_train=args.n_train,
+            repeats=args.repeats,
+            policy_path=args.policy,
+            min_agreement=args.min_agreement,
+            confidence=args.confidence,
+            shortlist=args.shortlist or None,
+            min_paired=args.min_paired,
+            device=args.device,
+            data_dir=args.data_dir,
+        )
     print((Path(args.out_dir) / "bench.md").read_text())  # the table and the targets
     print(f"wrote {args.out_dir}/bench.md and bench.json")
 
 
-COMMANDS = {"bench": cmd_bench, "collect": cmd_collect, "fit": cmd_fit, "eval": cmd_eval, "demo": cmd_demo, "reproduce": cmd_reproduce}
+COMMANDS = {
+    "bench": cmd_bench,
+    "collect": cmd_collect,
+    "fit": cmd_fit,
+    "eval": cmd_eval,
+    "demo": cmd_demo,
+    "reproduce": cmd_reproduce,
+}
 
 
 def main(argv=None) -> int:
     from .models import ModelNotAvailable
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
     try:
         COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, ModelNotAvailable) as e:
         # user errors (bad task file, unknown alias, wrong policy for the model, ...) get one clear line
         if args.verbose:  # the whole traceback, for bug reports
             raise
-        print(f"adainfer {args.command}: error: {e} (run with -v for the traceback)", file=sys.stderr)
+        print(
+            f"adainfer {args.command}: error: {e} (run with -v for the traceback)", file=sys.stderr
+        )
         return 2
     return 0
 

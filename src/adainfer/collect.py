@@ -37,7 +37,11 @@ def _batches(tokens: Sequence[int], batch_size: int, max_tokens: int | None):
     and no more than `max_tokens` once padded to the longest (one prompt at least)."""
     start = 0
     while start < len(tokens):
-        size = batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // max(tokens[start], 1)))
+        size = (
+            batch_size
+            if max_tokens is None
+            else max(1, min(batch_size, max_tokens // max(tokens[start], 1)))
+        )
         yield start, min(start + size, len(tokens))
         start += size
 
@@ -84,28 +88,46 @@ def collect(
     # batch prompts of similar length: in the order given, padding made Qwen2.5's 5-shot batches
     # 31% longer than their prompts (72% zero-shot). Longest first: a prompt too long for the
     # model or the memory fails at once.
-    tokens = [len(ids) for ids in engine.tokenizer([q.prompt for q in todo])["input_ids"]] if todo else []
+    tokens = (
+        [len(ids) for ids in engine.tokenizer([q.prompt for q in todo])["input_ids"]]
+        if todo
+        else []
+    )
     order = sorted(range(len(todo)), key=lambda i: tokens[i], reverse=True)
     todo, tokens = [todo[i] for i in order], [tokens[i] for i in order]
     policy = NeverExit(features=tuple(features))
     all_layers = list(range(1, engine.num_layers + 1))
     # after the highest part, not the count: with a part deleted, a count would overwrite the last
-    next_part = 1 + max((int(p.stem.rsplit("-", 1)[1]) for p in out.glob(f"part-r{rank}-*.parquet")), default=-1)
+    next_part = 1 + max(
+        (int(p.stem.rsplit("-", 1)[1]) for p in out.glob(f"part-r{rank}-*.parquet")), default=-1
+    )
     # progress in tokens, not queries: longest first, a count of queries put the first estimate
     # of a 4.8M-token few-shot run at 22 h for about 4 h of work
-    bar = tqdm(total=sum(tokens), desc=f"collect [rank {rank}]" if world_size > 1 else "collect", unit="tok",
-               unit_scale=True, disable=not progress)  # fmt: skip
+    bar = tqdm(
+        total=sum(tokens),
+        desc=f"collect [rank {rank}]" if world_size > 1 else "collect",
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+    )
     pending = []  # small batches (the token budget's) are written together, batch_size queries a part
     for start, stop in _batches(tokens, batch_size, max_batch_tokens):
         batch = todo[start:stop]
         choices = [q.choice_tokens for q in batch]
         result = engine.run(
-            [q.prompt for q in batch], policy, features=features, check_layers=all_layers, choices=choices
+            [q.prompt for q in batch],
+            policy,
+            features=features,
+            check_layers=all_layers,
+            choices=choices,
         )
         pending.append(_rows(batch, result))
         if sum(t.num_rows for t in pending) >= batch_size * engine.num_layers or stop == len(todo):
             table, pending = pa.concat_tables(pending), []
-            write_atomic(out / f"part-r{rank}-{next_part:05d}.parquet", lambda tmp: pq.write_table(table, tmp))
+            write_atomic(
+                out / f"part-r{rank}-{next_part:05d}.parquet",
+                lambda tmp: pq.write_table(table, tmp),
+            )
             next_part += 1
         bar.update(sum(tokens[start:stop]))
         bar.set_postfix_str(f"{stop}/{len(todo)} queries", refresh=False)
@@ -127,7 +149,9 @@ def _rows(batch: Sequence[Query], result) -> pa.Table:
         "gold": np.repeat(gold, L),
         "label": (result.layer_top1 == gold[:, None]).reshape(-1).astype(np.int8),
         # choice-restricted answer (lm-eval-harness style), -1 where the task has no choices
-        "choice_top1": (result.layer_choice if result.layer_choice is not None else np.full((B, L), -1)).reshape(-1),
+        "choice_top1": (
+            result.layer_choice if result.layer_choice is not None else np.full((B, L), -1)
+        ).reshape(-1),
         "fingerprint": np.repeat([fingerprint(q) for q in batch], L),  # what was run under this id
     }
     for j, name in enumerate(result.feature_names):
@@ -137,7 +161,9 @@ def _rows(batch: Sequence[Query], result) -> pa.Table:
 
 def fingerprint(q: Query) -> str:
     """A short hash of what a query runs and how it is scored."""
-    return hashlib.sha256(f"{q.prompt}\0{q.gold}\0{list(q.choice_tokens)}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{q.prompt}\0{q.gold}\0{list(q.choice_tokens)}".encode()).hexdigest()[
+        :16
+    ]
 
 
 def collected_fingerprints(out_dir: str | Path) -> dict[str, str | None]:
@@ -160,7 +186,9 @@ def load_collected(path: str | Path, tasks: Sequence[str] | None = None) -> tupl
     path = Path(path)
     parts = sorted(path.glob("part-*.parquet"))
     if not (path / "meta.json").exists() or not parts:
-        raise FileNotFoundError(f"{path} holds no collected data; run `adainfer collect --out {path}` first")
+        raise FileNotFoundError(
+            f"{path} holds no collected data; run `adainfer collect --out {path}` first"
+        )
     table = ds.dataset(parts).to_table()
     if tasks:
         have = set(table.column("task").unique().to_pylist())
@@ -173,7 +201,9 @@ def load_collected(path: str | Path, tasks: Sequence[str] | None = None) -> tupl
 
 def select_tasks(table: pa.Table, tasks: Sequence[str]) -> pa.Table:
     """The collected rows of these tasks only."""
-    return table.filter(pa.array(np.isin(table.column("task").to_numpy(zero_copy_only=False), list(tasks))))
+    return table.filter(
+        pa.array(np.isin(table.column("task").to_numpy(zero_copy_only=False), list(tasks)))
+    )
 
 
 def training_arrays(table: pa.Table, features: Sequence[str], target: str = "gold"):

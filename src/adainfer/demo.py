@@ -44,7 +44,9 @@ def run_demo(
     out = Path(out_dir)
     lm, tokenizer = load(model, dtype=dtype, device=device, device_map=device_map)
     engine = AdaptiveEngine(lm, tokenizer)
-    train, test = task_queries(tokenizer, tasks, shots=shots, n_train=n_train, n_test=n_test, seed=seed)
+    train, test = task_queries(
+        tokenizer, tasks, shots=shots, n_train=n_train, n_test=n_test, seed=seed
+    )
     collect(engine, train, out / "collect", batch_size=batch_size, progress=progress)
     policies = {}
     for name, policy in standard_policies().items():
@@ -52,10 +54,14 @@ def run_demo(
         save_policy(policies[name], out / "policies" / f"{name}.safetensors")
     # the same classifier, checking only where a check can pay for itself on this machine
     check_cost = measure_check_cost(engine, [q.prompt for q in test[:batch_size]])
-    planned = fit_policy(out / "collect", SVMExit(features=("gap", "top_prob", "layer_frac")), check_cost=check_cost)
+    planned = fit_policy(
+        out / "collect", SVMExit(features=("gap", "top_prob", "layer_frac")), check_cost=check_cost
+    )
     policies["svm+layer, planned"] = planned
     save_policy(planned, out / "policies" / "svm+layer-planned.safetensors")
-    summary = evaluate(engine, test, {**policies, "oracle": OracleExit()}, batch_size=batch_size, progress=progress)
+    summary = evaluate(
+        engine, test, {**policies, "oracle": OracleExit()}, batch_size=batch_size, progress=progress
+    )
     layer_acc = layer_accuracy(engine, test, batch_size=batch_size, progress=progress)
     summary.update(
         model=getattr(lm, "adainfer_id", model),
@@ -73,6 +79,11 @@ def run_demo(
     write_json(out / "summary.json", summary)
     write_text_atomic(out / "table.md", summary["table"] + "\n")
     summary["plot"] = str(
-        plot_accuracy_vs_layers(summary, layer_acc, out / "accuracy_vs_layers.png", f"{summary['model']}, {shots}-shot rule tasks")
+        plot_accuracy_vs_layers(
+            summary,
+            layer_acc,
+            out / "accuracy_vs_layers.png",
+            f"{summary['model']}, {shots}-shot rule tasks",
+        )
     )
     return summary

@@ -54,7 +54,9 @@ class ExitResult:
     feature_names: tuple[str, ...]
     num_layers: int
     logits: torch.Tensor | None = None  # [B, V] exit-layer logits (float32), if kept
-    layer_choice: np.ndarray | None = None  # [B, L] best of the row's choice tokens per checked layer
+    layer_choice: np.ndarray | None = (
+        None  # [B, L] best of the row's choice tokens per checked layer
+    )
     wall_time_s: float = 0.0
     num_short_checks: np.ndarray | None = None  # [B] of num_checks, those on a shortlist only
     shortlist_size: int = 0
@@ -79,16 +81,30 @@ class ExitResult:
         if all(r.logits is not None for r in results):
             logits = torch.cat([r.logits for r in results])
 
-        def merged(name, fill, *width):  # a batch without the field (no choice row, say) gets `fill`
+        def merged(
+            name, fill, *width
+        ):  # a batch without the field (no choice row, say) gets `fill`
             parts = [getattr(r, name) for r in results]
             if all(p is None for p in parts):
                 return None
-            return np.concatenate([p if p is not None else np.full((len(r), *width), fill) for p, r in zip(parts, results)])
+            return np.concatenate(
+                [
+                    p if p is not None else np.full((len(r), *width), fill)
+                    for p, r in zip(parts, results)
+                ]
+            )
 
         return ExitResult(
             **{
                 name: np.concatenate([getattr(r, name) for r in results])
-                for name in ("exit_layer", "top1", "num_checks", "features", "layer_top1", "seq_len")
+                for name in (
+                    "exit_layer",
+                    "top1",
+                    "num_checks",
+                    "features",
+                    "layer_top1",
+                    "seq_len",
+                )
             },
             feature_names=first.feature_names,
             num_layers=first.num_layers,
@@ -204,7 +220,9 @@ class AdaptiveEngine:
         self.check_dtype = check_dtype if check_dtype not in (None, model.dtype) else None
         self._cheap_head = None
         if shortlist is not None and not 2 <= shortlist < self.parts.head.weight.shape[0]:
-            raise ValueError(f"shortlist must be between 2 and the vocabulary size, got {shortlist}")
+            raise ValueError(
+                f"shortlist must be between 2 and the vocabulary size, got {shortlist}"
+            )
         self.shortlist = shortlist
 
     @property
@@ -231,9 +249,13 @@ class AdaptiveEngine:
             return self.parts.logits(last)
         if self._cheap_head is None:
             self._cheap_head = self.parts.head.weight.detach().to(self.check_dtype)
-        logits = torch.nn.functional.linear(self.parts.norm(last).to(self.check_dtype), self._cheap_head)
+        logits = torch.nn.functional.linear(
+            self.parts.norm(last).to(self.check_dtype), self._cheap_head
+        )
         if self.parts.softcap or self.parts.logit_scale != 1.0:
-            logits = self.parts.finish(logits.float())  # in fp32: tanh on bf16 logits blurs the top gap
+            logits = self.parts.finish(
+                logits.float()
+            )  # in fp32: tanh on bf16 logits blurs the top gap
         return logits
 
     # ---------------------------------------------------------------- tokenization
@@ -243,9 +265,7 @@ class AdaptiveEngine:
         for i, p in enumerate(prompts):
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-        enc = self.tokenizer(
-            list(prompts), return_tensors="pt", padding=True, padding_side="left"
-        )
+        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
         lengths = enc["attention_mask"].sum(-1)
         limit = context_length(self.model.config)
         if limit is not None and int(lengths.max()) > limit:
@@ -259,7 +279,11 @@ class AdaptiveEngine:
         # positions from the mask, as generate() does: left padding must not shift absolute
         # positions (GPT-2, OPT) and makes every row equal to itself run alone.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return {"input_ids": enc["input_ids"].to(device), "attention_mask": mask, "position_ids": positions}
+        return {
+            "input_ids": enc["input_ids"].to(device),
+            "attention_mask": mask,
+            "position_ids": positions,
+        }
 
     # ---------------------------------------------------------------- the run
     @torch.inference_mode()
@@ -285,7 +309,11 @@ class AdaptiveEngine:
         if missing:
             raise ValueError(f"the policy needs features {missing} that this run does not compute")
         column = [names.index(n) for n in needed]
-        checks = set(self._valid_layers(check_layers) if check_layers is not None else self.layers_to_check(policy, len(prompts)))
+        checks = set(
+            self._valid_layers(check_layers)
+            if check_layers is not None
+            else self.layers_to_check(policy, len(prompts))
+        )
         batch = self._new_batch(enc, names, gold, choices)
         L = self.num_layers
         if fast_path and not (checks - {L}):
@@ -318,7 +346,9 @@ class AdaptiveEngine:
                     batch.current["hidden"] = last
                 sims = {
                     s: (
-                        torch.cosine_similarity(batch.current[s].float(), batch.previous[s].float(), dim=-1)
+                        torch.cosine_similarity(
+                            batch.current[s].float(), batch.previous[s].float(), dim=-1
+                        )
                         if s in batch.previous
                         else torch.zeros(len(last), device=last.device)
                     )
@@ -334,7 +364,11 @@ class AdaptiveEngine:
                     self._finish(batch, torch.ones(len(rows), dtype=torch.bool), layer, logits)
                     raise _Done
                 ids = batch.shortlist[rows] if batch.shortlist is not None else None
-                logits = self.check_logits(last) if ids is None else self.parts.shortlist_logits(last, ids.to(last.device))
+                logits = (
+                    self.check_logits(last)
+                    if ids is None
+                    else self.parts.shortlist_logits(last, ids.to(last.device))
+                )
                 feats, top1 = self._record(batch, layer, logits, sims, ids=ids)
                 batch.checked.append(layer)
                 batch.num_checks[rows] += 1
@@ -346,19 +380,30 @@ class AdaptiveEngine:
                 stop = self._decide(policy, batch, layer, rows, feats, top1, column, needed)
                 if not stop.any():
                     return None
-                exact = None if ids is None and self.check_dtype is None else self.parts.logits(last[stop.to(last.device)])
+                exact = (
+                    None
+                    if ids is None and self.check_dtype is None
+                    else self.parts.logits(last[stop.to(last.device)])
+                )
                 if exact is not None:
                     batch.num_confirms[rows[stop]] += 1
                 if ids is not None:  # confirm on the whole vocabulary: exact features, same policy
                     sub = rows[stop]
                     feats, top1 = self._record(batch, layer, exact, sims, where=stop)
                     agree = self._decide(policy, batch, layer, sub, feats, top1, column, needed)
-                    batch.shortlist[sub[~agree]] = exact[~agree.to(exact.device)].topk(self.shortlist, dim=-1).indices.cpu()
+                    batch.shortlist[sub[~agree]] = (
+                        exact[~agree.to(exact.device)].topk(self.shortlist, dim=-1).indices.cpu()
+                    )
                     exact = exact[agree.to(exact.device)]
                     stop[stop.clone()] = agree
                     if not stop.any():
                         return None
-                self._finish(batch, stop, layer, exact if exact is not None else logits[stop.to(logits.device)])
+                self._finish(
+                    batch,
+                    stop,
+                    layer,
+                    exact if exact is not None else logits[stop.to(logits.device)],
+                )
                 if len(batch.active) == 0:
                     raise _Done
                 keep = (~stop).to(hidden.device)
@@ -416,7 +461,9 @@ class AdaptiveEngine:
                 raise ValueError(f"got choices for {len(choices)} rows, expected {B}")
             # rows may mix choice tasks and open tasks: pad with the row's first choice (or -1)
             width = max(len(c) for c in choices)
-            choice_ids = torch.tensor([list(c) + [c[0] if c else -1] * (width - len(c)) for c in choices])
+            choice_ids = torch.tensor(
+                [list(c) + [c[0] if c else -1] * (width - len(c)) for c in choices]
+            )
         return _Batch(
             size=B,
             active=torch.arange(B),
@@ -436,7 +483,9 @@ class AdaptiveEngine:
         )
 
     @staticmethod
-    def _decide(policy, batch: _Batch, layer: int, rows, feats, top1, column, needed) -> torch.Tensor:
+    def _decide(
+        policy, batch: _Batch, layer: int, rows, feats, top1, column, needed
+    ) -> torch.Tensor:
         """One vectorised decision for `rows`: a bool mask over them."""
         step = Step(
             layer=layer,
@@ -450,7 +499,9 @@ class AdaptiveEngine:
         )
         return torch.as_tensor(np.asarray(policy.decide(step), dtype=bool))
 
-    def _record(self, batch: _Batch, layer: int, logits, sims, *, ids=None, where=None, with_features=True):
+    def _record(
+        self, batch: _Batch, layer: int, logits, sims, *, ids=None, where=None, with_features=True
+    ):
         """Features, top-1 and best choice at `layer` into the trace, for the active rows (or
         those selected by the mask `where`). With `ids`, `logits` are over each row's shortlist:
         top-1 maps back to token ids, and choices wait for an exact check."""
@@ -493,7 +544,9 @@ class AdaptiveEngine:
         if self.keep_logits:
             logits = logits.float().cpu()
             if batch.logits is None and len(rows) == batch.size:
-                batch.logits = logits  # every row at once (plain run, last layer): no second [B, V] copy
+                batch.logits = (
+                    logits  # every row at once (plain run, last layer): no second [B, V] copy
+                )
             else:
                 if batch.logits is None:
                     batch.logits = torch.empty(batch.size, logits.shape[-1])

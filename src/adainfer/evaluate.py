@@ -40,15 +40,21 @@ def evaluate(
     results: dict[str, list[ExitResult]] = {k: [] for k in variants}
     plain_time = 0.0
     order = ["plain", *variants]
-    warm = queries[:batch_size]  # one untimed pass of every variant: the first timed run is not a cold one
+    warm = queries[
+        :batch_size
+    ]  # one untimed pass of every variant: the first timed run is not a cold one
     plain_forward(engine.model, engine.encode([q.prompt for q in warm]))
     for policy in variants.values():
         engine.run([q.prompt for q in warm], policy, gold=[q.gold for q in warm])
-    for n, start in enumerate(tqdm(range(0, len(queries), batch_size), desc="eval", unit="batch", disable=not progress)):
+    for n, start in enumerate(
+        tqdm(range(0, len(queries), batch_size), desc="eval", unit="batch", disable=not progress)
+    ):
         batch = queries[start : start + batch_size]
         prompts, gold = [q.prompt for q in batch], [q.gold for q in batch]
         enc = engine.encode(prompts)
-        for name in order[n % len(order) :] + order[: n % len(order)]:  # rotate: drift hits all alike
+        for name in (
+            order[n % len(order) :] + order[: n % len(order)]
+        ):  # rotate: drift hits all alike
             if name == "plain":
                 t0 = time.perf_counter()
                 plain_forward(engine.model, enc)  # timed like engine.run: the forward pass alone
@@ -66,7 +72,9 @@ def evaluate(
     }
     for name, parts in results.items():
         r = ExitResult.concat(parts)
-        summary["policies"][name] = _summarise(r, gold, tasks, result_ratios(r, engine.parts, variants[name]), plain_time)
+        summary["policies"][name] = _summarise(
+            r, gold, tasks, result_ratios(r, engine.parts, variants[name]), plain_time
+        )
     return summary
 
 
@@ -94,11 +102,15 @@ def _summarise(r: ExitResult, gold, tasks, flops, plain_time) -> dict:
     return out
 
 
-def layer_accuracy(engine: AdaptiveEngine, queries: Sequence[Query], *, batch_size: int = 8, progress=True) -> np.ndarray:
+def layer_accuracy(
+    engine: AdaptiveEngine, queries: Sequence[Query], *, batch_size: int = 8, progress=True
+) -> np.ndarray:
     """Fraction of queries whose layer-l top-1 is the gold token, for every layer l (1..L)."""
     all_layers = list(range(1, engine.num_layers + 1))
     hits = []
-    for start in tqdm(range(0, len(queries), batch_size), desc="layers", unit="batch", disable=not progress):
+    for start in tqdm(
+        range(0, len(queries), batch_size), desc="layers", unit="batch", disable=not progress
+    ):
         batch = queries[start : start + batch_size]
         r = engine.run([q.prompt for q in batch], NeverExit(), check_layers=all_layers)
         hits.append(r.layer_top1 == np.array([q.gold for q in batch])[:, None])

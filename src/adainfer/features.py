@@ -20,7 +20,9 @@ PAPER_FEATURES = ("gap", "top_prob")
 LOGIT_FEATURES = ("gap", "top_prob", "entropy")
 SIMILARITY_FEATURES = {"cos_attn": "attn", "cos_mlp": "mlp", "cos_hidden": "hidden"}
 ALL_FEATURES = LOGIT_FEATURES + ("layer_frac",) + tuple(SIMILARITY_FEATURES)
-DEFAULT_FEATURES = LOGIT_FEATURES + ("layer_frac",)  # the default policy's: no similarity streams to track
+DEFAULT_FEATURES = LOGIT_FEATURES + (
+    "layer_frac",
+)  # the default policy's: no similarity streams to track
 
 
 def check_names(names: Iterable[str]) -> tuple[str, ...]:
@@ -53,7 +55,9 @@ def compute(
     parts = [_logit_features(chunk, names) for chunk in logits.split(chunk_rows) or (logits,)]
     columns = {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
     top1 = columns.pop("top1")
-    columns["layer_frac"] = torch.full(top1.shape, layer / num_layers, dtype=torch.float32, device=top1.device)
+    columns["layer_frac"] = torch.full(
+        top1.shape, layer / num_layers, dtype=torch.float32, device=top1.device
+    )
     for name, stream in SIMILARITY_FEATURES.items():
         if name in names:
             columns[name] = similarities[stream].float()

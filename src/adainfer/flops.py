@@ -40,13 +40,26 @@ def true_ratio(
     checks, short = np.asarray(num_checks, float), np.asarray(short_checks, float)
     layer = s * 2 * (6 * hidden + s)
     final_head = (exit_layer == num_layers).astype(float)  # rows that exited used a check's logits
-    head = (checks - short + final_head + np.asarray(confirms, float)) * vocab + short * shortlist_size
+    head = (
+        checks - short + final_head + np.asarray(confirms, float)
+    ) * vocab + short * shortlist_size
     used = exit_layer * layer + head + checks * policy_flops / (2 * hidden)
     return used / (num_layers * layer + vocab)
 
 
-def ratios(exit_layer, num_checks, seq_len, *, num_layers: int, hidden: int, vocab: int, policy=None,
-           short_checks=0, shortlist_size: int = 0, confirms=0) -> dict[str, np.ndarray]:  # fmt: skip
+def ratios(
+    exit_layer,
+    num_checks,
+    seq_len,
+    *,
+    num_layers: int,
+    hidden: int,
+    vocab: int,
+    policy=None,
+    short_checks=0,
+    shortlist_size: int = 0,
+    confirms=0,
+) -> dict[str, np.ndarray]:
     """Both ratios, per row; the policy's own decision cost is charged to the true ratio.
 
     Takes plain arrays, so a live run (`ExitResult`) and an offline replay (`Replay` plus the
@@ -54,14 +67,32 @@ def ratios(exit_layer, num_checks, seq_len, *, num_layers: int, hidden: int, voc
     cost = policy.cost_flops() if policy is not None and hasattr(policy, "cost_flops") else 0.0
     return {
         "flops_ratio": paper_ratio(exit_layer, num_layers, hidden, vocab, seq_len),
-        "true_flops_ratio": true_ratio(exit_layer, num_checks, num_layers, hidden, vocab, seq_len, cost, short_checks, shortlist_size, confirms),
+        "true_flops_ratio": true_ratio(
+            exit_layer,
+            num_checks,
+            num_layers,
+            hidden,
+            vocab,
+            seq_len,
+            cost,
+            short_checks,
+            shortlist_size,
+            confirms,
+        ),
     }
 
 
 def result_ratios(result, parts, policy=None) -> dict[str, np.ndarray]:
     """`ratios` of an ExitResult of the model described by `parts` (ModelParts)."""
-    return ratios(result.exit_layer, result.num_checks, result.seq_len, num_layers=result.num_layers,
-                  hidden=parts.config.hidden_size, vocab=parts.head.weight.shape[0], policy=policy,
-                  short_checks=0 if result.num_short_checks is None else result.num_short_checks,
-                  shortlist_size=result.shortlist_size,
-                  confirms=0 if result.num_confirms is None else result.num_confirms)
+    return ratios(
+        result.exit_layer,
+        result.num_checks,
+        result.seq_len,
+        num_layers=result.num_layers,
+        hidden=parts.config.hidden_size,
+        vocab=parts.head.weight.shape[0],
+        policy=policy,
+        short_checks=0 if result.num_short_checks is None else result.num_short_checks,
+        shortlist_size=result.shortlist_size,
+        confirms=0 if result.num_confirms is None else result.num_confirms,
+    )

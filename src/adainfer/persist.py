@@ -28,7 +28,9 @@ def model_signature(model) -> dict:
     parts = find_parts(model)
     config = model.config
     return {
-        "model_id": getattr(model, "adainfer_id", None) or getattr(config, "_name_or_path", "") or "",
+        "model_id": getattr(model, "adainfer_id", None)
+        or getattr(config, "_name_or_path", "")
+        or "",
         "model_type": config.model_type,
         "num_layers": parts.num_layers,
         "hidden_size": config.hidden_size,
@@ -44,7 +46,9 @@ def write_atomic(path: str | os.PathLike, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; a results file is for everyone
+        os.chmod(
+            tmp, 0o666 & ~_umask()
+        )  # mkstemp makes it owner-only; a results file is for everyone
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -73,10 +77,13 @@ def save_policy(policy: ExitPolicy, path, model=None, **extra) -> Path:
         "params": params,
         "features": list(policy.features),
         "check_layers": getattr(policy, "check_layers_", None),
-        "check_plans": {str(b): list(l) for b, l in getattr(policy, "check_plans_", {}).items()} or None,
+        "check_plans": {str(b): list(l) for b, l in getattr(policy, "check_plans_", {}).items()}
+        or None,
         "target": getattr(policy, "target_", None),
         "adainfer_version": __version__,
-        "model": model_signature(model) if model is not None else getattr(policy, "model_meta_", None),
+        "model": model_signature(model)
+        if model is not None
+        else getattr(policy, "model_meta_", None),
         **extra,
     }
     arrays = {k: np.ascontiguousarray(v) for k, v in policy._arrays().items()}
@@ -101,8 +108,10 @@ def load_policy(path, model=None, allow_other_model: bool = False) -> ExitPolicy
         raise ValueError(f"{path} is not an adainfer policy file (format {FORMAT} expected)")
     params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["params"].items()}
     if meta.get("policy") not in POLICIES:
-        raise ValueError(f"{path} holds a {meta.get('policy')!r} policy, which this adainfer ({__version__}) does not know; "
-                         f"known: {', '.join(POLICIES)}")
+        raise ValueError(
+            f"{path} holds a {meta.get('policy')!r} policy, which this adainfer ({__version__}) does not know; "
+            f"known: {', '.join(POLICIES)}"
+        )
     policy = POLICIES[meta["policy"]](**params)
     policy.features = tuple(meta["features"])
     policy._load_arrays(arrays)

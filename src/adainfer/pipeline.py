@@ -13,10 +13,17 @@ from .persist import load_policy, write_text_atomic
 from .policies import POLICIES, ExitPolicy, make_policy
 
 
-def fit_policy(data_dir, policy: ExitPolicy, tasks: Sequence[str] | None = None,
-               check_cost: float | Mapping[int, float] | None = None, *, target: str = "gold",
-               tune_threshold: bool = True, min_agreement: float | None = None,
-               confidence: float | None = None) -> ExitPolicy:  # fmt: skip
+def fit_policy(
+    data_dir,
+    policy: ExitPolicy,
+    tasks: Sequence[str] | None = None,
+    check_cost: float | Mapping[int, float] | None = None,
+    *,
+    target: str = "gold",
+    tune_threshold: bool = True,
+    min_agreement: float | None = None,
+    confidence: float | None = None,
+) -> ExitPolicy:
     """Train `policy` on collected rows; it remembers the model the rows came from.
 
     `target`: what the classifier learns per layer, "gold" (the paper: the top-1 is the gold
@@ -29,36 +36,48 @@ def fit_policy(data_dir, policy: ExitPolicy, tasks: Sequence[str] | None = None,
     accuracy loss at `confidence` (default `checks.CONFIDENCE`)."""
     table, meta = load_collected(data_dir, tasks)
     if table.num_rows == 0:
-        raise ValueError(f"no collected rows in {data_dir}" + (f" for tasks {list(tasks)}" if tasks else ""))
+        raise ValueError(
+            f"no collected rows in {data_dir}" + (f" for tasks {list(tasks)}" if tasks else "")
+        )
     if policy.trainable:
         policy.fit(*training_arrays(table, policy.features, target))
         policy.target_ = target
     if check_cost is not None:
         costs = check_cost if isinstance(check_cost, Mapping) else {1: float(check_cost)}
-        plans = plan_checks_by_batch(policy, Traces.from_table(table, policy.features), costs,
-                                     thresholds=THRESHOLDS if tune_threshold else None, min_agreement=min_agreement,
-                                     confidence=confidence)  # fmt: skip
+        plans = plan_checks_by_batch(
+            policy,
+            Traces.from_table(table, policy.features),
+            costs,
+            thresholds=THRESHOLDS if tune_threshold else None,
+            min_agreement=min_agreement,
+            confidence=confidence,
+        )
         apply_plans(policy, plans)
     policy.model_meta_ = meta["model"]
     return policy
 
 
-def resolve_policy(spec: str, features: Sequence[str] | None = None, *, ready: bool = False) -> ExitPolicy:
+def resolve_policy(
+    spec: str, features: Sequence[str] | None = None, *, ready: bool = False
+) -> ExitPolicy:
     """A saved policy file, or a policy name (untrained; `gap`, `never`, `oracle` need no training).
     `ready`: the policy will run as is, so a name that needs training is an error."""
     if spec in POLICIES:
         params = {"features": tuple(features)} if features and spec not in ("gap",) else {}
         policy = make_policy(spec, **params)
         if ready and policy.trainable:
-            raise ValueError(f"--policy {spec} needs training first: `adainfer fit --data <collected dir> --policy {spec} "
-                             f"--out {spec}.safetensors`, then pass that file (untrained names: gap, never, oracle)")
+            raise ValueError(
+                f"--policy {spec} needs training first: `adainfer fit --data <collected dir> --policy {spec} "
+                f"--out {spec}.safetensors`, then pass that file (untrained names: gap, never, oracle)"
+            )
         return policy
     if Path(spec).exists():
         return load_policy(spec)
-    raise ValueError(f"--policy {spec!r} is neither a saved policy file nor one of {', '.join(POLICIES)}")
+    raise ValueError(
+        f"--policy {spec!r} is neither a saved policy file nor one of {', '.join(POLICIES)}"
+    )
 
 
 def write_json(path, data) -> Path:
     write_text_atomic(path, json.dumps(data, indent=2))
     return Path(path)
-

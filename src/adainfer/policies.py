@@ -83,7 +83,9 @@ def _check_labels(y) -> np.ndarray:
     y = np.asarray(y).astype(int).ravel()
     classes = np.unique(y)
     if not set(classes) <= {0, 1}:
-        raise ValueError(f"labels must be 0/1 (is this layer's top-1 the gold token?), got {classes}")
+        raise ValueError(
+            f"labels must be 0/1 (is this layer's top-1 the gold token?), got {classes}"
+        )
     if len(classes) < 2:
         raise ValueError(
             f"every training label is {classes[0] if len(classes) else 'missing'}: the model is "
@@ -164,7 +166,14 @@ class SVMExit(_Standardized):
     `max_train_rows` subsamples the (layer x example) rows: SVC training is quadratic in them.
     """
 
-    def __init__(self, features=PAPER_FEATURES, C: float = 1.0, gamma="scale", max_train_rows: int = 6000, random_state: int = 0):
+    def __init__(
+        self,
+        features=PAPER_FEATURES,
+        C: float = 1.0,
+        gamma="scale",
+        max_train_rows: int = 6000,
+        random_state: int = 0,
+    ):
         self.features = features
         self.C = C
         self.gamma = gamma
@@ -177,7 +186,9 @@ class SVMExit(_Standardized):
         self.features = check_names(self.features)
         X, y = _as_2d(X, self.features), _check_labels(y)
         if len(X) > self.max_train_rows:
-            keep = np.random.default_rng(self.random_state).choice(len(X), self.max_train_rows, replace=False)
+            keep = np.random.default_rng(self.random_state).choice(
+                len(X), self.max_train_rows, replace=False
+            )
             X, y = X[keep], y[keep]
             y = _check_labels(y)
         self._set_scaler(X)
@@ -198,7 +209,10 @@ class SVMExit(_Standardized):
         return 4.0 * self.support_vectors_.size
 
     def _arrays(self):
-        return {k: getattr(self, k) for k in ("mean_", "scale_", "support_vectors_", "dual_coef_", "intercept_", "gamma_")}
+        return {
+            k: getattr(self, k)
+            for k in ("mean_", "scale_", "support_vectors_", "dual_coef_", "intercept_", "gamma_")
+        }
 
     def _load_arrays(self, arrays):
         for k, v in arrays.items():
@@ -268,17 +282,26 @@ class LayerLogisticExit(LogisticExit):
 
         self.features = check_names(self.features)
         if "layer_frac" not in self.features:
-            raise ValueError(f"LayerLogisticExit needs 'layer_frac' among its features to tell layers apart; got {self.features}")
+            raise ValueError(
+                f"LayerLogisticExit needs 'layer_frac' among its features to tell layers apart; got {self.features}"
+            )
         X, y = _as_2d(X, self.features), _check_labels(y)
         depth = np.round(X[:, self.features.index("layer_frac")], 6)
         self.depths_ = np.unique(depth)
         K, F = len(self.depths_), len(self.features)
-        self.mean_, self.scale_, self.coef_, self.intercept_ = np.zeros((K, F)), np.ones((K, F)), np.zeros((K, F)), np.zeros(K)
+        self.mean_, self.scale_, self.coef_, self.intercept_ = (
+            np.zeros((K, F)),
+            np.ones((K, F)),
+            np.zeros((K, F)),
+            np.zeros(K),
+        )
         for k, d in enumerate(self.depths_):
             Xk, yk = X[depth == d], y[depth == d]
             self.mean_[k], self.scale_[k] = _mean_scale(Xk)
             if 0 < yk.sum() < len(yk):
-                lr = LogisticRegression(C=self.C, max_iter=1000).fit((Xk - self.mean_[k]) / self.scale_[k], yk)
+                lr = LogisticRegression(C=self.C, max_iter=1000).fit(
+                    (Xk - self.mean_[k]) / self.scale_[k], yk
+                )
                 self.coef_[k], self.intercept_[k] = lr.coef_[0], lr.intercept_[0]
             else:  # nothing to separate at this depth: its base rate, kept off 0 and 1
                 rate = np.clip(yk.mean(), 1e-4, 1 - 1e-4)
@@ -314,7 +337,9 @@ class CRFExit(ExitPolicy):
         self.features = check_names(self.features)
         X, y = _as_2d(X, self.features), _check_labels(y)
         if groups is None:
-            raise ValueError("CRFExit.fit needs groups= (the example id of each row, layers in order)")
+            raise ValueError(
+                "CRFExit.fit needs groups= (the example id of each row, layers in order)"
+            )
         groups = np.asarray(groups)
         seqs, labels = [], []
         for g in dict.fromkeys(groups.tolist()):
@@ -395,5 +420,7 @@ def make_policy(name: str, **params) -> ExitPolicy:
     try:
         cls = POLICIES[name]
     except KeyError:
-        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)} or a saved policy file") from None
+        raise ValueError(
+            f"unknown policy {name!r}; choose from {', '.join(POLICIES)} or a saved policy file"
+        ) from None
     return cls(**params)

@@ -14,7 +14,9 @@ def _save(fig, path, dpi: int) -> None:
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
 
 
-def plot_accuracy_vs_layers(summary: dict, layer_acc: np.ndarray | None, path: str | Path, title: str = "") -> Path:
+def plot_accuracy_vs_layers(
+    summary: dict, layer_acc: np.ndarray | None, path: str | Path, title: str = ""
+) -> Path:
     """Left: accuracy if every query stopped at layer l. Right: each policy's accuracy vs layers used."""
     import matplotlib
 
@@ -34,8 +36,15 @@ def plot_accuracy_vs_layers(summary: dict, layer_acc: np.ndarray | None, path: s
     ax = axes[1]
     markers = "osD^v<>pPX*h"
     for i, (name, s) in enumerate(summary["policies"].items()):
-        ax.scatter(100 * s["mean_exit_layer"] / L, 100 * s["accuracy"], s=60, marker=markers[i % len(markers)],
-                   zorder=3, alpha=0.8, label=f"{name} (true FLOPs {100 * s['true_flops_ratio']:.0f}%)")
+        ax.scatter(
+            100 * s["mean_exit_layer"] / L,
+            100 * s["accuracy"],
+            s=60,
+            marker=markers[i % len(markers)],
+            zorder=3,
+            alpha=0.8,
+            label=f"{name} (true FLOPs {100 * s['true_flops_ratio']:.0f}%)",
+        )
     ax.set_xlabel("layers used (% of full depth)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("Policies: accuracy against layers used")
@@ -56,9 +65,11 @@ def plot_accuracy_vs_layers(summary: dict, layer_acc: np.ndarray | None, path: s
 def _avg(rows, key, **where):
     """n-weighted mean of `key` over rows matching `where` (a value, or a callable test)."""
     sel = [
-        r for r in rows
-        if all((v(r[k]) if callable(v) else r[k] == v) for k, v in where.items()) and r.get(key) is not None
-    ]  # fmt: skip
+        r
+        for r in rows
+        if all((v(r[k]) if callable(v) else r[k] == v) for k, v in where.items())
+        and r.get(key) is not None
+    ]
     n = sum(r["n"] for r in sel)
     return sum(r[key] * r["n"] for r in sel) / n if n else None
 
@@ -82,11 +93,20 @@ def _md(header, rows):
 def eval_table(summary: dict) -> str:
     """`adainfer eval` / demo: one row per policy, the full model first."""
     body = [
-        [name, f"{100 * s['accuracy']:.1f}%", f"{s['mean_exit_layer']:.1f} / {s['num_layers']}", f"{100 * s['flops_ratio']:.1f}%",
-         f"{100 * s['true_flops_ratio']:.1f}%", "-" if s["time_vs_plain"] is None else f"{s['time_vs_plain']:.2f}x"]
+        [
+            name,
+            f"{100 * s['accuracy']:.1f}%",
+            f"{s['mean_exit_layer']:.1f} / {s['num_layers']}",
+            f"{100 * s['flops_ratio']:.1f}%",
+            f"{100 * s['true_flops_ratio']:.1f}%",
+            "-" if s["time_vs_plain"] is None else f"{s['time_vs_plain']:.2f}x",
+        ]
         for name, s in summary["policies"].items()
     ]
-    return _md(["policy", "accuracy", "mean exit layer", "paper FLOPs", "true FLOPs", "time vs plain"], body)
+    return _md(
+        ["policy", "accuracy", "mean exit layer", "paper FLOPs", "true FLOPs", "time vs plain"],
+        body,
+    )
 
 
 def _layers(layers) -> str:
@@ -117,26 +137,66 @@ def bench_table(rows) -> str:
     for r in rows:
         p, o = r["policy"], r["oracle"]
         line = [
-            r["model"], r["dtype"], r["task"], r["batch_size"], f"{100 * r['full_accuracy']:.1f}", f"{100 * p['accuracy']:.1f}",
-            f"{p['mean_exit_layer']:.1f} / {o['mean_exit_layer']:.1f}", f"{p['mean_checks']:.1f}",
+            r["model"],
+            r["dtype"],
+            r["task"],
+            r["batch_size"],
+            f"{100 * r['full_accuracy']:.1f}",
+            f"{100 * p['accuracy']:.1f}",
+            f"{p['mean_exit_layer']:.1f} / {o['mean_exit_layer']:.1f}",
+            f"{p['mean_checks']:.1f}",
             f"{100 * p['flops_ratio']:.1f}% / {100 * p['true_flops_ratio']:.1f}%",
             f"{r.get('check_cost_layers', nan):.2f} / {r.get('check_cost_bf16_head_layers', nan):.2f}"
             + (f" / {r.get('check_cost_shortlist_layers') or nan:.2f}" if short else ""),
-            _layers(r.get("check_layers")), _plan_test(r), _ratio(r, "policy"), _ratio(r, "never"), _ratio(r, "hooks"), _ratio(r, "oracle"), f"{r['prompts_per_s_plain']:.1f} / {r['prompts_per_s_policy']:.1f}",
+            _layers(r.get("check_layers")),
+            _plan_test(r),
+            _ratio(r, "policy"),
+            _ratio(r, "never"),
+            _ratio(r, "hooks"),
+            _ratio(r, "oracle"),
+            f"{r['prompts_per_s_plain']:.1f} / {r['prompts_per_s_policy']:.1f}",
             f"{r['peak_mem_plain_mb']:.0f} / {r['peak_mem_policy_mb']:.0f}",
-        ]  # fmt: skip
+        ]
         if short:
             s = r.get("shortlist")
-            line += ["-"] * 4 if s is None else [
-                _layers(r.get("shortlist_check_layers")), f"{100 * s['accuracy']:.1f}", f"{s['mean_exit_layer']:.1f}",
-                _ratio(r, "shortlist"),
-            ]  # fmt: skip
+            line += (
+                ["-"] * 4
+                if s is None
+                else [
+                    _layers(r.get("shortlist_check_layers")),
+                    f"{100 * s['accuracy']:.1f}",
+                    f"{s['mean_exit_layer']:.1f}",
+                    _ratio(r, "shortlist"),
+                ]
+            )
         body.append(line)
-    header = ["model", "dtype", "task", "bs", "full acc", "policy acc", "exit layer (policy / oracle)", "checks",
-              "paper / true FLOPs", "check cost, layers (exact / bf16 head" + (" / shortlist)" if short else ")"), "check layers",
-              "plan's test: agreement / loss-bound confidence", "policy/plain", "never/plain", "hooks/plain", "oracle/plain", "prompts/s (plain / policy)", "peak MB (plain / policy)"]  # fmt: skip
+    header = [
+        "model",
+        "dtype",
+        "task",
+        "bs",
+        "full acc",
+        "policy acc",
+        "exit layer (policy / oracle)",
+        "checks",
+        "paper / true FLOPs",
+        "check cost, layers (exact / bf16 head" + (" / shortlist)" if short else ")"),
+        "check layers",
+        "plan's test: agreement / loss-bound confidence",
+        "policy/plain",
+        "never/plain",
+        "hooks/plain",
+        "oracle/plain",
+        "prompts/s (plain / policy)",
+        "peak MB (plain / policy)",
+    ]
     if short:
-        header += ["shortlist: check layers", "shortlist: acc", "shortlist: exit layer", "shortlist/plain"]
+        header += [
+            "shortlist: check layers",
+            "shortlist: acc",
+            "shortlist: exit layer",
+            "shortlist/plain",
+        ]
     return _md(header, body)
 
 
@@ -146,9 +206,14 @@ def bench_retimed(rows) -> str:
     lines = []
     for r in (r for r in rows if r.get("earlier_timings")):
         runs = r["earlier_timings"] + [r]
-        said = "; ".join(f"policy/plain {_ratio(t, 'policy')}, never/plain {_ratio(t, 'never')} "
-                         f"({t.get('paired_samples', '?')} paired, checks at {_layers(t.get('check_layers'))})" for t in runs)  # fmt: skip
-        lines.append(f"- {r['model']} {r['dtype']} {r['task']} bs {r['batch_size']}, oldest first: {said}")
+        said = "; ".join(
+            f"policy/plain {_ratio(t, 'policy')}, never/plain {_ratio(t, 'never')} "
+            f"({t.get('paired_samples', '?')} paired, checks at {_layers(t.get('check_layers'))})"
+            for t in runs
+        )
+        lines.append(
+            f"- {r['model']} {r['dtype']} {r['task']} bs {r['batch_size']}, oldest first: {said}"
+        )
     return "\n".join(lines)
 
 
@@ -169,22 +234,45 @@ def bench_targets(rows) -> str:
             return f"- {name}: no cell applies"
         r = max(cells, key=lambda r: value_of(r) - limit_of(r))
         within = sum(value_of(c) <= limit_of(c) for c in cells)
-        return (f"- {name}: {'met' if within == len(cells) else 'NOT met'}, {within} of {len(cells)} "
-                f"cells within; worst {value_of(r):.3f} against {limit_of(r):.3f} ({cell(r)})")  # fmt: skip
+        return (
+            f"- {name}: {'met' if within == len(cells) else 'NOT met'}, {within} of {len(cells)} "
+            f"cells within; worst {value_of(r):.3f} against {limit_of(r):.3f} ({cell(r)})"
+        )
 
     def peak(r, variant):  # MB, whole process where the row knows its resident set
         return r.get("resident_mb", 0) + r[f"peak_mem_{variant}_mb"]
 
     saves = [r for r in rows if r["policy"]["flops_ratio"] < 1]
-    return "\n".join([
-        worst("never slower, policy/plain <= 1.03", lambda r: 1.03, lambda r: r["policy/plain"], rows),
-        worst("overhead, never/plain <= 1.05 at batch 1 and 32", lambda r: 1.05 if r["batch_size"] in (1, 32) else None,
-              lambda r: r["never/plain"], rows),
-        worst("conversion, policy/plain <= 1.10 x true FLOPs ratio at batch 1, 1.15 x above",
-              lambda r: (1.10 if r["batch_size"] == 1 else 1.15) * r["policy"]["true_flops_ratio"], lambda r: r["policy/plain"], saves),
-        worst("memory, policy peak <= plain peak + 10% (MB, the process's resident set at the peak)",
-              lambda r: 1.10 * peak(r, "plain") + (0 if "resident_mb" in r else 1.0), lambda r: peak(r, "policy"), rows),
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            worst(
+                "never slower, policy/plain <= 1.03",
+                lambda r: 1.03,
+                lambda r: r["policy/plain"],
+                rows,
+            ),
+            worst(
+                "overhead, never/plain <= 1.05 at batch 1 and 32",
+                lambda r: 1.05 if r["batch_size"] in (1, 32) else None,
+                lambda r: r["never/plain"],
+                rows,
+            ),
+            worst(
+                "conversion, policy/plain <= 1.10 x true FLOPs ratio at batch 1, 1.15 x above",
+                lambda r: (
+                    (1.10 if r["batch_size"] == 1 else 1.15) * r["policy"]["true_flops_ratio"]
+                ),
+                lambda r: r["policy/plain"],
+                saves,
+            ),
+            worst(
+                "memory, policy peak <= plain peak + 10% (MB, the process's resident set at the peak)",
+                lambda r: 1.10 * peak(r, "plain") + (0 if "resident_mb" in r else 1.0),
+                lambda r: peak(r, "policy"),
+                rows,
+            ),
+        ]
+    )
 
 
 def reproduce_tables(results: dict) -> str:
@@ -193,7 +281,14 @@ def reproduce_tables(results: dict) -> str:
     groups = list(dict.fromkeys(r["group"] for r in rows))
     few = [k for k in cfg["shots"] if k > 0]
     settings = ([("zero-shot", lambda k: k == 0)] if 0 in cfg["shots"] else []) + (
-        [(f"few-shot (k = {', '.join(map(str, few))}{', averaged' if len(few) > 1 else ''})", lambda k: k > 0)] if few else []
+        [
+            (
+                f"few-shot (k = {', '.join(map(str, few))}{', averaged' if len(few) > 1 else ''})",
+                lambda k: k > 0,
+            )
+        ]
+        if few
+        else []
     )
     main_names = results["families"]["main"]
     out = [
@@ -204,24 +299,57 @@ def reproduce_tables(results: dict) -> str:
         f"({cfg['train_shots']}-shot) of the random training subset {cfg['train_tasks']}; seed {cfg['seed']}. "
         "Accuracy: top-1 over the whole vocabulary at the exit layer (the paper's); `choice`: restricted to the "
         "choice tokens (lm-eval-harness style). FLOPs in % of the full model: paper formula / true (checks charged)."
-        + (" The held-out examples of each task (indices into its data) are in results.json, `config.held_out`."
-           if cfg.get("held_out") else ""),
+        + (
+            " The held-out examples of each task (indices into its data) are in results.json, `config.held_out`."
+            if cfg.get("held_out")
+            else ""
+        ),
     ]
     for title, cond in settings:
         out += ["", f"## Tables 2/3: full model vs AdaInfer (SVM), {title}", ""]
         body = []
-        for scope, test in [*((t, {"task": t}) for t in tasks), *((f"**{g}**", {"group": g}) for g in groups)]:
-            body.append([
-                scope, _pct(_avg(rows, "accuracy", family="main", policy="full", shots=cond, **test)),
-                _pct(_avg(rows, "accuracy", family="main", policy="svm", shots=cond, **test)),
-                _pct(_avg(rows, "flops_ratio", family="main", policy="svm", shots=cond, **test)),
-                _pct(_avg(rows, "true_flops_ratio", family="main", policy="svm", shots=cond, **test)),
-                _pct(_avg(rows, "flops_ratio", family="main", policy="oracle", shots=cond, **test)),
-            ])  # fmt: skip
-        out.append(_md(["task", "full acc", "SVM acc", "SVM FLOPs", "SVM true FLOPs", "oracle FLOPs"], body))
-        out += ["", f"## Tables 4/8/9: policies compared, {title} (accuracy / FLOPs / true FLOPs)", ""]
+        for scope, test in [
+            *((t, {"task": t}) for t in tasks),
+            *((f"**{g}**", {"group": g}) for g in groups),
+        ]:
+            body.append(
+                [
+                    scope,
+                    _pct(_avg(rows, "accuracy", family="main", policy="full", shots=cond, **test)),
+                    _pct(_avg(rows, "accuracy", family="main", policy="svm", shots=cond, **test)),
+                    _pct(
+                        _avg(rows, "flops_ratio", family="main", policy="svm", shots=cond, **test)
+                    ),
+                    _pct(
+                        _avg(
+                            rows,
+                            "true_flops_ratio",
+                            family="main",
+                            policy="svm",
+                            shots=cond,
+                            **test,
+                        )
+                    ),
+                    _pct(
+                        _avg(
+                            rows, "flops_ratio", family="main", policy="oracle", shots=cond, **test
+                        )
+                    ),
+                ]
+            )
+        out.append(
+            _md(
+                ["task", "full acc", "SVM acc", "SVM FLOPs", "SVM true FLOPs", "oracle FLOPs"], body
+            )
+        )
+        out += [
+            "",
+            f"## Tables 4/8/9: policies compared, {title} (accuracy / FLOPs / true FLOPs)",
+            "",
+        ]
         body = [
-            [t] + [
+            [t]
+            + [
                 f"{_pct(_avg(rows, 'accuracy', family='main', policy=p, shots=cond, task=t))} / "
                 f"{_pct(_avg(rows, 'flops_ratio', family='main', policy=p, shots=cond, task=t))} / "
                 f"{_pct(_avg(rows, 'true_flops_ratio', family='main', policy=p, shots=cond, task=t))}"
@@ -230,32 +358,67 @@ def reproduce_tables(results: dict) -> str:
             for t in tasks
         ]
         out.append(_md(["task", *main_names], body))
-        choice_tasks = [t for t in tasks if _avg(rows, "choice_accuracy", family="main", policy="full", task=t) is not None]
+        choice_tasks = [
+            t
+            for t in tasks
+            if _avg(rows, "choice_accuracy", family="main", policy="full", task=t) is not None
+        ]
         if choice_tasks:
             out += ["", f"## Whole-vocabulary vs choice-restricted accuracy, {title}", ""]
-            out.append(_md(
-                ["task", "full: vocab", "full: choice", "SVM: vocab", "SVM: choice"],
-                [[t] + [_pct(_avg(rows, m, family="main", policy=p, shots=cond, task=t))
-                        for p in ("full", "svm") for m in ("accuracy", "choice_accuracy")] for t in choice_tasks],
-            ))  # fmt: skip
+            out.append(
+                _md(
+                    ["task", "full: vocab", "full: choice", "SVM: vocab", "SVM: choice"],
+                    [
+                        [t]
+                        + [
+                            _pct(_avg(rows, m, family="main", policy=p, shots=cond, task=t))
+                            for p in ("full", "svm")
+                            for m in ("accuracy", "choice_accuracy")
+                        ]
+                        for t in choice_tasks
+                    ],
+                )
+            )
     out += ["", "## Table 6: generalization of the SVM (few-shot; accuracy / FLOPs)", ""]
     few_shot, scopes = (lambda k: k > 0), ({"task": "sst2"}, {})
-    body = [["full model", *(_cell(rows, "main", "full", shots=few_shot, **s) for s in scopes)],
-            ["in-distribution (train: random task subset)", *(_cell(rows, "main", "svm", shots=few_shot, **s) for s in scopes)]]
-    body += [[g, *(_cell(rows, "generalization", g, shots=few_shot, **s) for s in scopes)] for g in results["families"]["generalization"]]
-    out.append(_md(["classifier", "tested on sst2", "tested on all tasks"], body))  # fmt: skip
+    body = [
+        ["full model", *(_cell(rows, "main", "full", shots=few_shot, **s) for s in scopes)],
+        [
+            "in-distribution (train: random task subset)",
+            *(_cell(rows, "main", "svm", shots=few_shot, **s) for s in scopes),
+        ],
+    ]
+    body += [
+        [g, *(_cell(rows, "generalization", g, shots=few_shot, **s) for s in scopes)]
+        for g in results["families"]["generalization"]
+    ]
+    out.append(_md(["classifier", "tested on sst2", "tested on all tasks"], body))
     out += ["", "## Table 7: feature factor study (SVM, all tasks, all k)", ""]
-    out.append(_md(
-        ["features", "accuracy", "FLOPs", "true FLOPs"],
-        [[f, _pct(_avg(rows, "accuracy", family="factor", policy=f)), _pct(_avg(rows, "flops_ratio", family="factor", policy=f)),
-          _pct(_avg(rows, "true_flops_ratio", family="factor", policy=f))] for f in results["families"]["factor"]],
-    ))  # fmt: skip
-    out += ["", "## Oracle bounds: how much saving was reachable, and how much each policy got", "",
-            "first correct: earliest layer whose top-1 is the gold token; settled: earliest layer after which "
-            "the top-1 never changes (both averaged over the setting's k). Share = (L - policy exit) / (L - first "
-            "correct), of those averages; `-` where less than half a layer was reachable; `lossy` where the policy "
-            "loses more than 1 point of accuracy against the full model; `before the oracle` where it stops, on "
-            "average, before the first correct layer without losing (the full model is as wrong).", ""]  # fmt: skip
+    out.append(
+        _md(
+            ["features", "accuracy", "FLOPs", "true FLOPs"],
+            [
+                [
+                    f,
+                    _pct(_avg(rows, "accuracy", family="factor", policy=f)),
+                    _pct(_avg(rows, "flops_ratio", family="factor", policy=f)),
+                    _pct(_avg(rows, "true_flops_ratio", family="factor", policy=f)),
+                ]
+                for f in results["families"]["factor"]
+            ],
+        )
+    )
+    out += [
+        "",
+        "## Oracle bounds: how much saving was reachable, and how much each policy got",
+        "",
+        "first correct: earliest layer whose top-1 is the gold token; settled: earliest layer after which "
+        "the top-1 never changes (both averaged over the setting's k). Share = (L - policy exit) / (L - first "
+        "correct), of those averages; `-` where less than half a layer was reachable; `lossy` where the policy "
+        "loses more than 1 point of accuracy against the full model; `before the oracle` where it stops, on "
+        "average, before the first correct layer without losing (the full model is as wrong).",
+        "",
+    ]
     policies = [p for p in main_names if p not in ("full", "oracle")]
     for title, cond in settings:
         body = []
@@ -273,7 +436,9 @@ def reproduce_tables(results: dict) -> str:
                 acc = _avg(rows, "accuracy", family="main", policy=p, task=t, shots=cond)
                 if e is None or L - first < 0.5:
                     shares.append("-")
-                elif acc < full_acc - 0.01:  # saving by answering wrong is no share of the reachable saving
+                elif (
+                    acc < full_acc - 0.01
+                ):  # saving by answering wrong is no share of the reachable saving
                     shares.append(f"lossy ({100 * (acc - full_acc):+.1f} acc)")
                 elif e < first:  # stops before the oracle could: no share of a saving, a guess
                     shares.append(f"before the oracle (exit {e:.1f})")
@@ -281,7 +446,9 @@ def reproduce_tables(results: dict) -> str:
                     shares.append(f"{100 * (L - e) / (L - first):.0f}%")
             body.append([t, f"{first:.1f} / {L}", f"{settled:.1f} / {L}", *shares])
         out += ["", f"### {title}", ""]
-        out.append(_md(["task", "first correct", "settled", *(f"share: {p}" for p in policies)], body))
+        out.append(
+            _md(["task", "first correct", "settled", *(f"share: {p}" for p in policies)], body)
+        )
     if results.get("notes"):
         out += ["", "## Notes", ""] + [f"- {k}: {v}" for k, v in results["notes"].items()]
     return "\n".join(out) + "\n"
@@ -304,8 +471,19 @@ def reproduce_figures(results: dict, traces, out_dir) -> list[Path]:
         for k in cfg["shots"]:
             m = (traces.task == t) & (shots_of == k)
             if m.any():
-                ax.plot(layers, 100 * (traces.top1[m] == traces.gold[m, None]).mean(0), marker="o", ms=2.5, label=f"{k}-shot")
-        ax.set(title=f"{t}: top-1 accuracy at each layer", xlabel="layer", ylabel="accuracy (%)", xlim=(1, L))
+                ax.plot(
+                    layers,
+                    100 * (traces.top1[m] == traces.gold[m, None]).mean(0),
+                    marker="o",
+                    ms=2.5,
+                    label=f"{k}-shot",
+                )
+        ax.set(
+            title=f"{t}: top-1 accuracy at each layer",
+            xlabel="layer",
+            ylabel="accuracy (%)",
+            xlim=(1, L),
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"Figure 1 - {cfg['model']}")
@@ -320,7 +498,12 @@ def reproduce_figures(results: dict, traces, out_dir) -> list[Path]:
     for n in shown:
         v = traces.features[:, :, names.index(n)]
         ax.plot(layers, np.nanmean(v, 0), label=n)
-    ax.set(title=f"Figure 3 - mean features by layer\n{cfg['model']}, all tasks and k", xlabel="layer", ylabel="mean value", xlim=(1, L))
+    ax.set(
+        title=f"Figure 3 - mean features by layer\n{cfg['model']}, all tasks and k",
+        xlabel="layer",
+        ylabel="mean value",
+        xlim=(1, L),
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -329,17 +512,22 @@ def reproduce_figures(results: dict, traces, out_dir) -> list[Path]:
     plt.close(fig)
 
     rows = [r for r in results["rows"] if r["family"] == "main"]
-    shown = [p for p in ("oracle", "svm", "svm+layer", "gap") if any(r["policy"] == p for r in rows)]
+    shown = [
+        p for p in ("oracle", "svm", "svm+layer", "gap") if any(r["policy"] == p for r in rows)
+    ]
     cols = 4
     nrows = -(-len(tasks) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 2.8 * nrows), squeeze=False)
     for ax, t in zip(axes.flat, tasks):
         for p in shown:
-            hist = np.sum([r["exit_layer_histogram"] for r in rows if r["task"] == t and r["policy"] == p], axis=0)
+            hist = np.sum(
+                [r["exit_layer_histogram"] for r in rows if r["task"] == t and r["policy"] == p],
+                axis=0,
+            )
             ax.step(layers, hist / max(hist.sum(), 1), where="mid", label=p)
         ax.set(title=t, xlabel="exit layer", xlim=(1, L))
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(tasks):]:
+    for ax in list(axes.flat)[len(tasks) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"Exit-layer distribution per task ({cfg['model']}, all k)")

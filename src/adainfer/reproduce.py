@@ -43,14 +43,24 @@ from .tasks import TaskError
 log = logging.getLogger(__name__)
 
 DEFAULT_TASKS = (
-    "sst2", "ag_news", "mmlu", "commonsense_qa", "squad",
-    "fv:antonym", "fv:capitalize_first_letter", "fv:lowercase_first_letter", "fv:choose_first_of_5",
-    "fv:person-occupation", "lre:landmark_in_country",
-)  # fmt: skip
+    "sst2",
+    "ag_news",
+    "mmlu",
+    "commonsense_qa",
+    "squad",
+    "fv:antonym",
+    "fv:capitalize_first_letter",
+    "fv:lowercase_first_letter",
+    "fv:choose_first_of_5",
+    "fv:person-occupation",
+    "lre:landmark_in_country",
+)
 QA = ("mmlu", "commonsense_qa", "squad")
 CLASSIFICATION = ("sst2", "ag_news")
 SENTIMENT = "sst2"
-RUN_CONFIG = Path("traces") / "run.json"  # the run's settings and the (task, k) cells it could not make
+RUN_CONFIG = (
+    Path("traces") / "run.json"
+)  # the run's settings and the (task, k) cells it could not make
 # A query's id is its task, k, seed and position, so a resumed run must draw the same prompts:
 # these settings cannot change in an output folder (adding tasks or k can).
 FIXED_ON_RESUME = ("dtype", "seed", "n_queries", "n_train", "train_shots")
@@ -125,17 +135,35 @@ def run_reproduce(
     n_train_tasks = n_train_tasks or max(1, (2 * len(tasks) + 2) // 3)
     train_tasks = sorted(random.Random(seed).sample(tasks, min(n_train_tasks, len(tasks))))
     config = dict(
-        model=model, dtype=dtype, tasks=tasks, n_queries=n_queries, shots=list(shots), n_train=n_train,
-        train_shots=train_shots, train_tasks=train_tasks, seed=seed, batch_size=batch_size, max_batch_tokens=max_batch_tokens, world_size=1,
-        transfer_from=str(transfer_from) if transfer_from else None, skipped={},
+        model=model,
+        dtype=dtype,
+        tasks=tasks,
+        n_queries=n_queries,
+        shots=list(shots),
+        n_train=n_train,
+        train_shots=train_shots,
+        train_tasks=train_tasks,
+        seed=seed,
+        batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
+        world_size=1,
+        transfer_from=str(transfer_from) if transfer_from else None,
+        skipped={},
     )
     if report_only:  # tables from the traces already collected; no model needed
         _, meta = load_collected(out / "traces" / "test")
         if (out / RUN_CONFIG).exists():  # the run's own settings, skipped cells included
-            recorded = json.loads((out / RUN_CONFIG).read_text())  # its transfer_from unless another is given
-            config = {**recorded, "transfer_from": config["transfer_from"] or recorded.get("transfer_from")}
+            recorded = json.loads(
+                (out / RUN_CONFIG).read_text()
+            )  # its transfer_from unless another is given
+            config = {
+                **recorded,
+                "transfer_from": config["transfer_from"] or recorded.get("transfer_from"),
+            }
         config["model"] = meta["model"]["model_id"]
-        return report(out, config, hidden=meta["model"]["hidden_size"], vocab=meta["model"]["vocab_size"])
+        return report(
+            out, config, hidden=meta["model"]["hidden_size"], vocab=meta["model"]["vocab_size"]
+        )
 
     _check_resumable(out, config)
     rank, world = _dist()
@@ -148,34 +176,63 @@ def run_reproduce(
         loaded = load_task(task, data_dir)
         for k in shots:
             try:
-                test += task_queries(tok, [loaded], shots=k, n_train=0, n_test=n_queries, seed=seed)[1]
+                test += task_queries(
+                    tok, [loaded], shots=k, n_train=0, n_test=n_queries, seed=seed
+                )[1]
             except TaskError as e:  # e.g. a small task cannot give k demonstrations
                 config["skipped"][f"{task} {k}-shot"] = str(e)
-        train += task_queries(tok, [loaded], shots=train_shots, n_train=n_train, n_test=n_queries, seed=seed, strict=False)[0]
+        train += task_queries(
+            tok,
+            [loaded],
+            shots=train_shots,
+            n_train=n_train,
+            n_test=n_queries,
+            seed=seed,
+            strict=False,
+        )[0]
         name_of[task] = loaded.name  # a task file is named by its stem in the traces
         held_out[loaded.name] = held_out_indices(loaded, n_queries, seed)  # the split, recorded
     names = [name_of[t] for t in tasks]
     if len(set(names)) < len(names):  # two task files with one stem would share query ids
         dup = sorted({n for n in names if names.count(n) > 1})
-        raise TaskError(f"tasks {dup} appear twice (task files are named by their file name): rename one")
-    config.update(tasks=names, train_tasks=[name_of[t] for t in train_tasks], world_size=world, held_out=held_out)
+        raise TaskError(
+            f"tasks {dup} appear twice (task files are named by their file name): rename one"
+        )
+    config.update(
+        tasks=names,
+        train_tasks=[name_of[t] for t in train_tasks],
+        world_size=world,
+        held_out=held_out,
+    )
     if rank == 0:
         write_json(out / RUN_CONFIG, config)
-    kw = dict(batch_size=batch_size, max_batch_tokens=max_batch_tokens, progress=progress and rank == 0, rank=rank, world_size=world)
+    kw = dict(
+        batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
+        progress=progress and rank == 0,
+        rank=rank,
+        world_size=world,
+    )
     collect(engine, train, out / "traces" / "train", **kw)
     collect(engine, test, out / "traces" / "test", **kw)
     _barrier(world)
     if rank != 0:
         return None
     config.update(model=getattr(lm, "adainfer_id", model))
-    return report(out, config, hidden=lm.config.hidden_size, vocab=engine.parts.head.weight.shape[0])
+    return report(
+        out, config, hidden=lm.config.hidden_size, vocab=engine.parts.head.weight.shape[0]
+    )
 
 
 def _check_resumable(out: Path, config: dict) -> None:
     if not (out / RUN_CONFIG).exists():
         return
     old = json.loads((out / RUN_CONFIG).read_text())
-    changed = [f"--{k.replace('_', '-')} {old[k]} (now {config[k]})" for k in FIXED_ON_RESUME if k in old and old[k] != config[k]]
+    changed = [
+        f"--{k.replace('_', '-')} {old[k]} (now {config[k]})"
+        for k in FIXED_ON_RESUME
+        if k in old and old[k] != config[k]
+    ]
     if changed:
         raise ValueError(
             f"{out} holds traces collected with {', '.join(changed)}; resuming would mix queries drawn "
@@ -201,7 +258,15 @@ def _fit(policy, table, name: str, notes: dict):
 def _metrics(policy, traces: Traces, hidden: int, vocab: int) -> dict:
     r = simulate(policy, traces)
     L = traces.num_layers
-    f = ratios(r.exit_layer, r.num_checks, traces.seq_len, num_layers=L, hidden=hidden, vocab=vocab, policy=policy)
+    f = ratios(
+        r.exit_layer,
+        r.num_checks,
+        traces.seq_len,
+        num_layers=L,
+        hidden=hidden,
+        vocab=vocab,
+        policy=policy,
+    )
     return {
         "n": len(traces),
         "accuracy": float(r.correct.mean()),
@@ -222,30 +287,50 @@ def report(out: Path, config: dict, *, hidden: int, vocab: int) -> dict:
 
     subset = select_tasks(train_table, config["train_tasks"])  # the paper's random training subset
     main = {n: _fit(p, subset, n, notes) for n, p in standard_policies().items()}
-    variants = {"full": NeverExit(), "oracle": OracleExit(), **{n: p for n, p in main.items() if p is not None}}
+    variants = {
+        "full": NeverExit(),
+        "oracle": OracleExit(),
+        **{n: p for n, p in main.items() if p is not None},
+    }
     factor = {
-        n: _fit(SVMExit(features=f), subset, f"svm {n}", notes)
-        for n, f in FACTOR_STUDY.items()
+        n: _fit(SVMExit(features=f), subset, f"svm {n}", notes) for n, f in FACTOR_STUDY.items()
     }
     general = {
-        "intra-task (train: sentiment)": _fit(SVMExit(), select_tasks(train_table, [SENTIMENT]), "intra", notes),
+        "intra-task (train: sentiment)": _fit(
+            SVMExit(), select_tasks(train_table, [SENTIMENT]), "intra", notes
+        ),
         "inter-task (train: question answering)": _fit(
-            SVMExit(), select_tasks(train_table, [t for t in config["tasks"] if task_group(t) == "question answering"]), "inter-task", notes
+            SVMExit(),
+            select_tasks(
+                train_table, [t for t in config["tasks"] if task_group(t) == "question answering"]
+            ),
+            "inter-task",
+            notes,
         ),
     }
     if config.get("transfer_from"):
         other, other_meta = load_collected(Path(config["transfer_from"]) / "traces" / "train")
         # the other model's traces of the same training tasks: like for like with the in-distribution row
         other = select_tasks(other, config["train_tasks"])
-        general[f"inter-model (train: {other_meta['model']['model_id']})"] = _fit(SVMExit(), other, "inter-model", notes)
+        general[f"inter-model (train: {other_meta['model']['model_id']})"] = _fit(
+            SVMExit(), other, "inter-model", notes
+        )
 
     rows = []
 
     def add(policy_name, policy, traces, task, k, family):
         if policy is None or len(traces) == 0:
             return
-        rows.append({"family": family, "policy": policy_name, "task": task, "group": task_group(task), "shots": int(k),
-                     **_metrics(policy, traces, hidden, vocab)})
+        rows.append(
+            {
+                "family": family,
+                "policy": policy_name,
+                "task": task,
+                "group": task_group(task),
+                "shots": int(k),
+                **_metrics(policy, traces, hidden, vocab),
+            }
+        )
 
     for task in config["tasks"]:
         for k in config["shots"]:
@@ -258,13 +343,30 @@ def report(out: Path, config: dict, *, hidden: int, vocab: int) -> dict:
                 add(name, p, tr, task, k, "generalization")
     bounds = oracle_bounds(test)
     bound_rows = [
-        {"task": task, "shots": int(k), "first_correct_layer": float(bounds["first_correct"][m].mean()),
-         "settled_layer": float(bounds["settled"][m].mean()), "num_layers": test.num_layers}
-        for task in config["tasks"] for k in config["shots"]
+        {
+            "task": task,
+            "shots": int(k),
+            "first_correct_layer": float(bounds["first_correct"][m].mean()),
+            "settled_layer": float(bounds["settled"][m].mean()),
+            "num_layers": test.num_layers,
+        }
+        for task in config["tasks"]
+        for k in config["shots"]
         if (m := (test.task == task) & (shots_of == k)).any()
     ]
-    families = {"main": ["full", "oracle", *main], "factor": list(factor), "generalization": list(general)}
-    results = {"config": config, "model": meta["model"], "families": families, "notes": notes, "rows": rows, "oracle_bounds": bound_rows}
+    families = {
+        "main": ["full", "oracle", *main],
+        "factor": list(factor),
+        "generalization": list(general),
+    }
+    results = {
+        "config": config,
+        "model": meta["model"],
+        "families": families,
+        "notes": notes,
+        "rows": rows,
+        "oracle_bounds": bound_rows,
+    }
     write_json(out / "results.json", results)
     from .report import reproduce_figures, reproduce_tables
 

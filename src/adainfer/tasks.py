@@ -23,7 +23,9 @@ from pathlib import Path
 class Example:
     input: str
     output: str
-    choices: tuple[str, ...] = ()  # for choice tasks: every answer the model may give (labels, letters)
+    choices: tuple[
+        str, ...
+    ] = ()  # for choice tasks: every answer the model may give (labels, letters)
 
 
 @dataclass
@@ -83,7 +85,7 @@ def load_task(name_or_path: str, data_dir: str | Path | None = None) -> Task:
     raise TaskError(
         f"unknown task {name_or_path!r}: use a built-in rule task ({', '.join(RULE_TASKS)}), "
         "a benchmark (sst2, ag_news, mmlu[:subject|group], commonsense_qa, squad, fv:<name>, lre:<name>) "
-        "or a path to a .json / .jsonl file of {\"input\": ..., \"output\": ...} items"
+        'or a path to a .json / .jsonl file of {"input": ..., "output": ...} items'
     )
 
 
@@ -94,7 +96,9 @@ def read_text(path: Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise TaskError(f"{path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8") from None
+        raise TaskError(
+            f"{path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8"
+        ) from None
 
 
 def load_task_file(path: str | Path) -> Task:
@@ -117,7 +121,9 @@ def load_task_file(path: str | Path) -> Task:
         except json.JSONDecodeError as e:
             raise TaskError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(data, list):
-            raise TaskError(f"{path}: expected a JSON list of {{\"input\", \"output\"}} items, got {type(data).__name__}")
+            raise TaskError(
+                f'{path}: expected a JSON list of {{"input", "output"}} items, got {type(data).__name__}'
+            )
         items = [(f"item {i}", d) for i, d in enumerate(data)]
     examples = [_example(path, where, item) for where, item in items]
     if not examples:
@@ -127,12 +133,12 @@ def load_task_file(path: str | Path) -> Task:
 
 def _example(path, where, item) -> Example:
     if not isinstance(item, dict) or "input" not in item or "output" not in item:
-        raise TaskError(f"{path}, {where}: each item needs an \"input\" and an \"output\" field")
+        raise TaskError(f'{path}, {where}: each item needs an "input" and an "output" field')
     x, y = item["input"], item["output"]
     if isinstance(y, list):  # extractive function-vector tasks list several right answers
         y = y[0] if y else ""
     if not isinstance(x, str) or not isinstance(y, str) or not x.strip() or not y.strip():
-        raise TaskError(f"{path}, {where}: \"input\" and \"output\" must be non-empty strings")
+        raise TaskError(f'{path}, {where}: "input" and "output" must be non-empty strings')
     return Example(x, y)
 
 
@@ -162,11 +168,15 @@ def held_out_indices(task: Task, n_test: int, seed: int = 0) -> list[int]:
     """Which of `task.examples` `task_queries` holds out as test queries, in query order: the
     split a results file records. The rest (or the task's own pool) serves demonstrations."""
     if task.pool is not None:
-        return random.Random(seed).sample(range(len(task.examples)), min(n_test, len(task.examples)))
+        return random.Random(seed).sample(
+            range(len(task.examples)), min(n_test, len(task.examples))
+        )
     return _shuffled(len(task), seed)[: min(n_test, len(task) // 2)]
 
 
-def few_shot_prompts(queries: Sequence[Example], pool: Sequence[Example], k: int, seed: int = 0) -> list[str]:
+def few_shot_prompts(
+    queries: Sequence[Example], pool: Sequence[Example], k: int, seed: int = 0
+) -> list[str]:
     """One prompt per query with k demonstrations from `pool`, never the query itself."""
     prompts = []
     for i, q in enumerate(queries):
@@ -202,9 +212,18 @@ class Query:
 
 
 def make_queries(
-    tokenizer, task: str, examples: Sequence[Example], pool: Sequence[Example], shots: int, seed: int = 0
+    tokenizer,
+    task: str,
+    examples: Sequence[Example],
+    pool: Sequence[Example],
+    shots: int,
+    seed: int = 0,
 ) -> list[Query]:
-    prompts = few_shot_prompts(examples, pool, shots, seed) if shots else [build_prompt(e.input) for e in examples]
+    prompts = (
+        few_shot_prompts(examples, pool, shots, seed)
+        if shots
+        else [build_prompt(e.input) for e in examples]
+    )
     return [
         Query(
             f"{task}/{shots}shot/{seed}/{i}",
@@ -220,7 +239,15 @@ def make_queries(
 
 
 def task_queries(
-    tokenizer, names: Sequence[str | Task], *, shots: int, n_train: int, n_test: int, seed: int = 0, data_dir=None, strict: bool = True
+    tokenizer,
+    names: Sequence[str | Task],
+    *,
+    shots: int,
+    n_train: int,
+    n_test: int,
+    seed: int = 0,
+    data_dir=None,
+    strict: bool = True,
 ):
     """(train queries, test queries) over several tasks; test examples never serve as demos.
 
@@ -239,6 +266,8 @@ def task_queries(
         if n > len(pool):
             raise TaskError(f"task {task.name} has {len(pool)} pool examples; cannot train on {n}")
         # a training query's own demonstrations come from the rest of the pool (few_shot_prompts)
-        train += make_queries(tokenizer, task.name, random.Random(seed).sample(pool, n), pool, shots, seed)
+        train += make_queries(
+            tokenizer, task.name, random.Random(seed).sample(pool, n), pool, shots, seed
+        )
         test += make_queries(tokenizer, task.name, held_out, pool, shots, seed + 1)
     return train, test
