@@ -16,7 +16,7 @@ import argparse
 
 from adainfer import AdaptiveEngine, load
 from adainfer.bench import _release_large_blocks, _rss, peak_memory
-from adainfer.engine import plain_forward
+from adainfer.prefill import plain_forward
 from adainfer.persist import load_policy
 from adainfer.tasks import task_queries
 

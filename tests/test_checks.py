@@ -6,7 +6,7 @@ import torch
 
 from adainfer import AdaptiveEngine
 from adainfer.checks import candidate_schedules, measure_check_cost, plan_checks
-from adainfer.engine import plain_last_logits
+from adainfer.prefill import plain_last_logits
 from adainfer.offline import Traces, simulate
 from adainfer.policies import GapThreshold, NeverExit
 from conftest import tiny_model

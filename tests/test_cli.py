@@ -185,7 +185,7 @@ def test_device_map_auto_passes_through_to_accelerate(model_dir, tmp_path, monke
     import transformers
 
     from adainfer import AdaptiveEngine, load
-    from adainfer.engine import plain_last_logits
+    from adainfer.prefill import plain_last_logits
     from adainfer.policies import NeverExit
 
     seen, real = [], transformers.AutoModelForCausalLM.from_pretrained
@@ -304,7 +304,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model(saved_tiny, tmp_path, monkeypatch)
     from dataclasses import replace
 
     from adainfer import demo, models
-    from adainfer.engine import AdaptiveEngine, plain_last_logits
+    from adainfer.prefill import AdaptiveEngine, plain_last_logits
 
     path = saved_tiny("llama")
     engine = AdaptiveEngine(*models.load(path))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adainfer import AdaptiveEngine
-from adainfer.engine import plain_last_logits
+from adainfer.prefill import plain_last_logits
 from adainfer.features import ALL_FEATURES
 from adainfer.policies import ExitPolicy, GapThreshold, NeverExit
 from conftest import tiny_model

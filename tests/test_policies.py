@@ -98,7 +98,7 @@ def test_gap_threshold_and_reference_policies():
     assert GapThreshold(0.8).predict(X).tolist() == [0, 1, 1]
     assert NeverExit().trainable is False and NeverExit().check_layers_ == ()
     with pytest.raises(ValueError, match="gold"):
-        from adainfer.engine import Step
+        from adainfer.policies import Step
 
         OracleExit().decide(
             Step(1, 4, (), np.zeros((1, 0)), np.zeros((1, 1, 0)), np.array([3]), np.array([0]))

@@ -6,7 +6,7 @@ import torch
 
 from adainfer import AdaptiveEngine, load_policy, save_policy
 from adainfer.collect import collect
-from adainfer.engine import plain_last_logits
+from adainfer.prefill import plain_last_logits
 from adainfer.evaluate import evaluate
 from adainfer.pipeline import fit_policy
 from adainfer.policies import GapThreshold, NeverExit, OracleExit, SVMExit

@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .engine import AdaptiveEngine, ExitResult, Step  # noqa: E402
+from .policies import Step  # noqa: E402
+from .prefill import AdaptiveEngine, ExitResult  # noqa: E402
 from .persist import load_policy, save_policy  # noqa: E402
 from .policies import POLICIES, make_policy  # noqa: E402
 

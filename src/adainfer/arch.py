@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 
@@ -82,15 +81,8 @@ class ModelParts:
     spec: ArchSpec
     project_out: nn.Module | None = None
     softcap: float | None = None
-    logit_scale: float = 1.0  # Granite divides its logits by config.logits_scaling
-
-    def finish(self, logits: torch.Tensor) -> torch.Tensor:
-        """What the model's own forward does to the head's output: scaling, soft-capping."""
-        if self.logit_scale != 1.0:
-            logits = logits * self.logit_scale
-        if self.softcap:  # Gemma 2/3 style final-logit soft-capping
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+    logit_scale: float = 1.0  # Granite divides its logits by config.logits_scaling;
+    # project_out, logit_scale and softcap are applied by the logit lens (lens.py)
 
     @property
     def num_layers(self) -> int:
@@ -99,25 +91,6 @@ class ModelParts:
     @property
     def config(self):
         return self.model.config
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logit lens: the model's own final norm and LM head on already-selected positions."""
-        hidden = self.norm(hidden)
-        if self.project_out is not None:
-            hidden = self.project_out(hidden)
-        return self.finish(self.head(hidden))
-
-    def shortlist_logits(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Logits of each row's candidate tokens only: [A, H] x ids [A, k] -> [A, k].
-
-        Reads k rows of the unembedding per row instead of all V: the cheap exit check."""
-        hidden = self.norm(hidden)
-        if self.project_out is not None:
-            hidden = self.project_out(hidden)
-        logits = torch.einsum("ah,akh->ak", hidden, self.head.weight[ids])
-        if getattr(self.head, "bias", None) is not None:
-            logits = logits + self.head.bias[ids]
-        return self.finish(logits)
 
 
 def find_parts(model: nn.Module) -> ModelParts:

@@ -49,7 +49,7 @@ from .checks import (
     replay_schedules,
 )
 from .collect import collect, load_collected
-from .engine import AdaptiveEngine, ExitResult, plain_forward
+from .prefill import AdaptiveEngine, ExitResult, plain_forward
 from .features import ALL_FEATURES, DEFAULT_FEATURES
 from .flops import result_ratios
 from .offline import Traces

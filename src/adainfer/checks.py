@@ -287,7 +287,7 @@ def apply_plans(policy, plans: Mapping[int, CheckPlan]):
 def measure_check_cost(engine, prompts, repeats: int = 5, shortlist: int | None = None) -> float:
     """Seconds of one check on len(prompts) rows over seconds of one decoder layer, measured;
     with `shortlist`, of a check on that many candidate tokens per row."""
-    from .engine import plain_forward, synchronize
+    from .prefill import plain_forward, synchronize
 
     enc = engine.encode(prompts)
     hidden = torch.randn(
@@ -304,11 +304,7 @@ def measure_check_cost(engine, prompts, repeats: int = 5, shortlist: int | None 
     )
 
     def check():
-        logits = (
-            engine.check_logits(hidden)
-            if ids is None
-            else engine.parts.shortlist_logits(hidden, ids)
-        )
+        logits = engine.check_logits(hidden) if ids is None else engine.lens(hidden, ids=ids)
         return logits.float().softmax(-1).topk(2, dim=-1)
 
     plain, cost = [], []

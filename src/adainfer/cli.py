@@ -508,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_collect(args):
     from .collect import collect
-    from .engine import AdaptiveEngine
+    from .prefill import AdaptiveEngine
     from .tasks import task_queries
 
     model, tok = _load(args)
@@ -565,7 +565,7 @@ def cmd_fit(args):
 
 
 def cmd_eval(args):
-    from .engine import AdaptiveEngine
+    from .prefill import AdaptiveEngine
     from .evaluate import evaluate
     from .pipeline import resolve_policy, write_json
     from .report import eval_table

@@ -19,7 +19,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .engine import AdaptiveEngine
+from .prefill import AdaptiveEngine
 from .features import ALL_FEATURES
 from .persist import model_signature, write_atomic, write_text_atomic
 from .policies import NeverExit

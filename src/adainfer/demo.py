@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .checks import measure_check_cost
 from .collect import collect
-from .engine import AdaptiveEngine
+from .prefill import AdaptiveEngine
 from .evaluate import evaluate, layer_accuracy
 from .models import DEFAULT_MODEL, load
 from .persist import save_policy, write_text_atomic

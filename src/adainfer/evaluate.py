@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .engine import AdaptiveEngine, ExitResult, plain_forward
+from .prefill import AdaptiveEngine, ExitResult, plain_forward
 from .flops import result_ratios
 from .persist import check_compatible
 from .policies import ExitPolicy, NeverExit

@@ -77,3 +77,38 @@ def _logit_features(logits: torch.Tensor, names: tuple[str, ...]) -> dict[str, t
             p = (logits - logz[:, None]).exp_()
             columns["entropy"] = logz - torch.linalg.vecdot(p, logits)
     return columns
+
+
+class LayerSimilarity:
+    """cos_attn, cos_mlp, cos_hidden of the rows still going, one layer after another.
+
+    The hidden state is compared with the layer's input (the previous layer's output, the
+    embeddings at layer 1); attention and MLP outputs with the previous layer's, which layer 1
+    does not have (0)."""
+
+    def __init__(self, streams: Iterable[str]):
+        self.streams = set(streams)
+        self.previous: dict[str, torch.Tensor] = {}
+
+    def step(
+        self, hidden: torch.Tensor, before: torch.Tensor, taps: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Similarities at this layer ([A] each); `hidden` and `before` are the last position's
+        output and input, `taps` the sub-modules' last-position outputs."""
+        current = {s: taps[s] for s in self.streams - {"hidden"}}
+        sims = {s: self._cosine(v, self.previous.get(s)) for s, v in current.items()}
+        if "hidden" in self.streams:
+            sims["hidden"] = self._cosine(hidden, before)
+        self.previous.update(current)
+        return sims
+
+    def keep(self, mask: torch.Tensor) -> None:
+        """Only the rows in `mask` run the next layer."""
+        self.previous = {k: v[mask.to(v.device)] for k, v in self.previous.items()}
+
+    @staticmethod
+    def _cosine(current: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        if previous is None:
+            return torch.zeros(len(current), device=current.device)
+        return torch.cosine_similarity(current.float(), previous.float(), dim=-1)
+

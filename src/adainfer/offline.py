@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from .engine import Step
-from .policies import planned_checks
+from .policies import Step, planned_checks
 
 TARGETS = ("gold", "final")
 

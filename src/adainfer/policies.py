@@ -15,11 +15,27 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from .features import DEFAULT_FEATURES, PAPER_FEATURES, check_names
+
+
+@dataclass
+class Step:
+    """What an exit policy sees at one checked layer, for the rows still active: built by the
+    engine clients from live logits and by the offline replay from traces."""
+
+    layer: int  # 1-based decoder layer just computed
+    num_layers: int
+    feature_names: tuple[str, ...]
+    features: np.ndarray  # [A, F] at this layer
+    history: np.ndarray  # [A, T, F] at every layer checked so far (this one last)
+    top1: np.ndarray  # [A] top-1 token id at this layer
+    rows: np.ndarray  # [A] index of each active row in the batch
+    gold: np.ndarray | None = None  # [A] gold answer token ids, when known (oracle only)
 
 
 class ExitPolicy(ClassifierMixin, BaseEstimator):

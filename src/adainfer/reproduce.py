@@ -126,7 +126,7 @@ def run_reproduce(
     progress: bool = True,
     report_only: bool = False,
 ) -> dict | None:
-    from .engine import AdaptiveEngine
+    from .prefill import AdaptiveEngine
     from .models import load
     from .tasks import held_out_indices, load_task, task_queries
 

@@ -1,0 +1,246 @@
+"""The layer stepper: the model's own forward, run only for the rows still going.
+
+Every engine client (prefill scoring, token-by-token generation) runs a batch through the
+Hugging Face forward itself, so masks, rotary tables and every architecture detail are the
+model's own, computed once. The stepper hooks the decoder layers:
+- after each layer the client sees the active rows' hidden states and says which rows keep
+  going; the others are *removed* from the hidden state the next layer receives, so later
+  layers really compute less;
+- before each layer the per-row arguments (attention mask, position ids, rotary tables, a KV
+  cache) are cut to the rows still going, by argument name; an argument the stepper does not
+  know that looks per-row is an error, not a guess;
+- once no row is left, or after the last layer asked for, the forward ends: the remaining
+  layers and the full-sequence final norm never run.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from .arch import ModelParts
+
+# Arguments a decoder layer receives, by the name its forward gives them.
+CACHE_ARGS = frozenset({"cache", "past_key_values", "past_key_value", "layer_past"})
+ROW_ARGS = frozenset(
+    {
+        "attention_mask",
+        "position_ids",
+        "position_embeddings",  # (cos, sin), each [B, S, D] or [1, S, D]
+        "position_embeddings_global",
+        "position_embeddings_local",
+        "encoder_hidden_states",
+        "encoder_attention_mask",
+        "token_type_ids",
+    }
+)
+SHARED_ARGS = frozenset(
+    {
+        "cache_position",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "head_mask",
+        "layer_head_mask",
+    }
+)
+
+
+class UnknownRowArgument(ValueError):
+    """A decoder layer got a per-row argument the stepper cannot cut to the active rows."""
+
+
+@dataclass
+class LayerOutput:
+    """What a client sees after one decoder layer, for the rows still active."""
+
+    layer: int  # 1-based
+    hidden: torch.Tensor  # [A, S, H] the layer's output
+    before: torch.Tensor  # [A, H] the layer's input at the last position
+    taps: dict[str, torch.Tensor]  # [A, H] last-position outputs of the tapped sub-modules
+    rows: torch.Tensor  # [A] (cpu) index of each active row in the batch
+
+
+# keep mask over the active rows (True: runs the next layer), or None: all keep going
+Client = Callable[[LayerOutput], "torch.Tensor | None"]
+
+
+class _End(Exception):
+    """Raised from a hook to end the forward pass early."""
+
+
+@dataclass
+class _Rows:
+    """The rows of one forward still running, and their arguments cut to them."""
+
+    size: int
+    active: torch.Tensor
+    cut: dict = field(default_factory=dict)  # (name, id) -> (full value, cut value)
+
+    @property
+    def all(self) -> bool:
+        return len(self.active) == self.size
+
+    def keep(self, mask: torch.Tensor) -> None:
+        self.active = self.active[mask.cpu()]
+        self.cut.clear()
+
+
+class LayerStepper:
+    """Runs `parts.base`'s forward with per-row early exit.
+
+    `taps`: sub-module roles of each decoder layer ("attn", "mlp": names in `ArchSpec`) whose
+    last-position output the client receives in `LayerOutput.taps`."""
+
+    def __init__(self, parts: ModelParts, taps: Iterable[str] = ()):
+        self.parts = parts
+        self.taps = tuple(taps)
+        self._names = _positional_names(parts.layers[0]) if len(parts.layers) else ()
+
+    @property
+    def num_layers(self) -> int:
+        return self.parts.num_layers
+
+    def run(self, inputs: dict, client: Client, *, until: int | None = None, **forward_kw):
+        """One forward of `inputs` (input_ids, attention_mask, position_ids, ...), calling
+        `client` after every layer up to `until` (default: the last), where it ends."""
+        until = self.num_layers if until is None else until
+        batch = next(v for v in inputs.values() if torch.is_tensor(v)).shape[0]
+        rows = _Rows(batch, torch.arange(batch))
+        state = {"before": None, "shape": None, "taps": {}}
+        handles = []
+        try:
+            for i, layer in enumerate(self.parts.layers[:until]):
+                handles.append(
+                    layer.register_forward_pre_hook(self._pre_hook(rows, state), with_kwargs=True)
+                )
+                post = _post_hook(i + 1, rows, state, client, until)
+                handles.append(layer.register_forward_hook(post))
+                for tap in self.taps:
+                    sub = getattr(layer, getattr(self.parts.spec, tap))
+                    handles.append(sub.register_forward_hook(_tap_hook(tap, state)))
+            self.parts.base(**inputs, **forward_kw)
+        except _End:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _pre_hook(self, rows: _Rows, state: dict):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            state["shape"], state["before"] = hidden.shape[:2], hidden[:, -1]
+            if rows.all:
+                return None
+            cut = tuple(self._cut(rows, name, v) for name, v in zip(self._names, args[1:]))
+            return (args[:1] + cut, {k: self._cut(rows, k, v) for k, v in kwargs.items()})
+
+        return hook
+
+    # ------------------------------------------------------------- per-row arguments
+    def _cut(self, rows: _Rows, name: str | None, value):
+        if value is None or name in SHARED_ARGS:
+            return value
+        if name in CACHE_ARGS:
+            return _RowCache(value, rows.active.clone(), rows.size)
+        if name in ROW_ARGS:
+            return _map_tensors(value, lambda t: _rows_of(rows, name, t))
+        if _has_rows(value, rows.size):
+            raise UnknownRowArgument(
+                f"{type(self.parts.layers[0]).__name__} got an argument {name!r} with one entry "
+                f"per row; adainfer does not know how to cut it to the rows still running. "
+                f"Known per-row arguments: {', '.join(sorted(ROW_ARGS | CACHE_ARGS))}."
+            )
+        return value
+
+
+def _post_hook(layer: int, rows: _Rows, state: dict, client: Client, until: int):
+    def hook(module, args, output):
+        hidden = output if torch.is_tensor(output) else output[0]
+        seen = LayerOutput(layer, hidden, state["before"], dict(state["taps"]), rows.active)
+        keep = client(seen)
+        if keep is None or bool(keep.all()):
+            if layer == until:
+                raise _End
+            return None
+        rows.keep(keep)
+        if len(rows.active) == 0 or layer == until:
+            raise _End
+        hidden = hidden[keep.to(hidden.device)]
+        return hidden if torch.is_tensor(output) else (hidden, *output[1:])
+
+    return hook
+
+
+def _rows_of(rows: _Rows, name: str, t: torch.Tensor) -> torch.Tensor:
+    """The active rows of a per-row tensor (dim 0 == batch; a dim 0 of 1 broadcasts), cut once
+    per set of rows. The full tensor stays in the entry, so its id is not reused meanwhile."""
+    if t.ndim == 0 or t.shape[0] != rows.size or rows.size == 1:
+        return t
+    key = (name, id(t))
+    if key not in rows.cut:
+        rows.cut[key] = (t, t.index_select(0, rows.active.to(t.device)))
+    return rows.cut[key][1]
+
+
+def _map_tensors(value, fn):
+    if torch.is_tensor(value):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def _has_rows(value, size: int) -> bool:
+    if torch.is_tensor(value):
+        return value.ndim >= 1 and value.shape[0] == size
+    if isinstance(value, (tuple, list)):
+        return any(_has_rows(v, size) for v in value)
+    if isinstance(value, dict):
+        return any(_has_rows(v, size) for v in value.values())
+    return False
+
+
+def _positional_names(layer) -> tuple[str, ...]:
+    """Names of a decoder layer's positional parameters after the hidden state (GPT-2's block
+    takes the cache and the mask positionally)."""
+    params = list(inspect.signature(layer.forward).parameters.values())
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in params[1:] if p.kind in kinds)
+
+
+def _tap_hook(name: str, state: dict):
+    def hook(module, args, output):
+        out = output if torch.is_tensor(output) else output[0]
+        if out.ndim == 2:  # OPT runs its MLP on flattened [B*S, H] tokens
+            out = out.view(*state["shape"], -1)
+        state["taps"][name] = out[:, -1]
+
+    return hook
+
+
+class _RowCache:
+    """A KV cache as the active rows see it.
+
+    A layer's `update` gets keys and values for the active rows only; they are written into
+    the full cache's rows, the rows that left get zeros at those positions (a hole that the
+    client fills, e.g. by state propagation, or crops), and the active rows' keys and values
+    are returned. Everything else is the wrapped cache's own."""
+
+    def __init__(self, cache, active: torch.Tensor, size: int):
+        self._cache, self._active, self._size = cache, active, size
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        rows = self._active.to(key_states.device)
+        full = [s.new_zeros((self._size, *s.shape[1:])) for s in (key_states, value_states)]
+        full[0][rows], full[1][rows] = key_states, value_states
+        keys, values = self._cache.update(full[0], full[1], layer_idx, *args, **kwargs)
+        return keys[rows], values[rows]
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
