@@ -6,10 +6,10 @@ import torch
 
 from adainfer import AdaptiveEngine, load_policy, save_policy
 from adainfer.collect import collect
-from adainfer.prefill import plain_last_logits
 from adainfer.evaluate import evaluate
 from adainfer.pipeline import fit_policy
 from adainfer.policies import GapThreshold, NeverExit, OracleExit, SVMExit
+from adainfer.prefill import plain_last_logits
 from adainfer.tasks import task_queries
 from test_engine import ExitAt
 
@@ -76,3 +76,24 @@ def test_collect_fit_save_load_evaluate(engine, queries, tmp_path):
     assert p["oracle"]["mean_exit_layer"] <= 30 and p["full"]["mean_exit_layer"] == 30
     assert p["full"]["true_flops_ratio"] == 1.0 and p["full"]["mean_checks"] == 0
     assert p["oracle"]["mean_checks"] >= 1  # every check it made is charged to it
+
+
+def test_lossless_generation_equals_plain_greedy(engine):
+    """Drafts from layer 24 of 30, verified from layer 25: the plain model's greedy tokens,
+    batch of 3 prompts of different lengths."""
+    from adainfer.generate import SelfSpeculativeDecoder
+
+    model, tok = engine.model, engine.tokenizer
+    prompts = [
+        "The capital of France is",
+        "def add(a, b):\n",
+        "Once upon a time, in a land far away,",
+    ]
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    with torch.inference_mode():
+        plain = model.generate(**enc, max_new_tokens=20, do_sample=False, eos_token_id=None)
+    expected = plain[:, enc["input_ids"].shape[1] :].tolist()
+    decoder = SelfSpeculativeDecoder(model, tok, draft_layer=24, draft_tokens=4)
+    result = decoder.generate(prompts, max_new_tokens=20, eos_token_id=[])
+    assert result.tokens == expected
+    assert result.accepted.sum() > 0  # the drafts are not all rejected on a real model

@@ -99,23 +99,43 @@ class LayerStepper:
         self.parts = parts
         self.taps = tuple(taps)
         self._names = _positional_names(parts.layers[0]) if len(parts.layers) else ()
+        self._seen: dict[str, bool] = {}  # what the layers' outputs looked like, across runs
 
     @property
     def num_layers(self) -> int:
         return self.parts.num_layers
 
-    def run(self, inputs: dict, client: Client, *, until: int | None = None, **forward_kw):
+    def run(
+        self,
+        inputs: dict,
+        client: Client,
+        *,
+        until: int | None = None,
+        start: int = 1,
+        start_hidden: torch.Tensor | None = None,
+        **forward_kw,
+    ):
         """One forward of `inputs` (input_ids, attention_mask, position_ids, ...), calling
-        `client` after every layer up to `until` (default: the last), where it ends."""
+        `client` after every layer from `start` up to `until` (default: the last), where it
+        ends. With `start` > 1, the layers before it are skipped (their cache untouched) and
+        `start_hidden` [B, S, H] enters layer `start`: a self-speculative draft computed those
+        layers already."""
         until = self.num_layers if until is None else until
+        if start > 1 and start_hidden is None:
+            raise ValueError("start_hidden is needed to start past layer 1")
         batch = next(v for v in inputs.values() if torch.is_tensor(v)).shape[0]
         rows = _Rows(batch, torch.arange(batch))
-        state = {"before": None, "shape": None, "taps": {}}
+        state = {"before": None, "shape": None, "taps": {}, "enter": {start: start_hidden}}
+        state["seen"] = self._seen
         handles = []
         try:
-            for i, layer in enumerate(self.parts.layers[:until]):
+            for layer in self.parts.layers[: start - 1]:
+                layer.forward = _skipped(self._tuple_output)
+            for i, layer in enumerate(self.parts.layers[start - 1 : until], start=start - 1):
                 handles.append(
-                    layer.register_forward_pre_hook(self._pre_hook(rows, state), with_kwargs=True)
+                    layer.register_forward_pre_hook(
+                        self._pre_hook(i + 1, rows, state), with_kwargs=True
+                    )
                 )
                 post = _post_hook(i + 1, rows, state, client, until)
                 handles.append(layer.register_forward_hook(post))
@@ -128,17 +148,28 @@ class LayerStepper:
         finally:
             for h in handles:
                 h.remove()
+            for layer in self.parts.layers[: start - 1]:
+                del layer.forward  # the class's own forward again
 
-    def _pre_hook(self, rows: _Rows, state: dict):
+    def _pre_hook(self, layer: int, rows: _Rows, state: dict):
         def hook(module, args, kwargs):
+            entering = state["enter"].get(layer)
+            if entering is not None:
+                args, kwargs = _with_hidden(args, kwargs, entering)
             hidden = args[0] if args else kwargs["hidden_states"]
             state["shape"], state["before"] = hidden.shape[:2], hidden[:, -1]
             if rows.all:
-                return None
+                return None if entering is None else (args, kwargs)
             cut = tuple(self._cut(rows, name, v) for name, v in zip(self._names, args[1:]))
             return (args[:1] + cut, {k: self._cut(rows, k, v) for k, v in kwargs.items()})
 
         return hook
+
+    @property
+    def _tuple_output(self) -> bool:
+        """Whether decoder layers return (hidden, ...) rather than the hidden state alone
+        (older transformers; what a skipped layer must return too)."""
+        return self._seen.get("tuple_output", False)
 
     # ------------------------------------------------------------- per-row arguments
     def _cut(self, rows: _Rows, name: str | None, value):
@@ -159,6 +190,7 @@ class LayerStepper:
 
 def _post_hook(layer: int, rows: _Rows, state: dict, client: Client, until: int):
     def hook(module, args, output):
+        state["seen"]["tuple_output"] = not torch.is_tensor(output)
         hidden = output if torch.is_tensor(output) else output[0]
         seen = LayerOutput(layer, hidden, state["before"], dict(state["taps"]), rows.active)
         keep = client(seen)
@@ -173,6 +205,22 @@ def _post_hook(layer: int, rows: _Rows, state: dict, client: Client, until: int)
         return hidden if torch.is_tensor(output) else (hidden, *output[1:])
 
     return hook
+
+
+def _skipped(tuple_output: bool):
+    """A decoder layer's forward that passes the hidden state through: the layer is not run."""
+
+    def forward(*args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden,) if tuple_output else hidden
+
+    return forward
+
+
+def _with_hidden(args, kwargs, hidden):
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
 
 
 def _rows_of(rows: _Rows, name: str, t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,298 @@
+"""Token-by-token generation in which tokens leave early: the layer stepper's second client.
+
+Lossless self-speculative decoding, batched. Each round, every row drafts `draft_tokens`
+tokens from the first `draft_layer` layers (the logit lens at that depth), then the full model
+verifies all of them in one forward that *starts* at layer `draft_layer + 1`: the draft already
+computed the early layers for those positions, and their keys and values are the full model's
+own (layer l of a token depends only on layers below it), so they are reused, not recomputed.
+Each row keeps its longest verified prefix plus the full model's own next token, so greedy
+output is the plain model's, token for token. Rows accept different counts: a rejected
+position stays in the cache as a hole that the attention mask hides, and the tail that every
+row rejected is cropped.
+
+Without a draft layer the decoder runs plain decoding (one full forward per token): the
+fallback where drafting cannot pay for itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from .arch import find_parts
+from .lens import LogitLens
+from .stepper import LayerStepper
+
+
+@dataclass
+class GenerationResult:
+    """Per row: the new tokens and their text; with drafting, what was drafted and kept."""
+
+    tokens: list[list[int]]
+    texts: list[str]
+    draft_layer: int | None
+    drafted: np.ndarray  # [B] draft tokens proposed
+    accepted: np.ndarray  # [B] of those, verified equal to the full model's
+    rounds: int = 0  # draft-and-verify rounds (plain decoding: steps)
+    wall_time_s: float = 0.0
+
+    @property
+    def acceptance(self) -> float:
+        drafted = int(self.drafted.sum())
+        return float(self.accepted.sum()) / drafted if drafted else float("nan")
+
+
+@dataclass
+class _Rows:
+    """Decoding state of the rows still generating (all tensors [A, ...])."""
+
+    index: torch.Tensor  # [A] row of each in the batch
+    mask: torch.Tensor  # [A, T] 1 for a real position, 0 for padding or a rejected draft
+    position: torch.Tensor  # [A] position id of the pending token
+    pending: torch.Tensor  # [A] newest token, emitted, not yet in the cache
+    cache: DynamicCache = field(repr=False)
+
+    def keep(self, keep: torch.Tensor) -> None:
+        if bool(keep.all()):
+            return
+        self.cache.batch_select_indices(keep.nonzero()[:, 0].to(self.mask.device))
+        self.index, self.mask = self.index[keep.cpu()], self.mask[keep]
+        self.position, self.pending = self.position[keep], self.pending[keep]
+
+
+class SelfSpeculativeDecoder:
+    """Greedy generation, lossless, with drafts from an early layer (see the module doc).
+
+    Parameters
+    ----------
+    model, tokenizer : a Hugging Face causal LM and its tokenizer.
+    draft_layer : depth of the drafts (1..L-1); None: plain decoding.
+    draft_tokens : tokens drafted per round before the full model verifies them.
+    """
+
+    def __init__(self, model, tokenizer, *, draft_layer: int | None = None, draft_tokens: int = 4):
+        self.model, self.tokenizer = model, tokenizer
+        self.parts = find_parts(model)
+        self.lens = LogitLens(self.parts)
+        self.stepper = LayerStepper(self.parts)
+        L = self.parts.num_layers
+        if draft_layer is not None and not 1 <= draft_layer < L:
+            raise ValueError(f"draft_layer must be between 1 and {L - 1} (the model has {L})")
+        if draft_tokens < 1:
+            raise ValueError(f"draft_tokens must be at least 1, got {draft_tokens}")
+        self.draft_layer, self.draft_tokens = draft_layer, draft_tokens
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int = 64,
+        eos_token_id: int | Sequence[int] | None = None,
+        on_tokens: Callable[[int, list[int]], None] | None = None,
+    ) -> GenerationResult:
+        """Generate for a batch of prompts. `on_tokens(row, tokens)` is called with each
+        row's newly accepted tokens as they come (streaming)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        eos = _eos_ids(self.model, eos_token_id)
+        start = time.perf_counter()
+        rows, first = self._prefill(prompts, max_new_tokens)
+        out = _Output(len(prompts), max_new_tokens, eos, on_tokens)
+        rows.keep(out.add(rows.index, first[:, None], torch.ones(len(first), dtype=torch.long)))
+        while len(rows.index):
+            if self.draft_layer is None:
+                self._plain_step(rows, out)
+            else:
+                self._round(rows, out)
+            out.rounds += 1
+        tokens = out.tokens
+        return GenerationResult(
+            tokens=tokens,
+            texts=self.tokenizer.batch_decode(tokens, skip_special_tokens=True),
+            draft_layer=self.draft_layer,
+            drafted=out.drafted,
+            accepted=out.accepted,
+            rounds=out.rounds,
+            wall_time_s=time.perf_counter() - start,
+        )
+
+    # ---------------------------------------------------------------- steps
+    def _prefill(self, prompts, max_new_tokens: int) -> tuple[_Rows, torch.Tensor]:
+        if isinstance(prompts, str) or not len(prompts):
+            raise ValueError("prompts must be a non-empty list of strings")
+        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+        device = self.model.get_input_embeddings().weight.device
+        mask = enc["attention_mask"].to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        if self.draft_layer is not None:
+            self._check_window(cache, mask.shape[1] + max_new_tokens + self.draft_tokens)
+        logits = self.model(
+            input_ids=enc["input_ids"].to(device),
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        first = logits.argmax(-1)
+        index = torch.arange(len(prompts))
+        return _Rows(index, mask, positions[:, -1] + 1, first, cache), first
+
+    @staticmethod
+    def _check_window(cache: DynamicCache, longest: int) -> None:
+        """Drafting crops and re-appends cache positions, which a sliding-window layer allows
+        only before its window fills: refuse a generation that could fill it."""
+        windows = [getattr(c, "sliding_window", None) for c in cache.layers]
+        windows = [w for w in windows if w is not None]
+        if any(type(c) not in (DynamicLayer, DynamicSlidingWindowLayer) for c in cache.layers):
+            raise ValueError(
+                "self-speculative drafting needs a dynamic KV cache; this model's is "
+                f"{sorted({type(c).__name__ for c in cache.layers})}. Use draft_layer=None."
+            )
+        if windows and longest >= min(windows):
+            raise ValueError(
+                f"this model attends within a sliding window of {min(windows)} tokens in some "
+                f"layers, and prompt + max_new_tokens + draft_tokens reach {longest}: drafting "
+                "cannot roll such a cache back. Generate fewer tokens or use draft_layer=None."
+            )
+
+    def _feed(self, rows: _Rows, tokens: torch.Tensor) -> dict:
+        """Model inputs that append `tokens` [A, S] after each row's last position."""
+        S = tokens.shape[1]
+        rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(tokens), S)], dim=1)
+        offsets = torch.arange(S, device=tokens.device)
+        return {
+            "input_ids": tokens,
+            "attention_mask": rows.mask,
+            "position_ids": rows.position[:, None] + offsets,
+        }
+
+    def _plain_step(self, rows: _Rows, out: _Output) -> None:
+        inputs = self._feed(rows, rows.pending[:, None])
+        logits = self.model(**inputs, cache=rows.cache, use_cache=True, logits_to_keep=1).logits
+        rows.position = rows.position + 1
+        rows.pending = logits[:, -1].argmax(-1)
+        rows.keep(out.add(rows.index, rows.pending[:, None], torch.ones_like(rows.pending)))
+
+    def _round(self, rows: _Rows, out: _Output) -> None:
+        """Draft `k` tokens per row from layer d, verify them from layer d + 1, keep each row's
+        verified prefix and the full model's next token."""
+        k = min(self.draft_tokens, out.most_left(rows.index))
+        fed, drafts, states = [rows.pending], [], []
+        for j in range(k):
+            state = self._draft_step(rows, fed[-1], j)
+            states.append(state)
+            drafts.append(self.lens(state[:, -1]).argmax(-1))
+            fed.append(drafts[-1])
+        full = self._verify(rows, torch.stack(fed[:k], 1), torch.cat(states, 1))  # [A, k]
+        drafts = torch.stack(drafts, 1)
+        agree = (drafts == full).long().cumprod(1).sum(1)  # leading drafts the model agrees with
+        kept = torch.clamp(agree + 1, max=k)  # fed positions that stay: the pending + agreed
+        new = torch.where(torch.arange(k)[None] < agree[:, None], drafts, full)
+        self._crop_rejected(rows, kept, k)
+        rows.position = rows.position + kept
+        rows.pending = new.gather(1, (kept - 1)[:, None])[:, 0]
+        out.drafted[rows.index.numpy()] += k
+        out.accepted[rows.index.numpy()] += agree.cpu().numpy()
+        rows.keep(out.add(rows.index, new, kept))
+
+    def _draft_step(self, rows: _Rows, token: torch.Tensor, j: int) -> torch.Tensor:
+        """Feed `token` through layers 1..d; their cache grows by one position. Returns the
+        layer-d hidden state [A, 1, H]."""
+        inputs = self._feed(rows, token[:, None])
+        inputs["position_ids"] = inputs["position_ids"] + j
+        seen = {}
+
+        def client(layer_out):
+            seen["hidden"] = layer_out.hidden
+
+        self.stepper.run(inputs, client, until=self.draft_layer, cache=rows.cache, use_cache=True)
+        return seen["hidden"]
+
+    def _verify(self, rows: _Rows, fed: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """The full model's next token after each of the `k` fed positions [A, k], computed
+        from layer d + 1 on the draft's layer-d states, reusing layers 1..d's cache."""
+        d, k = self.draft_layer, fed.shape[1]
+        early = rows.cache.layers[:d]
+        # the model sizes its mask from layer 1's cache: hide the draft positions from it
+        held = [(c.keys[..., -k:, :], c.values[..., -k:, :]) for c in early]
+        for c in early:
+            c.crop(-k)
+        inputs = {
+            "input_ids": fed,
+            "attention_mask": rows.mask,
+            "position_ids": rows.position[:, None] + torch.arange(k, device=fed.device),
+        }
+        seen = {}
+
+        def client(layer_out):
+            seen["hidden"] = layer_out.hidden
+
+        try:
+            self.stepper.run(
+                inputs, client, start=d + 1, start_hidden=states, cache=rows.cache, use_cache=True
+            )
+        finally:
+            for c, (keys, values) in zip(early, held):
+                c.update(keys, values)
+        return self.lens(seen["hidden"]).argmax(-1)
+
+    def _crop_rejected(self, rows: _Rows, kept: torch.Tensor, k: int) -> None:
+        """Hide each row's rejected positions (the last k - kept of the k fed) and crop the
+        tail that every row rejected."""
+        T = rows.mask.shape[1]
+        fed = torch.arange(k, device=rows.mask.device)[None]
+        rows.mask[:, T - k :] *= (fed < kept[:, None].to(fed.device)).to(rows.mask.dtype)
+        unused = k - int(kept.max())
+        if unused:
+            rows.cache.crop(-unused)
+            rows.mask = rows.mask[:, :-unused]
+
+
+class _Output:
+    """Tokens emitted per row, with the stopping rules (EOS, max_new_tokens)."""
+
+    def __init__(self, size: int, max_new_tokens: int, eos: set[int], on_tokens):
+        self.tokens: list[list[int]] = [[] for _ in range(size)]
+        self.max_new_tokens, self.eos, self.on_tokens = max_new_tokens, eos, on_tokens
+        self.drafted = np.zeros(size, dtype=np.int64)
+        self.accepted = np.zeros(size, dtype=np.int64)
+        self.rounds = 0
+
+    def most_left(self, index: torch.Tensor) -> int:
+        return max(self.max_new_tokens - len(self.tokens[i]) for i in index.tolist())
+
+    def add(self, index: torch.Tensor, new: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """Append the first `count[r]` of `new[r]` to each row; the mask of rows still going."""
+        going = []
+        for i, row, n in zip(index.tolist(), new.tolist(), count.tolist()):
+            added, stop = [], False
+            for t in row[:n]:
+                added.append(t)
+                if t in self.eos or len(self.tokens[i]) + len(added) >= self.max_new_tokens:
+                    stop = True
+                    break
+            self.tokens[i] += added
+            if self.on_tokens is not None and added:
+                self.on_tokens(i, added)
+            going.append(not stop)
+        return torch.tensor(going, dtype=torch.bool)
+
+
+def _eos_ids(model, eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        config = getattr(model, "generation_config", None) or model.config
+        eos_token_id = getattr(config, "eos_token_id", None)
+    if eos_token_id is None:
+        return set()
+    return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(t) for t in eos_token_id}

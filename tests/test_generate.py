@@ -1,0 +1,100 @@
+"""Generation: lossless self-speculative decoding gives the plain model's greedy tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from adainfer.generate import SelfSpeculativeDecoder
+from conftest import ARCHS, _config, char_tokenizer, tiny_model
+
+PROMPTS = [
+    "Q: apple\nA: Apple\n\nQ: river\nA:",
+    "hello",
+    "a much longer prompt, with words and more words",
+    "xy",
+    "The cat sat on",
+    "1, 2, 3,",
+    "def f(x):",
+    "Q: stone\nA:",
+]
+
+
+def _model(arch: str, layers: int = 6):
+    if arch != "gemma3":
+        return tiny_model(arch, layers=layers)
+    config = _config("gemma3", layers)
+    config.sliding_window = 256  # the conftest window (8) is full before a draft can roll back
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval(), char_tokenizer()
+
+
+def _plain_greedy(model, tok, prompts, max_new_tokens, eos=None):
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    with torch.inference_mode():
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=eos,
+        )
+    rows = out[:, enc["input_ids"].shape[1] :].tolist()
+    if eos is None:
+        return rows
+    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lossless_equals_plain_greedy_on_every_architecture(arch):
+    model, tok = _model(arch)
+    expected = _plain_greedy(model, tok, PROMPTS[:4], 12)
+    for draft_layer, draft_tokens in [(None, 4), (1, 2), (3, 4), (5, 3)]:
+        decoder = SelfSpeculativeDecoder(
+            model, tok, draft_layer=draft_layer, draft_tokens=draft_tokens
+        )
+        result = decoder.generate(PROMPTS[:4], max_new_tokens=12, eos_token_id=[])
+        assert result.tokens == expected, (draft_layer, draft_tokens)
+        if draft_layer is not None:
+            assert 0 <= result.acceptance <= 1
+            assert (result.accepted <= result.drafted).all()
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_batches_with_a_row_stopping_early_at_eos(batch):
+    model, tok = _model("llama")
+    prompts = PROMPTS[:batch]
+    free = _plain_greedy(model, tok, prompts, 24)
+    # a token some row first makes at its 3rd step or later: that row stops there (others may too)
+    row, at = next(
+        (r, i) for r in range(batch) for i in range(2, 24) if free[r][i] not in free[r][:i]
+    )
+    expected = _plain_greedy(model, tok, prompts, 24, eos=free[row][at])
+    assert len(expected[row]) == at + 1 < 24
+    streamed = {i: [] for i in range(batch)}
+    result = SelfSpeculativeDecoder(model, tok, draft_layer=4, draft_tokens=3).generate(
+        prompts,
+        max_new_tokens=24,
+        eos_token_id=free[row][at],
+        on_tokens=lambda row, tokens: streamed[row].extend(tokens),
+    )
+    assert result.tokens == expected
+    assert [streamed[i] for i in range(batch)] == expected
+    assert result.texts == tok.batch_decode(expected, skip_special_tokens=True)
+
+
+def test_bad_settings_are_clear_errors():
+    model, tok = _model("llama")
+    with pytest.raises(ValueError, match="draft_layer must be between 1 and 5"):
+        SelfSpeculativeDecoder(model, tok, draft_layer=6)
+    with pytest.raises(ValueError, match="draft_tokens"):
+        SelfSpeculativeDecoder(model, tok, draft_layer=2, draft_tokens=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SelfSpeculativeDecoder(model, tok).generate(["hi"], max_new_tokens=0)
+    with pytest.raises(ValueError, match="list of strings"):
+        SelfSpeculativeDecoder(model, tok).generate("hi")
+    gemma, gtok = tiny_model("gemma3")  # sliding window of 8
+    with pytest.raises(ValueError, match="sliding window of 8"):
+        SelfSpeculativeDecoder(gemma, gtok, draft_layer=2).generate(["hello"], max_new_tokens=8)
