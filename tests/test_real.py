@@ -81,7 +81,7 @@ def test_collect_fit_save_load_evaluate(engine, queries, tmp_path):
 def test_lossless_generation_equals_plain_greedy(engine):
     """Drafts from layer 24 of 30, verified from layer 25: the plain model's greedy tokens,
     batch of 3 prompts of different lengths."""
-    from adainfer.generate import SelfSpeculativeDecoder
+    from adainfer.generation import SelfSpeculativeDecoder
 
     model, tok = engine.model, engine.tokenizer
     prompts = [

@@ -2,14 +2,21 @@
 
 __version__ = "0.1.0"
 
-from .policies import Step  # noqa: E402
-from .prefill import AdaptiveEngine, ExitResult  # noqa: E402
 from .persist import load_policy, save_policy  # noqa: E402
-from .policies import POLICIES, make_policy  # noqa: E402
+from .policies import POLICIES, Step, make_policy  # noqa: E402
+from .prefill import AdaptiveEngine, ExitResult  # noqa: E402
+
+
+def generate(*args, **kwargs):
+    """Generate text, lossless, with drafts from an early layer (see adainfer.generation)."""
+    from .generation import generate as _generate
+
+    return _generate(*args, **kwargs)
 
 
 def load(*args, **kwargs):
-    """Load a model and tokenizer by alias, local folder, .gguf file or hub id (see adainfer.models)."""
+    """Load a model and tokenizer by alias, local folder, .gguf file or hub id
+    (see adainfer.models)."""
     from .models import load as _load
 
     return _load(*args, **kwargs)
@@ -21,6 +28,7 @@ __all__ = [
     "Step",
     "POLICIES",
     "make_policy",
+    "generate",
     "load",
     "load_policy",
     "save_policy",

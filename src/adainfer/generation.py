@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import DynamicCache
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from .arch import find_parts
@@ -46,6 +52,59 @@ class GenerationResult:
     def acceptance(self) -> float:
         drafted = int(self.drafted.sum())
         return float(self.accepted.sum()) / drafted if drafted else float("nan")
+
+
+class Chooser:
+    """How a token is picked from logits: greedy, or sampled from the distribution that
+    Hugging Face's temperature / top-k / top-p warpers leave."""
+
+    def __init__(
+        self,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ):
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature must be above 0 when sampling, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        self.do_sample, self.generator = do_sample, generator
+        warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        warpers += [TopKLogitsWarper(top_k)] if top_k else []
+        warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+        self.warpers = LogitsProcessorList(warpers)
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """[..., V] the distribution tokens are sampled from."""
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        return self.warpers(None, flat).softmax(-1).reshape(logits.shape)
+
+    def sample(self, probs: torch.Tensor) -> torch.Tensor:
+        flat = probs.reshape(-1, probs.shape[-1])
+        return torch.multinomial(flat, 1, generator=self.generator).reshape(probs.shape[:-1])
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.sample(self.probs(logits)) if self.do_sample else logits.argmax(-1)
+
+    def accept(self, drafts, draft_probs, logits) -> tuple[torch.Tensor, torch.Tensor]:
+        """(leading drafts accepted [A], the token after them [A, k]: the full model's own
+        choice at every position, and where it rejects a sampled draft a token from the
+        residual distribution max(p - q, 0), so every token follows the full model's
+        distribution: speculative sampling)."""
+        if not self.do_sample:
+            full = logits.argmax(-1)
+            return (drafts == full).long().cumprod(1).sum(1), full
+        p = self.probs(logits)  # [A, k, V]
+        p_draft = p.gather(-1, drafts[..., None])[..., 0]
+        q_draft = draft_probs.gather(-1, drafts[..., None])[..., 0]
+        u = torch.rand(p_draft.shape, generator=self.generator, device=p_draft.device)
+        agree = (u * q_draft < p_draft).long().cumprod(1).sum(1)
+        residual = (p - draft_probs).clamp(min=0)
+        empty = residual.sum(-1, keepdim=True) <= 0  # p == q there: sample from p itself
+        residual = torch.where(empty, p, residual)
+        return agree, self.sample(residual / residual.sum(-1, keepdim=True))
 
 
 @dataclass
@@ -97,16 +156,21 @@ class SelfSpeculativeDecoder:
         *,
         max_new_tokens: int = 64,
         eos_token_id: int | Sequence[int] | None = None,
+        chooser: Chooser | None = None,
+        stop_strings: Sequence[str] = (),
         on_tokens: Callable[[int, list[int]], None] | None = None,
     ) -> GenerationResult:
-        """Generate for a batch of prompts. `on_tokens(row, tokens)` is called with each
-        row's newly accepted tokens as they come (streaming)."""
+        """Generate for a batch of prompts: greedy, or sampled by `chooser`. A row stops at
+        EOS, at `max_new_tokens`, or once its text holds one of `stop_strings` (its text is cut
+        before it). `on_tokens(row, tokens)` gets each row's new tokens as they come."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        self.chooser = chooser or Chooser()
         eos = _eos_ids(self.model, eos_token_id)
         start = time.perf_counter()
         rows, first = self._prefill(prompts, max_new_tokens)
-        out = _Output(len(prompts), max_new_tokens, eos, on_tokens)
+        stops = _StopStrings(self.tokenizer, stop_strings)
+        out = _Output(len(prompts), max_new_tokens, eos, on_tokens, stops)
         rows.keep(out.add(rows.index, first[:, None], torch.ones(len(first), dtype=torch.long)))
         while len(rows.index):
             if self.draft_layer is None:
@@ -117,7 +181,9 @@ class SelfSpeculativeDecoder:
         tokens = out.tokens
         return GenerationResult(
             tokens=tokens,
-            texts=self.tokenizer.batch_decode(tokens, skip_special_tokens=True),
+            texts=[
+                stops.cut(t) for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+            ],
             draft_layer=self.draft_layer,
             drafted=out.drafted,
             accepted=out.accepted,
@@ -144,7 +210,7 @@ class SelfSpeculativeDecoder:
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
-        first = logits.argmax(-1)
+        first = self.chooser.pick(logits)
         index = torch.arange(len(prompts))
         return _Rows(index, mask, positions[:, -1] + 1, first, cache), first
 
@@ -181,22 +247,27 @@ class SelfSpeculativeDecoder:
         inputs = self._feed(rows, rows.pending[:, None])
         logits = self.model(**inputs, cache=rows.cache, use_cache=True, logits_to_keep=1).logits
         rows.position = rows.position + 1
-        rows.pending = logits[:, -1].argmax(-1)
+        rows.pending = self.chooser.pick(logits[:, -1])
         rows.keep(out.add(rows.index, rows.pending[:, None], torch.ones_like(rows.pending)))
 
     def _round(self, rows: _Rows, out: _Output) -> None:
         """Draft `k` tokens per row from layer d, verify them from layer d + 1, keep each row's
         verified prefix and the full model's next token."""
         k = min(self.draft_tokens, out.most_left(rows.index))
-        fed, drafts, states = [rows.pending], [], []
+        fed, drafts, states, probs = [rows.pending], [], [], []
         for j in range(k):
             state = self._draft_step(rows, fed[-1], j)
             states.append(state)
-            drafts.append(self.lens(state[:, -1]).argmax(-1))
+            logits = self.lens(state[:, -1])
+            if self.chooser.do_sample:
+                probs.append(self.chooser.probs(logits))
+                drafts.append(self.chooser.sample(probs[-1]))
+            else:
+                drafts.append(logits.argmax(-1))
             fed.append(drafts[-1])
-        full = self._verify(rows, torch.stack(fed[:k], 1), torch.cat(states, 1))  # [A, k]
+        logits = self._verify(rows, torch.stack(fed[:k], 1), torch.cat(states, 1))  # [A, k, V]
         drafts = torch.stack(drafts, 1)
-        agree = (drafts == full).long().cumprod(1).sum(1)  # leading drafts the model agrees with
+        agree, full = self.chooser.accept(drafts, torch.stack(probs, 1) if probs else None, logits)
         kept = torch.clamp(agree + 1, max=k)  # fed positions that stay: the pending + agreed
         new = torch.where(torch.arange(k)[None] < agree[:, None], drafts, full)
         self._crop_rejected(rows, kept, k)
@@ -220,7 +291,7 @@ class SelfSpeculativeDecoder:
         return seen["hidden"]
 
     def _verify(self, rows: _Rows, fed: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        """The full model's next token after each of the `k` fed positions [A, k], computed
+        """The full model's next-token logits after each of the `k` fed positions [A, k, V],
         from layer d + 1 on the draft's layer-d states, reusing layers 1..d's cache."""
         d, k = self.draft_layer, fed.shape[1]
         early = rows.cache.layers[:d]
@@ -245,7 +316,7 @@ class SelfSpeculativeDecoder:
         finally:
             for c, (keys, values) in zip(early, held):
                 c.update(keys, values)
-        return self.lens(seen["hidden"]).argmax(-1)
+        return self.lens(seen["hidden"])
 
     def _crop_rejected(self, rows: _Rows, kept: torch.Tensor, k: int) -> None:
         """Hide each row's rejected positions (the last k - kept of the k fed) and crop the
@@ -262,9 +333,10 @@ class SelfSpeculativeDecoder:
 class _Output:
     """Tokens emitted per row, with the stopping rules (EOS, max_new_tokens)."""
 
-    def __init__(self, size: int, max_new_tokens: int, eos: set[int], on_tokens):
+    def __init__(self, size: int, max_new_tokens: int, eos: set[int], on_tokens, stops):
         self.tokens: list[list[int]] = [[] for _ in range(size)]
         self.max_new_tokens, self.eos, self.on_tokens = max_new_tokens, eos, on_tokens
+        self.stops = stops
         self.drafted = np.zeros(size, dtype=np.int64)
         self.accepted = np.zeros(size, dtype=np.int64)
         self.rounds = 0
@@ -285,8 +357,29 @@ class _Output:
             self.tokens[i] += added
             if self.on_tokens is not None and added:
                 self.on_tokens(i, added)
-            going.append(not stop)
+            going.append(not stop and not self.stops.found(self.tokens[i]))
         return torch.tensor(going, dtype=torch.bool)
+
+
+class _StopStrings:
+    """Rows stop once their text holds a stop string; the text is cut before it."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str]):
+        if isinstance(stop_strings, str):
+            stop_strings = [stop_strings]
+        if any(not s for s in stop_strings):
+            raise ValueError("an empty stop string would stop every row at once")
+        self.tokenizer, self.strings = tokenizer, tuple(stop_strings)
+
+    def found(self, tokens: list[int]) -> bool:
+        if not self.strings:
+            return False
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return any(s in text for s in self.strings)
+
+    def cut(self, text: str) -> str:
+        at = [text.find(s) for s in self.strings if s in text]
+        return text[: min(at)] if at else text
 
 
 def _eos_ids(model, eos_token_id) -> set[int]:
@@ -296,3 +389,79 @@ def _eos_ids(model, eos_token_id) -> set[int]:
     if eos_token_id is None:
         return set()
     return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(t) for t in eos_token_id}
+
+
+SUPPORTED = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id"}
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    draft_layer: int | None = None,
+    draft_tokens: int = 4,
+    chat: bool = False,
+    stop_strings: Sequence[str] = (),
+    seed: int | None = None,
+    generation_config=None,
+    on_tokens: Callable[[int, list[int]], None] | None = None,
+    **settings,
+) -> GenerationResult:
+    """Generate text for a batch of prompts, lossless: greedy output is the plain model's,
+    sampled output follows its distribution.
+
+    `settings` are `GenerationConfig` fields (max_new_tokens, do_sample, temperature, top_k,
+    top_p, eos_token_id); a `generation_config` gives their defaults. `chat` wraps each prompt
+    in the tokenizer's chat template as a user turn. `draft_layer` / `draft_tokens`: see
+    `SelfSpeculativeDecoder` (None: plain decoding)."""
+    config = _settings(generation_config, settings)
+    if chat:
+        prompts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            )
+            for p in prompts
+        ]
+    chooser = Chooser(
+        do_sample=bool(config.get("do_sample")),
+        temperature=config.get("temperature") or 1.0,
+        top_k=config.get("top_k") or 0,
+        top_p=config.get("top_p") or 1.0,
+        generator=None if seed is None else torch.Generator().manual_seed(seed),
+    )
+    decoder = SelfSpeculativeDecoder(
+        model, tokenizer, draft_layer=draft_layer, draft_tokens=draft_tokens
+    )
+    return decoder.generate(
+        prompts,
+        max_new_tokens=config.get("max_new_tokens") or 64,
+        eos_token_id=config.get("eos_token_id"),
+        chooser=chooser,
+        stop_strings=stop_strings,
+        on_tokens=on_tokens,
+    )
+
+
+def _settings(generation_config, settings: dict) -> dict:
+    """The generation settings that apply: explicit ones over the config's; anything the
+    decoder cannot honour (beams, penalties, ...) is an error rather than silently ignored."""
+    unknown = set(settings) - SUPPORTED
+    if unknown:
+        raise ValueError(
+            f"unsupported generation settings {sorted(unknown)}; use {sorted(SUPPORTED)}"
+        )
+    config = {}
+    if generation_config is not None:
+        changed = generation_config.to_diff_dict()
+        ignored = {"transformers_version", "bos_token_id", "pad_token_id", "_from_model_config"}
+        unsupported = {
+            k: v for k, v in changed.items() if k not in SUPPORTED | ignored and v is not None
+        }
+        if unsupported:
+            raise ValueError(
+                f"the generation config sets {sorted(unsupported)}, which adainfer's decoder does "
+                f"not support; it honours {sorted(SUPPORTED)}"
+            )
+        config = {k: getattr(generation_config, k) for k in SUPPORTED}
+    return {**config, **settings}

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from adainfer.generate import SelfSpeculativeDecoder
+from adainfer.generation import SelfSpeculativeDecoder
 from conftest import ARCHS, _config, char_tokenizer, tiny_model
 
 PROMPTS = [
@@ -98,3 +98,78 @@ def test_bad_settings_are_clear_errors():
     gemma, gtok = tiny_model("gemma3")  # sliding window of 8
     with pytest.raises(ValueError, match="sliding window of 8"):
         SelfSpeculativeDecoder(gemma, gtok, draft_layer=2).generate(["hello"], max_new_tokens=8)
+
+
+def test_speculative_sampling_keeps_the_model_distribution():
+    """3000 rows sample two tokens at temperature 0.1; the second is drafted from layer 2 and
+    accepted or resampled: its frequencies fit the full model's own marginal (chi-square), and
+    not the draft's."""
+    from scipy.stats import chisquare
+
+    from adainfer.generation import Chooser
+    from adainfer.lens import LogitLens
+
+    model, tok = _model("llama")
+    n, temperature = 3000, 0.1
+    chooser = Chooser(
+        do_sample=True, temperature=temperature, generator=torch.Generator().manual_seed(0)
+    )
+    decoder = SelfSpeculativeDecoder(model, tok, draft_layer=2, draft_tokens=1)
+    result = decoder.generate(["hello"] * n, max_new_tokens=2, eos_token_id=[], chooser=chooser)
+    assert result.drafted.sum() == n
+    second = torch.tensor([row[1] for row in result.tokens])
+
+    ids = tok(["hello"], return_tensors="pt")["input_ids"]
+    V = model.config.vocab_size
+    with torch.inference_mode():
+        first = (model(ids).logits[0, -1] / temperature).softmax(-1)  # p(t0)
+        both = torch.cat([ids.repeat(V, 1), torch.arange(V)[:, None]], 1)
+        out = model(both, output_hidden_states=True)
+        full = (out.logits[:, -1] / temperature).softmax(-1)  # p(t1 | t0), every t0
+        early = LogitLens(decoder.parts)(out.hidden_states[2][:, -1])
+        draft = (early / temperature).softmax(-1)
+    expected = (first[:, None] * full).sum(0) * n
+    drafted = (first[:, None] * draft).sum(0) * n
+    counts = torch.bincount(second, minlength=V).double()
+    big = expected >= 5  # chi-square needs expected counts of 5 or more: pool the rest
+    observed, fit = counts[big], expected[big].double()
+    if not big.all():
+        observed = torch.cat([observed, counts[~big].sum()[None]])
+        fit = torch.cat([fit, expected[~big].sum()[None].double()])
+    assert (
+        chisquare(observed.numpy(), fit.numpy() * observed.sum().item() / fit.sum().item()).pvalue
+        > 1e-3
+    )
+    tv_model = (counts / n - expected / n).abs().sum() / 2
+    tv_draft = (counts / n - drafted / n).abs().sum() / 2
+    assert tv_model < tv_draft
+
+
+def test_generate_takes_generation_config_settings_and_stop_strings():
+    from transformers import GenerationConfig
+
+    import adainfer
+
+    model, tok = _model("llama")
+    plain = adainfer.generate(model, tok, PROMPTS[:2], max_new_tokens=12, eos_token_id=[])
+    stop = plain.texts[0][4:6]  # a string the first row makes after a few tokens
+    result = adainfer.generate(
+        model,
+        tok,
+        PROMPTS[:2],
+        draft_layer=3,
+        stop_strings=[stop],
+        max_new_tokens=12,
+        eos_token_id=[],
+    )
+    assert result.texts[0] == plain.texts[0][: plain.texts[0].find(stop)]
+    assert len(result.tokens[0]) < 12
+    config = GenerationConfig(max_new_tokens=5, do_sample=False)
+    assert adainfer.generate(model, tok, ["hi"], generation_config=config).tokens[0] == (
+        plain_first := adainfer.generate(model, tok, ["hi"], max_new_tokens=5).tokens[0]
+    )
+    assert len(plain_first) <= 5
+    with pytest.raises(ValueError, match="num_beams"):
+        adainfer.generate(model, tok, ["hi"], generation_config=GenerationConfig(num_beams=2))
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        adainfer.generate(model, tok, ["hi"], repetition_penalty=1.2)
