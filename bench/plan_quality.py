@@ -45,9 +45,8 @@ from adainfer.checks import (
 from adainfer.cli import _check_cost
 from adainfer.collect import load_collected, select_tasks
 from adainfer.features import ALL_FEATURES, DEFAULT_FEATURES
+from adainfer.files import write_json, write_text_atomic
 from adainfer.offline import Traces, oracle_bounds, simulate
-from adainfer.persist import write_text_atomic
-from adainfer.pipeline import write_json
 from adainfer.policies import LayerLogisticExit, LogisticExit, SVMExit
 from adainfer.report import _layers, _md
 

@@ -51,10 +51,11 @@ from .checks import (
 from .collect import collect, load_collected
 from .engine import AdaptiveEngine, ExitResult, plain_forward
 from .features import ALL_FEATURES, DEFAULT_FEATURES
+from .files import write_json, write_text_atomic
 from .flops import result_ratios
 from .offline import Traces
-from .persist import load_policy, save_policy, write_text_atomic
-from .pipeline import fit_policy, write_json
+from .persist import load_policy, save_policy
+from .pipeline import fit_policy
 from .policies import LayerLogisticExit, NeverExit, OracleExit
 from .tasks import task_queries
 

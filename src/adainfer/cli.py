@@ -567,7 +567,8 @@ def cmd_fit(args):
 def cmd_eval(args):
     from .engine import AdaptiveEngine
     from .evaluate import evaluate
-    from .pipeline import resolve_policy, write_json
+    from .files import write_json
+    from .pipeline import resolve_policy
     from .report import eval_table
     from .tasks import task_queries
 

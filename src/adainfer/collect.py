@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from .engine import AdaptiveEngine
 from .features import ALL_FEATURES
-from .persist import model_signature, write_atomic, write_text_atomic
+from .files import write_atomic, write_text_atomic
+from .persist import model_signature
 from .policies import NeverExit
 from .tasks import Query
 

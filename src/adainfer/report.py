@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .persist import write_atomic
+from .files import write_atomic
 
 
 def _save(fig, path, dpi: int) -> None:

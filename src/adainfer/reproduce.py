@@ -33,10 +33,9 @@ from .collect import (
     training_arrays,
 )
 from .features import ALL_FEATURES, PAPER_FEATURES
+from .files import write_json, write_text_atomic
 from .flops import ratios
 from .offline import Traces, oracle_bounds, simulate
-from .persist import write_text_atomic
-from .pipeline import write_json
 from .policies import NeverExit, OracleExit, SVMExit, standard_policies
 from .tasks import TaskError
 
