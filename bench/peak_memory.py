@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 
 from adainfer import AdaptiveEngine, load
-from adainfer.bench import _release_large_blocks, _rss, peak_memory
 from adainfer.engine import plain_forward
 from adainfer.persist import load_policy
 from adainfer.tasks import task_queries
+from adainfer.timing import peak_memory, release_large_blocks, rss
 
 
 def main(argv=None):
@@ -37,7 +37,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
 
-    _release_large_blocks()
+    release_large_blocks()
     model, tok = load(args.model, dtype=args.dtype)
     engine, policy = AdaptiveEngine(model, tok), load_policy(args.policy, model=model)
     _, test = task_queries(
@@ -57,7 +57,7 @@ def main(argv=None):
     for fn in runs.values():
         fn()  # warm-up
     for name, fn in runs.items():
-        before = _rss()
+        before = rss()
         peaks = [peak_memory(fn, "cpu") for _ in range(args.repeats)]
         print(
             f"{name:6s} peak above resident: {max(peaks) / 2**20:7.1f} MB   total peak: {(before + max(peaks)) / 2**20:7.1f} MB"

@@ -26,12 +26,9 @@ overwritten.
 from __future__ import annotations
 
 import copy
-import ctypes
 import gc
 import json
-import os
 import re
-import threading
 import time
 from pathlib import Path
 
@@ -58,6 +55,7 @@ from .persist import load_policy, save_policy
 from .pipeline import fit_policy
 from .policies import LayerLogisticExit, NeverExit, OracleExit
 from .tasks import task_queries
+from .timing import machine, peak_memory, release_large_blocks, resident_memory
 
 VARIANTS = ("plain", "never", "hooks", "policy", "oracle")
 DEFAULT_TARGET = "final"  # keep the full model's answers (see offline.Traces.labels)
@@ -70,51 +68,6 @@ def default_policy():
     the oracle's saving, per-layer models 51-59%; at the default 97%, 60-70% within 1 point
     (872 held-out queries, bench/plan_quality.py)."""
     return LayerLogisticExit(features=DEFAULT_FEATURES)
-
-
-# ----------------------------------------------------------------------------- peak memory
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _release_large_blocks():
-    """Make glibc hand big blocks back at free, so RSS follows live tensors (CPU only)."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, no growth
-    except (OSError, AttributeError):
-        pass
-
-
-def resident_memory(device) -> int:
-    """Bytes in use now: the process's resident set on CPU, allocated tensors on GPU."""
-    return torch.cuda.memory_allocated() if torch.device(device).type == "cuda" else _rss()
-
-
-def peak_memory(fn, device) -> int:
-    """Peak bytes allocated by fn() above what was in use before it."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    before, peak, done = _rss(), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.0005)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        t.join()
-    return max(0, max(peak[0], _rss()) - before)
 
 
 # ----------------------------------------------------------------------------- one cell
@@ -250,7 +203,7 @@ def run_bench(
     in the row (`earlier_timings`), so a re-run adds evidence and never silently replaces it."""
     from .models import load
 
-    _release_large_blocks()
+    release_large_blocks()
     out = Path(out_dir)
     min_paired = MIN_PAIRED if min_paired is None else min_paired
     # the test a plan must pass, recorded per row: a new test re-plans, and re-times what changed
@@ -518,15 +471,3 @@ def _same_plan(row, plan, short_plan) -> bool:
         short_plan is None
         or same(row["shortlist_check_layers"], row["shortlist_threshold"], short_plan)
     )
-
-
-def machine() -> dict:
-    import platform
-
-    return {
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-    }
