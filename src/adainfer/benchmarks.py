@@ -42,7 +42,7 @@ import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .tasks import Example, Task, TaskError, load_task_file, read_text
+from .taskdata import Example, Task, TaskError, load_task_file, read_text
 
 ENV_VAR = "ADAINFER_DATA_DIR"
 SST2_LABELS = ("negative", "positive")

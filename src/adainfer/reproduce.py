@@ -37,7 +37,7 @@ from .files import write_json, write_text_atomic
 from .flops import ratios
 from .offline import Traces, oracle_bounds, simulate
 from .policies import NeverExit, OracleExit, SVMExit, standard_policies
-from .tasks import TaskError
+from .taskdata import TaskError
 
 log = logging.getLogger(__name__)
 
