@@ -1,10 +1,9 @@
 """adainfer: instance-aware early exit for Hugging Face decoder-only LLMs (AdaInfer)."""
 
-__version__ = "0.1.0"
-
-from .engine import AdaptiveEngine, ExitResult, Step  # noqa: E402
-from .persist import load_policy, save_policy  # noqa: E402
-from .policies import POLICIES, make_policy  # noqa: E402
+from ._version import __version__
+from .engine import AdaptiveEngine, ExitResult, Step
+from .persist import load_policy, save_policy
+from .policies import POLICIES, make_policy
 
 
 def load(*args, **kwargs):
@@ -15,6 +14,7 @@ def load(*args, **kwargs):
 
 
 __all__ = [
+    "__version__",
     "AdaptiveEngine",
     "ExitResult",
     "Step",

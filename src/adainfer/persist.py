@@ -13,7 +13,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from . import __version__
+from ._version import __version__
 from .files import write_atomic
 from .policies import POLICIES, ExitPolicy
 
