@@ -32,8 +32,9 @@ def _param(text: str):
     return key, value
 
 
-def _check_cost(text: str) -> float | dict[int, float]:
-    """'0.8' (one cost), or '1:1.24,8:0.2,32:0.1' (batch size: cost), in decoder layers."""
+def parse_check_cost(text: str) -> float | dict[int, float]:
+    """'0.8' (one cost), or '1:1.24,8:0.2,32:0.1' (batch size: cost), in decoder layers; a
+    ValueError that says what is expected for anything else."""
     try:
         if ":" not in text:
             return float(text)
@@ -42,14 +43,21 @@ def _check_cost(text: str) -> float | dict[int, float]:
             for b, c in (item.split(":") for item in text.split(",") if item.strip())
         }
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--check-cost takes a number of layers or BATCH:COST pairs like 1:1.2,8:0.2; got {text!r}"
+        raise ValueError(
+            "--check-cost takes a number of layers or BATCH:COST pairs like 1:1.2,8:0.2; "
+            f"got {text!r}"
         ) from None
     if not costs or min(costs) < 1 or min(costs.values()) < 0:
-        raise argparse.ArgumentTypeError(
-            f"--check-cost: batch sizes must be >= 1 and costs >= 0; got {text!r}"
-        )
+        raise ValueError(f"--check-cost: batch sizes must be >= 1 and costs >= 0; got {text!r}")
     return costs
+
+
+def _check_cost(text: str) -> float | dict[int, float]:
+    """parse_check_cost for argparse, which shows the message of an ArgumentTypeError only."""
+    try:
+        return parse_check_cost(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _model_args(p):

@@ -84,7 +84,8 @@ def _cell(rows, family, policy, **where) -> str:
     return f"{_pct(acc)} / {_pct(_avg(rows, 'flops_ratio', family=family, policy=policy, **where))}"
 
 
-def _md(header, rows):
+def markdown_table(header, rows) -> str:
+    """A GitHub markdown table: `header` names the columns, each row is a list of cells."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -103,13 +104,14 @@ def eval_table(summary: dict) -> str:
         ]
         for name, s in summary["policies"].items()
     ]
-    return _md(
+    return markdown_table(
         ["policy", "accuracy", "mean exit layer", "paper FLOPs", "true FLOPs", "time vs plain"],
         body,
     )
 
 
-def _layers(layers) -> str:
+def format_layers(layers) -> str:
+    """A check schedule in a table cell: 'first..last /stride', 'none' (never checks) or '-'."""
     if layers is None:
         return "-"
     if not layers:
@@ -148,7 +150,7 @@ def bench_table(rows) -> str:
             f"{100 * p['flops_ratio']:.1f}% / {100 * p['true_flops_ratio']:.1f}%",
             f"{r.get('check_cost_layers', nan):.2f} / {r.get('check_cost_bf16_head_layers', nan):.2f}"
             + (f" / {r.get('check_cost_shortlist_layers') or nan:.2f}" if short else ""),
-            _layers(r.get("check_layers")),
+            format_layers(r.get("check_layers")),
             _plan_test(r),
             _ratio(r, "policy"),
             _ratio(r, "never"),
@@ -163,7 +165,7 @@ def bench_table(rows) -> str:
                 ["-"] * 4
                 if s is None
                 else [
-                    _layers(r.get("shortlist_check_layers")),
+                    format_layers(r.get("shortlist_check_layers")),
                     f"{100 * s['accuracy']:.1f}",
                     f"{s['mean_exit_layer']:.1f}",
                     _ratio(r, "shortlist"),
@@ -197,7 +199,7 @@ def bench_table(rows) -> str:
             "shortlist: exit layer",
             "shortlist/plain",
         ]
-    return _md(header, body)
+    return markdown_table(header, body)
 
 
 def bench_retimed(rows) -> str:
@@ -208,7 +210,7 @@ def bench_retimed(rows) -> str:
         runs = r["earlier_timings"] + [r]
         said = "; ".join(
             f"policy/plain {_ratio(t, 'policy')}, never/plain {_ratio(t, 'never')} "
-            f"({t.get('paired_samples', '?')} paired, checks at {_layers(t.get('check_layers'))})"
+            f"({t.get('paired_samples', '?')} paired, checks at {format_layers(t.get('check_layers'))})"
             for t in runs
         )
         lines.append(
@@ -338,7 +340,7 @@ def reproduce_tables(results: dict) -> str:
                 ]
             )
         out.append(
-            _md(
+            markdown_table(
                 ["task", "full acc", "SVM acc", "SVM FLOPs", "SVM true FLOPs", "oracle FLOPs"], body
             )
         )
@@ -357,7 +359,7 @@ def reproduce_tables(results: dict) -> str:
             ]
             for t in tasks
         ]
-        out.append(_md(["task", *main_names], body))
+        out.append(markdown_table(["task", *main_names], body))
         choice_tasks = [
             t
             for t in tasks
@@ -366,7 +368,7 @@ def reproduce_tables(results: dict) -> str:
         if choice_tasks:
             out += ["", f"## Whole-vocabulary vs choice-restricted accuracy, {title}", ""]
             out.append(
-                _md(
+                markdown_table(
                     ["task", "full: vocab", "full: choice", "SVM: vocab", "SVM: choice"],
                     [
                         [t]
@@ -392,10 +394,10 @@ def reproduce_tables(results: dict) -> str:
         [g, *(_cell(rows, "generalization", g, shots=few_shot, **s) for s in scopes)]
         for g in results["families"]["generalization"]
     ]
-    out.append(_md(["classifier", "tested on sst2", "tested on all tasks"], body))
+    out.append(markdown_table(["classifier", "tested on sst2", "tested on all tasks"], body))
     out += ["", "## Table 7: feature factor study (SVM, all tasks, all k)", ""]
     out.append(
-        _md(
+        markdown_table(
             ["features", "accuracy", "FLOPs", "true FLOPs"],
             [
                 [
@@ -447,7 +449,9 @@ def reproduce_tables(results: dict) -> str:
             body.append([t, f"{first:.1f} / {L}", f"{settled:.1f} / {L}", *shares])
         out += ["", f"### {title}", ""]
         out.append(
-            _md(["task", "first correct", "settled", *(f"share: {p}" for p in policies)], body)
+            markdown_table(
+                ["task", "first correct", "settled", *(f"share: {p}" for p in policies)], body
+            )
         )
     if results.get("notes"):
         out += ["", "## Notes", ""] + [f"- {k}: {v}" for k, v in results["notes"].items()]
