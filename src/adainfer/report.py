@@ -505,13 +505,12 @@ def reproduce_figures(results: dict, traces, out_dir) -> list[Path]:
 
 def _figure_1(plt, cfg, traces, path: Path) -> Path:
     """Top-1 accuracy at each layer, one line per k, for SST-2 and MMLU (else the first tasks)."""
-    L = traces.num_layers
-    tasks = cfg["tasks"]
+    L, tasks, shots_of = traces.num_layers, cfg["tasks"], traces.shots
     shown = [t for t in tasks if t in ("sst2",) or t.startswith("mmlu")][:2] or tasks[:2]
     fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4), squeeze=False)
     for ax, t in zip(axes[0], shown):
         for k in cfg["shots"]:
-            m = (traces.task == t) & (traces.shots == k)
+            m = (traces.task == t) & (shots_of == k)
             if m.any():
                 ax.plot(
                     np.arange(1, L + 1),
