@@ -27,9 +27,9 @@ from .policies import NeverExit
 from .tasks import Query
 
 # A padded batch hands SDPA a mask, and with a mask its CPU kernel computes the whole N x N
-# square instead of the causal half. SmolLM2 bf16, 2 cores: 8 prompts one at a time against one
-# batch took 2.13x as long at 483 tokens, 1.11x at 936, 1.01x at 1527; two SQuAD prompts of 2605
-# and 3177 tokens took 24.1 s one at a time and 36.9 s batched. Long prompts run alone.
+# square instead of the causal half: short prompts still gain from batching, prompts past about
+# 2000 tokens run faster alone (measured in README.md, "Reproducing the paper"). Long prompts run
+# alone.
 MAX_BATCH_TOKENS = 4096
 
 
@@ -81,8 +81,9 @@ def collect(
     changed = [q.id for q in queries if done.get(q.id) not in (None, fingerprint(q))]
     if changed:  # ids are positions: other settings or data reuse them for other prompts
         raise ValueError(
-            f"{out} holds {len(changed)} queries with these ids but other prompts or answers (first: {changed[0]}): "
-            "the data, --n-test / --n-train or --seed changed since they were collected; use a new --out folder"
+            f"{out} holds {len(changed)} queries with these ids but other prompts or answers "
+            f"(first: {changed[0]}): the data, --n-test / --n-train or --seed changed since they "
+            "were collected; use a new --out folder"
         )
     # shard by position in the full list, never by what is left: ranks may start at different times
     todo = [q for i, q in enumerate(queries) if i % world_size == rank and q.id not in done]
@@ -102,8 +103,8 @@ def collect(
     next_part = 1 + max(
         (int(p.stem.rsplit("-", 1)[1]) for p in out.glob(f"part-r{rank}-*.parquet")), default=-1
     )
-    # progress in tokens, not queries: longest first, a count of queries put the first estimate
-    # of a 4.8M-token few-shot run at 22 h for about 4 h of work
+    # progress in tokens, not queries: prompts run longest first, so a count of queries would
+    # put the time left at several times the truth
     bar = tqdm(
         total=sum(tokens),
         desc=f"collect [rank {rank}]" if world_size > 1 else "collect",
@@ -111,7 +112,8 @@ def collect(
         unit_scale=True,
         disable=not progress,
     )
-    pending = []  # small batches (the token budget's) are written together, batch_size queries a part
+    # small batches (the token budget's) are written together, batch_size queries a part
+    pending = []
     for start, stop in _batches(tokens, batch_size, max_batch_tokens):
         batch = todo[start:stop]
         choices = [q.choice_tokens for q in batch]
@@ -127,7 +129,7 @@ def collect(
             table, pending = pa.concat_tables(pending), []
             write_atomic(
                 out / f"part-r{rank}-{next_part:05d}.parquet",
-                lambda tmp: pq.write_table(table, tmp),
+                lambda tmp, table=table: pq.write_table(table, tmp),
             )
             next_part += 1
         bar.update(sum(tokens[start:stop]))
