@@ -115,7 +115,7 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(
         bench.run_bench((model_dir,), out, **kw)
     (out / "bench.json").write_text(good)
 
-    # more paired samples asked for: every cell holding fewer is timed again, its earlier timing kept
+    # more paired samples asked for: each cell holding fewer is re-timed, its earlier timing kept
     monkeypatch.undo()
     need = max(r["paired_samples"] for r in rows) + 1
     retimed = bench.run_bench(

@@ -1,4 +1,5 @@
-"""Exit policies: sklearn contract, equality with sklearn, save/load without pickle, model checks."""
+"""Exit policies: sklearn contract, equality with sklearn, save/load without pickle, model
+checks."""
 
 import numpy as np
 import pytest

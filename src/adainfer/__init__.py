@@ -7,7 +7,8 @@ from .policies import POLICIES, make_policy
 
 
 def load(*args, **kwargs):
-    """Load a model and tokenizer by alias, local folder, .gguf file or hub id (see adainfer.models)."""
+    """Load a model and tokenizer by alias, local folder, .gguf file or hub id
+    (see adainfer.models)."""
     from .models import load as _load
 
     return _load(*args, **kwargs)

@@ -42,7 +42,8 @@ def read_text(path: Path) -> str:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise TaskError(
-            f"{path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8"
+            f"{path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x}); "
+            "save the file as UTF-8"
         ) from None
 
 
@@ -67,7 +68,8 @@ def load_task_file(path: str | Path) -> Task:
             raise TaskError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(data, list):
             raise TaskError(
-                f'{path}: expected a JSON list of {{"input", "output"}} items, got {type(data).__name__}'
+                f'{path}: expected a JSON list of {{"input", "output"}} items, '
+                f"got {type(data).__name__}"
             )
         items = [(f"item {i}", d) for i, d in enumerate(data)]
     examples = [_example(path, where, item) for where, item in items]

@@ -62,7 +62,8 @@ def load_task(name_or_path: str, data_dir: str | Path | None = None) -> Task:
         return load_task_file(path)
     raise TaskError(
         f"unknown task {name_or_path!r}: use a built-in rule task ({', '.join(RULE_TASKS)}), "
-        "a benchmark (sst2, ag_news, mmlu[:subject|group], commonsense_qa, squad, fv:<name>, lre:<name>) "
+        "a benchmark (sst2, ag_news, mmlu[:subject|group], commonsense_qa, squad, fv:<name>, "
+        "lre:<name>) "
         'or a path to a .json / .jsonl file of {"input": ..., "output": ...} items'
     )
 
