@@ -65,38 +65,10 @@ def collect(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": model_signature(engine.model), "features": list(features)}
-    meta_path = out / "meta.json"
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if old != meta:
-            raise ValueError(
-                f"{out} already holds data collected with another model or feature set "
-                f"({old['model']['model_id']}, {old['features']}); use a new --out folder"
-            )
-    else:
-        write_text_atomic(meta_path, json.dumps(meta, indent=2))
-    done = collected_fingerprints(out)
-    changed = [q.id for q in queries if done.get(q.id) not in (None, fingerprint(q))]
-    if changed:  # ids are positions: other settings or data reuse them for other prompts
-        raise ValueError(
-            f"{out} holds {len(changed)} queries with these ids but other prompts or answers "
-            f"(first: {changed[0]}): the data, --n-test / --n-train or --seed changed since they "
-            "were collected; use a new --out folder"
-        )
+    done = _check_folder(out, engine, features, queries)
     # shard by position in the full list, never by what is left: ranks may start at different times
     todo = [q for i, q in enumerate(queries) if i % world_size == rank and q.id not in done]
-    # batch prompts of similar length: in the order given, padding made Qwen2.5's 5-shot batches
-    # 31% longer than their prompts (72% zero-shot). Longest first: a prompt too long for the
-    # model or the memory fails at once.
-    tokens = (
-        [len(ids) for ids in engine.tokenizer([q.prompt for q in todo])["input_ids"]]
-        if todo
-        else []
-    )
-    order = sorted(range(len(todo)), key=lambda i: tokens[i], reverse=True)
-    todo, tokens = [todo[i] for i in order], [tokens[i] for i in order]
+    todo, tokens = _longest_first(engine.tokenizer, todo)
     policy = NeverExit(features=tuple(features))
     all_layers = list(range(1, engine.num_layers + 1))
     # after the highest part, not the count: with a part deleted, a count would overwrite the last
@@ -136,6 +108,46 @@ def collect(
         bar.set_postfix_str(f"{stop}/{len(todo)} queries", refresh=False)
     bar.close()
     return out
+
+
+def _check_folder(out: Path, engine, features, queries) -> dict:
+    """The fingerprints of the queries `out` already holds, after checking that they came from
+    this model and feature set, and that no id now names another prompt; a new folder gets its
+    meta.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model_signature(engine.model), "features": list(features)}
+    meta_path = out / "meta.json"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old != meta:
+            raise ValueError(
+                f"{out} already holds data collected with another model or feature set "
+                f"({old['model']['model_id']}, {old['features']}); use a new --out folder"
+            )
+    else:
+        write_text_atomic(meta_path, json.dumps(meta, indent=2))
+    done = collected_fingerprints(out)
+    changed = [q.id for q in queries if done.get(q.id) not in (None, fingerprint(q))]
+    if changed:  # ids are positions: other settings or data reuse them for other prompts
+        raise ValueError(
+            f"{out} holds {len(changed)} queries with these ids but other prompts or answers "
+            f"(first: {changed[0]}): the data, --n-test / --n-train or --seed changed since they "
+            "were collected; use a new --out folder"
+        )
+    return done
+
+
+def _longest_first(tokenizer, queries) -> tuple[list, list[int]]:
+    """(queries, their prompt lengths in tokens), longest first.
+
+    Batches of prompts of similar length: in the order given, padding made Qwen2.5's 5-shot
+    batches 31% longer than their prompts (72% zero-shot). Longest first: a prompt too long for
+    the model or the memory fails at once."""
+    tokens = (
+        [len(ids) for ids in tokenizer([q.prompt for q in queries])["input_ids"]] if queries else []
+    )
+    order = sorted(range(len(queries)), key=lambda i: tokens[i], reverse=True)
+    return [queries[i] for i in order], [tokens[i] for i in order]
 
 
 def _rows(batch: Sequence[Query], result) -> pa.Table:
