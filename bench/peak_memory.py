@@ -3,8 +3,9 @@
 `adainfer bench` measures this too, once per cell after the timing; this re-measures it alone,
 e.g. after a memory fix, without the hour of timing:
 
-    python bench/peak_memory.py --model gemma3-270m --dtype bfloat16 --task sst2 --batch-size 32 \\
-        --policy results/bench/policies/gemma3-270m-bfloat16-sst2.safetensors --data-dir ../shared/data
+    python bench/peak_memory.py --model gemma3-270m --dtype bfloat16 --task sst2 \\
+        --batch-size 32 --data-dir ../shared/data \\
+        --policy results/bench/policies/gemma3-270m-bfloat16-sst2.safetensors
 
 Prints, in MB, the peak above the resident set before each call (what a batch adds) and the
 process's total peak (weights included).
@@ -15,10 +16,10 @@ from __future__ import annotations
 import argparse
 
 from adainfer import AdaptiveEngine, load
-from adainfer.bench import _release_large_blocks, _rss, peak_memory
-from adainfer.prefill import plain_forward
 from adainfer.persist import load_policy
+from adainfer.prefill import plain_forward
 from adainfer.tasks import task_queries
+from adainfer.timing import peak_memory, release_large_blocks, rss
 
 
 def main(argv=None):
@@ -37,7 +38,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
 
-    _release_large_blocks()
+    release_large_blocks()
     model, tok = load(args.model, dtype=args.dtype)
     engine, policy = AdaptiveEngine(model, tok), load_policy(args.policy, model=model)
     _, test = task_queries(
@@ -57,11 +58,10 @@ def main(argv=None):
     for fn in runs.values():
         fn()  # warm-up
     for name, fn in runs.items():
-        before = _rss()
+        before = rss()
         peaks = [peak_memory(fn, "cpu") for _ in range(args.repeats)]
-        print(
-            f"{name:6s} peak above resident: {max(peaks) / 2**20:7.1f} MB   total peak: {(before + max(peaks)) / 2**20:7.1f} MB"
-        )
+        above, total = max(peaks) / 2**20, (before + max(peaks)) / 2**20
+        print(f"{name:6s} peak above resident: {above:7.1f} MB   total peak: {total:7.1f} MB")
 
 
 if __name__ == "__main__":

@@ -42,14 +42,13 @@ from adainfer.checks import (
     check_cost_layers,
     plan_checks_by_batch,
 )
-from adainfer.cli import _check_cost
+from adainfer.cli import parse_check_cost
 from adainfer.collect import load_collected, select_tasks
 from adainfer.features import ALL_FEATURES, DEFAULT_FEATURES
+from adainfer.files import write_json, write_text_atomic
 from adainfer.offline import Traces, oracle_bounds, simulate
-from adainfer.persist import write_text_atomic
-from adainfer.pipeline import write_json
 from adainfer.policies import LayerLogisticExit, LogisticExit, SVMExit
-from adainfer.report import _layers, _md
+from adainfer.report import format_layers, markdown_table
 
 # (planning, folds, min agreement): as before the planner was judged out of fold, out of fold,
 # and as `adainfer` plans (None: the --min-agreement and --confidence given)
@@ -125,7 +124,7 @@ def frontier(splits, fits, oracle: float) -> dict:
         )
     text = (
         f"Trade-off of {type(fits[0]).__name__} on the held-out queries, every layer from {L // 2} checked:\n\n"
-        + _md(
+        + markdown_table(
             [
                 "threshold",
                 "accuracy vs full (points)",
@@ -200,7 +199,7 @@ def main(argv=None):
     p.add_argument("--shots", type=int, default=5)
     p.add_argument(
         "--check-cost",
-        type=_check_cost,
+        type=parse_check_cost,
         default={1: 1.0},
         help="decoder layers per check, or BATCH:COST pairs",
     )
@@ -307,7 +306,8 @@ def main(argv=None):
             exit_layer = float(exits.mean())
             share = (L - exit_layer) / (L - oracle) if oracle < L else None
             plans_txt = " | ".join(
-                f"{_layers(p.check_layers)} @ {p.threshold if p.threshold is not None else '-'}"
+                f"{format_layers(p.check_layers)} @ "
+                f"{p.threshold if p.threshold is not None else '-'}"
                 for p, _ in got
             )
             rows.append(
@@ -350,7 +350,7 @@ def main(argv=None):
                     f"{cost_layers.mean():.2f}",
                 ]
             )
-    table = _md(
+    table = markdown_table(
         [
             "policy",
             "planning",

@@ -1,28 +1,14 @@
 """The benchmark's machinery on a tiny model (its numbers belong in results/, not in tests)."""
 
-import time
-
 import numpy as np
 import pytest
-import torch
 
 from adainfer import AdaptiveEngine
-from adainfer.bench import VARIANTS, bench_cell, peak_memory
+from adainfer.bench import VARIANTS, bench_cell
 from adainfer.policies import GapThreshold
 from adainfer.report import bench_table
 from adainfer.tasks import task_queries
 from conftest import char_tokenizer, tiny_model
-
-
-def test_peak_memory_sees_a_large_temporary():
-    def allocate():
-        x = torch.ones(
-            64 * 2**20 // 4
-        )  # 64 MiB, alive for 50 ms: the sampler gets a turn on a loaded machine
-        time.sleep(0.05)
-        return float(x.sum())
-
-    assert peak_memory(allocate, "cpu") > 32 * 2**20
 
 
 def test_bench_cell_reports_every_variant_on_the_same_queries():
@@ -120,9 +106,8 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(
     with pytest.raises(ValueError, match="other settings"):
         bench.run_bench((model_dir,), out, **kw, device="meta")
     assert json.loads((out / "bench.json").read_text())["rows"] == rows
-    assert all(
-        r["machine"]["torch_threads"] >= 1 for r in rows
-    )  # each cell says where it was timed
+    # each cell says where it was timed, the CPU included
+    assert all(r["machine"]["torch_threads"] >= 1 and "cpu_model" in r["machine"] for r in rows)
     # nor does a grid file that cannot be read
     good = (out / "bench.json").read_text()
     (out / "bench.json").write_text(good[:-20])
@@ -130,7 +115,7 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(
         bench.run_bench((model_dir,), out, **kw)
     (out / "bench.json").write_text(good)
 
-    # more paired samples asked for: every cell holding fewer is timed again, its earlier timing kept
+    # more paired samples asked for: each cell holding fewer is re-timed, its earlier timing kept
     monkeypatch.undo()
     need = max(r["paired_samples"] for r in rows) + 1
     retimed = bench.run_bench(

@@ -15,7 +15,8 @@ from adainfer.benchmarks import (
     list_benchmarks,
     load_benchmark,
 )
-from adainfer.tasks import TaskError, load_task, task_queries
+from adainfer.taskdata import TaskError
+from adainfer.tasks import load_task, task_queries
 from conftest import SHARED_DATA, char_tokenizer
 
 real = pytest.mark.skipif(

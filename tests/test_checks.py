@@ -6,9 +6,9 @@ import torch
 
 from adainfer import AdaptiveEngine
 from adainfer.checks import candidate_schedules, measure_check_cost, plan_checks
-from adainfer.prefill import plain_last_logits
 from adainfer.offline import Traces, simulate
 from adainfer.policies import GapThreshold, NeverExit
+from adainfer.prefill import plain_last_logits
 from conftest import tiny_model
 from test_engine import PROMPTS, ExitAt
 
@@ -203,13 +203,15 @@ def test_check_cost_option_takes_one_cost_or_one_per_batch_size():
 
     import pytest
 
-    from adainfer.cli import _check_cost
+    from adainfer.cli import _check_cost, parse_check_cost
 
-    assert _check_cost("0.8") == 0.8
-    assert _check_cost("1:1.2,8:0.2") == {1: 1.2, 8: 0.2}
+    assert parse_check_cost("0.8") == 0.8
+    assert parse_check_cost("1:1.2,8:0.2") == {1: 1.2, 8: 0.2}
     for bad in ("x", "1:a", "0:1.0", "1:-1"):
-        with pytest.raises(argparse.ArgumentTypeError):
-            _check_cost(bad)
+        with pytest.raises(ValueError, match="--check-cost"):
+            parse_check_cost(bad)
+        with pytest.raises(argparse.ArgumentTypeError, match="--check-cost"):
+            _check_cost(bad)  # what argparse needs to show the message
 
 
 class StopWhenTopProb(GapThreshold):

@@ -185,8 +185,8 @@ def test_device_map_auto_passes_through_to_accelerate(model_dir, tmp_path, monke
     import transformers
 
     from adainfer import AdaptiveEngine, load
-    from adainfer.prefill import plain_last_logits
     from adainfer.policies import NeverExit
+    from adainfer.prefill import plain_last_logits
 
     seen, real = [], transformers.AutoModelForCausalLM.from_pretrained
     monkeypatch.setattr(

@@ -166,7 +166,7 @@ def test_an_id_collected_from_another_prompt_is_refused(setup, tmp_path):
 
     engine, queries = setup
     collect(engine, queries[:4], tmp_path, batch_size=4, progress=False)
-    # the same ids drawn under other settings (another --n-test moves every query): refuse, never mix
+    # the same ids under other settings (another --n-test moves every query): refuse, never mix
     moved = [dataclasses.replace(q, prompt=q.prompt.replace("Q:", "Q: ", 1)) for q in queries]
     with pytest.raises(
         ValueError,

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from adainfer import AdaptiveEngine
-from adainfer.prefill import plain_last_logits
 from adainfer.features import ALL_FEATURES
 from adainfer.policies import ExitPolicy, GapThreshold, NeverExit
+from adainfer.prefill import plain_last_logits
 from conftest import tiny_model
 
 PROMPTS = ["Q: hello\nA:", "Q: a much longer prompt here\nA:", "x", "Q: mid size one\nA:"]

@@ -27,7 +27,8 @@ from adainfer.models import ALIASES, DEFAULT_MODEL, ModelAlias, ModelNotAvailabl
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    """A local HF folder: random 2-layer Llama (hidden 32, vocab 100) + word-level tokenizer without pad."""
+    """A local HF folder: random 2-layer Llama (hidden 32, vocab 100) + word-level tokenizer
+    without pad."""
     folder = tmp_path_factory.mktemp("tiny-llama")
     vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(98)}}
     backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))

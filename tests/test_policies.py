@@ -1,4 +1,5 @@
-"""Exit policies: sklearn contract, equality with sklearn, save/load without pickle, model checks."""
+"""Exit policies: sklearn contract, equality with sklearn, save/load without pickle, model
+checks."""
 
 import numpy as np
 import pytest
@@ -186,17 +187,3 @@ def test_learned_check_schedule_survives_save_and_load(tmp_path):
     assert loaded.check_layers_ == (3, 5)
     policy.check_layers_ = ()  # "never check": the plain model
     assert load_policy(save_policy(policy, tmp_path / "q.safetensors")).check_layers_ == ()
-
-
-def test_files_written_atomically_get_the_usual_permissions(tmp_path):
-    import os
-    import stat
-
-    from adainfer.persist import write_atomic
-
-    path = tmp_path / "r.json"
-    write_atomic(path, lambda tmp: open(tmp, "w").write("{}"))
-    mask = os.umask(0)
-    os.umask(mask)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask  # not mkstemp's owner-only 0600
-    assert not list(tmp_path.glob(".*tmp"))

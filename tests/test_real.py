@@ -1,4 +1,5 @@
-"""The same guarantees on the real bundled SmolLM2-135M (marked `real`; part of the default suite)."""
+"""The same guarantees on the real bundled SmolLM2-135M (marked `real`; part of the default
+suite)."""
 
 import numpy as np
 import pytest

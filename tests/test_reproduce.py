@@ -190,7 +190,7 @@ def test_report_only_keeps_the_notes_on_skipped_cells(model_dir, tmp_path):
     )
 
 
-# ----------------------------------------------------------------------------- report on learnable traces
+# ------------------------------------------------------------------- report on learnable traces
 L = 8
 
 
@@ -310,7 +310,7 @@ def test_report_fills_every_table_when_classifiers_can_learn(tmp_path):
         "### zero-shot" in tables and "### few-shot (k = 5)" in tables
     )  # oracle bounds per setting
 
-    # rebuilt from the traces alone, the run's recorded transfer_from still gives the inter-model row
+    # rebuilt from the traces alone, the recorded transfer_from still gives the inter-model row
     (tmp_path / "here" / "traces" / "run.json").write_text(json.dumps(config))
     again = run_reproduce(out_dir=tmp_path / "here", report_only=True)
     assert again["families"]["generalization"] == results["families"]["generalization"]

@@ -4,10 +4,9 @@ import json
 
 import pytest
 
+from adainfer.taskdata import Example, TaskError
 from adainfer.tasks import (
     RULE_TASKS,
-    Example,
-    TaskError,
     answer_token,
     build_prompt,
     few_shot_prompts,

@@ -1,10 +1,9 @@
 """adainfer: instance-aware early exit for Hugging Face decoder-only LLMs (AdaInfer)."""
 
-__version__ = "0.1.0"
-
-from .persist import load_policy, save_policy  # noqa: E402
-from .policies import POLICIES, Step, make_policy  # noqa: E402
-from .prefill import AdaptiveEngine, ExitResult  # noqa: E402
+from ._version import __version__
+from .persist import load_policy, save_policy
+from .policies import POLICIES, Step, make_policy
+from .prefill import AdaptiveEngine, ExitResult
 
 
 def generate(*args, **kwargs):
@@ -23,6 +22,7 @@ def load(*args, **kwargs):
 
 
 __all__ = [
+    "__version__",
     "AdaptiveEngine",
     "ExitResult",
     "Step",

@@ -26,12 +26,9 @@ overwritten.
 from __future__ import annotations
 
 import copy
-import ctypes
 import gc
 import json
-import os
 import re
-import threading
 import time
 from pathlib import Path
 
@@ -49,14 +46,16 @@ from .checks import (
     replay_schedules,
 )
 from .collect import collect, load_collected
-from .prefill import AdaptiveEngine, ExitResult, plain_forward
 from .features import ALL_FEATURES, DEFAULT_FEATURES
+from .files import write_json, write_text_atomic
 from .flops import result_ratios
 from .offline import Traces
-from .persist import load_policy, save_policy, write_text_atomic
-from .pipeline import fit_policy, write_json
+from .persist import load_policy, save_policy
+from .pipeline import fit_policy
 from .policies import LayerLogisticExit, NeverExit, OracleExit
+from .prefill import AdaptiveEngine, ExitResult, plain_forward
 from .tasks import task_queries
+from .timing import machine, peak_memory, release_large_blocks, resident_memory
 
 VARIANTS = ("plain", "never", "hooks", "policy", "oracle")
 DEFAULT_TARGET = "final"  # keep the full model's answers (see offline.Traces.labels)
@@ -69,51 +68,6 @@ def default_policy():
     the oracle's saving, per-layer models 51-59%; at the default 97%, 60-70% within 1 point
     (872 held-out queries, bench/plan_quality.py)."""
     return LayerLogisticExit(features=DEFAULT_FEATURES)
-
-
-# ----------------------------------------------------------------------------- peak memory
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _release_large_blocks():
-    """Make glibc hand big blocks back at free, so RSS follows live tensors (CPU only)."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, no growth
-    except (OSError, AttributeError):
-        pass
-
-
-def resident_memory(device) -> int:
-    """Bytes in use now: the process's resident set on CPU, allocated tensors on GPU."""
-    return torch.cuda.memory_allocated() if torch.device(device).type == "cuda" else _rss()
-
-
-def peak_memory(fn, device) -> int:
-    """Peak bytes allocated by fn() above what was in use before it."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    before, peak, done = _rss(), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.0005)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        t.join()
-    return max(0, max(peak[0], _rss()) - before)
 
 
 # ----------------------------------------------------------------------------- one cell
@@ -168,16 +122,10 @@ def bench_cell(
     """One model, dtype, task and batch size. `shortlist`: (engine with shortlist checks, the
     policy planned for it), timed as one more variant.
 
-    A cell with few batches gets more repeats, up to `min_paired` paired ratios: with 32 queries
-    at batch 32, 3 repeats gave 3 ratios, and two variants running the same plain forward
-    differed by 9%."""
-    batches = []
-    for i in range(0, len(queries), batch_size):
-        qs = queries[i : i + batch_size]
-        prompts = [q.prompt for q in qs]
-        batches.append(
-            {"prompts": prompts, "gold": [q.gold for q in qs], "enc": engine.encode(prompts)}
-        )
+    A cell with few batches gets more repeats, up to `min_paired` paired ratios: a handful of
+    ratios cannot tell two variants that run the same plain forward apart from a real
+    difference of several percent."""
+    batches = _batches(engine, queries, batch_size)
     repeats = max(repeats, -(-min_paired // len(batches)))
     seconds, results = _time_variants(engine, batches, policy, repeats, shortlist)
     gold = np.array([q.gold for q in queries])
@@ -195,31 +143,54 @@ def bench_cell(
             "true_flops_ratio": float(f["true_flops_ratio"].mean()),
         }
     row["full_accuracy"] = row.pop("never")["accuracy"]
+    row.update(_times(seconds))
+    row["prompts_per_s_plain"] = len(queries) / row["time_plain_s"]
+    row["prompts_per_s_policy"] = len(queries) / row["time_policy_s"]
+    row.update(_memory(engine, batches[0], policy, device))
+    return row
+
+
+def _batches(engine, queries, batch_size: int) -> list[dict]:
+    """The queries in batches of `batch_size`: prompts, gold tokens and the encoded batch."""
+    batches = []
+    for i in range(0, len(queries), batch_size):
+        qs = queries[i : i + batch_size]
+        prompts = [q.prompt for q in qs]
+        batches.append(
+            {"prompts": prompts, "gold": [q.gold for q in qs], "enc": engine.encode(prompts)}
+        )
+    return batches
+
+
+def _times(seconds: dict) -> dict:
+    """Each variant's median time of a full pass and its time ratios to the plain model."""
+    times = {}
     for v, t in seconds.items():
-        row[f"time_{v}_s"] = float(np.median(t.sum(1)))  # median over repeats of a full pass
+        times[f"time_{v}_s"] = float(np.median(t.sum(1)))  # median over repeats of a full pass
         if v != "plain":
             # each batch against the plain model on the same batch, back to back: the median of
             # these paired ratios shrugs off a slow moment that a ratio of totals would absorb
             paired = (t / seconds["plain"]).ravel()
-            row[f"{v}/plain"] = float(np.median(paired))
-            row[f"{v}/plain_iqr"] = [float(q) for q in np.percentile(paired, [25, 75])]
-            row[f"{v}/plain_paired"] = [
-                round(float(q), 4) for q in paired
-            ]  # kept, so runs can be pooled
-    row["paired_samples"] = int(seconds["plain"].size)
-    row["prompts_per_s_plain"] = len(queries) / row["time_plain_s"]
-    row["prompts_per_s_policy"] = len(queries) / row["time_policy_s"]
-    first = batches[0]
-    mem = {
-        "plain": lambda: plain_forward(engine.model, first["enc"]),
-        "policy": lambda: engine.run(first["prompts"], policy),
+            times[f"{v}/plain"] = float(np.median(paired))
+            times[f"{v}/plain_iqr"] = [float(q) for q in np.percentile(paired, [25, 75])]
+            # every ratio kept, so runs can be pooled
+            times[f"{v}/plain_paired"] = [round(float(q), 4) for q in paired]
+    times["paired_samples"] = int(seconds["plain"].size)
+    return times
+
+
+def _memory(engine, batch: dict, policy, device) -> dict:
+    """MB held before the call (the model and everything else) and each variant's peak above
+    it, on one batch."""
+    runs = {
+        "plain": lambda: plain_forward(engine.model, batch["enc"]),
+        "policy": lambda: engine.run(batch["prompts"], policy),
     }
-    row["resident_mb"] = (
-        resident_memory(device) / 2**20
-    )  # the model and everything else already held
-    row["peak_mem_plain_mb"] = peak_memory(mem["plain"], device) / 2**20
-    row["peak_mem_policy_mb"] = peak_memory(mem["policy"], device) / 2**20
-    return row
+    return {
+        "resident_mb": resident_memory(device) / 2**20,
+        "peak_mem_plain_mb": peak_memory(runs["plain"], device) / 2**20,
+        "peak_mem_policy_mb": peak_memory(runs["policy"], device) / 2**20,
+    }
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -249,7 +220,7 @@ def run_bench(
     in the row (`earlier_timings`), so a re-run adds evidence and never silently replaces it."""
     from .models import load
 
-    _release_large_blocks()
+    release_large_blocks()
     out = Path(out_dir)
     min_paired = MIN_PAIRED if min_paired is None else min_paired
     # the test a plan must pass, recorded per row: a new test re-plans, and re-times what changed
@@ -268,12 +239,10 @@ def run_bench(
         shortlist=shortlist,
         device=str(device),
     )
-    rows = {
-        _key(r): r for r in _finished_rows(out / "bench.json", settings)
-    }  # a killed run resumes at its next cell
-    sampled = {
-        k for k, r in rows.items() if r["paired_samples"] >= min_paired
-    }  # else: timed again, with more samples
+    # a killed run resumes at its next cell
+    rows = {_key(r): r for r in _finished_rows(out / "bench.json", settings)}
+    # a cell with fewer samples is timed again
+    sampled = {k for k, r in rows.items() if r["paired_samples"] >= min_paired}
     done = {
         k for k in sampled if all(rows[k][field] == value for field, value in plan_test.items())
     }
@@ -289,9 +258,8 @@ def run_bench(
                 continue
             lm, tok = load(model_name, dtype=dtype, device=device)
             engine = AdaptiveEngine(lm, tok)
-            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name).strip(
-                "_"
-            )  # an alias, a hub id or a path
+            # a folder name for an alias, a hub id or a path
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name).strip("_")
             cal_dir = out / "calibration" / f"{name}-{dtype}"
             train, test = _calibration_and_timed(
                 tok, tasks, shots, n_train, n_queries, seed, data_dir
@@ -476,21 +444,19 @@ def _finished_rows(path: Path, settings: dict) -> list[dict]:
     settings is never overwritten."""
     if not path.exists():
         return []
-    try:
+    try:  # a grid that cannot be read is never overwritten: it may hold hours of timing
         previous = json.loads(path.read_text())
-    except (
-        json.JSONDecodeError
-    ) as e:  # never overwrite a grid that cannot be read: it may be hours of timing
+    except json.JSONDecodeError as e:
         raise ValueError(
-            f"{path} is not valid JSON ({e.msg} at line {e.lineno}); repair it or move it away to start over"
+            f"{path} is not valid JSON ({e.msg} at line {e.lineno}); "
+            "repair it or move it away to start over"
         ) from None
-    previous.setdefault("settings", {}).setdefault(
-        "device", "cpu"
-    )  # grids from before the device was recorded
+    # grids from before the device was recorded ran on the CPU
+    previous.setdefault("settings", {}).setdefault("device", "cpu")
     if previous["settings"] != settings:
         raise ValueError(
-            f"{path} holds a grid run with other settings ({previous.get('settings')}; now {settings}): "
-            "give another --out-dir, or move that file away to start over"
+            f"{path} holds a grid run with other settings ({previous.get('settings')}; "
+            f"now {settings}): give another --out-dir, or move that file away to start over"
         )
     for r in previous["rows"]:
         r.setdefault("min_agreement", 0.99)  # rows from before it was recorded were planned at 0.99
@@ -517,15 +483,3 @@ def _same_plan(row, plan, short_plan) -> bool:
         short_plan is None
         or same(row["shortlist_check_layers"], row["shortlist_threshold"], short_plan)
     )
-
-
-def machine() -> dict:
-    import platform
-
-    return {
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-    }

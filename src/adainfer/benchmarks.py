@@ -29,7 +29,7 @@ already joined by a space, so hub prompts read "title description" where local f
 "title: description"; and each MMLU subject has only 5 dev rows, so few-shot demonstrations for
 `mmlu` (all subjects, or a group) are drawn from the pooled dev rows of those subjects, not
 the query's own subject alone; a single subject (`mmlu:anatomy`) allows k <= 5.
-"""
+"""  # noqa: E501 (the table above is wider than a line)
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .tasks import Example, Task, TaskError, load_task_file, read_text
+from .taskdata import Example, Task, TaskError, load_task_file, read_text
 
 ENV_VAR = "ADAINFER_DATA_DIR"
 SST2_LABELS = ("negative", "positive")
@@ -157,8 +157,8 @@ def load_benchmark(name: str, data_dir: str | Path | None = None) -> Task:
     if base in ("fv", "lre"):
         if root is None:
             raise TaskError(
-                f"{name}: {base}:* tasks have no Hugging Face hub copy; pass --data-dir or set {ENV_VAR} "
-                "to a folder holding function_vectors/ and lre_relations/"
+                f"{name}: {base}:* tasks have no Hugging Face hub copy; pass --data-dir or set "
+                f"{ENV_VAR} to a folder holding function_vectors/ and lre_relations/"
             )
         return (_fv if base == "fv" else _lre)(name, root, arg)
     if base == "mmlu":

@@ -32,8 +32,9 @@ def _param(text: str):
     return key, value
 
 
-def _check_cost(text: str) -> float | dict[int, float]:
-    """'0.8' (one cost), or '1:1.24,8:0.2,32:0.1' (batch size: cost), in decoder layers."""
+def parse_check_cost(text: str) -> float | dict[int, float]:
+    """'0.8' (one cost), or '1:1.24,8:0.2,32:0.1' (batch size: cost), in decoder layers; a
+    ValueError that says what is expected for anything else."""
     try:
         if ":" not in text:
             return float(text)
@@ -42,32 +43,42 @@ def _check_cost(text: str) -> float | dict[int, float]:
             for b, c in (item.split(":") for item in text.split(",") if item.strip())
         }
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--check-cost takes a number of layers or BATCH:COST pairs like 1:1.2,8:0.2; got {text!r}"
+        raise ValueError(
+            "--check-cost takes a number of layers or BATCH:COST pairs like 1:1.2,8:0.2; "
+            f"got {text!r}"
         ) from None
     if not costs or min(costs) < 1 or min(costs.values()) < 0:
-        raise argparse.ArgumentTypeError(
-            f"--check-cost: batch sizes must be >= 1 and costs >= 0; got {text!r}"
-        )
+        raise ValueError(f"--check-cost: batch sizes must be >= 1 and costs >= 0; got {text!r}")
     return costs
+
+
+def _check_cost(text: str) -> float | dict[int, float]:
+    """parse_check_cost for argparse, which shows the message of an ArgumentTypeError only."""
+    try:
+        return parse_check_cost(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _model_args(p):
     p.add_argument(
         "--model",
         default="smollm2-135m",
-        help="bundled alias (smollm2-135m, gemma3-270m, qwen2.5-0.5b, qwen2.5-1.5b), local HF folder, .gguf file or hub id (default: %(default)s)",
+        help="bundled alias (smollm2-135m, gemma3-270m, qwen2.5-0.5b, qwen2.5-1.5b), local HF "
+        "folder, .gguf file or hub id (default: %(default)s)",
     )
     p.add_argument(
         "--dtype",
         default="float32",
-        help="float32 (exact) or bfloat16 (1-2.4x faster on CPUs with bf16 support, measured in results/bench) (default: %(default)s)",
+        help="float32 (exact) or bfloat16 (1-2.4x faster on CPUs with bf16 support, measured in "
+        "results/bench) (default: %(default)s)",
     )
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument(
         "--device-map",
         default=None,
-        help="passed to from_pretrained (e.g. auto: accelerate spreads a model too big for one device); overrides --device",
+        help="passed to from_pretrained (e.g. auto: accelerate spreads a model too big for one "
+        "device); overrides --device",
     )
 
 
@@ -83,37 +94,51 @@ def _task_args(p, n_train: bool):
         "--task",
         action="append",
         required=True,
-        help="built-in rule task name or a .json/.jsonl file of {input, output}; repeat for several",
+        help="built-in rule task name or a .json/.jsonl file of {input, output}; "
+        "repeat for several",
     )
+    _shots_arg(p)
+    p.add_argument(
+        "--n-test",
+        type=_int_at_least(1),
+        default=40,
+        help="queries held out per task for evaluation; collect and eval must use the same value "
+        "and --seed so they never overlap (default: %(default)s)",
+    )
+    if n_train:
+        _n_train_arg(p)
+    p.add_argument(
+        "--seed", type=int, default=0, help="split and demonstration seed (default: %(default)s)"
+    )
+    _batch_size_arg(p)
+    _data_dir_arg(p)
+
+
+def _shots_arg(p):
     p.add_argument(
         "--shots",
         type=_int_at_least(0),
         default=5,
         help="demonstrations per prompt (default: %(default)s)",
     )
+
+
+def _n_train_arg(p):
     p.add_argument(
-        "--n-test",
-        type=_int_at_least(1),
+        "--n-train",
+        type=_int_at_least(0),
         default=40,
-        help="queries held out per task for evaluation; collect and eval must use the same value and --seed so they never overlap (default: %(default)s)",
+        help="training queries per task (default: %(default)s)",
     )
-    if n_train:
-        p.add_argument(
-            "--n-train",
-            type=_int_at_least(0),
-            default=40,
-            help="training queries per task (default: %(default)s)",
-        )
-    p.add_argument(
-        "--seed", type=int, default=0, help="split and demonstration seed (default: %(default)s)"
-    )
+
+
+def _batch_size_arg(p):
     p.add_argument(
         "--batch-size",
         type=_int_at_least(1),
         default=8,
         help="prompts per forward pass (default: %(default)s)",
     )
-    _data_dir_arg(p)
 
 
 def _max_batch_tokens_arg(p):
@@ -123,8 +148,8 @@ def _max_batch_tokens_arg(p):
         "--max-batch-tokens",
         type=_int_at_least(0),
         default=MAX_BATCH_TOKENS,
-        help="padded tokens per batch at most: longer prompts "
-        "run in smaller batches, one alone past half of it (on CPU a padded batch's attention costs twice a lone prompt's); "
+        help="padded tokens per batch at most: longer prompts run in smaller batches, one alone "
+        "past half of it (on CPU a padded batch's attention costs twice a lone prompt's); "
         "0: no limit, e.g. on a GPU (default: %(default)s)",
     )
 
@@ -133,7 +158,8 @@ def _data_dir_arg(p):
     p.add_argument(
         "--data-dir",
         default=None,
-        help="local copy of the benchmark data (layout of shared/data); default $ADAINFER_DATA_DIR, else the Hugging Face hub via `datasets`",
+        help="local copy of the benchmark data (layout of shared/data); default "
+        "$ADAINFER_DATA_DIR, else the Hugging Face hub via `datasets`",
     )
 
 
@@ -175,15 +201,16 @@ def _plan_test_args(p, prefix: str):
         "--min-agreement",
         type=_share,
         default=None,
-        help=f"{prefix}the share of calibration queries whose answer a check "
-        f"plan must keep equal to the full model's (default {MIN_AGREEMENT}; lower trades agreement for layers)",
+        help=f"{prefix}the share of calibration queries whose answer a check plan must keep equal "
+        f"to the full model's (default {MIN_AGREEMENT}; lower trades agreement for layers)",
     )
     p.add_argument(
         "--confidence",
         type=_confidence,
         default=None,
-        help=f"{prefix}a plan that changes more answers still passes if its "
-        f"accuracy loss is within 1 point at this one-sided confidence (default {CONFIDENCE}; 0: agreement test only)",
+        help=f"{prefix}a plan that changes more answers still passes if its accuracy loss is "
+        f"within 1 point at this one-sided confidence (default {CONFIDENCE}; "
+        "0: agreement test only)",
     )
 
 
@@ -192,9 +219,8 @@ def _int_list(low: int):
     item = _int_at_least(low)
 
     def parse(text: str) -> tuple[int, ...]:
-        values = tuple(
-            dict.fromkeys(item(x) for x in text.split(",") if x.strip())
-        )  # item names a bad one
+        # item() raises for a bad one, naming it
+        values = tuple(dict.fromkeys(item(x) for x in text.split(",") if x.strip()))
         if not values:
             raise argparse.ArgumentTypeError(
                 f"expected comma-separated whole numbers of at least {low}, got {text!r}"
@@ -207,11 +233,24 @@ def _int_list(low: int):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adainfer",
-        description="Per-input early exit for Hugging Face decoder-only LLMs (AdaInfer), without touching the weights.",
+        description="Per-input early exit for Hugging Face decoder-only LLMs (AdaInfer), "
+        "without touching the weights.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add_parser in (  # in the order `adainfer --help` lists them
+        _collect_parser,
+        _fit_parser,
+        _eval_parser,
+        _demo_parser,
+        _reproduce_parser,
+        _bench_parser,
+    ):
+        add_parser(sub)
+    return parser
 
+
+def _collect_parser(sub):
     p = sub.add_parser(
         "collect",
         help="run training queries at full depth and record features + labels at every layer",
@@ -236,10 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     _max_batch_tokens_arg(p)
     p.add_argument("--out", required=True, help="output folder")
 
+
+def _fit_parser(sub):
     p = sub.add_parser(
         "fit",
         help="train an exit policy on collected data and save it (no pickle)",
-        description="Train a policy (svm, crf, logistic, layer-logistic; gap/never/oracle need no training) on a collect folder and save it as a .safetensors policy file that records the model it is for.",
+        description="Train a policy (svm, crf, logistic, layer-logistic; gap/never/oracle need no "
+        "training) on a collect folder and save it as a .safetensors policy file that records the "
+        "model it is for.",
     )
     p.add_argument("--data", required=True, help="folder written by `adainfer collect`")
     p.add_argument(
@@ -252,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--features",
         type=_features,
         default=None,
-        help="comma-separated features (default: the policy's own: "
-        "gap,top_prob, the paper's; gap,top_prob,entropy,layer_frac for layer-logistic, which needs layer_frac)",
+        help="comma-separated features (default: the policy's own: gap,top_prob, the paper's; "
+        "gap,top_prob,entropy,layer_frac for layer-logistic, which needs layer_frac)",
     )
     p.add_argument(
         "--param",
@@ -267,24 +310,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         choices=("gold", "final"),
         default="gold",
-        help="what the classifier learns per layer: gold (the paper: "
-        "the top-1 is the gold token) or final (the top-1 is already the full model's answer; keeps its answers) (default: %(default)s)",
+        help="what the classifier learns per layer: gold (the paper: the top-1 is the gold token) "
+        "or final (the top-1 is already the full model's answer; keeps its answers) "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--check-cost",
         type=_check_cost,
         default=None,
-        help="cost of one exit check in decoder layers (see `adainfer bench`, column check_cost_layers), "
-        "or per batch size as 1:1.2,8:0.2,32:0.1: learns where checking pays and stores that schedule (one per batch size); "
+        help="cost of one exit check in decoder layers (see `adainfer bench`, column "
+        "check_cost_layers), or per batch size as 1:1.2,8:0.2,32:0.1: learns where checking "
+        "pays and stores that schedule (one per batch size); "
         "omit to check every layer as in the paper",
     )
     _plan_test_args(p, "with --check-cost: ")
     p.add_argument("--out", required=True, help="policy file to write (.safetensors)")
 
+
+def _eval_parser(sub):
     p = sub.add_parser(
         "eval",
         help="evaluate policies against the full model on held-out queries",
-        description="Run the plain model, the full-depth engine and each policy on the same held-out queries and write a JSON summary: accuracy, mean exit layer, paper and true FLOPs ratios, wall time.",
+        description="Run the plain model, the full-depth engine and each policy on the same "
+        "held-out queries and write a JSON summary: accuracy, mean exit layer, paper and true "
+        "FLOPs ratios, wall time.",
     )
     _model_args(p)
     _task_args(p, n_train=False)
@@ -320,50 +369,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="JSON summary to write")
 
+
+def _demo_parser(sub):
     p = sub.add_parser(
         "demo",
         help="collect, fit and evaluate on built-in rule tasks with the bundled model, offline",
-        description="The whole method in one command on the bundled SmolLM2-135M (or --model): prints a table and writes a plot.",
+        description="The whole method in one command on the bundled SmolLM2-135M (or --model): "
+        "prints a table and writes a plot.",
     )
     _model_args(p)
     p.add_argument(
         "--out-dir",
         default="runs/demo",
-        help="where to write data, policies, summary.json, table.md and the plot (default: %(default)s)",
+        help="where to write data, policies, summary.json, table.md and the plot "
+        "(default: %(default)s)",
     )
-    p.add_argument(
-        "--shots",
-        type=_int_at_least(0),
-        default=5,
-        help="demonstrations per prompt (default: %(default)s)",
-    )
-    p.add_argument(
-        "--n-train",
-        type=_int_at_least(0),
-        default=40,
-        help="training queries per task (default: %(default)s)",
-    )
+    _shots_arg(p)
+    _n_train_arg(p)
     p.add_argument(
         "--n-test",
         type=_int_at_least(1),
         default=40,
         help="held-out queries per task (default: %(default)s)",
     )
-    p.add_argument(
-        "--batch-size",
-        type=_int_at_least(1),
-        default=8,
-        help="prompts per forward pass (default: %(default)s)",
-    )
+    _batch_size_arg(p)
 
+
+def _reproduce_parser(sub):
     from .reproduce import DEFAULT_TASKS
 
     p = sub.add_parser(
         "reproduce",
         help="the paper's experiments on any model: tables, JSON and figures",
-        description="Run held-out queries of each task at every k once at full depth (traces), train the classifiers on a random "
-        "subset of the tasks' training pools, replay every policy on the traces and write results.json, tables.md (Tables 2/3, "
-        "4/8/9, 6, 7, oracle bounds) and figures. Resumes after a kill; under `torchrun --nproc-per-node N` ranks share the queries.",
+        description="Run held-out queries of each task at every k once at full depth (traces), "
+        "train the classifiers on a random subset of the tasks' training pools, replay every "
+        "policy on the traces and write results.json, tables.md (Tables 2/3, 4/8/9, 6, 7, oracle "
+        "bounds) and figures. Resumes after a kill; under `torchrun --nproc-per-node N` ranks "
+        "share the queries.",
     )
     _model_args(p)
     p.add_argument(
@@ -381,12 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=(0, 5, 10, 15, 20),
         help="comma-separated k values (default: 0,5,10,15,20)",
     )
-    p.add_argument(
-        "--n-train",
-        type=_int_at_least(0),
-        default=40,
-        help="training queries per task (default: %(default)s)",
-    )
+    _n_train_arg(p)
     p.add_argument(
         "--train-shots",
         type=_int_at_least(0),
@@ -402,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--transfer-from",
         default=None,
-        help="another model's reproduce folder: adds inter-model generalization (train there, test here)",
+        help="another model's reproduce folder: adds inter-model generalization "
+        "(train there, test here)",
     )
     p.add_argument(
         "--seed",
@@ -410,12 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="seed for splits, demonstrations and the training subset (default: %(default)s)",
     )
-    p.add_argument(
-        "--batch-size",
-        type=_int_at_least(1),
-        default=8,
-        help="prompts per forward pass (default: %(default)s)",
-    )
+    _batch_size_arg(p)
     _max_batch_tokens_arg(p)
     _data_dir_arg(p)
     p.add_argument(
@@ -427,23 +460,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="rebuild tables and figures from the traces already in --out-dir (no model run)",
     )
 
+
+def _bench_parser(sub):
     from .bench import MIN_PAIRED
 
     p = sub.add_parser(
         "bench",
         help="wall-clock time of adainfer next to the plain model (a benchmark, not a test)",
-        description="Interleave plain / never / hooks / policy / oracle variants on the same queries per model, dtype, task and "
-        "batch size; print and write bench.md and bench.json with accuracy, exit layers, checks, FLOPs ratios, median "
-        "wall time, time ratios, prompts per second and peak memory.",
+        description="Interleave plain / never / hooks / policy / oracle variants on the same "
+        "queries per model, dtype, task and batch size; print and write bench.md and bench.json "
+        "with accuracy, exit layers, checks, FLOPs ratios, median wall time, time ratios, prompts "
+        "per second and peak memory.",
     )
     p.add_argument("--model", action="append", help="model (repeat); default: smollm2-135m")
     p.add_argument("--task", action="append", help="task (repeat); default: sst2 and capitalize")
-    p.add_argument(
-        "--shots",
-        type=_int_at_least(0),
-        default=5,
-        help="demonstrations per prompt (default: %(default)s)",
-    )
+    _shots_arg(p)
     p.add_argument(
         "--batch-sizes",
         type=_int_list(1),
@@ -476,8 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-paired",
         type=_int_at_least(1),
         default=None,
-        help="paired (batch, repeat) time ratios per cell at least; "
-        f"finished cells holding fewer are timed again, their earlier timings kept in the row (default: {MIN_PAIRED})",
+        help="paired (batch, repeat) time ratios per cell at least; finished cells holding fewer "
+        f"are timed again, their earlier timings kept in the row (default: {MIN_PAIRED})",
     )
     p.add_argument(
         "--policy",
@@ -503,7 +534,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rebuild bench.md from the bench.json in --out-dir (no model run)",
     )
-    return parser
 
 
 def cmd_collect(args):
@@ -530,9 +560,9 @@ def cmd_collect(args):
         features=args.features,
         max_batch_tokens=args.max_batch_tokens or None,
     )
-    print(
-        f"collected {len(queries)} {'held-out' if args.held_out else 'training'} queries x {model.config.num_hidden_layers} layers into {out}"
-    )
+    kind = "held-out" if args.held_out else "training"
+    layers = model.config.num_hidden_layers
+    print(f"collected {len(queries)} {kind} queries x {layers} layers into {out}")
 
 
 def cmd_fit(args):
@@ -565,9 +595,10 @@ def cmd_fit(args):
 
 
 def cmd_eval(args):
-    from .prefill import AdaptiveEngine
     from .evaluate import evaluate
-    from .pipeline import resolve_policy, write_json
+    from .files import write_json
+    from .pipeline import resolve_policy
+    from .prefill import AdaptiveEngine
     from .report import eval_table
     from .tasks import task_queries
 
@@ -615,13 +646,15 @@ def cmd_demo(args):
     )
     print(
         f"\n{s['model']} ({s['dtype']}), {s['shots']}-shot, tasks {', '.join(s['tasks'])}, "
-        f"{s['num_queries']} held-out queries; oracle = earliest layer whose top-1 is the gold token\n"
+        f"{s['num_queries']} held-out queries; "
+        "oracle = earliest layer whose top-1 is the gold token\n"
     )
     print(s["table"])
     planned = s["planned_check_layers"]
+    where = f"layers {planned}" if planned else "no layer (no check pays: it runs the plain model)"
     print(
-        f"\none exit check costs {s['check_cost_layers']:.2f} decoder layers here; the planned policy checks at "
-        f"{'layers ' + str(planned) if planned else 'no layer (no check pays: it runs the plain model)'}"
+        f"\none exit check costs {s['check_cost_layers']:.2f} decoder layers here; "
+        f"the planned policy checks at {where}"
     )
     print(f"\nwrote {args.out_dir}/summary.json, {args.out_dir}/table.md and {s['plot']}")
 
@@ -700,7 +733,7 @@ def main(argv=None) -> int:
     try:
         COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, ModelNotAvailable) as e:
-        # user errors (bad task file, unknown alias, wrong policy for the model, ...) get one clear line
+        # user errors (bad task file, unknown alias, a policy for another model, ...): one line
         if args.verbose:  # the whole traceback, for bug reports
             raise
         print(

@@ -19,16 +19,17 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .prefill import AdaptiveEngine
 from .features import ALL_FEATURES
-from .persist import model_signature, write_atomic, write_text_atomic
+from .files import write_atomic, write_text_atomic
+from .persist import model_signature
 from .policies import NeverExit
+from .prefill import AdaptiveEngine
 from .tasks import Query
 
 # A padded batch hands SDPA a mask, and with a mask its CPU kernel computes the whole N x N
-# square instead of the causal half. SmolLM2 bf16, 2 cores: 8 prompts one at a time against one
-# batch took 2.13x as long at 483 tokens, 1.11x at 936, 1.01x at 1527; two SQuAD prompts of 2605
-# and 3177 tokens took 24.1 s one at a time and 36.9 s batched. Long prompts run alone.
+# square instead of the causal half: short prompts still gain from batching, prompts past about
+# 2000 tokens run faster alone (measured in README.md, "Reproducing the paper"). Long prompts run
+# alone.
 MAX_BATCH_TOKENS = 4096
 
 
@@ -64,6 +65,55 @@ def collect(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     out = Path(out_dir)
+    done = _check_folder(out, engine, features, queries)
+    # shard by position in the full list, never by what is left: ranks may start at different times
+    todo = [q for i, q in enumerate(queries) if i % world_size == rank and q.id not in done]
+    todo, tokens = _longest_first(engine.tokenizer, todo)
+    policy = NeverExit(features=tuple(features))
+    all_layers = list(range(1, engine.num_layers + 1))
+    # after the highest part, not the count: with a part deleted, a count would overwrite the last
+    next_part = 1 + max(
+        (int(p.stem.rsplit("-", 1)[1]) for p in out.glob(f"part-r{rank}-*.parquet")), default=-1
+    )
+    # progress in tokens, not queries: prompts run longest first, so a count of queries would
+    # put the time left at several times the truth
+    bar = tqdm(
+        total=sum(tokens),
+        desc=f"collect [rank {rank}]" if world_size > 1 else "collect",
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+    )
+    # small batches (the token budget's) are written together, batch_size queries a part
+    pending = []
+    for start, stop in _batches(tokens, batch_size, max_batch_tokens):
+        batch = todo[start:stop]
+        choices = [q.choice_tokens for q in batch]
+        result = engine.run(
+            [q.prompt for q in batch],
+            policy,
+            features=features,
+            check_layers=all_layers,
+            choices=choices,
+        )
+        pending.append(_rows(batch, result))
+        if sum(t.num_rows for t in pending) >= batch_size * engine.num_layers or stop == len(todo):
+            table, pending = pa.concat_tables(pending), []
+            write_atomic(
+                out / f"part-r{rank}-{next_part:05d}.parquet",
+                lambda tmp, table=table: pq.write_table(table, tmp),
+            )
+            next_part += 1
+        bar.update(sum(tokens[start:stop]))
+        bar.set_postfix_str(f"{stop}/{len(todo)} queries", refresh=False)
+    bar.close()
+    return out
+
+
+def _check_folder(out: Path, engine, features, queries) -> dict:
+    """The fingerprints of the queries `out` already holds, after checking that they came from
+    this model and feature set, and that no id now names another prompt; a new folder gets its
+    meta.json."""
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": model_signature(engine.model), "features": list(features)}
     meta_path = out / "meta.json"
@@ -80,59 +130,24 @@ def collect(
     changed = [q.id for q in queries if done.get(q.id) not in (None, fingerprint(q))]
     if changed:  # ids are positions: other settings or data reuse them for other prompts
         raise ValueError(
-            f"{out} holds {len(changed)} queries with these ids but other prompts or answers (first: {changed[0]}): "
-            "the data, --n-test / --n-train or --seed changed since they were collected; use a new --out folder"
+            f"{out} holds {len(changed)} queries with these ids but other prompts or answers "
+            f"(first: {changed[0]}): the data, --n-test / --n-train or --seed changed since they "
+            "were collected; use a new --out folder"
         )
-    # shard by position in the full list, never by what is left: ranks may start at different times
-    todo = [q for i, q in enumerate(queries) if i % world_size == rank and q.id not in done]
-    # batch prompts of similar length: in the order given, padding made Qwen2.5's 5-shot batches
-    # 31% longer than their prompts (72% zero-shot). Longest first: a prompt too long for the
-    # model or the memory fails at once.
+    return done
+
+
+def _longest_first(tokenizer, queries) -> tuple[list, list[int]]:
+    """(queries, their prompt lengths in tokens), longest first.
+
+    Batches of prompts of similar length: in the order given, padding made Qwen2.5's 5-shot
+    batches 31% longer than their prompts (72% zero-shot). Longest first: a prompt too long for
+    the model or the memory fails at once."""
     tokens = (
-        [len(ids) for ids in engine.tokenizer([q.prompt for q in todo])["input_ids"]]
-        if todo
-        else []
+        [len(ids) for ids in tokenizer([q.prompt for q in queries])["input_ids"]] if queries else []
     )
-    order = sorted(range(len(todo)), key=lambda i: tokens[i], reverse=True)
-    todo, tokens = [todo[i] for i in order], [tokens[i] for i in order]
-    policy = NeverExit(features=tuple(features))
-    all_layers = list(range(1, engine.num_layers + 1))
-    # after the highest part, not the count: with a part deleted, a count would overwrite the last
-    next_part = 1 + max(
-        (int(p.stem.rsplit("-", 1)[1]) for p in out.glob(f"part-r{rank}-*.parquet")), default=-1
-    )
-    # progress in tokens, not queries: longest first, a count of queries put the first estimate
-    # of a 4.8M-token few-shot run at 22 h for about 4 h of work
-    bar = tqdm(
-        total=sum(tokens),
-        desc=f"collect [rank {rank}]" if world_size > 1 else "collect",
-        unit="tok",
-        unit_scale=True,
-        disable=not progress,
-    )
-    pending = []  # small batches (the token budget's) are written together, batch_size queries a part
-    for start, stop in _batches(tokens, batch_size, max_batch_tokens):
-        batch = todo[start:stop]
-        choices = [q.choice_tokens for q in batch]
-        result = engine.run(
-            [q.prompt for q in batch],
-            policy,
-            features=features,
-            check_layers=all_layers,
-            choices=choices,
-        )
-        pending.append(_rows(batch, result))
-        if sum(t.num_rows for t in pending) >= batch_size * engine.num_layers or stop == len(todo):
-            table, pending = pa.concat_tables(pending), []
-            write_atomic(
-                out / f"part-r{rank}-{next_part:05d}.parquet",
-                lambda tmp: pq.write_table(table, tmp),
-            )
-            next_part += 1
-        bar.update(sum(tokens[start:stop]))
-        bar.set_postfix_str(f"{stop}/{len(todo)} queries", refresh=False)
-    bar.close()
-    return out
+    order = sorted(range(len(queries)), key=lambda i: tokens[i], reverse=True)
+    return [queries[i] for i in order], [tokens[i] for i in order]
 
 
 def _rows(batch: Sequence[Query], result) -> pa.Table:

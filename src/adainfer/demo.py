@@ -12,12 +12,13 @@ from pathlib import Path
 
 from .checks import measure_check_cost
 from .collect import collect
-from .prefill import AdaptiveEngine
 from .evaluate import evaluate, layer_accuracy
+from .files import write_json, write_text_atomic
 from .models import DEFAULT_MODEL, load
-from .persist import save_policy, write_text_atomic
-from .pipeline import fit_policy, write_json
+from .persist import save_policy
+from .pipeline import fit_policy
 from .policies import OracleExit, SVMExit, standard_policies
+from .prefill import AdaptiveEngine
 from .report import eval_table, plot_accuracy_vs_layers
 from .tasks import task_queries
 

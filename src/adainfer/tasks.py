@@ -1,45 +1,25 @@
-"""Tasks, prompts and gold tokens.
+"""Tasks by name, prompts and gold tokens.
 
-A task is a list of (input, output) examples. Prompts follow the paper's template:
-`Q: {x}\\nA: {y}\\n\\n` for each of k demonstrations, then `Q: {x}\\nA:`. The gold token is the
-first token the model would have to produce after `A:`, i.e. the first token of " " + output.
+A task (`taskdata.Task`) is a list of (input, output) examples. Prompts follow the paper's
+template: `Q: {x}\\nA: {y}\\n\\n` for each of k demonstrations, then `Q: {x}\\nA:`. The gold
+token is the first token the model would have to produce after `A:`, i.e. the first token of
+" " + output.
 
 Built-in rule tasks are generated from a small word list shipped with the package, so the
-demo and the tests need no data download. Any JSON list / JSONL file of
-`{"input": ..., "output": ...}` (the function-vectors format) is a task too.
+demo and the tests need no data download. `load_task` also takes a benchmark name
+(benchmarks.py) or a JSON / JSONL task file (`taskdata.load_task_file`).
 """
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-
-@dataclass(frozen=True)
-class Example:
-    input: str
-    output: str
-    choices: tuple[
-        str, ...
-    ] = ()  # for choice tasks: every answer the model may give (labels, letters)
-
-
-@dataclass
-class Task:
-    name: str
-    examples: list[Example]  # where queries come from
-    pool: list[Example] | None = None  # a separate demonstration pool (a train / dev split), if any
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-
-class TaskError(ValueError):
-    pass
+from .benchmarks import is_benchmark, load_benchmark
+from .taskdata import Example, Task, TaskError, load_task_file
 
 
 def _words() -> list[str]:
@@ -73,8 +53,6 @@ RULE_TASKS: dict[str, Callable[[], Task]] = {
 def load_task(name_or_path: str, data_dir: str | Path | None = None) -> Task:
     """A built-in rule task, a benchmark (sst2, mmlu:<subject>, fv:<name>, ...; see
     adainfer.benchmarks) or a JSON / JSONL file of {"input", "output"} items."""
-    from .benchmarks import is_benchmark, load_benchmark
-
     if name_or_path in RULE_TASKS:
         return RULE_TASKS[name_or_path]()
     if is_benchmark(name_or_path):
@@ -84,62 +62,10 @@ def load_task(name_or_path: str, data_dir: str | Path | None = None) -> Task:
         return load_task_file(path)
     raise TaskError(
         f"unknown task {name_or_path!r}: use a built-in rule task ({', '.join(RULE_TASKS)}), "
-        "a benchmark (sst2, ag_news, mmlu[:subject|group], commonsense_qa, squad, fv:<name>, lre:<name>) "
+        "a benchmark (sst2, ag_news, mmlu[:subject|group], commonsense_qa, squad, fv:<name>, "
+        "lre:<name>) "
         'or a path to a .json / .jsonl file of {"input": ..., "output": ...} items'
     )
-
-
-def read_text(path: Path) -> str:
-    """The file as UTF-8 text; a file in another encoding gets an error naming its line."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise TaskError(
-            f"{path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8"
-        ) from None
-
-
-def load_task_file(path: str | Path) -> Task:
-    path = Path(path)
-    if not path.is_file():
-        raise TaskError(f"task file {path} does not exist")
-    text = read_text(path)
-    if path.suffix == ".jsonl":
-        items = []
-        for n, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                items.append((f"line {n}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(data, list):
-            raise TaskError(
-                f'{path}: expected a JSON list of {{"input", "output"}} items, got {type(data).__name__}'
-            )
-        items = [(f"item {i}", d) for i, d in enumerate(data)]
-    examples = [_example(path, where, item) for where, item in items]
-    if not examples:
-        raise TaskError(f"{path}: no examples")
-    return Task(path.stem, examples)
-
-
-def _example(path, where, item) -> Example:
-    if not isinstance(item, dict) or "input" not in item or "output" not in item:
-        raise TaskError(f'{path}, {where}: each item needs an "input" and an "output" field')
-    x, y = item["input"], item["output"]
-    if isinstance(y, list):  # extractive function-vector tasks list several right answers
-        y = y[0] if y else ""
-    if not isinstance(x, str) or not isinstance(y, str) or not x.strip() or not y.strip():
-        raise TaskError(f'{path}, {where}: "input" and "output" must be non-empty strings')
-    return Example(x, y)
 
 
 # ----------------------------------------------------------------------------- prompts

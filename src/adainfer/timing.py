@@ -1,0 +1,119 @@
+"""Measurement: peak memory and the machine a timing was taken on. A ground floor: imports
+nothing from adainfer, so a benchmark script can measure without loading the engine's modules.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import platform
+import subprocess
+import threading
+import time
+
+import torch
+
+# CPU flags that decide how fast a CPU runs these models: bf16 matmuls run natively only with
+# avx512_bf16 or amx_bf16, else they are emulated; avx512f / avx2 set the fp32 kernels' width
+SPEED_FLAGS = ("avx512_bf16", "amx_bf16", "avx512f", "avx2")
+
+
+# ----------------------------------------------------------------------------- peak memory
+def rss() -> int:
+    """The process's resident set, in bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def release_large_blocks():
+    """Make glibc hand big blocks back at free, so RSS follows live tensors (CPU only)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, no growth
+    except (OSError, AttributeError):
+        pass
+
+
+def resident_memory(device) -> int:
+    """Bytes in use now: the process's resident set on CPU, allocated tensors on GPU."""
+    return torch.cuda.memory_allocated() if torch.device(device).type == "cuda" else rss()
+
+
+def peak_memory(fn, device) -> int:
+    """Peak bytes allocated by fn() above what was in use before it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    before, peak, done = rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return max(0, max(peak[0], rss()) - before)
+
+
+# ----------------------------------------------------------------------------- the machine
+def machine() -> dict:
+    """What a timing depends on, recorded next to it: cores, threads, the CPU (model name and
+    its speed-relevant flags: None where they cannot be read), the GPU and torch."""
+    model, flags = _cpu()
+    return {
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_model": model,
+        "cpu_flags": None if flags is None else {f: f in flags for f in SPEED_FLAGS},
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+    }
+
+
+@functools.cache  # the CPU does not change under a running process
+def _cpu() -> tuple[str | None, frozenset[str] | None]:
+    """(model name, flags) from /proc/cpuinfo, else from `lscpu`; None for what neither gives."""
+    fields = _fields(_read("/proc/cpuinfo"))
+    if "model name" not in fields:
+        fields = {**_fields(_lscpu()), **fields}
+    model = fields.get("model name")
+    flags = fields.get("flags", fields.get("features"))  # x86 says flags, ARM features
+    return model or None, None if flags is None else frozenset(flags.split())
+
+
+def _fields(text: str) -> dict[str, str]:
+    """'key: value' lines as {lowercased key: value}, the first of each key (one per core)."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, found, value = line.partition(":")
+        if found:
+            fields.setdefault(key.strip().lower(), value.strip())
+    return fields
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _lscpu() -> str:
+    try:
+        return subprocess.run(
+            ["lscpu"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
