@@ -12,7 +12,7 @@ def model_dir(saved_tiny):
     return saved_tiny("llama")
 
 
-@pytest.mark.parametrize("command", ["collect", "fit", "eval", "demo"])
+@pytest.mark.parametrize("command", ["collect", "fit", "eval", "demo", "generate"])
 def test_every_command_explains_itself(command, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([command, "--help"])
@@ -348,3 +348,22 @@ def test_demo_runs_end_to_end_on_a_tiny_model(saved_tiny, tmp_path, monkeypatch)
     )
     assert len(list((tmp_path / "policies").glob("*.safetensors"))) == 6
     assert (tmp_path / "accuracy_vs_layers.png").stat().st_size > 10_000
+
+
+def test_generate_streams_one_prompt_and_prints_a_batch_as_json(model_dir, capsys):
+    """The CLI gives what the library gives: greedy tokens equal with and without drafts."""
+    from adainfer import generate, load
+
+    model, tok = load(model_dir)
+    expected = generate(model, tok, ["hello", "Q: a\nA:"], max_new_tokens=6, eos_token_id=[])
+    args = ["generate", "--model", model_dir, "--max-new-tokens", "6", "--draft-layer", "2"]
+    assert main(args + ["--prompt", "hello"]) == 0
+    streamed = capsys.readouterr()
+    assert streamed.out.startswith(tok.decode(expected.tokens[0], skip_special_tokens=True))
+    assert "tokens in" in streamed.err
+    assert main(args + ["--prompt", "hello", "--prompt", "Q: a\nA:", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["tokens"] == [t[: len(data["tokens"][i])] for i, t in enumerate(expected.tokens)]
+    assert data["draft_layer"] == 2 and len(data["drafted"]) == 2
+    assert main(["generate", "--model", model_dir]) == 2  # no prompt: one clear line
+    assert "give a --prompt" in capsys.readouterr().err

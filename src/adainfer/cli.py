@@ -245,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         _demo_parser,
         _reproduce_parser,
         _bench_parser,
+        _generate_parser,
     ):
         add_parser(sub)
     return parser
@@ -536,6 +537,40 @@ def _bench_parser(sub):
     )
 
 
+def _generate_parser(sub):
+    p = sub.add_parser(
+        "generate",
+        help="generate text, lossless, with drafts from an early layer; one prompt streams",
+        description="Continue each prompt. With --draft-layer, every round drafts "
+        "--draft-tokens tokens from that layer and the full model verifies them, starting at the "
+        "next layer: greedy output is the plain model's token for token, and sampled output "
+        "follows its distribution. Without it, plain decoding. A single prompt streams.",
+    )
+    _model_args(p)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
+    p.add_argument("--prompts-file", default=None, help="a text file, one prompt per line")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    p.add_argument(
+        "--max-new-tokens", type=_int_at_least(1), default=64, help="(default: %(default)s)"
+    )
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="(default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="(default: %(default)s)")
+    p.add_argument("--top-k", type=_int_at_least(0), default=0, help="0: off (default: 0)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--stop", action="append", default=[], help="a stop string; repeatable")
+    p.add_argument(
+        "--draft-layer", type=_int_at_least(1), default=None, help="draft from this layer"
+    )
+    p.add_argument(
+        "--draft-tokens",
+        type=_int_at_least(1),
+        default=4,
+        help="tokens drafted per round (default: %(default)s)",
+    )
+    p.add_argument("--json", action="store_true", help="print the whole result as JSON")
+
+
 def cmd_collect(args):
     from .collect import collect
     from .prefill import AdaptiveEngine
@@ -713,7 +748,70 @@ def cmd_bench(args):
     print(f"wrote {args.out_dir}/bench.md and bench.json")
 
 
+def cmd_generate(args):
+    import json
+
+    from .generation import generate
+    from .taskdata import read_text
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += [p for p in read_text(Path(args.prompts_file)).splitlines() if p.strip()]
+    if not prompts:
+        raise ValueError("give a --prompt (repeat it for a batch) or a --prompts-file")
+    model, tokenizer = _load(args)
+    stream = _Stream(tokenizer) if len(prompts) == 1 and not args.json else None
+    result = generate(
+        model,
+        tokenizer,
+        prompts,
+        draft_layer=args.draft_layer,
+        draft_tokens=args.draft_tokens,
+        chat=args.chat,
+        stop_strings=args.stop,
+        seed=args.seed,
+        on_tokens=stream,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+    )
+    if args.json:
+        fields = ("texts", "tokens", "draft_layer", "rounds", "wall_time_s")
+        data = {f: getattr(result, f) for f in fields}
+        data.update(drafted=result.drafted.tolist(), accepted=result.accepted.tolist())
+        print(json.dumps(data, indent=2))
+        return
+    if stream is None:
+        for i, text in enumerate(result.texts):
+            print(f"--- {i}\n{text}")
+    else:
+        print()
+    tokens = sum(len(t) for t in result.tokens)
+    drafts = "" if result.draft_layer is None else f", {result.acceptance:.0%} of drafts kept"
+    print(
+        f"[{tokens} tokens in {result.wall_time_s:.1f} s{drafts}]",
+        file=sys.stderr,
+    )
+
+
+class _Stream:
+    """Prints one row's text as its tokens come (decoded whole, printed from where it was)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.shown = tokenizer, [], ""
+
+    def __call__(self, row: int, tokens: list[int]) -> None:
+        self.tokens += tokens
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        sys.stdout.write(text[len(self.shown) :])
+        sys.stdout.flush()
+        self.shown = text
+
+
 COMMANDS = {
+    "generate": cmd_generate,
     "bench": cmd_bench,
     "collect": cmd_collect,
     "fit": cmd_fit,
