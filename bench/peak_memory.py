@@ -17,9 +17,8 @@ import argparse
 
 from adainfer import AdaptiveEngine, load
 from adainfer.persist import load_policy
-from adainfer.prefill import plain_forward
 from adainfer.tasks import task_queries
-from adainfer.timing import peak_memory, release_large_blocks, rss
+from adainfer.timing import peak_memory, plain_forward, release_large_blocks, rss
 
 
 def main(argv=None):

@@ -29,7 +29,6 @@ import copy
 import gc
 import json
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +52,18 @@ from .offline import Traces
 from .persist import load_policy, save_policy
 from .pipeline import fit_policy
 from .policies import LayerLogisticExit, NeverExit, OracleExit
-from .prefill import AdaptiveEngine, ExitResult, plain_forward
+from .prefill import AdaptiveEngine, ExitResult
+from .summary import summarise
 from .tasks import task_queries
-from .timing import machine, peak_memory, release_large_blocks, resident_memory
+from .timing import (
+    interleaved,
+    machine,
+    peak_memory,
+    plain_forward,
+    release_large_blocks,
+    resident_memory,
+    timed,
+)
 
 VARIANTS = ("plain", "never", "hooks", "policy", "oracle")
 DEFAULT_TARGET = "final"  # keep the full model's answers (see offline.Traces.labels)
@@ -72,37 +80,33 @@ def default_policy():
 
 # ----------------------------------------------------------------------------- one cell
 def _time_variants(engine, batches, policy, repeats: int, shortlist=None):
-    """Seconds of every (repeat, batch) per variant, [repeats, batches]; and each variant's results.
+    """Seconds of every (repeat, batch) per variant, [repeats, batches]; and each variant's
+    results of the last repeat. Interleaved batch by batch (timing.interleaved), after an untimed
+    warm-up pass."""
 
-    Interleaved at the finest grain: every batch runs through all variants back to back, in an
-    order that rotates with the batch and the repeat, so drift on a shared machine hits all
-    variants alike. Repeat 0 warms up and is not timed."""
+    def run(eng, pol, with_gold=False, **kw):
+        def runner(i):
+            gold = batches[i]["gold"] if with_gold else None
+            result = eng.run(batches[i]["prompts"], pol, gold=gold, **kw)
+            return result.wall_time_s, result
+
+        return runner
+
     runners = {
-        "never": lambda b: engine.run(b["prompts"], NeverExit()),
-        "hooks": lambda b: engine.run(b["prompts"], NeverExit(), fast_path=False),
-        "policy": lambda b: engine.run(b["prompts"], policy),
-        "oracle": lambda b: engine.run(b["prompts"], OracleExit(), gold=b["gold"]),
+        "plain": lambda i: timed(plain_forward, engine.model, batches[i]["enc"]),
+        "never": run(engine, NeverExit()),
+        "hooks": run(engine, NeverExit(), fast_path=False),
+        "policy": run(engine, policy),
+        "oracle": run(engine, OracleExit(), with_gold=True),
     }
-    variants = VARIANTS
     if shortlist is not None:  # (engine with shortlist checks, its policy)
-        runners["shortlist"] = lambda b: shortlist[0].run(b["prompts"], shortlist[1])
-        variants = VARIANTS + ("shortlist",)
-    seconds = {v: np.zeros((repeats + 1, len(batches))) for v in variants}
-    results: dict[str, list[ExitResult]] = {v: [] for v in runners}
-    for r in range(repeats + 1):
-        for i, b in enumerate(batches):
-            shift = (r + i) % len(variants)
-            for v in variants[shift:] + variants[:shift]:
-                if v == "plain":  # the unmodified model, timed around its own forward
-                    t0 = time.perf_counter()
-                    plain_forward(engine.model, b["enc"])
-                    seconds[v][r, i] = time.perf_counter() - t0
-                else:
-                    res = runners[v](b)
-                    seconds[v][r, i] = res.wall_time_s
-                    if r == repeats:
-                        results[v].append(res)
-    return {v: t[1:] for v, t in seconds.items()}, results
+        runners["shortlist"] = run(*shortlist)
+    seconds, outputs = interleaved(runners, len(batches), repeats=repeats)
+    outputs.pop("plain")
+    return seconds, outputs
+
+
+SUMMARY_FIELDS = ("accuracy", "mean_exit_layer", "mean_checks", "flops_ratio", "true_flops_ratio")
 
 
 MIN_PAIRED = 9  # paired (batch, repeat) ratios per cell at least
@@ -135,13 +139,9 @@ def bench_cell(
         f = result_ratios(
             r, engine.parts, {"policy": policy, "shortlist": shortlist and shortlist[1]}.get(v)
         )
-        row[v] = {
-            "accuracy": float((r.top1 == gold).mean()),
-            "mean_exit_layer": float(r.exit_layer.mean()),
-            "mean_checks": float(r.num_checks.mean()),
-            "flops_ratio": float(f["flops_ratio"].mean()),
-            "true_flops_ratio": float(f["true_flops_ratio"].mean()),
-        }
+        row[v] = summarise(
+            r.exit_layer, r.top1 == gold, f, fields=SUMMARY_FIELDS, num_checks=r.num_checks
+        )
     row["full_accuracy"] = row.pop("never")["accuracy"]
     row.update(_times(seconds))
     row["prompts_per_s_plain"] = len(queries) / row["time_plain_s"]

@@ -8,7 +8,6 @@ the plain model.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -17,10 +16,20 @@ from tqdm.auto import tqdm
 from .flops import result_ratios
 from .persist import check_compatible
 from .policies import ExitPolicy, NeverExit
-from .prefill import AdaptiveEngine, ExitResult, plain_forward
+from .prefill import AdaptiveEngine, ExitResult
+from .summary import summarise
 from .tasks import Query
+from .timing import interleaved, plain_forward, timed
 
 FULL = "full"
+FIELDS = (
+    "accuracy",
+    "mean_exit_layer",
+    "mean_checks",
+    "flops_ratio",
+    "true_flops_ratio",
+    "exit_layer_histogram",
+)
 
 
 def evaluate(
@@ -37,31 +46,26 @@ def evaluate(
     for policy in policies.values():
         check_compatible(policy, engine.model, allow_other_model)
     variants = {FULL: NeverExit(), **policies}
-    results: dict[str, list[ExitResult]] = {k: [] for k in variants}
-    plain_time = 0.0
-    order = ["plain", *variants]
-    warm = queries[
-        :batch_size
-    ]  # one untimed pass of every variant: the first timed run is not a cold one
-    plain_forward(engine.model, engine.encode([q.prompt for q in warm]))
-    for policy in variants.values():
-        engine.run([q.prompt for q in warm], policy, gold=[q.gold for q in warm])
-    for n, start in enumerate(
-        tqdm(range(0, len(queries), batch_size), desc="eval", unit="batch", disable=not progress)
-    ):
-        batch = queries[start : start + batch_size]
-        prompts, gold = [q.prompt for q in batch], [q.gold for q in batch]
-        enc = engine.encode(prompts)
-        for name in (
-            order[n % len(order) :] + order[: n % len(order)]
-        ):  # rotate: drift hits all alike
-            if name == "plain":
-                t0 = time.perf_counter()
-                plain_forward(engine.model, enc)  # timed like engine.run: the forward pass alone
-                plain_time += time.perf_counter() - t0
-            else:
-                # each policy computes its own features only: timed doing its own work
-                results[name].append(engine.run(prompts, variants[name], gold=gold))
+    batches = [queries[i : i + batch_size] for i in range(0, len(queries), batch_size)]
+    encoded = {}
+
+    def plain(i):  # timed like engine.run: the forward pass alone
+        if i not in encoded:
+            encoded[i] = engine.encode([q.prompt for q in batches[i]])
+        return timed(plain_forward, engine.model, encoded[i])
+
+    def run(policy):  # each policy computes its own features only: timed doing its own work
+        def runner(i):
+            qs = batches[i]
+            result = engine.run([q.prompt for q in qs], policy, gold=[q.gold for q in qs])
+            return result.wall_time_s, result
+
+        return runner
+
+    runners = {"plain": plain, **{name: run(p) for name, p in variants.items()}}
+    bar = lambda r: tqdm(r, desc="eval", unit="batch", disable=not progress)  # noqa: E731
+    seconds, results = interleaved(runners, len(batches), warmup_batches=1, progress=bar)
+    plain_time = float(seconds["plain"].sum())
     gold = np.array([q.gold for q in queries])
     tasks = np.array([q.task for q in queries])
     summary = {
@@ -70,8 +74,8 @@ def evaluate(
         "plain_wall_time_s": plain_time,
         "policies": {},
     }
-    for name, parts in results.items():
-        r = ExitResult.concat(parts)
+    for name in variants:
+        r = ExitResult.concat(results[name])
         summary["policies"][name] = _summarise(
             r, gold, tasks, result_ratios(r, engine.parts, variants[name]), plain_time
         )
@@ -80,26 +84,31 @@ def evaluate(
 
 def _summarise(r: ExitResult, gold, tasks, flops, plain_time) -> dict:
     correct = r.top1 == gold
-    out = {
-        "accuracy": float(correct.mean()),
-        "mean_exit_layer": float(r.exit_layer.mean()),
-        "num_layers": r.num_layers,
-        "mean_checks": float(r.num_checks.mean()),
-        "flops_ratio": float(flops["flops_ratio"].mean()),
-        "true_flops_ratio": float(flops["true_flops_ratio"].mean()),
-        "wall_time_s": r.wall_time_s,
-        "time_vs_plain": r.wall_time_s / plain_time if plain_time else None,
-        "exit_layer_histogram": np.bincount(r.exit_layer, minlength=r.num_layers + 1)[1:].tolist(),
-        "per_task": {
-            t: {
-                "accuracy": float(correct[tasks == t].mean()),
-                "mean_exit_layer": float(r.exit_layer[tasks == t].mean()),
-                "flops_ratio": float(flops["flops_ratio"][tasks == t].mean()),
-            }
-            for t in dict.fromkeys(tasks.tolist())
+    out = summarise(
+        r.exit_layer,
+        correct,
+        flops,
+        fields=FIELDS,
+        num_layers=r.num_layers,
+        num_checks=r.num_checks,
+    )
+    out.update(
+        num_layers=r.num_layers,
+        wall_time_s=r.wall_time_s,
+        time_vs_plain=r.wall_time_s / plain_time if plain_time else None,
+        per_task={
+            t: _task_row(r, correct, flops, tasks == t) for t in dict.fromkeys(tasks.tolist())
         },
-    }
+    )
     return out
+
+
+def _task_row(r: ExitResult, correct, flops, mask) -> dict:
+    return {
+        "accuracy": float(correct[mask].mean()),
+        "mean_exit_layer": float(r.exit_layer[mask].mean()),
+        "flops_ratio": float(flops["flops_ratio"][mask].mean()),
+    }
 
 
 def layer_accuracy(

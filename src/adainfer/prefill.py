@@ -22,6 +22,7 @@ from .arch import ModelParts, find_parts
 from .lens import LogitLens
 from .policies import Step, planned_checks
 from .stepper import LayerOutput, LayerStepper
+from .timing import plain_forward, synchronize
 
 
 @dataclass
@@ -474,21 +475,6 @@ def context_length(config) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
-
-
-@torch.inference_mode()
-def plain_forward(model, enc: dict) -> torch.Tensor:
-    """The unmodified Hugging Face model, one full forward: next-token logits per row, computed
-    (not only queued on a GPU) when it returns, so that it can be timed."""
-    logits = model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1].float()
-    synchronize()
-    return logits
-
-
-def synchronize() -> None:
-    """Wait for queued GPU work: a timer read before it would time the queueing only."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 def plain_last_logits(engine: AdaptiveEngine, prompts: Sequence[str]) -> torch.Tensor:

@@ -23,8 +23,6 @@ from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
-
 from .collect import (
     MAX_BATCH_TOKENS,
     collect,
@@ -38,6 +36,7 @@ from .flops import ratios
 from .offline import Traces, oracle_bounds, simulate
 from .policies import NeverExit, OracleExit, SVMExit, standard_policies
 from .report import reproduce_figures, reproduce_tables
+from .summary import FIELDS, summarise
 from .taskdata import TaskError
 
 log = logging.getLogger(__name__)
@@ -278,15 +277,15 @@ def _metrics(policy, traces: Traces, hidden: int, vocab: int) -> dict:
         vocab=vocab,
         policy=policy,
     )
-    return {
-        "n": len(traces),
-        "accuracy": float(r.correct.mean()),
-        "choice_accuracy": None if r.choice_correct is None else float(r.choice_correct.mean()),
-        "mean_exit_layer": float(r.exit_layer.mean()),
-        "flops_ratio": float(f["flops_ratio"].mean()),
-        "true_flops_ratio": float(f["true_flops_ratio"].mean()),
-        "exit_layer_histogram": np.bincount(r.exit_layer, minlength=L + 1)[1:].tolist(),
-    }
+    fields = [name for name in FIELDS if name != "mean_checks"]  # a replay makes no checks count
+    return summarise(
+        r.exit_layer,
+        r.correct,
+        f,
+        fields=fields,
+        num_layers=L,
+        choice_correct=r.choice_correct,
+    )
 
 
 def report(out: Path, config: dict, *, hidden: int, vocab: int) -> dict:

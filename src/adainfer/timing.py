@@ -1,5 +1,6 @@
-"""Measurement: peak memory and the machine a timing was taken on. A ground floor: imports
-nothing from adainfer, so a benchmark script can measure without loading the engine's modules.
+"""Measurement: time (the plain model's forward, variants interleaved side by side), peak
+memory, and the machine a timing was taken on. A ground floor: imports nothing from adainfer,
+so a benchmark script can measure without loading the engine's modules.
 """
 
 from __future__ import annotations
@@ -11,12 +12,72 @@ import platform
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Mapping
 
+import numpy as np
 import torch
 
 # CPU flags that decide how fast a CPU runs these models: bf16 matmuls run natively only with
 # avx512_bf16 or amx_bf16, else they are emulated; avx512f / avx2 set the fp32 kernels' width
 SPEED_FLAGS = ("avx512_bf16", "amx_bf16", "avx512f", "avx2")
+
+
+# ----------------------------------------------------------------------------- time
+def synchronize() -> None:
+    """Wait for queued GPU work: a timer read before it would time the queueing only."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def plain_forward(model, enc: dict) -> torch.Tensor:
+    """The unmodified Hugging Face model, one full forward: next-token logits per row, computed
+    (not only queued on a GPU) when it returns, so that it can be timed."""
+    logits = model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+    synchronize()
+    return logits
+
+
+def timed(fn: Callable, *args, **kwargs) -> tuple[float, object]:
+    """(seconds, result) of one call, GPU work included."""
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    synchronize()
+    return time.perf_counter() - start, result
+
+
+def interleaved(
+    runners: Mapping[str, Callable[[int], tuple[float, object]]],
+    num_batches: int,
+    *,
+    repeats: int = 1,
+    warmup_batches: int | None = None,
+    progress: Callable | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """Time every variant on every batch, side by side: `runners[name](i)` runs batch i and
+    returns (seconds, output).
+
+    Every batch runs through all variants back to back, in an order that rotates with the batch
+    and the repeat, so drift on a shared machine hits all variants alike. First an untimed
+    warm-up: the first `warmup_batches` batches through every variant (None: a whole pass).
+    Returns seconds [repeats, batches] per variant, and each variant's outputs of the last
+    repeat, in batch order. `progress` wraps the batch range (e.g. tqdm)."""
+    names = list(runners)
+    warm = num_batches if warmup_batches is None else min(warmup_batches, num_batches)
+    for i in range(warm):
+        for name in names:
+            runners[name](i)
+    seconds = {v: np.zeros((repeats, num_batches)) for v in names}
+    outputs: dict[str, list] = {v: [] for v in names}
+    for r in range(repeats):
+        batches = range(num_batches) if progress is None else progress(range(num_batches))
+        for i in batches:
+            shift = (r + i) % len(names)
+            for name in names[shift:] + names[:shift]:
+                seconds[name][r, i], out = runners[name](i)
+                if r == repeats - 1:
+                    outputs[name].append(out)
+    return seconds, outputs
 
 
 # ----------------------------------------------------------------------------- peak memory
