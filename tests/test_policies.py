@@ -6,6 +6,7 @@ import pytest
 from adainfer import load_policy, save_policy
 from adainfer.persist import IncompatiblePolicy, model_signature
 from adainfer.policies import (
+    POLICIES,
     CRFExit,
     GapThreshold,
     LogisticExit,
@@ -103,6 +104,20 @@ def test_gap_threshold_and_reference_policies():
         OracleExit().decide(
             Step(1, 4, (), np.zeros((1, 0)), np.zeros((1, 1, 0)), np.array([3]), np.array([0]))
         )
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_fit_leaves_every_parameter_as_given(name):
+    """scikit-learn's contract: fit learns attributes ending in _, it never rewrites a parameter
+    (features given as a list stay that very list)."""
+    X, y, groups = layered_data()
+    X = np.column_stack([X, np.tile(np.linspace(0, 1, 8), len(X) // 8)])  # + layer_frac
+    features = ["gap", "top_prob", "layer_frac"]
+    policy = make_policy(name, **({} if name == "gap" else {"features": features}))
+    before = policy.get_params()
+    policy.fit(X[:, : len(policy.features)], y, groups)
+    after = policy.get_params()
+    assert after == before and all(after[k] is before[k] for k in before)
 
 
 def test_single_class_labels_are_a_clear_error():

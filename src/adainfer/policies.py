@@ -183,8 +183,7 @@ class SVMExit(_Standardized):
     def fit(self, X, y, groups=None):
         from sklearn.svm import SVC
 
-        self.features = check_names(self.features)
-        X, y = _as_2d(X, self.features), _check_labels(y)
+        X, y = _as_2d(X, check_names(self.features)), _check_labels(y)
         if len(X) > self.max_train_rows:
             keep = np.random.default_rng(self.random_state).choice(
                 len(X), self.max_train_rows, replace=False
@@ -234,8 +233,7 @@ class LogisticExit(_Standardized):
     def fit(self, X, y, groups=None):
         from sklearn.linear_model import LogisticRegression
 
-        self.features = check_names(self.features)
-        X, y = _as_2d(X, self.features), _check_labels(y)
+        X, y = _as_2d(X, check_names(self.features)), _check_labels(y)
         self._set_scaler(X)
         lr = LogisticRegression(C=self.C, max_iter=1000).fit(self._scale(X), y)
         self.coef_, self.intercept_ = lr.coef_[0], np.asarray(lr.intercept_, dtype=np.float64)
@@ -280,15 +278,16 @@ class LayerLogisticExit(LogisticExit):
     def fit(self, X, y, groups=None):
         from sklearn.linear_model import LogisticRegression
 
-        self.features = check_names(self.features)
-        if "layer_frac" not in self.features:
+        features = check_names(self.features)
+        if "layer_frac" not in features:
             raise ValueError(
-                f"LayerLogisticExit needs 'layer_frac' among its features to tell layers apart; got {self.features}"
+                "LayerLogisticExit needs 'layer_frac' among its features to tell layers apart; "
+                f"got {features}"
             )
-        X, y = _as_2d(X, self.features), _check_labels(y)
-        depth = np.round(X[:, self.features.index("layer_frac")], 6)
+        X, y = _as_2d(X, features), _check_labels(y)
+        depth = np.round(X[:, features.index("layer_frac")], 6)
         self.depths_ = np.unique(depth)
-        K, F = len(self.depths_), len(self.features)
+        K, F = len(self.depths_), len(features)
         self.mean_, self.scale_, self.coef_, self.intercept_ = (
             np.zeros((K, F)),
             np.ones((K, F)),
@@ -334,8 +333,8 @@ class CRFExit(ExitPolicy):
     def fit(self, X, y, groups=None):
         import sklearn_crfsuite
 
-        self.features = check_names(self.features)
-        X, y = _as_2d(X, self.features), _check_labels(y)
+        features = check_names(self.features)
+        X, y = _as_2d(X, features), _check_labels(y)
         if groups is None:
             raise ValueError(
                 "CRFExit.fit needs groups= (the example id of each row, layers in order)"
@@ -344,7 +343,7 @@ class CRFExit(ExitPolicy):
         seqs, labels = [], []
         for g in dict.fromkeys(groups.tolist()):
             idx = np.flatnonzero(groups == g)
-            seqs.append(self._items(X[idx], self.features))
+            seqs.append(self._items(X[idx], features))
             labels.append([str(v) for v in y[idx]])
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.crfsuite")
