@@ -35,6 +35,7 @@ class Traces:
     choice_top1: np.ndarray  # [Q, L], -1 without choices
     gold: np.ndarray  # [Q]
     seq_len: np.ndarray  # [Q]
+    model: dict | None = None  # signature of the model traced (`persist.model_signature`)
 
     @property
     def num_layers(self) -> int:
@@ -49,7 +50,9 @@ class Traces:
         return np.array([int(q.split("/")[1].removesuffix("shot")) for q in self.query_id])
 
     @classmethod
-    def from_table(cls, table: pa.Table, feature_names: Sequence[str]) -> Traces:
+    def from_table(
+        cls, table: pa.Table, feature_names: Sequence[str], model: dict | None = None
+    ) -> Traces:
         table = table.sort_by([("query_id", "ascending"), ("layer", "ascending")])
         L = int(table.column("num_layers")[0].as_py())
         Q = table.num_rows // L
@@ -77,6 +80,7 @@ class Traces:
             else np.full((Q, L), -1),
             gold=col("gold")[:, 0],
             seq_len=col("seq_len")[:, 0],
+            model=model,
         )
 
     def subset(self, mask) -> Traces:
@@ -86,6 +90,7 @@ class Traces:
                 for k in ("query_id", "task", "features", "top1", "choice_top1", "gold", "seq_len")
             },
             feature_names=self.feature_names,
+            model=self.model,
         )
 
     def labels(self, target: str = "gold") -> np.ndarray:
