@@ -38,9 +38,9 @@ from adainfer.checks import (
     CONFIDENCE,
     MIN_AGREEMENT,
     THRESHOLDS,
+    PlannedPolicy,
     _with_threshold,
     check_cost_layers,
-    plan_checks_by_batch,
 )
 from adainfer.cli import _check_cost
 from adainfer.collect import load_collected, select_tasks
@@ -83,9 +83,7 @@ POLICIES = {  # short name for --only: (description, classifier, labels, thresho
 
 
 def fitted(make, target: str, traces: Traces):
-    policy = make().fit(*traces.training_arrays(make().features, target))
-    policy.target_ = target
-    return policy
+    return make().fit(*traces.training_arrays(make().features, target))
 
 
 def frontier(splits, fits, oracle: float) -> dict:
@@ -278,27 +276,19 @@ def main(argv=None):
             mode += f" or loss bounded at {100 * args.confidence:g}%" if args.confidence else ""
         per_bs = {bs: [] for bs in costs}  # (plan, replay) per split
         for policy, (cal, ev) in zip(fits[name], splits):
-            plans = plan_checks_by_batch(
-                policy,
-                cal,
-                costs,
+            planned = PlannedPolicy(
+                policy,  # fitted once per split, shared by the modes and the frontier
+                prefit=True,
+                check_costs=costs,
+                target=target,
                 tolerance=args.tolerance,
                 folds=folds,
                 min_agreement=agreement,
                 confidence=args.confidence,
                 thresholds=thresholds,
-            )
-            for bs, plan in plans.items():
-                per_bs[bs].append(
-                    (
-                        plan,
-                        simulate(
-                            _with_threshold(copy.deepcopy(policy), plan.threshold),
-                            ev,
-                            check_layers=plan.check_layers,
-                        ),
-                    )
-                )
+            ).fit(cal)
+            for bs, plan in planned.plans_.items():
+                per_bs[bs].append((plan, simulate(planned, ev, batch_size=bs)))
         for bs, got in per_bs.items():
             correct = np.concatenate([r.correct for _, r in got])
             agrees = np.concatenate([r.agrees for _, r in got])

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from adainfer import load_policy, save_policy
+from adainfer.checks import PlannedPolicy
 from adainfer.persist import IncompatiblePolicy, model_signature
 from adainfer.policies import (
     POLICIES,
@@ -97,7 +98,7 @@ def test_crf_learns_the_layer_sequence():
 def test_gap_threshold_and_reference_policies():
     X = np.array([[0.79], [0.8], [0.95]])
     assert GapThreshold(0.8).predict(X).tolist() == [0, 1, 1]
-    assert NeverExit().trainable is False and NeverExit().check_layers_ == ()
+    assert NeverExit().trainable is False and NeverExit().planned_checks(8) == ()
     with pytest.raises(ValueError, match="gold"):
         from adainfer.engine import Step
 
@@ -140,11 +141,17 @@ def test_policies_survive_save_and_load(tmp_path, name):
     policy.fit(X[:, : len(policy.features)] if policy.features else X, y, groups)
     path = save_policy(policy, tmp_path / f"{name}.safetensors", model=model)
     loaded = load_policy(path, model=model)
-    assert type(loaded) is type(policy) and loaded.get_params() == policy.get_params()
-    assert loaded.model_meta_ == model_signature(model)
+    # the model it was saved for travels with it, on the wrapper that carries it
+    assert isinstance(loaded, PlannedPolicy) and loaded.model_ == model_signature(model)
+    assert loaded.plans_ == {} and loaded.planned_checks(8) is None
+    inner = loaded.policy_
+    assert type(inner) is type(policy) and inner.get_params() == policy.get_params()
+    bare = load_policy(save_policy(policy, tmp_path / "bare.safetensors"))
+    assert type(bare) is type(policy)  # nothing recorded beside the policy: read back as saved
     if name not in ("never",):
         Xf = X[:, : len(policy.features)]
         np.testing.assert_array_equal(loaded.predict(Xf), policy.predict(Xf))
+        np.testing.assert_array_equal(bare.predict(Xf), policy.predict(Xf))
     # the file is safetensors: JSON header + raw arrays, nothing executable
     assert path.read_bytes()[8:9] == b"{"
 
@@ -156,9 +163,9 @@ def test_loaded_policy_refuses_another_model(tmp_path):
     other, _ = tiny_model("llama", layers=6)
     with pytest.raises(IncompatiblePolicy, match="num_layers"):
         load_policy(path, model=other)
-    assert load_policy(path).model_meta_["num_layers"] == 4  # loads fine without a model to check
+    assert load_policy(path).model_["num_layers"] == 4  # loads fine without a model to check
     assert (
-        load_policy(path, model=other, allow_other_model=True).model_meta_["num_layers"] == 4
+        load_policy(path, model=other, allow_other_model=True).model_["num_layers"] == 4
     )  # as the error says
     from adainfer.persist import check_compatible
 
@@ -195,12 +202,11 @@ def test_a_file_of_an_unknown_policy_kind_says_so(tmp_path):
 
 def test_learned_check_schedule_survives_save_and_load(tmp_path):
     X, y, _ = layered_data()
-    policy = SVMExit().fit(X, y)
-    policy.check_layers_ = (3, 5)
+    policy = PlannedPolicy.from_plans(SVMExit().fit(X, y), {1: (3, 5)})
     loaded = load_policy(save_policy(policy, tmp_path / "p.safetensors"))
-    assert loaded.check_layers_ == (3, 5)
-    policy.check_layers_ = ()  # "never check": the plain model
-    assert load_policy(save_policy(policy, tmp_path / "q.safetensors")).check_layers_ == ()
+    assert loaded.planned_checks() == loaded.planned_checks(32) == (3, 5)
+    policy = PlannedPolicy.from_plans(SVMExit().fit(X, y), {1: ()})  # "never check": plain model
+    assert load_policy(save_policy(policy, tmp_path / "q.safetensors")).planned_checks() == ()
 
 
 def test_files_written_atomically_get_the_usual_permissions(tmp_path):
@@ -215,3 +221,4 @@ def test_files_written_atomically_get_the_usual_permissions(tmp_path):
     os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask  # not mkstemp's owner-only 0600
     assert not list(tmp_path.glob(".*tmp"))
+

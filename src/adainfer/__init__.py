@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .checks import PlannedPolicy  # noqa: E402
 from .engine import AdaptiveEngine, ExitResult, Step  # noqa: E402
 from .persist import load_policy, save_policy  # noqa: E402
 from .policies import POLICIES, make_policy  # noqa: E402
@@ -19,6 +20,7 @@ __all__ = [
     "ExitResult",
     "Step",
     "POLICIES",
+    "PlannedPolicy",
     "make_policy",
     "load",
     "load_policy",

@@ -72,7 +72,7 @@ def run_demo(
         n_test_per_task=n_test,
         seed=seed,
         check_cost_layers=check_cost,
-        planned_check_layers=list(planned.check_layers_),
+        planned_check_layers=list(planned.planned_checks()),
         layer_accuracy=layer_acc.tolist(),
         table=eval_table(summary),
     )

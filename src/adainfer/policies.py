@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -41,8 +42,9 @@ class ExitPolicy(ClassifierMixin, BaseEstimator):
         return self.predict(step.features).astype(bool)
 
     def planned_checks(self, batch_size: int | None = None) -> tuple[int, ...] | None:
-        """The learned check schedule for this batch size (see `planned_checks`)."""
-        return planned_checks(self, batch_size)
+        """The check schedule for batches of `batch_size`; None: no plan, the engine checks at
+        its own layers (every layer by default). `checks.PlannedPolicy` learns plans."""
+        return None
 
     def cost_flops(self) -> float:
         """Approximate FLOPs of one decision for one row (charged by the true FLOPs ratio)."""
@@ -57,17 +59,32 @@ class ExitPolicy(ClassifierMixin, BaseEstimator):
 
 
 def planned_checks(policy, batch_size: int | None = None) -> tuple[int, ...] | None:
-    """The check schedule `policy` learned for this batch size (None: not planned, check
-    everywhere). Any object with `check_plans_` / `check_layers_` works, not only ExitPolicy.
-
-    With plans per batch size (`check_plans_`), the plan of the largest planned size not above
-    `batch_size` (or the smallest planned size) applies; without a batch size, `check_layers_`."""
+    """The check schedule `policy` runs with at this batch size (None: not planned, check
+    everywhere): what its `planned_checks(batch_size)` method says, or, for an object without
+    one (not an ExitPolicy), its `check_plans_` / `check_layers_` attributes. The one lookup of
+    the engine and the offline replay."""
+    method = getattr(policy, "planned_checks", None)
+    if callable(method):
+        return method(batch_size)
     plans = getattr(policy, "check_plans_", None)
     if plans and batch_size is not None:
-        sizes = sorted(plans)
-        return tuple(plans[max((s for s in sizes if s <= batch_size), default=sizes[0])])
+        return schedule_for(plans, batch_size)
     learned = getattr(policy, "check_layers_", None)
     return None if learned is None else tuple(learned)
+
+
+def schedule_for(
+    plans: Mapping[int, Sequence[int]], batch_size: int | None = None
+) -> tuple[int, ...] | None:
+    """Of plans per batch size, the one for `batch_size`: the plan of the largest planned size
+    not above it (or of the smallest planned size); without a batch size, the smallest size's
+    (what offline replays use). None without plans."""
+    if not plans:
+        return None
+    sizes = sorted(plans)
+    if batch_size is None:
+        return tuple(plans[sizes[0]])
+    return tuple(plans[max((s for s in sizes if s <= batch_size), default=sizes[0])])
 
 
 def _as_2d(X, features) -> np.ndarray:
@@ -101,10 +118,12 @@ class NeverExit(ExitPolicy):
     """Full depth: the plain model's answer (and the engine's overhead baseline)."""
 
     trainable = False
-    check_layers_ = ()  # it never stops, so it never pays for a check
 
     def __init__(self, features=()):
         self.features = features
+
+    def planned_checks(self, batch_size=None):
+        return ()  # it never stops, so it never pays for a check
 
     def decision_function(self, X):
         return -np.ones(len(X))
