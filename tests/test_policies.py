@@ -1,11 +1,13 @@
 """Exit policies: sklearn contract, equality with sklearn, save/load without pickle, model checks."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from adainfer import load_policy, save_policy
 from adainfer.checks import PlannedPolicy
-from adainfer.persist import IncompatiblePolicy, model_signature
+from adainfer.persist import IncompatiblePolicy, model_signature, policy_header
 from adainfer.policies import (
     POLICIES,
     CRFExit,
@@ -222,3 +224,90 @@ def test_files_written_atomically_get_the_usual_permissions(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask  # not mkstemp's owner-only 0600
     assert not list(tmp_path.glob(".*tmp"))
 
+
+COMMITTED = Path(__file__).parents[1] / "results" / "bench" / "policies"
+
+
+def test_committed_format_1_policy_files_load_as_they_ran():
+    """results/bench/policies was written before PlannedPolicy (format 1: plans as lists of
+    layers beside the policy's parameters); each reads back with the plans, threshold and
+    features its header holds, and its schedule per batch size is the one it ran with."""
+    from adainfer.persist import FORMAT_1
+    from adainfer.policies import planned_checks
+
+    paths = sorted(COMMITTED.glob("*.safetensors"))
+    assert len(paths) == 24
+    for path in paths:
+        header = policy_header(path)
+        assert header["format"] == FORMAT_1
+        policy = load_policy(path)
+        assert isinstance(policy, PlannedPolicy)
+        layers = {str(b): list(p.check_layers) for b, p in policy.plans_.items()}
+        assert layers == header["check_plans"]
+        assert list(planned_checks(policy)) == header["check_layers"]  # what replays used
+        for b in (1, 7, 8, 9, 31, 32, 64):  # the plan of the largest planned size not above b
+            size = max(int(s) for s in header["check_plans"] if int(s) <= b)
+            assert list(planned_checks(policy, b)) == header["check_plans"][str(size)]
+        params = {k: tuple(v) if isinstance(v, list) else v for k, v in header["params"].items()}
+        assert policy.policy_.get_params() == params
+        assert policy.threshold_ == policy.policy_.threshold == header["params"]["threshold"]
+        assert list(policy.features) == header["features"]
+        assert policy.target_ == header["target"] and policy.model_ == header["model"]
+    model, _ = tiny_model("llama")
+    with pytest.raises(IncompatiblePolicy, match="model_id"):
+        load_policy(paths[0], model=model)
+    assert load_policy(paths[0], model=model, allow_other_model=True).plans_
+
+
+def test_a_format_1_file_written_by_hand_reads_back_as_it_ran(tmp_path):
+    import json
+
+    from safetensors.numpy import save_file
+
+    from adainfer.persist import FORMAT, FORMAT_1
+
+    X, y, _ = layered_data()
+    fitted = LogisticExit(threshold=0.9).fit(X, y)
+    model, _ = tiny_model("llama", layers=4)
+    header = {  # what save_policy wrote before PlannedPolicy
+        "format": FORMAT_1,
+        "policy": "logistic",
+        "params": {"features": ["gap", "top_prob"], "C": 1.0, "threshold": 0.9},
+        "features": ["gap", "top_prob"],
+        "check_layers": [3],
+        "check_plans": {"1": [3], "8": [1, 2, 3]},
+        "target": "final",
+        "adainfer_version": "0.1.0",
+        "model": model_signature(model),
+    }
+
+    def write(name, **changes):
+        path = tmp_path / name
+        meta = json.dumps({**header, **changes})
+        save_file(fitted._arrays(), str(path), metadata={"adainfer": meta})
+        return path
+
+    policy = load_policy(write("old.safetensors"), model=model)
+    assert isinstance(policy, PlannedPolicy) and policy.model_ == model_signature(model)
+    assert policy.target_ == "final" and policy.threshold_ == 0.9
+    assert policy.planned_checks() == policy.planned_checks(7) == (3,)
+    assert policy.planned_checks(8) == policy.planned_checks(100) == (1, 2, 3)
+    np.testing.assert_array_equal(policy.predict_proba(X), fitted.predict_proba(X))
+    np.testing.assert_array_equal(policy.predict(X), fitted.predict(X))
+    other, _ = tiny_model("llama", layers=6)
+    with pytest.raises(IncompatiblePolicy, match="num_layers"):
+        load_policy(tmp_path / "old.safetensors", model=other)
+    # saved again, it is written in today's format with the same schedules
+    again = save_policy(policy, tmp_path / "new.safetensors")
+    assert policy_header(again)["format"] == FORMAT
+    assert {b: p.check_layers for b, p in load_policy(again).plans_.items()} == {
+        1: (3,),
+        8: (1, 2, 3),
+    }
+    # one schedule without plans per batch size served every batch size
+    one = load_policy(write("one.safetensors", check_plans=None, check_layers=[2]))
+    assert one.planned_checks() == one.planned_checks(1) == one.planned_checks(32) == (2,)
+    # nothing recorded beside the policy: the bare policy, as it was saved
+    nothing = dict(check_plans=None, check_layers=None, target=None, model=None)
+    bare = load_policy(write("bare.safetensors", **nothing))
+    assert type(bare) is LogisticExit and bare.get_params()["threshold"] == 0.9
