@@ -19,7 +19,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/adainfer demo
 
+# lint first (ruff: format and lint rules in pyproject.toml), then the suite
 test: setup
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/pytest -q
 
 clean:

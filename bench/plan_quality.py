@@ -16,8 +16,8 @@ recorded with `adainfer collect --held-out` (`--test-traces`); replay equals liv
 - the bound: the settled oracle, how well the features can see it, and each logistic policy's
   accuracy / saving trade-off threshold by threshold.
 
-    adainfer collect --model qwen2.5-0.5b --dtype bfloat16 --task sst2 --shots 5 --n-test 872 --n-train 0 \
-        --held-out --data-dir ../shared/data --out results/qwen2.5-0.5b-sst2-872
+    adainfer collect --model qwen2.5-0.5b --dtype bfloat16 --task sst2 --shots 5 --n-test 872 \
+        --n-train 0 --held-out --data-dir ../shared/data --out results/qwen2.5-0.5b-sst2-872
     python bench/plan_quality.py results/qwen2.5-0.5b --test-traces results/qwen2.5-0.5b-sst2-872 \
         --task sst2 --shots 5 --check-cost 1:1.19,8:0.18,32:0.10
 
@@ -38,9 +38,9 @@ from adainfer.checks import (
     CONFIDENCE,
     MIN_AGREEMENT,
     THRESHOLDS,
+    PlannedPolicy,
     _with_threshold,
     check_cost_layers,
-    plan_checks_by_batch,
 )
 from adainfer.cli import parse_check_cost
 from adainfer.collect import load_collected, select_tasks
@@ -67,7 +67,8 @@ POLICIES = {  # short name for --only: (description, classifier, labels, thresho
         None,
     ),
     "logistic": (
-        "logistic, one model for all layers, on gap, top prob, entropy, depth; final labels; tuned threshold",
+        "logistic, one model for all layers, on gap, top prob, entropy, depth; final labels; "
+        "tuned threshold",
         lambda: LogisticExit(features=DEFAULT_FEATURES),
         DEFAULT_TARGET,
         THRESHOLDS,
@@ -82,9 +83,7 @@ POLICIES = {  # short name for --only: (description, classifier, labels, thresho
 
 
 def fitted(make, target: str, traces: Traces):
-    policy = make().fit(*traces.training_arrays(make().features, target))
-    policy.target_ = target
-    return policy
+    return make().fit(*traces.training_arrays(make().features, target))
 
 
 def frontier(splits, fits, oracle: float) -> dict:
@@ -123,7 +122,8 @@ def frontier(splits, fits, oracle: float) -> dict:
             ]
         )
     text = (
-        f"Trade-off of {type(fits[0]).__name__} on the held-out queries, every layer from {L // 2} checked:\n\n"
+        f"Trade-off of {type(fits[0]).__name__} on the held-out queries, every layer from "
+        f"{L // 2} checked:\n\n"
         + markdown_table(
             [
                 "threshold",
@@ -164,8 +164,9 @@ def settled_bound(test: Traces) -> dict:
             )[:, 1]
             aucs[layer] = float(roc_auc_score(y, p))
     text = (
-        f"Settled oracle (earliest layer after which the top-1 never changes; exiting there keeps every answer): "
-        f"mean {settled.mean():.2f} of {L}, {100 * (settled < L).mean():.0f}% of rows settled before the last layer. "
+        "Settled oracle (earliest layer after which the top-1 never changes; exiting there "
+        f"keeps every answer): mean {settled.mean():.2f} of {L}, "
+        f"{100 * (settled < L).mean():.0f}% of rows settled before the last layer. "
         "Cross-validated AUC of all features for 'already final' at layer l: "
         + ", ".join(f"{l}: {a:.2f}" for l, a in aucs.items())
         + "."
@@ -209,7 +210,8 @@ def main(argv=None):
         type=float,
         default=CONFIDENCE,
         help="a plan below the agreement level passes if its accuracy "
-        "loss is within the tolerance at this confidence (0: agreement test only) (default: %(default)s)",
+        "loss is within the tolerance at this confidence (0: agreement test only) "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--min-agreement",
@@ -221,8 +223,9 @@ def main(argv=None):
         "--calibrate-on",
         choices=("held-out", "pool"),
         default="held-out",
-        help="held-out: two halves of the held-out queries, each calibrating the plan for the other (what "
-        "`adainfer bench` does); pool: the run's training traces (the task's demonstration pool)",
+        help="held-out: two halves of the held-out queries, each calibrating the plan for the "
+        "other (what `adainfer bench` does); pool: the run's training traces (the task's "
+        "demonstration pool)",
     )
     p.add_argument(
         "--test-traces",
@@ -246,7 +249,8 @@ def main(argv=None):
     test_table, test_meta = load_collected(args.test_traces or args.run / "traces" / "test")
     if test_meta["model"] != meta["model"]:
         raise SystemExit(
-            f"{args.test_traces} holds traces of {test_meta['model']['model_id']}, the run {meta['model']['model_id']}: "
+            f"{args.test_traces} holds traces of {test_meta['model']['model_id']}, the run "
+            f"{meta['model']['model_id']}: "
             "plans must be judged on the model they were made for"
         )
     pool = Traces.from_table(select_tasks(train, [args.task]), ALL_FEATURES)
@@ -255,7 +259,8 @@ def main(argv=None):
     test = test.subset((test.task == args.task) & (test.shots == args.shots))
     if len(test) == 0 or (args.calibrate_on == "pool" and len(pool) == 0):
         raise SystemExit(
-            f"no {args.task} traces in {args.run} (pool {len(pool)}, held-out {len(test)} at k={args.shots})"
+            f"no {args.task} traces in {args.run} (pool {len(pool)}, held-out {len(test)} "
+            f"at k={args.shots})"
         )
 
     policies = {POLICIES[k][0]: POLICIES[k][1:] for k in dict.fromkeys(args.only or POLICIES)}
@@ -269,7 +274,7 @@ def main(argv=None):
         for name, (make, target, _) in policies.items()
     }
     rows, body = [], []
-    for (name, (make, target, thresholds)), (mode, folds, agreement) in itertools.product(
+    for (name, (_make, target, thresholds)), (mode, folds, agreement) in itertools.product(
         policies.items(), MODES
     ):
         if agreement is None:
@@ -277,27 +282,19 @@ def main(argv=None):
             mode += f" or loss bounded at {100 * args.confidence:g}%" if args.confidence else ""
         per_bs = {bs: [] for bs in costs}  # (plan, replay) per split
         for policy, (cal, ev) in zip(fits[name], splits):
-            plans = plan_checks_by_batch(
-                policy,
-                cal,
-                costs,
+            planned = PlannedPolicy(
+                policy,  # fitted once per split, shared by the modes and the frontier
+                prefit=True,
+                check_costs=costs,
+                target=target,
                 tolerance=args.tolerance,
                 folds=folds,
                 min_agreement=agreement,
                 confidence=args.confidence,
                 thresholds=thresholds,
-            )
-            for bs, plan in plans.items():
-                per_bs[bs].append(
-                    (
-                        plan,
-                        simulate(
-                            _with_threshold(copy.deepcopy(policy), plan.threshold),
-                            ev,
-                            check_layers=plan.check_layers,
-                        ),
-                    )
-                )
+            ).fit(cal)
+            for bs, plan in planned.plans_.items():
+                per_bs[bs].append((plan, simulate(planned, ev, batch_size=bs)))
         for bs, got in per_bs.items():
             correct = np.concatenate([r.correct for _, r in got])
             agrees = np.concatenate([r.agrees for _, r in got])
@@ -371,7 +368,8 @@ def main(argv=None):
         "held-out": "one half of the held-out queries, evaluated on the other half, both ways",
     }
     head = (
-        f"{meta['model']['model_id']}, {args.task} {args.shots}-shot, {len(test)} held-out queries; plans calibrated on "
+        f"{meta['model']['model_id']}, {args.task} {args.shots}-shot, {len(test)} held-out "
+        "queries; plans calibrated on "
         f"{where[args.calibrate_on]}; tolerance {args.tolerance}"
         + (f", or within it at {100 * args.confidence:g}% confidence" if args.confidence else "")
     )

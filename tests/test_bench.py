@@ -5,6 +5,7 @@ import pytest
 
 from adainfer import AdaptiveEngine
 from adainfer.bench import VARIANTS, bench_cell
+from adainfer.checks import PlannedPolicy
 from adainfer.policies import GapThreshold
 from adainfer.report import bench_table
 from adainfer.tasks import task_queries
@@ -14,8 +15,7 @@ from conftest import char_tokenizer, tiny_model
 def test_bench_cell_reports_every_variant_on_the_same_queries():
     engine = AdaptiveEngine(*tiny_model("llama"))
     _, queries = task_queries(char_tokenizer(), ["capitalize"], shots=1, n_train=0, n_test=6)
-    policy = GapThreshold(0.0)  # stops at the first check: rows leave early
-    policy.check_layers_ = (2,)
+    policy = PlannedPolicy.from_plans(GapThreshold(0.0), {1: (2,)})  # leaves at its 1st check
     row = bench_cell(engine, queries, policy, batch_size=4, repeats=1, device="cpu")
     assert row["n"] == 6 and row["batch_size"] == 4
     for v in VARIANTS:
@@ -62,9 +62,9 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(
     assert table.strip().count("\n") == 5 and targets.count("\n- ") == 4
     (saved,) = (out / "policies").glob("*tiny-llama*-float32-capitalize.safetensors")
     policy = load_policy(saved)
-    assert set(policy.check_plans_) == {1, 2}
+    assert set(policy.plans_) == {1, 2}
     assert [r["check_layers"] for r in result["rows"][:2]] == [
-        list(policy.check_plans_[b]) for b in (1, 2)
+        list(policy.plans_[b].check_layers) for b in (1, 2)
     ]
     for r in result["rows"]:  # the shortlist engine ran as one more variant, with its own plan
         assert (

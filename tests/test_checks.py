@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from adainfer import AdaptiveEngine
-from adainfer.checks import candidate_schedules, measure_check_cost, plan_checks
+from adainfer.checks import PlannedPolicy, candidate_schedules, plan_checks
 from adainfer.offline import Traces, simulate
 from adainfer.policies import GapThreshold, NeverExit
 from adainfer.prefill import plain_last_logits
+from adainfer.timing import measure_check_cost
 from conftest import tiny_model
 from test_engine import PROMPTS, ExitAt
 
@@ -64,8 +65,7 @@ def test_no_schedule_when_accuracy_would_drop():
 
 def test_an_empty_plan_runs_the_plain_model(monkeypatch):
     engine = AdaptiveEngine(*tiny_model("llama"))
-    policy = GapThreshold(0.0)
-    policy.check_layers_ = ()
+    policy = PlannedPolicy.from_plans(GapThreshold(0.0), {1: ()})
     calls = []
     original = engine._plain_run
     monkeypatch.setattr(engine, "_plain_run", lambda *a: calls.append(1) or original(*a))
@@ -98,7 +98,7 @@ def test_bf16_checks_answer_with_the_exact_head():
 def test_measured_check_cost_is_positive():
     engine = AdaptiveEngine(*tiny_model("llama"))
     assert measure_check_cost(engine, PROMPTS, repeats=2) > 0
-    assert NeverExit().check_layers_ == ()
+    assert NeverExit().planned_checks() == ()
 
 
 def test_trained_policies_are_planned_out_of_fold():
@@ -158,7 +158,7 @@ def test_final_labels_mark_the_layers_from_which_the_answer_no_longer_changes():
 
 
 def test_the_plan_tunes_the_stop_threshold_to_keep_the_full_models_answers():
-    from adainfer.checks import THRESHOLDS, apply_plans, plan_checks_by_batch
+    from adainfer.checks import THRESHOLDS, plan_checks_by_batch
     from adainfer.policies import LogisticExit
 
     rng = np.random.default_rng(1)
@@ -166,34 +166,45 @@ def test_the_plan_tunes_the_stop_threshold_to_keep_the_full_models_answers():
     # a noisy gap: some rows look sure a few layers before their answer appears
     traces.features[:, :, 0] += rng.normal(0, 0.25, traces.features[:, :, 0].shape)
     policy = LogisticExit(features=("gap",)).fit(*traces.training_arrays(("gap",), "final"))
-    policy.target_ = "final"
-    loose = plan_checks_by_batch(policy, traces, {1: 0.05}, min_agreement=0.0, tolerance=1.0)[1]
+    final = dict(target="final")
+    loose = plan_checks_by_batch(
+        policy, traces, {1: 0.05}, min_agreement=0.0, tolerance=1.0, **final
+    )[1]
     tuned = plan_checks_by_batch(
-        policy, traces, {1: 0.05}, thresholds=THRESHOLDS, min_agreement=0.99
+        policy, traces, {1: 0.05}, thresholds=THRESHOLDS, min_agreement=0.99, **final
     )[1]
     assert tuned.check_layers and tuned.threshold in THRESHOLDS and tuned.expected_agreement >= 0.99
     assert loose.expected_agreement < 0.99  # without the agreement test it would stop too soon
-    assert apply_plans(policy, {1: tuned}).threshold == tuned.threshold
+    planned = PlannedPolicy(
+        LogisticExit(features=("gap",)),
+        check_costs=0.05,
+        thresholds=THRESHOLDS,
+        min_agreement=0.99,
+        **final,
+    ).fit(traces)
+    assert planned.plans_ == {1: tuned}
+    assert planned.threshold_ == planned.policy_.threshold == tuned.threshold
 
 
 def test_one_policy_carries_a_plan_per_batch_size(tmp_path):
-    from adainfer.checks import apply_plans, plan_checks_by_batch
+    from adainfer.checks import plan_checks_by_batch
     from adainfer.persist import load_policy, save_policy
 
     traces = settling_traces()
     # a check is dear at batch 1 and cheap at batch 8: only the cheap one is worth making
     plans = plan_checks_by_batch(GapThreshold(0.5), traces, {1: 10.0, 8: 0.1})
     assert plans[1].check_layers == () and plans[8].check_layers
-    policy = apply_plans(GapThreshold(0.5), plans)
+    policy = PlannedPolicy(GapThreshold(0.5), check_costs={8: 0.1, 1: 10.0}).fit(traces)
+    assert policy.plans_ == plans and list(policy.plans_) == [1, 8]
     assert policy.planned_checks(1) == () and policy.planned_checks(3) == ()
     assert policy.planned_checks(8) == policy.planned_checks(64) == plans[8].check_layers
     assert policy.planned_checks() == ()  # offline replays: the smallest batch size's plan
     loaded = load_policy(save_policy(policy, tmp_path / "p.safetensors"))
-    assert loaded.check_plans_ == policy.check_plans_
+    assert loaded.plans_ == policy.plans_ and loaded.threshold_ == 0.5
 
     engine = AdaptiveEngine(*tiny_model("llama"))
-    policy = GapThreshold(0.0)  # stops at its first check
-    policy.check_plans_, policy.check_layers_ = {1: (), 2: (2,)}, ()
+    # stops at its first check
+    policy = PlannedPolicy.from_plans(GapThreshold(0.0), {1: (), 2: (2,)})
     assert (engine.run(PROMPTS[:1], policy).exit_layer == 4).all()  # batch 1: plain model
     assert (engine.run(PROMPTS[:2], policy).exit_layer == 2).all()  # batch 2: checks layer 2
 
@@ -309,13 +320,87 @@ def test_one_set_of_replays_plans_both_kinds_of_check():
 
     traces = settling_traces(Q=60, settle=(3, 11))
     policy = LogisticExit(features=("gap",)).fit(*traces.training_arrays(("gap",), "final"))
-    policy.target_ = "final"
-    replays = replay_schedules(policy, traces, thresholds=THRESHOLDS)
+    replays = replay_schedules(policy, traces, thresholds=THRESHOLDS, target="final")
+    costs = {1: 2.0, 8: 0.3}
     for short in (None, {1: 0.01, 8: 0.005}):
         fresh = plan_checks_by_batch(
-            policy, traces, {1: 2.0, 8: 0.3}, shortlist_costs=short, thresholds=THRESHOLDS
+            policy, traces, costs, shortlist_costs=short, thresholds=THRESHOLDS, target="final"
         )
-        reused = plan_checks_by_batch(
-            policy, traces, {1: 2.0, 8: 0.3}, shortlist_costs=short, replays=replays
-        )
+        reused = plan_checks_by_batch(policy, traces, costs, shortlist_costs=short, replays=replays)
         assert reused == fresh
+        planned = PlannedPolicy(
+            policy, prefit=True, check_costs=costs, shortlist_costs=short, target="final"
+        )
+        assert planned.fit(traces, replays=replays).plans_ == fresh
+
+
+# ----------------------------------------------------------------------------- PlannedPolicy
+def test_planned_policy_is_a_scikit_learn_meta_estimator():
+    from sklearn.base import clone
+    from sklearn.exceptions import NotFittedError
+
+    from adainfer.checks import THRESHOLDS
+    from adainfer.policies import LogisticExit
+
+    planner = PlannedPolicy(
+        LogisticExit(features=["gap"]), check_costs={1: 0.1, 8: 0.05}, thresholds=THRESHOLDS
+    )
+    params = planner.get_params()
+    assert params["policy__C"] == 1.0 and params["check_costs"] == {1: 0.1, 8: 0.05}
+    assert params["target"] == "gold" and params["prefit"] is False
+    twin = clone(planner)
+    assert type(twin) is PlannedPolicy and twin.policy is not planner.policy
+    assert repr(twin) == repr(planner)
+    assert twin.set_params(policy__threshold=0.7).policy.threshold == 0.7
+    assert planner.policy.threshold == 0.5
+    with pytest.raises(NotFittedError):
+        planner.planned_checks(1)
+
+
+@pytest.mark.parametrize("prefit", [False, True])
+def test_planning_learns_its_own_attributes_and_leaves_what_it_was_given(prefit):
+    import copy
+    import dataclasses
+
+    from adainfer.checks import THRESHOLDS, plan_checks_by_batch
+    from adainfer.policies import LogisticExit
+
+    traces = dataclasses.replace(settling_traces(Q=60), model={"model_id": "m"})
+    features, costs = ["gap", "top_prob"], {1: 0.5, 8: 0.1}
+    given = LogisticExit(features=features)
+    if prefit:
+        given.fit(*traces.training_arrays(features, "final"))
+    state = copy.deepcopy(given.__dict__)
+    planner = PlannedPolicy(
+        given, check_costs=costs, thresholds=THRESHOLDS, target="final", prefit=prefit
+    )
+    before = planner.get_params()  # deep: the wrapped policy's parameters too
+    planner.fit(traces)
+    after = planner.get_params()
+    assert after == before and all(after[k] is before[k] for k in before)
+    # the estimator passed in is untouched: no fitted state, threshold or plan written on it
+    assert given.__dict__.keys() == state.keys()
+    for k, v in state.items():
+        np.testing.assert_array_equal(given.__dict__[k], v)
+    assert planner.policy_ is not given and planner.policy_.threshold == planner.threshold_
+    assert planner.target_ == "final" and planner.model_ == {"model_id": "m"}
+    # the plans are the planner function's, for the same fitted classifier
+    fitted = given if prefit else LogisticExit(features=features)
+    if not prefit:
+        fitted.fit(*traces.training_arrays(features, "final"))
+    direct = plan_checks_by_batch(fitted, traces, costs, thresholds=THRESHOLDS, target="final")
+    assert planner.plans_ == direct and list(planner.plans_) == [1, 8]
+    assert planner.threshold_ == direct[1].threshold
+
+
+def test_without_check_costs_the_policy_is_fitted_and_checks_every_layer():
+    from adainfer.policies import LogisticExit
+
+    traces = settling_traces()
+    planned = PlannedPolicy(LogisticExit(features=("gap",)), target="final").fit(traces)
+    assert planned.plans_ == {} and planned.planned_checks(8) is None
+    assert planned.target_ == "final" and planned.threshold_ == 0.5 and planned.model_ is None
+    every = simulate(planned.policy_, traces, check_layers=range(1, 12))
+    replay = simulate(planned, traces)
+    assert replay.exit_layer.tolist() == every.exit_layer.tolist()
+    assert replay.num_checks.tolist() == every.num_checks.tolist()

@@ -77,7 +77,7 @@ def test_collect_fit_eval(model_dir, tmp_path, capsys):
     fitted = load_policy(
         policy
     )  # a threshold given by hand is kept; the schedule is planned around it
-    assert fitted.threshold == 0.5 and set(fitted.check_plans_) == {1}
+    assert fitted.threshold_ == 0.5 and set(fitted.plans_) == {1}
     assert (
         main(
             ["eval", *common, "--policy", str(policy), "--policy", "oracle", "--out", str(summary)]
@@ -269,15 +269,16 @@ def test_fit_learns_final_targets_and_a_threshold(model_dir, tmp_path, capsys):
     )
     said = capsys.readouterr().out
     policy = load_policy(out)
-    assert policy.target_ == "final" and set(policy.check_plans_) == {1, 8}
-    assert "stop threshold" in said and np.isfinite(policy.threshold)
+    assert policy.target_ == "final" and set(policy.plans_) == {1, 8}
+    assert "stop threshold" in said and np.isfinite(policy.threshold_)
     from adainfer.pipeline import fit_policy
     from adainfer.policies import LogisticExit
 
     same = fit_policy(
         data, LogisticExit(), check_cost={1: 0.5, 8: 0.1}, target="final"
     )  # the CLI is the library, no more
-    assert same.threshold == policy.threshold and same.check_plans_ == policy.check_plans_
+    assert same.threshold_ == policy.threshold_ and same.plans_ == policy.plans_
+    assert same.model_ == policy.model_ == json.loads((data / "meta.json").read_text())["model"]
 
     # the bench's default policy, with its own features (it needs depth to tell layers apart)
     out = tmp_path / "layer.safetensors"

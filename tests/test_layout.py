@@ -108,3 +108,44 @@ def test_the_checker_sees_circles_and_relative_imports(tmp_path):
         "pkg.c": {"pkg.a"},
     }
     assert cycles(graph) == [["pkg", "pkg.a", "pkg.b", "pkg.c"]]
+
+
+# The floors a newcomer should see, bottom up; a module imports only from its own floor or
+# below (arrows point down). A new module must be placed here, or this test fails.
+FLOORS = [
+    ("ground", {"_version", "files", "timing", "taskdata"}),
+    ("models and data", {"arch", "models", "tasks", "benchmarks"}),
+    ("stepper and lens", {"stepper", "lens"}),
+    ("features and policies", {"features", "policies", "flops", "offline", "checks", "persist"}),
+    ("engine clients", {"prefill", "generation"}),
+    (
+        "evaluate, bench, reproduce",
+        {
+            "collect",
+            "summary",
+            "evaluate",
+            "bench",
+            "reproduce",
+            "report",
+            "pipeline",
+            "demo",
+        },
+    ),
+    ("command line and package", {"cli", "adainfer"}),
+]
+
+
+def test_imports_point_down_the_floors():
+    floor = {
+        f"adainfer.{m}" if m != "adainfer" else m: i for i, (_, ms) in enumerate(FLOORS) for m in ms
+    }
+    graph = import_graph()
+    unplaced = sorted(set(graph) - set(floor))
+    assert not unplaced, f"place these modules on a floor in FLOORS: {unplaced}"
+    upward = [
+        f"{a} ({FLOORS[floor[a]][0]}) imports {b} ({FLOORS[floor[b]][0]})"
+        for a, targets in graph.items()
+        for b in targets
+        if floor[b] > floor[a]
+    ]
+    assert not upward, upward

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from adainfer import AdaptiveEngine
+from adainfer.checks import PlannedPolicy
 from adainfer.collect import collect, load_collected
 from adainfer.features import ALL_FEATURES
 from adainfer.offline import Traces, oracle_bounds, simulate
@@ -51,8 +52,7 @@ def test_replay_matches_live_trained_policy_with_learned_check_layers(traced):
     engine, queries, traces = traced
     X = traces.features[:, :, :2].reshape(-1, 2)
     y = (X[:, 0] > np.median(X[:, 0])).astype(int)  # stand-in labels: a random model is never right
-    policy = LogisticExit().fit(X, y)
-    policy.check_layers_ = (2, 4)
+    policy = PlannedPolicy.from_plans(LogisticExit().fit(X, y), {1: (2, 4)})
     live = _live(engine, queries, policy)
     replay = simulate(policy, traces)
     assert replay.exit_layer.tolist() == live.exit_layer.tolist()
@@ -61,14 +61,14 @@ def test_replay_matches_live_trained_policy_with_learned_check_layers(traced):
 
 def test_replay_uses_the_plan_of_the_batch_size_the_engine_would(traced):
     engine, queries, traces = traced
-    policy = GapThreshold(-1.0)  # stops at the first layer it checks
-    policy.check_layers_, policy.check_plans_ = (3,), {1: (3,), 4: (2,)}
+    # stops at the first layer it checks
+    policy = PlannedPolicy.from_plans(GapThreshold(-1.0), {1: (3,), 4: (2,)})
     live = engine.run([q.prompt for q in queries[:4]], policy, features=ALL_FEATURES)
     assert set(live.exit_layer) == {2}  # a batch of 4 uses the batch-4 plan
     assert simulate(policy, traces, batch_size=4).exit_layer.tolist() == [2] * len(traces)
     assert simulate(policy, traces).exit_layer.tolist() == [3] * len(
         traces
-    )  # no batch size: check_layers_
+    )  # no batch size: the smallest batch size's plan
     narrow = dataclasses.replace(
         traces, features=traces.features[:, :, :2], feature_names=traces.feature_names[:2]
     )

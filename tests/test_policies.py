@@ -1,12 +1,16 @@
 """Exit policies: sklearn contract, equality with sklearn, save/load without pickle, model
 checks."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from adainfer import load_policy, save_policy
-from adainfer.persist import IncompatiblePolicy, model_signature
+from adainfer.checks import PlannedPolicy
+from adainfer.persist import IncompatiblePolicy, model_signature, policy_header
 from adainfer.policies import (
+    POLICIES,
     CRFExit,
     GapThreshold,
     LogisticExit,
@@ -97,13 +101,27 @@ def test_crf_learns_the_layer_sequence():
 def test_gap_threshold_and_reference_policies():
     X = np.array([[0.79], [0.8], [0.95]])
     assert GapThreshold(0.8).predict(X).tolist() == [0, 1, 1]
-    assert NeverExit().trainable is False and NeverExit().check_layers_ == ()
+    assert NeverExit().trainable is False and NeverExit().planned_checks(8) == ()
     with pytest.raises(ValueError, match="gold"):
         from adainfer.policies import Step
 
         OracleExit().decide(
             Step(1, 4, (), np.zeros((1, 0)), np.zeros((1, 1, 0)), np.array([3]), np.array([0]))
         )
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_fit_leaves_every_parameter_as_given(name):
+    """scikit-learn's contract: fit learns attributes ending in _, it never rewrites a parameter
+    (features given as a list stay that very list)."""
+    X, y, groups = layered_data()
+    X = np.column_stack([X, np.tile(np.linspace(0, 1, 8), len(X) // 8)])  # + layer_frac
+    features = ["gap", "top_prob", "layer_frac"]
+    policy = make_policy(name, **({} if name == "gap" else {"features": features}))
+    before = policy.get_params()
+    policy.fit(X[:, : len(policy.features)], y, groups)
+    after = policy.get_params()
+    assert after == before and all(after[k] is before[k] for k in before)
 
 
 def test_single_class_labels_are_a_clear_error():
@@ -126,11 +144,17 @@ def test_policies_survive_save_and_load(tmp_path, name):
     policy.fit(X[:, : len(policy.features)] if policy.features else X, y, groups)
     path = save_policy(policy, tmp_path / f"{name}.safetensors", model=model)
     loaded = load_policy(path, model=model)
-    assert type(loaded) is type(policy) and loaded.get_params() == policy.get_params()
-    assert loaded.model_meta_ == model_signature(model)
+    # the model it was saved for travels with it, on the wrapper that carries it
+    assert isinstance(loaded, PlannedPolicy) and loaded.model_ == model_signature(model)
+    assert loaded.plans_ == {} and loaded.planned_checks(8) is None
+    inner = loaded.policy_
+    assert type(inner) is type(policy) and inner.get_params() == policy.get_params()
+    bare = load_policy(save_policy(policy, tmp_path / "bare.safetensors"))
+    assert type(bare) is type(policy)  # nothing recorded beside the policy: read back as saved
     if name not in ("never",):
         Xf = X[:, : len(policy.features)]
         np.testing.assert_array_equal(loaded.predict(Xf), policy.predict(Xf))
+        np.testing.assert_array_equal(bare.predict(Xf), policy.predict(Xf))
     # the file is safetensors: JSON header + raw arrays, nothing executable
     assert path.read_bytes()[8:9] == b"{"
 
@@ -142,9 +166,9 @@ def test_loaded_policy_refuses_another_model(tmp_path):
     other, _ = tiny_model("llama", layers=6)
     with pytest.raises(IncompatiblePolicy, match="num_layers"):
         load_policy(path, model=other)
-    assert load_policy(path).model_meta_["num_layers"] == 4  # loads fine without a model to check
+    assert load_policy(path).model_["num_layers"] == 4  # loads fine without a model to check
     assert (
-        load_policy(path, model=other, allow_other_model=True).model_meta_["num_layers"] == 4
+        load_policy(path, model=other, allow_other_model=True).model_["num_layers"] == 4
     )  # as the error says
     from adainfer.persist import check_compatible
 
@@ -181,9 +205,96 @@ def test_a_file_of_an_unknown_policy_kind_says_so(tmp_path):
 
 def test_learned_check_schedule_survives_save_and_load(tmp_path):
     X, y, _ = layered_data()
-    policy = SVMExit().fit(X, y)
-    policy.check_layers_ = (3, 5)
+    policy = PlannedPolicy.from_plans(SVMExit().fit(X, y), {1: (3, 5)})
     loaded = load_policy(save_policy(policy, tmp_path / "p.safetensors"))
-    assert loaded.check_layers_ == (3, 5)
-    policy.check_layers_ = ()  # "never check": the plain model
-    assert load_policy(save_policy(policy, tmp_path / "q.safetensors")).check_layers_ == ()
+    assert loaded.planned_checks() == loaded.planned_checks(32) == (3, 5)
+    policy = PlannedPolicy.from_plans(SVMExit().fit(X, y), {1: ()})  # "never check": plain model
+    assert load_policy(save_policy(policy, tmp_path / "q.safetensors")).planned_checks() == ()
+
+
+COMMITTED = Path(__file__).parents[1] / "results" / "bench" / "policies"
+
+
+def test_committed_format_1_policy_files_load_as_they_ran():
+    """results/bench/policies was written before PlannedPolicy (format 1: plans as lists of
+    layers beside the policy's parameters); each reads back with the plans, threshold and
+    features its header holds, and its schedule per batch size is the one it ran with."""
+    from adainfer.persist import FORMAT_1
+    from adainfer.policies import planned_checks
+
+    paths = sorted(COMMITTED.glob("*.safetensors"))
+    assert len(paths) == 24
+    for path in paths:
+        header = policy_header(path)
+        assert header["format"] == FORMAT_1
+        policy = load_policy(path)
+        assert isinstance(policy, PlannedPolicy)
+        layers = {str(b): list(p.check_layers) for b, p in policy.plans_.items()}
+        assert layers == header["check_plans"]
+        assert list(planned_checks(policy)) == header["check_layers"]  # what replays used
+        for b in (1, 7, 8, 9, 31, 32, 64):  # the plan of the largest planned size not above b
+            size = max(int(s) for s in header["check_plans"] if int(s) <= b)
+            assert list(planned_checks(policy, b)) == header["check_plans"][str(size)]
+        params = {k: tuple(v) if isinstance(v, list) else v for k, v in header["params"].items()}
+        assert policy.policy_.get_params() == params
+        assert policy.threshold_ == policy.policy_.threshold == header["params"]["threshold"]
+        assert list(policy.features) == header["features"]
+        assert policy.target_ == header["target"] and policy.model_ == header["model"]
+    model, _ = tiny_model("llama")
+    with pytest.raises(IncompatiblePolicy, match="model_id"):
+        load_policy(paths[0], model=model)
+    assert load_policy(paths[0], model=model, allow_other_model=True).plans_
+
+
+def test_a_format_1_file_written_by_hand_reads_back_as_it_ran(tmp_path):
+    import json
+
+    from safetensors.numpy import save_file
+
+    from adainfer.persist import FORMAT, FORMAT_1
+
+    X, y, _ = layered_data()
+    fitted = LogisticExit(threshold=0.9).fit(X, y)
+    model, _ = tiny_model("llama", layers=4)
+    header = {  # what save_policy wrote before PlannedPolicy
+        "format": FORMAT_1,
+        "policy": "logistic",
+        "params": {"features": ["gap", "top_prob"], "C": 1.0, "threshold": 0.9},
+        "features": ["gap", "top_prob"],
+        "check_layers": [3],
+        "check_plans": {"1": [3], "8": [1, 2, 3]},
+        "target": "final",
+        "adainfer_version": "0.1.0",
+        "model": model_signature(model),
+    }
+
+    def write(name, **changes):
+        path = tmp_path / name
+        meta = json.dumps({**header, **changes})
+        save_file(fitted._arrays(), str(path), metadata={"adainfer": meta})
+        return path
+
+    policy = load_policy(write("old.safetensors"), model=model)
+    assert isinstance(policy, PlannedPolicy) and policy.model_ == model_signature(model)
+    assert policy.target_ == "final" and policy.threshold_ == 0.9
+    assert policy.planned_checks() == policy.planned_checks(7) == (3,)
+    assert policy.planned_checks(8) == policy.planned_checks(100) == (1, 2, 3)
+    np.testing.assert_array_equal(policy.predict_proba(X), fitted.predict_proba(X))
+    np.testing.assert_array_equal(policy.predict(X), fitted.predict(X))
+    other, _ = tiny_model("llama", layers=6)
+    with pytest.raises(IncompatiblePolicy, match="num_layers"):
+        load_policy(tmp_path / "old.safetensors", model=other)
+    # saved again, it is written in today's format with the same schedules
+    again = save_policy(policy, tmp_path / "new.safetensors")
+    assert policy_header(again)["format"] == FORMAT
+    assert {b: p.check_layers for b, p in load_policy(again).plans_.items()} == {
+        1: (3,),
+        8: (1, 2, 3),
+    }
+    # one schedule without plans per batch size served every batch size
+    one = load_policy(write("one.safetensors", check_plans=None, check_layers=[2]))
+    assert one.planned_checks() == one.planned_checks(1) == one.planned_checks(32) == (2,)
+    # nothing recorded beside the policy: the bare policy, as it was saved
+    nothing = dict(check_plans=None, check_layers=None, target=None, model=None)
+    bare = load_policy(write("bare.safetensors", **nothing))
+    assert type(bare) is LogisticExit and bare.get_params()["threshold"] == 0.9

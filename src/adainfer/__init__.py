@@ -1,6 +1,20 @@
-"""adainfer: instance-aware early exit for Hugging Face decoder-only LLMs (AdaInfer)."""
+"""adainfer: instance-aware early exit for Hugging Face decoder-only LLMs (AdaInfer).
+
+The modules stand on floors; each imports only from its own floor or below:
+- ground: _version, files (atomic result files), timing (timers, check cost, memory), taskdata;
+- models and data: models (loading), arch (where a model's parts live), tasks, benchmarks;
+- stepper and lens: stepper (the model's own forward, layer by layer, rows leaving early),
+  lens (the one logit lens);
+- features and policies: features, policies (exit policies, Step), flops, offline (replay on
+  traces), checks (PlannedPolicy: where to check), persist (policy files);
+- engine clients: prefill (AdaptiveEngine), generation (token by token, lossless drafting);
+- evaluate, bench, reproduce: collect, summary, evaluate, bench, reproduce, report,
+  pipeline, demo;
+- the command line: cli.
+"""
 
 from ._version import __version__
+from .checks import PlannedPolicy
 from .persist import load_policy, save_policy
 from .policies import POLICIES, Step, make_policy
 from .prefill import AdaptiveEngine, ExitResult
@@ -27,6 +41,7 @@ __all__ = [
     "ExitResult",
     "Step",
     "POLICIES",
+    "PlannedPolicy",
     "make_policy",
     "generate",
     "load",

@@ -25,7 +25,6 @@ overwritten.
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import re
@@ -39,9 +38,7 @@ from .checks import (
     CONFIDENCE,
     MIN_AGREEMENT,
     THRESHOLDS,
-    apply_plans,
-    measure_check_cost,
-    plan_checks_by_batch,
+    PlannedPolicy,
     replay_schedules,
 )
 from .collect import collect, load_collected
@@ -50,7 +47,6 @@ from .files import write_json, write_text_atomic
 from .flops import result_ratios
 from .offline import Traces
 from .persist import load_policy, save_policy
-from .pipeline import fit_policy
 from .policies import LayerLogisticExit, NeverExit, OracleExit
 from .prefill import AdaptiveEngine, ExitResult
 from .summary import summarise
@@ -58,6 +54,7 @@ from .tasks import task_queries
 from .timing import (
     interleaved,
     machine,
+    measure_check_cost,
     peak_memory,
     plain_forward,
     release_large_blocks,
@@ -291,19 +288,20 @@ def run_bench(
                         else None
                     )
                 # calibrated on this task's queries, as a user calibrates on the task they serve
-                policy, traces, tune = _calibrated(cal_dir, task, policy_path, lm)
+                policy, target, traces, tune = _calibrated(cal_dir, task, policy_path, lm)
                 # shared by both kinds of check; a given policy never saw these traces, so it is
                 # replayed as it is (folds=1), not refitted fold by fold
                 replays = replay_schedules(
-                    policy, traces, thresholds=tune, folds=1 if policy_path else 5
+                    policy, traces, thresholds=tune, folds=1 if policy_path else 5, target=target
                 )
+                planning = dict(check_costs=cost, target=target, prefit=True, **plan_test)
                 if (
                     shortlist
                 ):  # the same fitted classifier, planned for the shortlist engine's costs
-                    short_plans = plan_checks_by_batch(
-                        policy, traces, cost, shortlist_costs=short, replays=replays, **plan_test
+                    short_policy = PlannedPolicy(policy, shortlist_costs=short, **planning).fit(
+                        traces, replays=replays
                     )
-                    short_policy = apply_plans(copy.deepcopy(policy), short_plans)
+                    short_plans = short_policy.plans_
                     save_policy(
                         short_policy,
                         out
@@ -312,11 +310,10 @@ def run_bench(
                         model=lm,
                         shortlist=shortlist,
                     )
-                plans = plan_checks_by_batch(policy, traces, cost, replays=replays, **plan_test)
+                planned = PlannedPolicy(policy, **planning).fit(traces, replays=replays)
+                plans = planned.plans_
                 save_policy(
-                    apply_plans(policy, plans),
-                    out / "policies" / f"{name}-{dtype}-{task}.safetensors",
-                    model=lm,
+                    planned, out / "policies" / f"{name}-{dtype}-{task}.safetensors", model=lm
                 )
                 for bs in tqdm(
                     batch_sizes, desc=f"{model_name} {dtype} {task}", disable=not progress
@@ -336,7 +333,7 @@ def run_bench(
                     row = bench_cell(
                         engine,
                         queries,
-                        policy,
+                        planned,
                         batch_size=bs,
                         repeats=repeats,
                         device=device,
@@ -425,13 +422,19 @@ def _calibration_and_timed(tokenizer, tasks, shots, n_train, n_queries, seed, da
 
 
 def _calibrated(cal_dir, task, policy_path, model):
-    """(policy, `task`'s calibration traces, stop thresholds to try): the default policy fitted
-    on those traces, or the given one, which keeps its own threshold."""
-    table, _ = load_collected(cal_dir, [task])
-    traces = Traces.from_table(table, ALL_FEATURES)
+    """(fitted policy, the labels it learned, `task`'s calibration traces, stop thresholds to
+    try): the default policy fitted on those traces, or the given one, which keeps its own
+    threshold (a planned one is planned anew here: its classifier is kept, its plans are not)."""
+    table, meta = load_collected(cal_dir, [task])
+    traces = Traces.from_table(table, ALL_FEATURES, model=meta["model"])
     if policy_path:
-        return load_policy(policy_path, model=model), traces, None
-    return fit_policy(cal_dir, default_policy(), [task], target=DEFAULT_TARGET), traces, THRESHOLDS
+        given = load_policy(policy_path, model=model)
+        if isinstance(given, PlannedPolicy):
+            return given.policy_, given.target_ or "gold", traces, None
+        return given, "gold", traces, None
+    policy = default_policy()
+    policy.fit(*traces.training_arrays(policy.features, DEFAULT_TARGET))
+    return policy, DEFAULT_TARGET, traces, THRESHOLDS
 
 
 def _key(row) -> tuple:

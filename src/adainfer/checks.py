@@ -15,21 +15,24 @@ through that lost 12 points. A trained classifier is also scored out of fold (cr
 so the plan is judged on queries the classifier did not see.
 If no schedule beats the plain model by `margin`, the plan is empty and the engine runs the
 plain forward: adainfer is never slower than the model it wraps because of checks it makes.
+`PlannedPolicy` is the scikit-learn meta-estimator that fits a policy on traces and keeps its
+plans (one per batch size) and stop threshold as its own fitted attributes.
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
-import torch
 from sklearn.base import clone
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.validation import check_is_fitted
 
-from .offline import Replay, Traces, simulate
+from .offline import TARGETS, Replay, Traces, simulate
+from .policies import ExitPolicy, schedule_for
 
 THRESHOLDS = (
     0.5,
@@ -83,13 +86,14 @@ def _with_threshold(policy, threshold):
     return policy
 
 
-def _replays(policy, traces: Traces, schedules, thresholds, folds: int, seed: int):
+def _replays(policy, traces: Traces, schedules, thresholds, folds: int, seed: int, target: str):
     """{threshold: [Replay per schedule]}, each query replayed by a policy that never saw it
-    when `folds` > 1 (cross-fitting), else by `policy` as fitted.
+    when `folds` > 1 (cross-fitting: clones fitted on the other folds' `target` labels), else
+    by `policy` as fitted.
 
     Scoring a schedule on the queries the classifier was fitted on flatters it: on Qwen2.5 a
     plan chosen in-sample on 40 SST-2 queries lost one of 16 held-out queries (6 points)."""
-    n, target = len(traces), getattr(policy, "target_", "gold")
+    n = len(traces)
 
     def in_sample():
         return {
@@ -171,10 +175,14 @@ def replay_schedules(
     thresholds: Sequence[float] | None = None,
     folds: int = 5,
     seed: int = 0,
+    target: str = "gold",
 ) -> ScheduleReplays:
+    """`policy` (fitted) replayed on `traces` under every candidate schedule and stop threshold;
+    `target`: the labels it was fitted on, for the clones fitted fold by fold."""
     schedules = list(candidate_schedules(traces.num_layers, strides))
     thresholds = tuple(thresholds) if thresholds and "threshold" in policy.get_params() else (None,)
-    return ScheduleReplays(schedules, *_replays(policy, traces, schedules, thresholds, folds, seed))
+    replays = _replays(policy, traces, schedules, thresholds, folds, seed, target)
+    return ScheduleReplays(schedules, *replays)
 
 
 def plan_checks_by_batch(
@@ -192,12 +200,13 @@ def plan_checks_by_batch(
     thresholds: Sequence[float] | None = None,
     replays: ScheduleReplays | None = None,
     confidence: float | None = None,
+    target: str = "gold",
 ) -> dict[int, CheckPlan]:
     """Check plans for several check costs at once (one per batch size: a check costs less,
     relative to a layer, on a larger batch); the replays are shared.
 
-    - A trainable policy is judged out of fold (`folds`-fold cross-fitting), so a plan holds on
-      queries the classifier did not see; the policy itself stays as fitted.
+    - A trainable policy is judged out of fold (`folds`-fold cross-fitting on `target` labels),
+      so a plan holds on queries the classifier did not see; the policy itself stays as fitted.
     - `min_agreement` (default `MIN_AGREEMENT`; 0: judge by accuracy alone) is the share of
       queries whose answer must be the full model's.
     - `thresholds`: stop thresholds to try for a policy with a `threshold` parameter (the
@@ -208,7 +217,9 @@ def plan_checks_by_batch(
       `min_agreement` still passes if the lower confidence bound of its paired accuracy
       difference to the full model (normal approximation) is above `-tolerance`.
     - `replays`: `replay_schedules(policy, traces, ...)` made once, to plan for both kinds of
-      check without replaying twice (`strides`, `folds`, `seed`, `thresholds` are then its)."""
+      check without replaying twice (`strides`, `folds`, `seed`, `thresholds`, `target` are
+      then its).
+    The plans are returned; `PlannedPolicy` is the estimator that fits a policy and keeps them."""
     L = traces.num_layers
     full_correct = traces.top1[:, -1] == traces.gold
     full = float(full_correct.mean())
@@ -221,7 +232,13 @@ def plan_checks_by_batch(
     z = NormalDist().inv_cdf(confidence) if confidence > 0 else None
     if replays is None:
         replays = replay_schedules(
-            policy, traces, strides=strides, thresholds=thresholds, folds=folds, seed=seed
+            policy,
+            traces,
+            strides=strides,
+            thresholds=thresholds,
+            folds=folds,
+            seed=seed,
+            target=target,
         )
     schedules, held_out, thresholds = (
         replays.schedules,
@@ -271,51 +288,168 @@ def _bounded_loss(correct, full_correct, z: float | None, tolerance: float) -> b
     return diff.mean() - z * diff.std(ddof=1) / np.sqrt(len(diff)) >= -tolerance
 
 
-def apply_plans(policy, plans: Mapping[int, CheckPlan]):
-    """Give `policy` its schedules: one per batch size (`check_plans_`), and the smallest
-    batch size's as its default (`check_layers_`, what offline replays use); and the stop
-    threshold they were planned for."""
-    thresholds = {p.threshold for p in plans.values()} - {None}
-    if thresholds:
-        policy.set_params(threshold=thresholds.pop())
-    policy.check_plans_ = {int(b): p.check_layers for b, p in sorted(plans.items())}
-    policy.check_layers_ = policy.check_plans_[min(policy.check_plans_)]
-    return policy
-
-
-@torch.inference_mode()
-def measure_check_cost(engine, prompts, repeats: int = 5, shortlist: int | None = None) -> float:
-    """Seconds of one check on len(prompts) rows over seconds of one decoder layer, measured;
-    with `shortlist`, of a check on that many candidate tokens per row."""
-    from .prefill import plain_forward, synchronize
-
-    enc = engine.encode(prompts)
-    hidden = torch.randn(
-        len(prompts),
-        engine.model.config.hidden_size,
-        dtype=engine.model.dtype,
-        device=enc["input_ids"].device,
-    )
-    vocab = engine.parts.head.weight.shape[0]
-    ids = (
-        None
-        if shortlist is None
-        else torch.randint(vocab, (len(prompts), shortlist), device=hidden.device)
+def known_plan(check_layers: Sequence[int], threshold: float | None = None) -> CheckPlan:
+    """A plan known by its layers only (a format-1 policy file, or a schedule chosen by hand):
+    its expected cost and accuracy were not recorded (NaN)."""
+    nan = float("nan")
+    return CheckPlan(
+        tuple(int(l) for l in check_layers), nan, nan, nan, nan, 0, False, nan, threshold
     )
 
-    def check():
-        logits = engine.check_logits(hidden) if ids is None else engine.lens(hidden, ids=ids)
-        return logits.float().softmax(-1).topk(2, dim=-1)
 
-    plain, cost = [], []
-    plain_forward(engine.model, enc)  # warm-up
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        plain_forward(engine.model, enc)
-        plain.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for _ in range(4):
-            check()
-        synchronize()
-        cost.append((time.perf_counter() - t0) / 4)
-    return float(np.median(cost) / (np.median(plain) / engine.num_layers))
+class PlannedPolicy(ExitPolicy):
+    """An exit policy with its check schedule (one per batch size) and stop threshold planned on
+    calibration traces: a meta-estimator shaped like scikit-learn's `TunedThresholdClassifierCV`.
+
+    `fit(traces)` fits a clone of `policy` on the traces' rows (one per query and layer, labelled
+    per `target`), then, with `check_costs`, plans with `plan_checks_by_batch`. The engine and
+    the offline replay use it as the policy it wraps: `decide`, `predict`, `decision_function`,
+    `cost_flops` and `features` are `policy_`'s, the check schedule for a batch comes from
+    `plans_` (`planned_checks`).
+
+    Parameters
+    ----------
+    policy : the exit policy to fit and plan (left as given; `policy_` is a fitted copy).
+    check_costs : one exit check in decoder layers (`measure_check_cost`), one number or
+        {batch size: cost}. None: no plan, check every layer as the paper does (the policy is
+        still fitted and records its target and model).
+    shortlist_costs : {batch size: cost of a shortlist check}: plan for an engine with
+        `shortlist` checks (`check_cost_layers`).
+    target : "gold" | "final": what the classifier learns per layer (`offline.Traces.labels`).
+    thresholds : stop thresholds to try, for a policy with a `threshold` parameter (one is chosen
+        for every batch size); None keeps the policy's own.
+    min_agreement, confidence, tolerance, margin : the test a plan must pass, and the saving it
+        must make over the plain model (`plan_checks_by_batch`).
+    strides, folds, seed : the candidate schedules and the cross-fitting of the replays.
+    prefit : `policy` is already fitted: use a copy of it as it is (a saved policy planned for
+        new costs); with `folds` > 1 clones of it are still fitted fold by fold to judge plans.
+
+    Fitted attributes
+    -----------------
+    policy_ : the fitted policy, with the chosen stop threshold set.
+    plans_ : {batch size: CheckPlan}, ascending; {} without `check_costs`.
+    threshold_ : the stop threshold `policy_` runs with (None: it has none).
+    target_ : the labels `policy_` was fitted on (None: it learns nothing).
+    model_ : signature of the model the traces came from (`Traces.model`), or None.
+    """
+
+    def __init__(
+        self,
+        policy,
+        *,
+        check_costs: float | Mapping[int, float] | None = None,
+        shortlist_costs: Mapping[int, float] | None = None,
+        target: str = "gold",
+        thresholds: Sequence[float] | None = None,
+        min_agreement: float | None = None,
+        confidence: float | None = None,
+        tolerance: float = 0.01,
+        margin: float = 0.02,
+        strides: Sequence[int] = (1, 2, 3, 4, 6),
+        folds: int = 5,
+        seed: int = 0,
+        prefit: bool = False,
+    ):
+        self.policy = policy
+        self.check_costs = check_costs
+        self.shortlist_costs = shortlist_costs
+        self.target = target
+        self.thresholds = thresholds
+        self.min_agreement = min_agreement
+        self.confidence = confidence
+        self.tolerance = tolerance
+        self.margin = margin
+        self.strides = strides
+        self.folds = folds
+        self.seed = seed
+        self.prefit = prefit
+
+    def fit(self, traces: Traces, replays: ScheduleReplays | None = None):
+        """Fit on calibration `traces` (`offline.Traces`). `replays`: `replay_schedules(...)` of
+        the fitted policy on these traces, made once to plan for exact and shortlist checks
+        without replaying twice (its `strides`, `folds`, `seed`, `thresholds`, `target` then
+        apply)."""
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r}; choose from {', '.join(TARGETS)}")
+        policy = self._fitted_policy(traces)
+        plans = {}
+        if self.check_costs is not None:
+            plans = plan_checks_by_batch(
+                policy,
+                traces,
+                self._check_costs(),
+                tolerance=self.tolerance,
+                margin=self.margin,
+                strides=self.strides,
+                folds=self.folds,
+                seed=self.seed,
+                shortlist_costs=self.shortlist_costs,
+                min_agreement=self.min_agreement,
+                thresholds=self.thresholds,
+                replays=replays,
+                confidence=self.confidence,
+                target=self.target,
+            )
+        chosen = {p.threshold for p in plans.values()} - {None}
+        if chosen:  # one for every batch size, set on the copy as GridSearchCV's best_estimator_
+            policy.set_params(threshold=chosen.pop())
+        self.policy_ = policy
+        self.plans_ = {int(b): p for b, p in sorted(plans.items())}
+        self.threshold_ = policy.get_params().get("threshold")
+        self.target_ = self.target if policy.trainable else None
+        self.model_ = traces.model
+        return self
+
+    def _fitted_policy(self, traces: Traces):
+        if self.prefit:
+            return copy.deepcopy(self.policy)
+        policy = clone(self.policy)
+        if policy.trainable:
+            policy.fit(*traces.training_arrays(policy.features, self.target))
+        return policy
+
+    def _check_costs(self) -> dict[int, float]:
+        if isinstance(self.check_costs, Mapping):
+            return dict(self.check_costs)
+        return {1: float(self.check_costs)}
+
+    @classmethod
+    def from_plans(cls, policy, plans: Mapping, *, target=None, model=None) -> PlannedPolicy:
+        """A fitted PlannedPolicy from known plans ({batch size: CheckPlan, or check layers}) for
+        `policy` as fitted: a policy file read back, or a schedule chosen by hand."""
+        planned = cls(policy, target=target or "gold", prefit=True)
+        planned.policy_ = policy
+        planned.plans_ = {
+            int(b): p if isinstance(p, CheckPlan) else known_plan(p)
+            for b, p in sorted(plans.items())
+        }
+        planned.threshold_ = policy.get_params().get("threshold")
+        planned.target_, planned.model_ = target, model
+        return planned
+
+    # ---------------------------------------------------------------- what the engine asks
+    def planned_checks(self, batch_size: int | None = None) -> tuple[int, ...] | None:
+        """The plan of the largest planned batch size not above `batch_size` (else the
+        smallest); without a batch size, the smallest size's. None when nothing was planned."""
+        check_is_fitted(self, "plans_")
+        return schedule_for({b: p.check_layers for b, p in self.plans_.items()}, batch_size)
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return getattr(self, "policy_", self.policy).features
+
+    def decide(self, step) -> np.ndarray:
+        return self.policy_.decide(step)
+
+    def predict(self, X) -> np.ndarray:
+        return self.policy_.predict(X)
+
+    def decision_function(self, X) -> np.ndarray:
+        return self.policy_.decision_function(X)
+
+    @available_if(lambda self: hasattr(self.policy, "predict_proba"))
+    def predict_proba(self, X) -> np.ndarray:
+        return self.policy_.predict_proba(X)
+
+    def cost_flops(self) -> float:
+        return self.policy_.cost_flops()

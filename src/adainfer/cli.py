@@ -601,10 +601,13 @@ def cmd_collect(args):
 
 
 def cmd_fit(args):
+    from .checks import PlannedPolicy
     from .persist import save_policy
     from .pipeline import fit_policy, resolve_policy
 
     policy = resolve_policy(args.policy, args.features)
+    if isinstance(policy, PlannedPolicy):  # a saved file: its classifier is fitted and planned anew
+        policy = policy.policy_
     policy.set_params(**dict(args.param))
     tasks = args.tasks.split(",") if args.tasks else None
     tune = not any(k == "threshold" for k, _ in args.param)  # a threshold given by hand is kept
@@ -619,14 +622,13 @@ def cmd_fit(args):
         confidence=args.confidence,
     )
     where = "".join(
-        f", batch {b}+: checks at layers {list(l) or 'none (plain model)'}"
-        for b, l in getattr(policy, "check_plans_", {}).items()
+        f", batch {b}+: checks at layers {list(p.check_layers) or 'none (plain model)'}"
+        for b, p in policy.plans_.items()
     )
-    if args.check_cost is not None and "threshold" in policy.get_params():
-        where += f", stop threshold {policy.threshold}"
-    print(
-        f"saved {args.policy} policy ({', '.join(policy.features)}{where}) to {save_policy(policy, args.out)}"
-    )
+    if args.check_cost is not None and policy.threshold_ is not None:
+        where += f", stop threshold {policy.threshold_}"
+    path = save_policy(policy, args.out)
+    print(f"saved {args.policy} policy ({', '.join(policy.features)}{where}) to {path}")
 
 
 def cmd_eval(args):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .checks import measure_check_cost
 from .collect import collect
 from .evaluate import evaluate, layer_accuracy
 from .files import write_json, write_text_atomic
@@ -21,6 +20,7 @@ from .policies import OracleExit, SVMExit, standard_policies
 from .prefill import AdaptiveEngine
 from .report import eval_table, plot_accuracy_vs_layers
 from .tasks import task_queries
+from .timing import measure_check_cost
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def run_demo(
         n_test_per_task=n_test,
         seed=seed,
         check_cost_layers=check_cost,
-        planned_check_layers=list(planned.check_layers_),
+        planned_check_layers=list(planned.planned_checks()),
         layer_accuracy=layer_acc.tolist(),
         table=eval_table(summary),
     )

@@ -34,6 +34,7 @@ class Traces:
     choice_top1: np.ndarray  # [Q, L], -1 without choices
     gold: np.ndarray  # [Q]
     seq_len: np.ndarray  # [Q]
+    model: dict | None = None  # signature of the model traced (`persist.model_signature`)
 
     @property
     def num_layers(self) -> int:
@@ -48,7 +49,9 @@ class Traces:
         return np.array([int(q.split("/")[1].removesuffix("shot")) for q in self.query_id])
 
     @classmethod
-    def from_table(cls, table: pa.Table, feature_names: Sequence[str]) -> Traces:
+    def from_table(
+        cls, table: pa.Table, feature_names: Sequence[str], model: dict | None = None
+    ) -> Traces:
         table = table.sort_by([("query_id", "ascending"), ("layer", "ascending")])
         L = int(table.column("num_layers")[0].as_py())
         Q = table.num_rows // L
@@ -62,8 +65,9 @@ class Traces:
         bad = np.flatnonzero((ids != ids[:, :1]).any(1) | (layers != np.arange(1, L + 1)).any(1))
         if len(bad):  # a query collected twice, or one missing layers, would interleave rows
             raise ValueError(
-                f"collected table is not one row per query and layer 1..{L}: query {ids[bad[0], 0]!r} "
-                "is repeated or lacks layers (two folders merged, or two tasks with one name?)"
+                f"collected table is not one row per query and layer 1..{L}: query "
+                f"{ids[bad[0], 0]!r} is repeated or lacks layers (two folders merged, or two "
+                "tasks with one name?)"
             )
         return cls(
             query_id=ids[:, 0],
@@ -76,6 +80,7 @@ class Traces:
             else np.full((Q, L), -1),
             gold=col("gold")[:, 0],
             seq_len=col("seq_len")[:, 0],
+            model=model,
         )
 
     def subset(self, mask) -> Traces:
@@ -85,6 +90,7 @@ class Traces:
                 for k in ("query_id", "task", "features", "top1", "choice_top1", "gold", "seq_len")
             },
             feature_names=self.feature_names,
+            model=self.model,
         )
 
     def labels(self, target: str = "gold") -> np.ndarray:
@@ -140,7 +146,8 @@ def simulate(
     missing = [f for f in policy.features if f not in traces.feature_names]
     if missing:
         raise ValueError(
-            f"the policy needs features {missing} that the traces lack (they hold {list(traces.feature_names)})"
+            f"the policy needs features {missing} that the traces lack "
+            f"(they hold {list(traces.feature_names)})"
         )
     cols = [traces.feature_names.index(f) for f in policy.features]
     exit_layer, num_checks = np.full(Q, L), np.zeros(Q, dtype=int)

@@ -6,6 +6,7 @@ model the policy was trained for, so using it with another model is a clear erro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,10 +15,13 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ._version import __version__
+from .checks import CheckPlan, PlannedPolicy, known_plan
 from .files import write_atomic
 from .policies import POLICIES, ExitPolicy
 
-FORMAT = "adainfer-policy/1"
+# 2: a PlannedPolicy's plans, threshold and target apart from the policy it wraps
+FORMAT = "adainfer-policy/2"
+FORMAT_1 = "adainfer-policy/1"  # plans as lists of layers at the top of the header; still read
 
 
 def model_signature(model) -> dict:
@@ -38,35 +42,66 @@ def model_signature(model) -> dict:
 
 
 def save_policy(policy: ExitPolicy, path, model=None, **extra) -> Path:
-    name = next((k for k, cls in POLICIES.items() if type(policy) is cls), None)
+    """One file: the policy's arrays, and a JSON header with its kind, parameters and features;
+    for a `PlannedPolicy`, its plans, stop threshold, training target and model. `model` (a
+    loaded model) records that model instead of the one the policy was fitted on."""
+    planned = isinstance(policy, PlannedPolicy)
+    inner = policy.policy_ if planned else policy
+    name = next((k for k, cls in POLICIES.items() if type(inner) is cls), None)
     if name is None:
-        raise TypeError(f"cannot save {type(policy).__name__}: not one of {', '.join(POLICIES)}")
-    params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in policy.get_params().items()}
+        raise TypeError(f"cannot save {type(inner).__name__}: not one of {', '.join(POLICIES)}")
+    params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in inner.get_params().items()}
     meta = {
         "format": FORMAT,
         "policy": name,
         "params": params,
-        "features": list(policy.features),
-        "check_layers": getattr(policy, "check_layers_", None),
-        "check_plans": {str(b): list(l) for b, l in getattr(policy, "check_plans_", {}).items()}
-        or None,
-        "target": getattr(policy, "target_", None),
+        "features": list(inner.features),
+        "planned": planned,
+        "plans": {str(b): _plan_header(p) for b, p in policy.plans_.items()} if planned else None,
+        "threshold": policy.threshold_ if planned else None,
+        "target": policy.target_ if planned else None,
         "adainfer_version": __version__,
-        "model": model_signature(model)
-        if model is not None
-        else getattr(policy, "model_meta_", None),
+        "model": model_signature(model) if model is not None else getattr(policy, "model_", None),
         **extra,
     }
-    arrays = {k: np.ascontiguousarray(v) for k, v in policy._arrays().items()}
+    arrays = {k: np.ascontiguousarray(v) for k, v in inner._arrays().items()}
     if not arrays:  # safetensors wants at least one tensor
         arrays = {"_empty": np.zeros(0, dtype=np.float32)}
     write_atomic(path, lambda tmp: save_file(arrays, tmp, metadata={"adainfer": json.dumps(meta)}))
     return Path(path)
 
 
+def _plan_header(plan: CheckPlan) -> dict:
+    return {**dataclasses.asdict(plan), "check_layers": [int(l) for l in plan.check_layers]}
+
+
+def policy_header(path) -> dict:
+    """The JSON header of a saved policy (kind, parameters, plans, model, and what the writer
+    added, such as the bench's `shortlist`)."""
+    return _read(Path(path))[0]
+
+
 def load_policy(path, model=None, allow_other_model: bool = False) -> ExitPolicy:
-    """A saved policy; with `model`, one trained for another model is refused unless allowed."""
+    """A saved policy; with `model`, one trained for another model is refused unless allowed.
+
+    A file that records plans, a training target or a model reads back as a `PlannedPolicy`
+    (which carries them), any other as the bare policy. Files of format 1 (plans as
+    `check_plans` / `check_layers` lists) read as they ran: their plans keep only the layers."""
     path = Path(path)
+    meta, arrays = _read(path)
+    inner = _inner_policy(meta, arrays, path)
+    plans = _plans(meta)
+    policy = inner
+    if plans or meta.get("planned") or meta.get("target") or meta.get("model"):
+        policy = PlannedPolicy.from_plans(
+            inner, plans, target=meta.get("target"), model=meta.get("model")
+        )
+    if model is not None:
+        check_compatible(policy, model, allow_other_model)
+    return policy
+
+
+def _read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     if not path.is_file():
         raise FileNotFoundError(f"no policy file at {path}")
     try:
@@ -75,28 +110,40 @@ def load_policy(path, model=None, allow_other_model: bool = False) -> ExitPolicy
             arrays = {k: f.get_tensor(k) for k in f.keys() if k != "_empty"}
     except Exception as e:
         raise ValueError(f"{path} is not an adainfer policy file ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, FORMAT_1):
         raise ValueError(f"{path} is not an adainfer policy file (format {FORMAT} expected)")
+    return meta, arrays
+
+
+def _inner_policy(meta: dict, arrays: dict, path: Path) -> ExitPolicy:
     params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["params"].items()}
     if meta.get("policy") not in POLICIES:
         raise ValueError(
-            f"{path} holds a {meta.get('policy')!r} policy, which this adainfer ({__version__}) does not know; "
-            f"known: {', '.join(POLICIES)}"
+            f"{path} holds a {meta.get('policy')!r} policy, which this adainfer ({__version__}) "
+            f"does not know; known: {', '.join(POLICIES)}"
         )
     policy = POLICIES[meta["policy"]](**params)
-    policy.features = tuple(meta["features"])
+    if tuple(policy.features) != tuple(meta["features"]):
+        raise ValueError(
+            f"{path}: the header's features {meta['features']} are not those its parameters "
+            f"give ({list(policy.features)})"
+        )
     policy._load_arrays(arrays)
-    if meta.get("check_layers") is not None:
-        policy.check_layers_ = tuple(meta["check_layers"])
-    if meta.get("check_plans"):
-        policy.check_plans_ = {int(b): tuple(l) for b, l in meta["check_plans"].items()}
-    if meta.get("target"):
-        policy.target_ = meta["target"]
-    policy.model_meta_ = meta.get("model")
-    policy.metadata_ = meta
-    if model is not None:
-        check_compatible(policy, model, allow_other_model)
     return policy
+
+
+def _plans(meta: dict) -> dict[int, CheckPlan]:
+    """{batch size: CheckPlan} of a header; format 1 kept the layers only: `check_plans`, and
+    `check_layers` for a batch of any size when it had no plan per size."""
+    if meta["format"] == FORMAT_1:
+        if meta.get("check_plans"):
+            return {int(b): known_plan(l) for b, l in meta["check_plans"].items()}
+        layers = meta.get("check_layers")
+        return {} if layers is None else {1: known_plan(layers)}
+    return {
+        int(b): CheckPlan(**{**p, "check_layers": tuple(p["check_layers"])})
+        for b, p in (meta.get("plans") or {}).items()
+    }
 
 
 class IncompatiblePolicy(ValueError):
@@ -106,7 +153,7 @@ class IncompatiblePolicy(ValueError):
 def check_compatible(policy: ExitPolicy, model, allow_other_model: bool = False) -> None:
     """Refuse a policy trained for another model (other id, depth, width or vocabulary), unless
     `allow_other_model`: its features are model-agnostic, so transfer is a deliberate experiment."""
-    trained = getattr(policy, "model_meta_", None)
+    trained = getattr(policy, "model_", None)
     if not trained or allow_other_model:  # inter-model transfer is a deliberate experiment
         return
     here = model_signature(model)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .checks import THRESHOLDS, apply_plans, plan_checks_by_batch
-from .collect import load_collected, training_arrays
+from .checks import THRESHOLDS, PlannedPolicy
+from .collect import load_collected
+from .features import ALL_FEATURES
 from .offline import Traces
 from .persist import load_policy
 from .policies import POLICIES, ExitPolicy, make_policy
@@ -22,8 +23,9 @@ def fit_policy(
     tune_threshold: bool = True,
     min_agreement: float | None = None,
     confidence: float | None = None,
-) -> ExitPolicy:
-    """Train `policy` on collected rows; it remembers the model the rows came from.
+) -> PlannedPolicy:
+    """`policy` fitted on collected rows: a `checks.PlannedPolicy` holding a fitted copy of it
+    and the model the rows came from (`policy` itself is left as given).
 
     `target`: what the classifier learns per layer, "gold" (the paper: the top-1 is the gold
     token) or "final" (the top-1 is already the full model's answer; `offline.Traces.labels`).
@@ -38,22 +40,16 @@ def fit_policy(
         raise ValueError(
             f"no collected rows in {data_dir}" + (f" for tasks {list(tasks)}" if tasks else "")
         )
-    if policy.trainable:
-        policy.fit(*training_arrays(table, policy.features, target))
-        policy.target_ = target
-    if check_cost is not None:
-        costs = check_cost if isinstance(check_cost, Mapping) else {1: float(check_cost)}
-        plans = plan_checks_by_batch(
-            policy,
-            Traces.from_table(table, policy.features),
-            costs,
-            thresholds=THRESHOLDS if tune_threshold else None,
-            min_agreement=min_agreement,
-            confidence=confidence,
-        )
-        apply_plans(policy, plans)
-    policy.model_meta_ = meta["model"]
-    return policy
+    collected = [f for f in ALL_FEATURES if f in table.column_names]
+    planner = PlannedPolicy(
+        policy,
+        check_costs=check_cost,
+        target=target,
+        thresholds=THRESHOLDS if tune_threshold else None,
+        min_agreement=min_agreement,
+        confidence=confidence,
+    )
+    return planner.fit(Traces.from_table(table, collected, model=meta["model"]))
 
 
 def resolve_policy(
@@ -66,8 +62,9 @@ def resolve_policy(
         policy = make_policy(spec, **params)
         if ready and policy.trainable:
             raise ValueError(
-                f"--policy {spec} needs training first: `adainfer fit --data <collected dir> --policy {spec} "
-                f"--out {spec}.safetensors`, then pass that file (untrained names: gap, never, oracle)"
+                f"--policy {spec} needs training first: `adainfer fit --data <collected dir> "
+                f"--policy {spec} --out {spec}.safetensors`, then pass that file (untrained "
+                "names: gap, never, oracle)"
             )
         return policy
     if Path(spec).exists():

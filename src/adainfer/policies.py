@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,8 +58,9 @@ class ExitPolicy(ClassifierMixin, BaseEstimator):
         return self.predict(step.features).astype(bool)
 
     def planned_checks(self, batch_size: int | None = None) -> tuple[int, ...] | None:
-        """The learned check schedule for this batch size (see `planned_checks`)."""
-        return planned_checks(self, batch_size)
+        """The check schedule for batches of `batch_size`; None: no plan, the engine checks at
+        its own layers (every layer by default). `checks.PlannedPolicy` learns plans."""
+        return None
 
     def cost_flops(self) -> float:
         """Approximate FLOPs of one decision for one row (charged by the true FLOPs ratio)."""
@@ -73,24 +75,40 @@ class ExitPolicy(ClassifierMixin, BaseEstimator):
 
 
 def planned_checks(policy, batch_size: int | None = None) -> tuple[int, ...] | None:
-    """The check schedule `policy` learned for this batch size (None: not planned, check
-    everywhere). Any object with `check_plans_` / `check_layers_` works, not only ExitPolicy.
-
-    With plans per batch size (`check_plans_`), the plan of the largest planned size not above
-    `batch_size` (or the smallest planned size) applies; without a batch size, `check_layers_`."""
+    """The check schedule `policy` runs with at this batch size (None: not planned, check
+    everywhere): what its `planned_checks(batch_size)` method says, or, for an object without
+    one (not an ExitPolicy), its `check_plans_` / `check_layers_` attributes. The one lookup of
+    the engine and the offline replay."""
+    method = getattr(policy, "planned_checks", None)
+    if callable(method):
+        return method(batch_size)
     plans = getattr(policy, "check_plans_", None)
     if plans and batch_size is not None:
-        sizes = sorted(plans)
-        return tuple(plans[max((s for s in sizes if s <= batch_size), default=sizes[0])])
+        return schedule_for(plans, batch_size)
     learned = getattr(policy, "check_layers_", None)
     return None if learned is None else tuple(learned)
+
+
+def schedule_for(
+    plans: Mapping[int, Sequence[int]], batch_size: int | None = None
+) -> tuple[int, ...] | None:
+    """Of plans per batch size, the one for `batch_size`: the plan of the largest planned size
+    not above it (or of the smallest planned size); without a batch size, the smallest size's
+    (what offline replays use). None without plans."""
+    if not plans:
+        return None
+    sizes = sorted(plans)
+    if batch_size is None:
+        return tuple(plans[sizes[0]])
+    return tuple(plans[max((s for s in sizes if s <= batch_size), default=sizes[0])])
 
 
 def _as_2d(X, features) -> np.ndarray:
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2 or X.shape[1] != len(features):
         raise ValueError(
-            f"expected features of shape [n, {len(features)}] ({', '.join(features)}), got {X.shape}"
+            f"expected features of shape [n, {len(features)}] ({', '.join(features)}), "
+            f"got {X.shape}"
         )
     return X
 
@@ -117,10 +135,12 @@ class NeverExit(ExitPolicy):
     """Full depth: the plain model's answer (and the engine's overhead baseline)."""
 
     trainable = False
-    check_layers_ = ()  # it never stops, so it never pays for a check
 
     def __init__(self, features=()):
         self.features = features
+
+    def planned_checks(self, batch_size=None):
+        return ()  # it never stops, so it never pays for a check
 
     def decision_function(self, X):
         return -np.ones(len(X))
@@ -199,8 +219,7 @@ class SVMExit(_Standardized):
     def fit(self, X, y, groups=None):
         from sklearn.svm import SVC
 
-        self.features = check_names(self.features)
-        X, y = _as_2d(X, self.features), _check_labels(y)
+        X, y = _as_2d(X, check_names(self.features)), _check_labels(y)
         if len(X) > self.max_train_rows:
             keep = np.random.default_rng(self.random_state).choice(
                 len(X), self.max_train_rows, replace=False
@@ -217,7 +236,8 @@ class SVMExit(_Standardized):
 
     def decision_function(self, X):
         Z, sv = self._scale(X), self.support_vectors_
-        # |z - s|^2 = |z|^2 - 2 z.s + |s|^2: an [n, n_SV] matrix, never the [n, n_SV, F] of differences
+        # |z - s|^2 = |z|^2 - 2 z.s + |s|^2: an [n, n_SV] matrix, never the [n, n_SV, F] of
+        # differences
         sq = (Z**2).sum(1)[:, None] - 2 * Z @ sv.T + (sv**2).sum(1)[None]
         return np.exp(-self.gamma_[0] * np.maximum(sq, 0.0)) @ self.dual_coef_ + self.intercept_[0]
 
@@ -250,8 +270,7 @@ class LogisticExit(_Standardized):
     def fit(self, X, y, groups=None):
         from sklearn.linear_model import LogisticRegression
 
-        self.features = check_names(self.features)
-        X, y = _as_2d(X, self.features), _check_labels(y)
+        X, y = _as_2d(X, check_names(self.features)), _check_labels(y)
         self._set_scaler(X)
         lr = LogisticRegression(C=self.C, max_iter=1000).fit(self._scale(X), y)
         self.coef_, self.intercept_ = lr.coef_[0], np.asarray(lr.intercept_, dtype=np.float64)
@@ -296,15 +315,16 @@ class LayerLogisticExit(LogisticExit):
     def fit(self, X, y, groups=None):
         from sklearn.linear_model import LogisticRegression
 
-        self.features = check_names(self.features)
-        if "layer_frac" not in self.features:
+        features = check_names(self.features)
+        if "layer_frac" not in features:
             raise ValueError(
-                f"LayerLogisticExit needs 'layer_frac' among its features to tell layers apart; got {self.features}"
+                "LayerLogisticExit needs 'layer_frac' among its features to tell layers apart; "
+                f"got {features}"
             )
-        X, y = _as_2d(X, self.features), _check_labels(y)
-        depth = np.round(X[:, self.features.index("layer_frac")], 6)
+        X, y = _as_2d(X, features), _check_labels(y)
+        depth = np.round(X[:, features.index("layer_frac")], 6)
         self.depths_ = np.unique(depth)
-        K, F = len(self.depths_), len(self.features)
+        K, F = len(self.depths_), len(features)
         self.mean_, self.scale_, self.coef_, self.intercept_ = (
             np.zeros((K, F)),
             np.ones((K, F)),
@@ -350,8 +370,8 @@ class CRFExit(ExitPolicy):
     def fit(self, X, y, groups=None):
         import sklearn_crfsuite
 
-        self.features = check_names(self.features)
-        X, y = _as_2d(X, self.features), _check_labels(y)
+        features = check_names(self.features)
+        X, y = _as_2d(X, features), _check_labels(y)
         if groups is None:
             raise ValueError(
                 "CRFExit.fit needs groups= (the example id of each row, layers in order)"
@@ -360,7 +380,7 @@ class CRFExit(ExitPolicy):
         seqs, labels = [], []
         for g in dict.fromkeys(groups.tolist()):
             idx = np.flatnonzero(groups == g)
-            seqs.append(self._items(X[idx], self.features))
+            seqs.append(self._items(X[idx], features))
             labels.append([str(v) for v in y[idx]])
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.crfsuite")

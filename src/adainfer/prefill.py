@@ -167,10 +167,6 @@ class AdaptiveEngine:
             return self._valid_layers(planned)
         return tuple(range(self.min_layer, self.num_layers + 1, self.stride))
 
-    def check_logits(self, last: torch.Tensor) -> torch.Tensor:
-        """The logit lens as an exit check reads it (in `check_dtype` if one is set)."""
-        return self.lens(last, dtype=self.check_dtype)
-
     # ---------------------------------------------------------------- tokenization
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         if isinstance(prompts, str):

@@ -80,6 +80,46 @@ def interleaved(
     return seconds, outputs
 
 
+@torch.inference_mode()
+def measure_check_cost(engine, prompts, repeats: int = 5, shortlist: int | None = None) -> float:
+    """Seconds of one exit check on len(prompts) rows over seconds of one decoder layer,
+    measured on `engine` (an AdaptiveEngine: its model, tokenizer and logit lens, read in its
+    check_dtype); with `shortlist`, of a check on that many candidate tokens per row."""
+    enc = engine.encode(prompts)
+    hidden = torch.randn(
+        len(prompts),
+        engine.model.config.hidden_size,
+        dtype=engine.model.dtype,
+        device=enc["input_ids"].device,
+    )
+    vocab = engine.lens.vocab_size
+    ids = (
+        None
+        if shortlist is None
+        else torch.randint(vocab, (len(prompts), shortlist), device=hidden.device)
+    )
+
+    def check():
+        if ids is None:
+            logits = engine.lens(hidden, dtype=engine.check_dtype)
+        else:
+            logits = engine.lens(hidden, ids=ids)
+        return logits.float().softmax(-1).topk(2, dim=-1)
+
+    plain, cost = [], []
+    plain_forward(engine.model, enc)  # warm-up
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plain_forward(engine.model, enc)
+        plain.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(4):
+            check()
+        synchronize()
+        cost.append((time.perf_counter() - t0) / 4)
+    return float(np.median(cost) / (np.median(plain) / engine.num_layers))
+
+
 # ----------------------------------------------------------------------------- peak memory
 def rss() -> int:
     """The process's resident set, in bytes (Linux)."""
