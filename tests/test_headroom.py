@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import torch
 from adainfer import headroom as H
 from conftest import SHARED_DATA, tiny_model
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["hello world, how are you", "ab", "the quick brown fox"]  # three lengths
 
 
@@ -210,3 +214,63 @@ def test_machine_info():
     info = H.machine_info()
     assert info["cpu"] and info["cores"] >= 1 and isinstance(info["flags"], list)
     assert info["cpu"].split()[0] in H.machine_tag(info)
+
+
+# --------------------------------------------------------------------------- the command
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_headroom", ROOT / "bench" / "headroom.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_command_end_to_end_on_a_tiny_model(tmp_path):
+    bench = _bench()
+    loads = []
+
+    def loader(name, dtype):
+        loads.append((name, dtype))
+        model, tok = tiny_model("llama")
+        return model.to(getattr(torch, dtype)), tok
+
+    def prompts(name, tokenizer, n):
+        return (PROMPTS * n)[:n]
+
+    argv = [
+        "--models", "tiny", "--dtypes", "float32,bfloat16", "--batch-sizes", "1,2",
+        "--n-prompts", "3", "--max-new-tokens", "5", "--repeats", "2",
+        "--min-sample-s", "0.001", "--out-dir", str(tmp_path),
+    ]  # fmt: skip
+    bench.main(argv, loader=loader, prompts=prompts)
+    data = json.loads((tmp_path / "headroom.json").read_text())
+    assert sorted(data["cells"]) == [
+        "tiny/bfloat16/b1", "tiny/bfloat16/b2", "tiny/float32/b1", "tiny/float32/b2",
+    ]  # fmt: skip
+    cell = data["cells"]["tiny/float32/b2"]
+    assert cell["summary"]["tokens"] == 15 and cell["costs"]["batch_size"] == 2
+    assert cell["settings"]["n_prompts"] == 3 and cell["machine"]["cpu"]
+    assert cell["lossy"]["speedup_free_checks"] >= 1.0
+    trace = bench.load_trace(tmp_path / "traces" / "tiny-float32-b2.npz")
+    assert trace.top1.shape == (15, 4)
+    table = (tmp_path / "headroom.md").read_text().splitlines()
+    assert len(table) == 2 + 4 and table[0].startswith("| model | dtype | B |")
+    assert all(row.count("|") == table[0].count("|") for row in table)
+    assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path / "traces").glob(".*"))
+    # run again: every cell is there with the same settings, nothing loads or runs
+    loads.clear()
+    bench.main(argv, loader=loader, prompts=prompts)
+    assert loads == []
+    # other settings for one dtype: only its cells run again
+    bench.main([*argv[:-2], "--max-new-tokens", "3", "--dtypes", "float32", *argv[-2:]],
+               loader=loader, prompts=prompts)  # fmt: skip
+    assert loads == [("tiny", "float32")]
+    data = json.loads((tmp_path / "headroom.json").read_text())
+    assert data["cells"]["tiny/float32/b1"]["summary"]["tokens"] == 9
+    assert data["cells"]["tiny/bfloat16/b1"]["summary"]["tokens"] == 15
+
+
+def test_command_help():
+    bench = _bench()
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--help"])
+    assert e.value.code == 0
