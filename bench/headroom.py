@@ -127,14 +127,25 @@ def run_cell(model, tokenizer, prompts, *, batch, settings, desc, trace_path=Non
         "settings": settings,
         "summary": summary,
         "costs": costs,
-        "lossy": H.lossy_bound(summary, costs),
-        "drafting": H.drafting_estimate(summary, costs)["best"],
         "machine": H.machine_info(),
         "loadavg": {"before": load_before, "after": os.getloadavg()},  # other jobs running
         "trace_s": traced - start,
         "costs_s": time.perf_counter() - traced,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def derive(cell: dict) -> dict:
+    """The bounds that follow from a cell's trace summary and costs (recomputed on every
+    write, so every cell in the file follows the same definitions)."""
+    summary, costs = cell["summary"], cell["costs"]
+    drafting = H.drafting_estimate(summary, costs)
+    cell.update(
+        lossy=H.lossy_bound(summary, costs),
+        drafting=drafting["best"],
+        drafting_reuse=drafting["best_reuse"],
+    )
+    return cell
 
 
 def run(
@@ -208,6 +219,8 @@ def run(
                 )
                 cell.update(model=name, dtype=dtype, batch_size=batch)
                 data["cells"][key] = cell
+                for c in data["cells"].values():
+                    derive(c)
                 data["command"] = " ".join(sys.argv)
                 write_atomic(path, json.dumps(data, indent=1))
                 write_atomic(out_dir / "headroom.md", report(data))
@@ -247,11 +260,19 @@ def depths(num_layers: int) -> list[tuple[str, int]]:
     return out
 
 
+def _draft(best: dict | None, reuse: dict | None) -> str:
+    if not best:
+        return "-"
+    text = f"{best['depth']}, {best['drafts']}, {best['speedup']:.2f}x"
+    return text + f" ({reuse['depth']}, {reuse['drafts']}, {reuse['speedup_reuse']:.2f}x)"
+
+
 def one_line(cell: dict) -> str:
     s, lossy = cell["summary"], cell["lossy"]
     return (
         f"settled {s['settled_mean']:.1f}/{s['num_layers']}, free-check bound "
-        f"{lossy['speedup_free_checks']:.2f}x, head "
+        f"{lossy['speedup_free_checks']:.2f}x (step time {lossy['step_free_checks']:.2f}x), "
+        f"head "
         f"{cell['costs']['ratios']['head_layers']['median']:.2f} layers"
     )
 
@@ -271,8 +292,9 @@ COLUMNS = [
     "LM head (layers)",
     "shortlist 256 (layers)",
     "verify 2 / 4 / 8 (steps)",
-    "lossy bound: free / exact / shortlist checks",
-    "best self-spec: d, drafts, x",
+    "lossy bound: L / mean settled",
+    "lossy, step time: free / exact / shortlist checks",
+    "best self-spec: d, drafts, x (reusing draft layers)",
     "machine",
 ]
 
@@ -296,7 +318,6 @@ def report(data: dict) -> str:
         )
         acc = {label: f"d={d}: {_pct(s['acceptance'][d - 1])}" for label, d in depths(num_layers)}
         verify = " / ".join(f"{r[f'verify{k}_steps']['median']:.2f}" for k in costs["verify"])
-        best = c["drafting"]
         row = [
             c["model"],
             SHORT.get(c["dtype"], c["dtype"]),
@@ -309,9 +330,9 @@ def report(data: dict) -> str:
             _iqr(r["head_layers"]),
             _iqr(r["shortlist_layers"]),
             verify,
-            f"{lossy['speedup_free_checks']:.2f}x / {lossy['speedup_exact_checks']:.2f}x"
-            f" / {lossy['speedup_shortlist_checks']:.2f}x",
-            f"{best['depth']}, {best['drafts']}, {best['speedup']:.2f}x" if best else "-",
+            f"{lossy['speedup_free_checks']:.2f}x",
+            " / ".join(f"{lossy[f'step_{k}_checks']:.2f}x" for k in ("free", "exact", "shortlist")),
+            _draft(c["drafting"], c["drafting_reuse"]),
             H.machine_tag(c["machine"]),
         ]
         lines.append("| " + " | ".join(row) + " |")

@@ -87,26 +87,34 @@ def test_lossy_bound_and_drafting_by_hand():
         "tokens_per_round": [[1.0, 1.0], [1.5, 2.0], [2.0, 3.0]],
     }
     ratios = {
+        "layers_steps": {"median": 0.8},  # layers 0.8 of a step, head 0.5 layers = 0.125
         "head_layers": {"median": 0.5},
         "shortlist_layers": {"median": 0.1},
         "verify2_steps": {"median": 1.0},
         "verify4_steps": {"median": 1.5},
     }
     costs = {"ratios": ratios, "verify": [2, 4]}
-    bound = H.lossy_bound(summary, costs)
-    assert bound["settled_frac"] == 0.5 and bound["speedup_free_checks"] == 2.0
-    assert bound["speedup_exact_checks"] == pytest.approx(4 / (2 * 1.5))
-    assert bound["speedup_shortlist_checks"] == pytest.approx(4 / (2 * 1.1 + 0.5))
     assert H.lossy_bound(summary) == {"settled_frac": 0.5, "speedup_free_checks": 2.0}
+    bound = H.lossy_bound(summary, costs)
+    free = 1 - 0.8 * 0.5  # half the layers' share goes
+    assert bound["layers_share"] == 0.8 and bound["step_free_checks"] == pytest.approx(1 / free)
+    # settled at 2: one extra exact head (the exit's check is the answer's head)
+    assert bound["step_exact_checks"] == pytest.approx(1 / (free + 0.125))
+    assert bound["step_shortlist_checks"] == pytest.approx(1 / (free + 2 * 0.025))
     est = H.drafting_estimate(summary, costs)
     assert len(est["grid"]) == 2 * 3
-    # head = 0.5 layers = 0.125 steps; a depth-3 draft: 0.125 + 0.875 * 3/4 steps
-    draft = 0.125 + 0.875 * 0.75
+    # a depth-d draft: the rest (1 - 0.8 - 0.125) + 0.8 d / 4 + the head 0.125
+    draft = {d: 0.075 + 0.2 * d + 0.125 for d in (1, 2, 3)}
     best = est["best"]  # one depth-3 draft, verified in a 2-token forward: 2 tokens a round
     assert (best["depth"], best["drafts"], best["verify_tokens"]) == (3, 1, 2)
-    assert best["speedup"] == pytest.approx(2.0 / (draft + 1.0))
+    assert best["speedup"] == pytest.approx(2.0 / (draft[3] + 1.0))
     three = next(r for r in est["grid"] if (r["depth"], r["drafts"]) == (3, 3))
-    assert three["speedup"] == pytest.approx(3.0 / (3 * draft + 1.5))
+    assert three["speedup"] == pytest.approx(3.0 / (3 * draft[3] + 1.5))
+    # reusing the draft's 3 layers: the last draft runs them too (no head), and 0.8 * 3/4 of
+    # the 4-token verify goes
+    reuse = 3 * draft[3] + (0.075 + 0.6) + 1.5 * 0.4
+    assert three["speedup_reuse"] == pytest.approx(3.0 / reuse)
+    assert est["best_reuse"]["speedup_reuse"] == max(r["speedup_reuse"] for r in est["grid"])
 
 
 # --------------------------------------------------------------------------- on tiny models
@@ -249,7 +257,8 @@ def test_command_end_to_end_on_a_tiny_model(tmp_path):
     cell = data["cells"]["tiny/float32/b2"]
     assert cell["summary"]["tokens"] == 15 and cell["costs"]["batch_size"] == 2
     assert cell["settings"]["n_prompts"] == 3 and cell["machine"]["cpu"]
-    assert cell["lossy"]["speedup_free_checks"] >= 1.0
+    assert cell["lossy"]["speedup_free_checks"] >= 1.0 and cell["lossy"]["step_free_checks"] > 0
+    assert cell["drafting"]["speedup"] > 0 and cell["drafting_reuse"]["speedup_reuse"] > 0
     trace = bench.load_trace(tmp_path / "traces" / "tiny-float32-b2.npz")
     assert trace.top1.shape == (15, 4)
     table = (tmp_path / "headroom.md").read_text().splitlines()

@@ -475,34 +475,54 @@ def _sync() -> None:
 
 
 # --------------------------------------------------------------------------- the bounds
-def lossy_bound(summary: dict, costs: dict | None = None) -> dict:
-    """What exiting every token at its settled layer could save at best.
+def _shares(summary: dict, costs: dict) -> tuple[float, float, float]:
+    """Of one plain step, in steps: the L decoder layers, the exact head, the rest. The layers
+    are part of the step: a noisy measure above 1 counts as 1."""
+    layers = min(1.0, costs["ratios"]["layers_steps"]["median"])
+    head = costs["ratios"]["head_layers"]["median"] / summary["num_layers"]
+    return layers, head, max(0.0, 1.0 - layers - head)
 
-    In decoder layers (step / L), a plain token costs L. With free checks it costs its settled
-    layer s: speedup L / mean(s). With an exact LM-head check after every layer (h layers each)
-    it costs s (1 + h); with shortlist checks (c layers each) and one exact head at the exit,
-    s (1 + c) + h. The KV entries an exited token leaves out of its deeper layers are not
-    charged (a real lossy mode must fill them)."""
+
+def lossy_bound(summary: dict, costs: dict | None = None) -> dict:
+    """What exiting every token at its settled layer s could save at best.
+
+    `speedup_free_checks`: L / mean(s), counting decoder layers only. With the costs, in step
+    time, where the layers are a measured share f of a step and the rest (embedding, masks,
+    final norm, head) stays: a token costs 1 - f (1 - s / L) steps with free checks; plus
+    s - 1 exact LM-head reads (the check at the exit is the answer's own head) with an exact
+    check after every layer; plus s shortlist reads with shortlist checks (then the exact head
+    at the exit, as plain). The KV entries an exited token leaves out of its deeper layers are
+    not charged (a real lossy mode must fill them)."""
     num_layers, mean = summary["num_layers"], summary["settled_mean"]
     bound = {"settled_frac": mean / num_layers, "speedup_free_checks": num_layers / mean}
     if costs is not None:
-        head = costs["ratios"]["head_layers"]["median"]
-        short = costs["ratios"]["shortlist_layers"]["median"]
-        bound["speedup_exact_checks"] = num_layers / (mean * (1 + head))
-        bound["speedup_shortlist_checks"] = num_layers / (mean * (1 + short) + head)
+        layers, head, _ = _shares(summary, costs)
+        short = costs["ratios"]["shortlist_layers"]["median"] / num_layers
+        free = 1 - layers * (1 - mean / num_layers)
+        bound.update(
+            layers_share=layers,
+            step_free_checks=1 / free,
+            step_exact_checks=1 / (free + (mean - 1) * head),
+            step_shortlist_checks=1 / (free + mean * short),
+        )
     return bound
 
 
 def drafting_estimate(summary: dict, costs: dict) -> dict:
     """Self-speculative drafting at every depth d, for every verified size k in the costs
-    (k - 1 drafts, then one forward of k tokens), as tokens per step-time against plain.
+    (k - 1 drafts, then one forward of k tokens), as generated tokens per step time against
+    plain decoding (1 token a step).
 
-    A draft token costs the head plus d / L of the rest of a step; verification is the
-    measured k-token forward, recomputing all layers (no reuse of the draft's first d layers,
-    so a lower bound for that). With a batch, every row is assumed to keep its own accepted
-    length (rows of a real batch would have to wait for each other)."""
+    A draft token costs a step's non-layer rest, d / L of its layers and the exact head (the
+    measured shares, `_shares`). `speedup`: the verification is the measured k-token forward,
+    recomputing every layer. `speedup_reuse`: a verifier that reuses the draft's first d
+    layers: the draft also runs its last token through its d layers (no head), and the
+    verifying forward runs layers d+1..L only, taking d / L of the layers' share off the
+    measured k-token forward (it pays when verifying k tokens costs more than a step).
+    With a batch, every row is assumed to keep its own accepted length (rows of a real batch
+    would wait for each other)."""
     num_layers = summary["num_layers"]
-    head = costs["ratios"]["head_layers"]["median"] / num_layers  # in steps
+    layers, head, rest = _shares(summary, costs)
     lengths = summary["draft_lengths"]
     rows = []
     for k in costs["verify"]:
@@ -512,7 +532,8 @@ def drafting_estimate(summary: dict, costs: dict) -> dict:
         verify = costs["ratios"][f"verify{k}_steps"]["median"]
         for d in range(1, num_layers):
             tokens = summary["tokens_per_round"][d - 1][lengths.index(drafts)]
-            draft = head + (1 - head) * d / num_layers
+            draft = rest + layers * d / num_layers + head
+            reused = rest + layers * d / num_layers + verify * (1 - layers * d / num_layers)
             rows.append(
                 {
                     "depth": d,
@@ -521,10 +542,14 @@ def drafting_estimate(summary: dict, costs: dict) -> dict:
                     "tokens_per_round": tokens,
                     "round_steps": drafts * draft + verify,
                     "speedup": tokens / (drafts * draft + verify),
+                    "speedup_reuse": tokens / (drafts * draft + reused),
                 }
             )
-    best = max(rows, key=lambda r: r["speedup"]) if rows else None
-    return {"best": best, "grid": rows}
+    return {
+        "best": max(rows, key=lambda r: r["speedup"]) if rows else None,
+        "best_reuse": max(rows, key=lambda r: r["speedup_reuse"]) if rows else None,
+        "grid": rows,
+    }
 
 
 # --------------------------------------------------------------------------- prompts
