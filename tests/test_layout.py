@@ -129,6 +129,7 @@ FLOORS = [
             "report",
             "pipeline",
             "demo",
+            "headroom",
         },
     ),
     ("command line and package", {"cli", "adainfer"}),

@@ -9,7 +9,7 @@ The modules stand on floors; each imports only from its own floor or below:
   traces), checks (PlannedPolicy: where to check), persist (policy files);
 - engine clients: prefill (AdaptiveEngine), generation (token by token, lossless drafting);
 - evaluate, bench, reproduce: collect, summary, evaluate, bench, reproduce, report,
-  pipeline, demo;
+  pipeline, demo, headroom;
 - the command line: cli.
 """
 
