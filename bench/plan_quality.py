@@ -188,6 +188,46 @@ def _splits(pool: Traces, test: Traces, calibrate_on: str, seed: int = 0):
 
 
 def main(argv=None):
+    args = _parser().parse_args(argv)
+    costs = args.check_cost if isinstance(args.check_cost, dict) else {1: args.check_cost}
+    pool, test, meta = _load_traces(args)
+    policies = {POLICIES[k][0]: POLICIES[k][1:] for k in dict.fromkeys(args.only or POLICIES)}
+    splits = _splits(pool, test, args.calibrate_on)
+    L = test.num_layers
+    full = float((test.top1[:, -1] == test.gold).mean())
+    oracle = float(oracle_bounds(test)["first_correct"].mean())
+    # each policy is fitted once per calibration half; the planning modes and the frontier share it
+    fits = {
+        name: [fitted(make, target, cal) for cal, _ in splits]
+        for name, (make, target, _) in policies.items()
+    }
+    rows, body = [], []
+    for (name, (_make, target, thresholds)), (mode, folds, agreement) in itertools.product(
+        policies.items(), MODES
+    ):
+        mode, agreement = _mode(mode, agreement, args)
+        got_by_bs = _planned_and_replayed(
+            fits[name], splits, costs, args, target, thresholds, folds, agreement
+        )
+        for bs, got in got_by_bs.items():
+            row = _row(name, mode, bs, costs[bs], got, args.calibrate_on, L, full, oracle)
+            rows.append(row)
+            body.append(_table_line(row, got, L))
+    table = _table(body)
+    head = _head(meta, args, pool, test)
+    bound = settled_bound(test)
+    fronts = {
+        name: frontier(splits, fits[name], oracle)
+        for name, (_, _, thresholds) in policies.items()
+        if thresholds
+    }
+    table += "\n\n" + bound["text"] + "".join("\n\n" + f["text"] for f in fronts.values())
+    print(head + "\n\n" + table)
+    if args.out:
+        _write(args, head, table, rows, bound, fronts)
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -242,9 +282,12 @@ def main(argv=None):
     p.add_argument(
         "--out", type=Path, help="write the table (.md) and numbers (.json) here, without suffix"
     )
-    args = p.parse_args(argv)
-    costs = args.check_cost if isinstance(args.check_cost, dict) else {1: args.check_cost}
+    return p
 
+
+def _load_traces(args) -> tuple[Traces, Traces, dict]:
+    """(the run's pool traces, the held-out traces, the run's metadata), of the task and shots
+    asked for."""
     train, meta = load_collected(args.run / "traces" / "train")
     test_table, test_meta = load_collected(args.test_traces or args.run / "traces" / "test")
     if test_meta["model"] != meta["model"]:
@@ -262,92 +305,96 @@ def main(argv=None):
             f"no {args.task} traces in {args.run} (pool {len(pool)}, held-out {len(test)} "
             f"at k={args.shots})"
         )
+    return pool, test, meta
 
-    policies = {POLICIES[k][0]: POLICIES[k][1:] for k in dict.fromkeys(args.only or POLICIES)}
-    splits = _splits(pool, test, args.calibrate_on)
-    L = test.num_layers
-    full = float((test.top1[:, -1] == test.gold).mean())
-    oracle = float(oracle_bounds(test)["first_correct"].mean())
-    # each policy is fitted once per calibration half; the planning modes and the frontier share it
-    fits = {
-        name: [fitted(make, target, cal) for cal, _ in splits]
-        for name, (make, target, _) in policies.items()
-    }
-    rows, body = [], []
-    for (name, (_make, target, thresholds)), (mode, folds, agreement) in itertools.product(
-        policies.items(), MODES
-    ):
-        if agreement is None:
-            agreement, mode = args.min_agreement, mode.format(f"{100 * args.min_agreement:g}")
-            mode += f" or loss bounded at {100 * args.confidence:g}%" if args.confidence else ""
-        per_bs = {bs: [] for bs in costs}  # (plan, replay) per split
-        for policy, (cal, ev) in zip(fits[name], splits):
-            planned = PlannedPolicy(
-                policy,  # fitted once per split, shared by the modes and the frontier
-                prefit=True,
-                check_costs=costs,
-                target=target,
-                tolerance=args.tolerance,
-                folds=folds,
-                min_agreement=agreement,
-                confidence=args.confidence,
-                thresholds=thresholds,
-            ).fit(cal)
-            for bs, plan in planned.plans_.items():
-                per_bs[bs].append((plan, simulate(planned, ev, batch_size=bs)))
-        for bs, got in per_bs.items():
-            correct = np.concatenate([r.correct for _, r in got])
-            agrees = np.concatenate([r.agrees for _, r in got])
-            exits = np.concatenate([r.exit_layer for _, r in got])
-            cost_layers = np.concatenate([check_cost_layers(r, L, costs[bs]) for _, r in got])
-            exit_layer = float(exits.mean())
-            share = (L - exit_layer) / (L - oracle) if oracle < L else None
-            plans_txt = " | ".join(
-                f"{format_layers(p.check_layers)} @ "
-                f"{p.threshold if p.threshold is not None else '-'}"
-                for p, _ in got
+
+def _mode(mode: str, agreement: float | None, args) -> tuple[str, float]:
+    """A planning mode's name and agreement level (None: the --min-agreement and --confidence
+    given)."""
+    if agreement is None:
+        agreement, mode = args.min_agreement, mode.format(f"{100 * args.min_agreement:g}")
+        mode += f" or loss bounded at {100 * args.confidence:g}%" if args.confidence else ""
+    return mode, agreement
+
+
+def _planned_and_replayed(fits, splits, costs, args, target, thresholds, folds, agreement):
+    """{batch size: [(plan, replay)] per split}: each split's fitted policy planned on its
+    calibration queries as `adainfer` plans, replayed on its evaluation queries."""
+    per_bs = {bs: [] for bs in costs}
+    for policy, (cal, ev) in zip(fits, splits):
+        planned = PlannedPolicy(
+            policy,  # fitted once per split, shared by the modes and the frontier
+            prefit=True,
+            check_costs=costs,
+            target=target,
+            tolerance=args.tolerance,
+            folds=folds,
+            min_agreement=agreement,
+            confidence=args.confidence,
+            thresholds=thresholds,
+        ).fit(cal)
+        for bs, plan in planned.plans_.items():
+            per_bs[bs].append((plan, simulate(planned, ev, batch_size=bs)))
+    return per_bs
+
+
+def _row(name, mode, bs, cost, got, calibrate_on, L, full, oracle) -> dict:
+    """The numbers of one policy, planning mode and batch size, over every split's held-out
+    replays (`got`: (plan, replay) per split)."""
+    correct = np.concatenate([r.correct for _, r in got])
+    agrees = np.concatenate([r.agrees for _, r in got])
+    exits = np.concatenate([r.exit_layer for _, r in got])
+    cost_layers = np.concatenate([check_cost_layers(r, L, cost) for _, r in got])
+    exit_layer = float(exits.mean())
+    return dict(
+        policy=name,
+        mode=mode,
+        batch_size=bs,
+        check_cost=cost,
+        calibrate_on=calibrate_on,
+        plans=[
+            dict(
+                check_layers=list(p.check_layers),
+                threshold=p.threshold,
+                calibration_accuracy=p.expected_accuracy,
+                calibration_agreement=p.expected_agreement,
             )
-            rows.append(
-                dict(
-                    policy=name,
-                    mode=mode,
-                    batch_size=bs,
-                    check_cost=costs[bs],
-                    calibrate_on=args.calibrate_on,
-                    plans=[
-                        dict(
-                            check_layers=list(p.check_layers),
-                            threshold=p.threshold,
-                            calibration_accuracy=p.expected_accuracy,
-                            calibration_agreement=p.expected_agreement,
-                        )
-                        for p, _ in got
-                    ],
-                    full_accuracy=full,
-                    accuracy=float(correct.mean()),
-                    agreement=float(agrees.mean()),
-                    mean_exit_layer=exit_layer,
-                    oracle_exit_layer=oracle,
-                    share_of_oracle_saving=share,
-                    cost_layers=float(cost_layers.mean()),
-                )
-            )
-            body.append(
-                [
-                    name,
-                    mode,
-                    bs,
-                    f"{costs[bs]:.2f}",
-                    plans_txt,
-                    f"{100 * correct.mean():.1f} / {100 * full:.1f}",
-                    f"{100 * (correct.mean() - full):+.1f}",
-                    f"{100 * agrees.mean():.1f}",
-                    f"{exit_layer:.2f} / {oracle:.2f} / {L}",
-                    "-" if share is None else f"{100 * share:.0f}%",
-                    f"{cost_layers.mean():.2f}",
-                ]
-            )
-    table = markdown_table(
+            for p, _ in got
+        ],
+        full_accuracy=full,
+        accuracy=float(correct.mean()),
+        agreement=float(agrees.mean()),
+        mean_exit_layer=exit_layer,
+        oracle_exit_layer=oracle,
+        share_of_oracle_saving=(L - exit_layer) / (L - oracle) if oracle < L else None,
+        cost_layers=float(cost_layers.mean()),
+    )
+
+
+def _table_line(row: dict, got, L: int) -> list:
+    """`row` as a line of the markdown table, with each split's plan."""
+    plans = " | ".join(
+        f"{format_layers(p.check_layers)} @ {p.threshold if p.threshold is not None else '-'}"
+        for p, _ in got
+    )
+    acc, full, share = row["accuracy"], row["full_accuracy"], row["share_of_oracle_saving"]
+    return [
+        row["policy"],
+        row["mode"],
+        row["batch_size"],
+        f"{row['check_cost']:.2f}",
+        plans,
+        f"{100 * acc:.1f} / {100 * full:.1f}",
+        f"{100 * (acc - full):+.1f}",
+        f"{100 * row['agreement']:.1f}",
+        f"{row['mean_exit_layer']:.2f} / {row['oracle_exit_layer']:.2f} / {L}",
+        "-" if share is None else f"{100 * share:.0f}%",
+        f"{row['cost_layers']:.2f}",
+    ]
+
+
+def _table(body) -> str:
+    return markdown_table(
         [
             "policy",
             "planning",
@@ -363,38 +410,37 @@ def main(argv=None):
         ],
         body,
     )
+
+
+def _head(meta, args, pool: Traces, test: Traces) -> str:
+    """What was judged, and how the plans were calibrated."""
     where = {
         "pool": f"the {len(pool)} pool queries",
         "held-out": "one half of the held-out queries, evaluated on the other half, both ways",
     }
-    head = (
+    return (
         f"{meta['model']['model_id']}, {args.task} {args.shots}-shot, {len(test)} held-out "
         "queries; plans calibrated on "
         f"{where[args.calibrate_on]}; tolerance {args.tolerance}"
         + (f", or within it at {100 * args.confidence:g}% confidence" if args.confidence else "")
     )
-    bound = settled_bound(test)
-    fronts = {
-        name: frontier(splits, fits[name], oracle)
-        for name, (_, _, thresholds) in policies.items()
-        if thresholds
-    }
-    table += "\n\n" + bound["text"] + "".join("\n\n" + f["text"] for f in fronts.values())
-    print(head + "\n\n" + table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(Path(f"{args.out}.md"), f"{head}\n\n{table}\n")
-        write_json(
-            Path(f"{args.out}.json"),
-            {
-                "run": str(args.run),
-                "task": args.task,
-                "shots": args.shots,
-                "rows": rows,
-                "settled_bound": bound["numbers"],
-                "frontier": {n: f["rows"] for n, f in fronts.items()},
-            },
-        )
+
+
+def _write(args, head: str, table: str, rows, bound: dict, fronts: dict):
+    """The table as `args.out`.md, the numbers as `args.out`.json."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(Path(f"{args.out}.md"), f"{head}\n\n{table}\n")
+    write_json(
+        Path(f"{args.out}.json"),
+        {
+            "run": str(args.run),
+            "task": args.task,
+            "shots": args.shots,
+            "rows": rows,
+            "settled_bound": bound["numbers"],
+            "frontier": {n: f["rows"] for n, f in fronts.items()},
+        },
+    )
 
 
 if __name__ == "__main__":

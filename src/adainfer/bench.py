@@ -28,7 +28,9 @@ from __future__ import annotations
 import gc
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -215,163 +217,237 @@ def run_bench(
     """The grid, resumable. A finished cell is timed again when the plan's test changes its plan,
     or when asked for more paired samples (`min_paired`) than it holds: its earlier timings stay
     in the row (`earlier_timings`), so a re-run adds evidence and never silently replaces it."""
-    from .models import load
-
     release_large_blocks()
-    out = Path(out_dir)
-    min_paired = MIN_PAIRED if min_paired is None else min_paired
-    # the test a plan must pass, recorded per row: a new test re-plans, and re-times what changed
-    plan_test = dict(
-        min_agreement=MIN_AGREEMENT if min_agreement is None else min_agreement,
-        confidence=CONFIDENCE if confidence is None else confidence,
-    )
-    # what a cell's timing depends on
-    settings = dict(
+    grid = _Grid(
+        out=Path(out_dir),
+        tasks=tasks,
+        batch_sizes=batch_sizes,
         shots=shots,
         n_queries=n_queries,
         n_train=n_train,
         repeats=repeats,
         seed=seed,
-        policy=policy_path,
+        policy_path=policy_path,
         shortlist=shortlist,
-        device=str(device),
+        device=device,
+        data_dir=data_dir,
+        progress=progress,
+        min_paired=MIN_PAIRED if min_paired is None else min_paired,
+        plan_test=dict(
+            min_agreement=MIN_AGREEMENT if min_agreement is None else min_agreement,
+            confidence=CONFIDENCE if confidence is None else confidence,
+        ),
     )
-    # a killed run resumes at its next cell
-    rows = {_key(r): r for r in _finished_rows(out / "bench.json", settings)}
-    # a cell with fewer samples is timed again
-    sampled = {k for k, r in rows.items() if r["paired_samples"] >= min_paired}
-    done = {
-        k for k in sampled if all(rows[k][field] == value for field, value in plan_test.items())
-    }
-
-    def save():  # after every cell, so a killed grid loses at most the cell it was timing
-        result = {"rows": list(rows.values()), "settings": settings, "machine": machine()}
-        write_json(out / "bench.json", result)
-        return result
-
+    grid.resume()
     for model_name in models:
         for dtype in dtypes:
-            if all((model_name, dtype, t, b) in done for t in tasks for b in batch_sizes):
-                continue
-            lm, tok = load(model_name, dtype=dtype, device=device)
-            engine = AdaptiveEngine(lm, tok)
-            # a folder name for an alias, a hub id or a path
-            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name).strip("_")
-            cal_dir = out / "calibration" / f"{name}-{dtype}"
-            train, test = _calibration_and_timed(
-                tok, tasks, shots, n_train, n_queries, seed, data_dir
-            )
-            collect(engine, train, cal_dir, batch_size=8, progress=progress)
-            short_engine = AdaptiveEngine(lm, tok, shortlist=shortlist) if shortlist else None
-            for task in tasks:
-                if all((model_name, dtype, task, b) in done for b in batch_sizes):
-                    continue
-                queries = [q for q in test if q.task == task]
-                # a check's cost relative to a layer falls with the batch size (one plan per size)
-                # and with the prompt length (a layer grows with it, a check does not): per task
-                cost, cheap, short = {}, {}, {}
-                for bs in batch_sizes:
-                    prompts = [q.prompt for q in queries[:bs]]
-                    cost[bs] = measure_check_cost(engine, prompts)
-                    # cheaper checks, measured the same way: the LM head in bf16 (half the bytes
-                    # read), and a head over each row's `shortlist` candidates (k rows instead of V)
-                    cheap[bs] = (
-                        measure_check_cost(
-                            AdaptiveEngine(lm, tok, check_dtype=torch.bfloat16), prompts
-                        )
-                        if lm.dtype != torch.bfloat16
-                        else cost[bs]
-                    )
-                    short[bs] = (
-                        measure_check_cost(engine, prompts, shortlist=shortlist)
-                        if shortlist
-                        else None
-                    )
-                # calibrated on this task's queries, as a user calibrates on the task they serve
-                policy, target, traces, tune = _calibrated(cal_dir, task, policy_path, lm)
-                # shared by both kinds of check; a given policy never saw these traces, so it is
-                # replayed as it is (folds=1), not refitted fold by fold
-                replays = replay_schedules(
-                    policy, traces, thresholds=tune, folds=1 if policy_path else 5, target=target
-                )
-                planning = dict(check_costs=cost, target=target, prefit=True, **plan_test)
-                if (
-                    shortlist
-                ):  # the same fitted classifier, planned for the shortlist engine's costs
-                    short_policy = PlannedPolicy(policy, shortlist_costs=short, **planning).fit(
-                        traces, replays=replays
-                    )
-                    short_plans = short_policy.plans_
-                    save_policy(
-                        short_policy,
-                        out
-                        / "policies"
-                        / f"{name}-{dtype}-{task}-shortlist{shortlist}.safetensors",
-                        model=lm,
-                        shortlist=shortlist,
-                    )
-                planned = PlannedPolicy(policy, **planning).fit(traces, replays=replays)
-                plans = planned.plans_
-                save_policy(
-                    planned, out / "policies" / f"{name}-{dtype}-{task}.safetensors", model=lm
-                )
-                for bs in tqdm(
-                    batch_sizes, desc=f"{model_name} {dtype} {task}", disable=not progress
-                ):
-                    key = (model_name, dtype, task, bs)
-                    if key in done:
-                        continue
-                    if key in sampled and _same_plan(
-                        rows[key], plans[bs], short_plans[bs] if shortlist else None
-                    ):
-                        # timed under another test that chose this very plan: the same run
-                        for field, value in plan_test.items():
-                            rows[key].setdefault(f"timed_with_{field}", rows[key][field])
-                            rows[key][field] = value
-                        save()
-                        continue
-                    row = bench_cell(
-                        engine,
-                        queries,
-                        planned,
-                        batch_size=bs,
-                        repeats=repeats,
-                        device=device,
-                        min_paired=min_paired,
-                        shortlist=(short_engine, short_policy) if shortlist else None,
-                    )
-                    if key in rows:
-                        row["earlier_timings"] = _earlier_timings(rows[key])
-                    row.update(
-                        model=model_name,
-                        dtype=dtype,
-                        task=task,
-                        shots=shots,
-                        check_cost_layers=cost[bs],
-                        check_cost_bf16_head_layers=cheap[bs],
-                        check_layers=list(plans[bs].check_layers),
-                        planned_cost_layers=plans[bs].expected_cost,
-                        plan_held_out=plans[bs].held_out,
-                        threshold=plans[bs].threshold,
-                        machine=machine(),
-                        **plan_test,
-                    )  # a resumed grid may span machines
-                    if shortlist:
-                        row.update(
-                            shortlist_size=shortlist,
-                            check_cost_shortlist_layers=short[bs],
-                            shortlist_check_layers=list(short_plans[bs].check_layers),
-                            shortlist_threshold=short_plans[bs].threshold,
-                        )
-                    rows[key] = row
-                    save()
-            del engine, short_engine, lm  # every reference, or the next model loads beside this one
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    result = save()
-    write_report(out)
+            if not grid.finished(model_name, dtype, tasks):
+                grid.bench_model(model_name, dtype)
+                # every reference to the model went with bench_model's frame: free it, or the
+                # next model loads beside this one
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+    result = grid.save()
+    write_report(grid.out)
     return result
+
+
+@dataclass
+class _Grid:
+    """One `run_bench` call: the cells it times and how, and their rows by (model, dtype, task,
+    batch size), written to `out`/bench.json after every cell."""
+
+    out: Path
+    tasks: tuple
+    batch_sizes: tuple
+    shots: int
+    n_queries: int
+    n_train: int
+    repeats: int
+    seed: int
+    policy_path: str | None
+    shortlist: int | None
+    device: str
+    data_dir: object
+    progress: bool
+    min_paired: int
+    # the test a plan must pass, recorded per row: a new test re-plans, and re-times what changed
+    plan_test: dict
+    rows: dict = field(default_factory=dict)
+    sampled: set = field(default_factory=set)  # cells holding at least `min_paired` samples
+    done: set = field(default_factory=set)  # ... timed under `plan_test`: not timed again
+
+    @property
+    def settings(self) -> dict:
+        """What a cell's timing depends on: an earlier grid resumes only under the same."""
+        return dict(
+            shots=self.shots,
+            n_queries=self.n_queries,
+            n_train=self.n_train,
+            repeats=self.repeats,
+            seed=self.seed,
+            policy=self.policy_path,
+            shortlist=self.shortlist,
+            device=str(self.device),
+        )
+
+    def resume(self):
+        """A killed run resumes at its next cell; a cell with fewer samples is timed again."""
+        self.rows = {_key(r): r for r in _finished_rows(self.out / "bench.json", self.settings)}
+        self.sampled = {k for k, r in self.rows.items() if r["paired_samples"] >= self.min_paired}
+        self.done = {
+            k
+            for k in self.sampled
+            if all(self.rows[k][setting] == value for setting, value in self.plan_test.items())
+        }
+
+    def save(self) -> dict:
+        """After every cell, so a killed grid loses at most the cell it was timing."""
+        result = {"rows": list(self.rows.values()), "settings": self.settings, "machine": machine()}
+        write_json(self.out / "bench.json", result)
+        return result
+
+    def finished(self, model_name: str, dtype: str, tasks) -> bool:
+        return all((model_name, dtype, t, b) in self.done for t in tasks for b in self.batch_sizes)
+
+    def bench_model(self, model_name: str, dtype: str):
+        """The cells of one model and dtype: loaded once, its calibration traces collected, then
+        task by task, the check costs measured, the policy planned, and each batch size timed."""
+        from .models import load
+
+        lm, tok = load(model_name, dtype=dtype, device=self.device)
+        engine = AdaptiveEngine(lm, tok)
+        # a folder name for an alias, a hub id or a path
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name).strip("_")
+        cal_dir = self.out / "calibration" / f"{name}-{dtype}"
+        train, test = _calibration_and_timed(
+            tok, self.tasks, self.shots, self.n_train, self.n_queries, self.seed, self.data_dir
+        )
+        collect(engine, train, cal_dir, batch_size=8, progress=self.progress)
+        short_engine = AdaptiveEngine(lm, tok, shortlist=self.shortlist) if self.shortlist else None
+        for task in self.tasks:
+            if self.finished(model_name, dtype, [task]):
+                continue
+            queries = [q for q in test if q.task == task]
+            costs = _check_costs(engine, queries, self.batch_sizes, self.shortlist)
+            planned, short_policy = self.plan(cal_dir, task, lm, costs, f"{name}-{dtype}-{task}")
+            shortlisted = (short_engine, short_policy) if self.shortlist else None
+            for bs in tqdm(
+                self.batch_sizes, desc=f"{model_name} {dtype} {task}", disable=not self.progress
+            ):
+                key = (model_name, dtype, task, bs)
+                self.run_cell(key, engine, queries, costs, planned, shortlisted)
+
+    def plan(self, cal_dir, task: str, lm, costs: _CheckCosts, stem: str):
+        """(the policy planned for exact checks, the same planned for shortlist checks or None),
+        both saved to `out`/policies as `stem`. Calibrated on this task's queries, as a user
+        calibrates on the task they serve."""
+        policy, target, traces, tune = _calibrated(cal_dir, task, self.policy_path, lm)
+        # shared by both kinds of check; a given policy never saw these traces, so it is
+        # replayed as it is (folds=1), not refitted fold by fold
+        replays = replay_schedules(
+            policy, traces, thresholds=tune, folds=1 if self.policy_path else 5, target=target
+        )
+        planning = dict(check_costs=costs.exact, target=target, prefit=True, **self.plan_test)
+        short_policy = None
+        if self.shortlist:  # the same fitted classifier, planned for the shortlist engine's costs
+            short_policy = PlannedPolicy(policy, shortlist_costs=costs.shortlist, **planning).fit(
+                traces, replays=replays
+            )
+            save_policy(
+                short_policy,
+                self.out / "policies" / f"{stem}-shortlist{self.shortlist}.safetensors",
+                model=lm,
+                shortlist=self.shortlist,
+            )
+        planned = PlannedPolicy(policy, **planning).fit(traces, replays=replays)
+        save_policy(planned, self.out / "policies" / f"{stem}.safetensors", model=lm)
+        return planned, short_policy
+
+    def run_cell(self, key, engine, queries, costs: _CheckCosts, planned, shortlisted):
+        """One cell, unless done: relabelled if timed before under a test that chose the same
+        plan, else timed (`bench_cell`) and its row recorded. `shortlisted`: (engine with
+        shortlist checks, the policy planned for it) or None."""
+        if key in self.done:
+            return
+        bs = key[-1]
+        plan = planned.plans_[bs]
+        short_plan = shortlisted[1].plans_[bs] if self.shortlist else None
+        if key in self.sampled and _same_plan(self.rows[key], plan, short_plan):
+            # timed under another test that chose this very plan: the same run
+            for setting, value in self.plan_test.items():
+                self.rows[key].setdefault(f"timed_with_{setting}", self.rows[key][setting])
+                self.rows[key][setting] = value
+            self.save()
+            return
+        row = bench_cell(
+            engine,
+            queries,
+            planned,
+            batch_size=bs,
+            repeats=self.repeats,
+            device=self.device,
+            min_paired=self.min_paired,
+            shortlist=shortlisted,
+        )
+        if key in self.rows:
+            row["earlier_timings"] = _earlier_timings(self.rows[key])
+        model_name, dtype, task, _ = key
+        row.update(
+            model=model_name,
+            dtype=dtype,
+            task=task,
+            shots=self.shots,
+            check_cost_layers=costs.exact[bs],
+            check_cost_bf16_head_layers=costs.bf16_head[bs],
+            check_layers=list(plan.check_layers),
+            planned_cost_layers=plan.expected_cost,
+            plan_held_out=plan.held_out,
+            threshold=plan.threshold,
+            machine=machine(),
+            **self.plan_test,
+        )  # a resumed grid may span machines
+        if self.shortlist:
+            row.update(
+                shortlist_size=self.shortlist,
+                check_cost_shortlist_layers=costs.shortlist[bs],
+                shortlist_check_layers=list(short_plan.check_layers),
+                shortlist_threshold=short_plan.threshold,
+            )
+        self.rows[key] = row
+        self.save()
+
+
+class _CheckCosts(NamedTuple):
+    """A check's cost in decoder layers, by batch size: exact, with the LM head in bf16, and over
+    a shortlist (None without one)."""
+
+    exact: dict
+    bf16_head: dict
+    shortlist: dict
+
+
+def _check_costs(engine, queries, batch_sizes, shortlist: int | None) -> _CheckCosts:
+    """Measured per task, on its first queries: a check's cost relative to a layer falls with the
+    batch size (one plan per size) and with the prompt length (a layer grows with it, a check
+    does not)."""
+    lm, tok = engine.model, engine.tokenizer
+    costs = _CheckCosts({}, {}, {})
+    for bs in batch_sizes:
+        prompts = [q.prompt for q in queries[:bs]]
+        costs.exact[bs] = measure_check_cost(engine, prompts)
+        # cheaper checks, measured the same way: the LM head in bf16 (half the bytes read), and a
+        # head over each row's `shortlist` candidates (k rows instead of V)
+        costs.bf16_head[bs] = (
+            measure_check_cost(AdaptiveEngine(lm, tok, check_dtype=torch.bfloat16), prompts)
+            if lm.dtype != torch.bfloat16
+            else costs.exact[bs]
+        )
+        costs.shortlist[bs] = (
+            measure_check_cost(engine, prompts, shortlist=shortlist) if shortlist else None
+        )
+    return costs
 
 
 def write_report(out_dir) -> Path:

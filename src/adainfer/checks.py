@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import NormalDist
 
 import numpy as np
@@ -240,43 +240,58 @@ def plan_checks_by_batch(
             seed=seed,
             target=target,
         )
-    schedules, held_out, thresholds = (
-        replays.schedules,
-        replays.held_out,
-        tuple(replays.by_threshold),
-    )
+    schedules, held_out = replays.schedules, replays.held_out
     best_by_threshold = {}
-    for t in thresholds:
+    for t, results in replays.by_threshold.items():
         # which schedules keep the answers does not depend on the check cost: judged once
-        passing = []
-        for layers, r in zip(schedules, replays.by_threshold[t]):
-            acc, agree = float(r.correct.mean()), float(r.agrees.mean())
-            if acc >= full - tolerance and (
-                agree >= agreement or _bounded_loss(r.correct, full_correct, z, tolerance)
-            ):
-                passing.append((layers, r, acc, agree))
+        passing = _passing(schedules, results, full_correct, tolerance, agreement, z)
         plans = {}
         for batch_size, c in check_costs.items():
             short = None if shortlist_costs is None else shortlist_costs[batch_size]
             plain = CheckPlan((), float(L), full, full, c, len(schedules), held_out, 1.0, t)
-            best = plain
-            for layers, r, acc, agree in passing:
-                cost = float(check_cost_layers(r, L, c, short).mean())
-                if cost < best.expected_cost:
-                    best = CheckPlan(layers, cost, acc, full, c, len(schedules), held_out, agree, t)
-            plans[batch_size] = (
-                plain if best.expected_cost > L * (1 - margin) else best
-            )  # no schedule pays: plain model
+            plans[batch_size] = _cheapest(passing, plain, L, short, margin)
         best_by_threshold[t] = plans
     # one threshold for every batch size: the cheapest on average (ties: the higher, safer one)
     t = min(
-        thresholds,
+        best_by_threshold,
         key=lambda t: (
             np.mean([p.expected_cost for p in best_by_threshold[t].values()]),
             -(t or 0),
         ),
     )
     return best_by_threshold[t]
+
+
+def _passing(schedules, results, full_correct, tolerance: float, agreement: float, z) -> list:
+    """(schedule, replay, accuracy, agreement) of each schedule whose replay keeps accuracy within
+    `tolerance` of the full model's and agrees with it on `agreement` of the queries, or bounds
+    the accuracy loss (`_bounded_loss`)."""
+    full = float(full_correct.mean())
+    passing = []
+    for layers, r in zip(schedules, results):
+        acc, agree = float(r.correct.mean()), float(r.agrees.mean())
+        if acc >= full - tolerance and (
+            agree >= agreement or _bounded_loss(r.correct, full_correct, z, tolerance)
+        ):
+            passing.append((layers, r, acc, agree))
+    return passing
+
+
+def _cheapest(passing, plain: CheckPlan, num_layers: int, shortlist_cost, margin: float):
+    """The passing schedule with the lowest expected cost at `plain`'s check cost, or `plain` (no
+    check) when none beats the plain model by `margin`."""
+    best = plain
+    for layers, r, acc, agree in passing:
+        cost = float(check_cost_layers(r, num_layers, plain.check_cost, shortlist_cost).mean())
+        if cost < best.expected_cost:
+            best = replace(
+                plain,
+                check_layers=layers,
+                expected_cost=cost,
+                expected_accuracy=acc,
+                expected_agreement=agree,
+            )
+    return plain if best.expected_cost > num_layers * (1 - margin) else best
 
 
 def _bounded_loss(correct, full_correct, z: float | None, tolerance: float) -> bool:
