@@ -58,14 +58,17 @@ __all__ = [
     "decode_costs",
     "draft_rounds",
     "drafting_estimate",
+    "encode",
     "eos_ids",
     "greedy_generate",
     "humaneval_prompts",
     "lossy_bound",
     "machine_info",
+    "machine_tag",
     "settled_layers",
     "squad_prompts",
     "summarize_trace",
+    "trace_batch",
     "trace_tokens",
 ]
 
