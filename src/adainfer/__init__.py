@@ -7,7 +7,8 @@ The modules stand on floors; each imports only from its own floor or below:
   lens (the one logit lens);
 - features and policies: features, policies (exit policies, Step), flops, offline (replay on
   traces), checks (PlannedPolicy: where to check), persist (policy files);
-- engine clients: prefill (AdaptiveEngine), generation (token by token, lossless drafting);
+- engine clients: prefill (AdaptiveEngine), generation (token by token, lossless drafting),
+  lossy (token by token, every token leaving at its own layer; TokenExitPolicy);
 - evaluate, bench, reproduce: collect, summary, evaluate, bench, reproduce, report,
   pipeline, demo, headroom;
 - the command line: cli.
@@ -20,8 +21,17 @@ from .policies import POLICIES, Step, make_policy
 from .prefill import AdaptiveEngine, ExitResult
 
 
+def __getattr__(name):
+    if name == "TokenExitPolicy":  # imported on first use: it brings in torch and sklearn
+        from .lossy import TokenExitPolicy
+
+        return TokenExitPolicy
+    raise AttributeError(f"module 'adainfer' has no attribute {name!r}")
+
+
 def generate(*args, **kwargs):
-    """Generate text, lossless, with drafts from an early layer (see adainfer.generation)."""
+    """Generate text: lossless (plain, or drafts from an early layer), or lossy with a
+    `TokenExitPolicy` (see adainfer.generation and adainfer.lossy)."""
     from .generation import generate as _generate
 
     return _generate(*args, **kwargs)
@@ -42,6 +52,7 @@ __all__ = [
     "Step",
     "POLICIES",
     "PlannedPolicy",
+    "TokenExitPolicy",
     "make_policy",
     "generate",
     "load",

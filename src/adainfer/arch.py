@@ -21,6 +21,8 @@ class ArchSpec:
     mlp: str  # attribute of one decoder layer: the feed-forward block (its output module)
     project_out: str | None = None  # OPT-350m style projection applied after the final norm
     norm_optional: bool = False  # OPT-350m (post-norm layers) has no final norm at all
+    attn_norm: str | None = "input_layernorm"  # attribute of one decoder layer: the norm
+    # before attention (lossy generation computes skipped layers' keys and values through it)
 
 
 _LLAMA_LIKE = ArchSpec(layers="layers", norm="norm", attn="self_attn", mlp="mlp")
@@ -44,7 +46,7 @@ SPECS: dict[str, ArchSpec] = {
             "granite",
         )
     },
-    "gpt2": ArchSpec(layers="h", norm="ln_f", attn="attn", mlp="mlp"),
+    "gpt2": ArchSpec(layers="h", norm="ln_f", attn="attn", mlp="mlp", attn_norm="ln_1"),
     "opt": ArchSpec(
         layers="decoder.layers",
         norm="decoder.final_layer_norm",
@@ -52,6 +54,7 @@ SPECS: dict[str, ArchSpec] = {
         mlp="fc2",
         project_out="decoder.project_out",
         norm_optional=True,
+        attn_norm=None,  # pre-norm (OPT-125m) or post-norm (OPT-350m), by config
     ),
     "gpt_neox": ArchSpec(layers="layers", norm="final_layer_norm", attn="attention", mlp="mlp"),
 }

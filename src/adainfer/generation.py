@@ -47,6 +47,12 @@ class GenerationResult:
     accepted: np.ndarray  # [B] of those, verified equal to the full model's
     rounds: int = 0  # draft-and-verify rounds (plain decoding: steps)
     wall_time_s: float = 0.0
+    exit_layers: list[list[int]] | None = None  # lossy mode: the layer each token left at
+
+    @property
+    def mean_exit_layer(self) -> float:
+        layers = [e for row in self.exit_layers or () for e in row]
+        return float(np.mean(layers)) if layers else float("nan")
 
     @property
     def acceptance(self) -> float:
@@ -135,6 +141,8 @@ class SelfSpeculativeDecoder:
     draft_tokens : tokens drafted per round before the full model verifies them.
     """
 
+    tracks_exits = False  # whether tokens leave at their own layer (the lossy decoder)
+
     def __init__(self, model, tokenizer, *, draft_layer: int | None = None, draft_tokens: int = 4):
         self.model, self.tokenizer = model, tokenizer
         self.parts = find_parts(model)
@@ -171,12 +179,12 @@ class SelfSpeculativeDecoder:
         rows, first = self._prefill(prompts, max_new_tokens)
         stops = _StopStrings(self.tokenizer, stop_strings)
         out = _Output(len(prompts), max_new_tokens, eos, on_tokens, stops)
+        if self.tracks_exits:  # the first token comes from the full prefill forward
+            out.exit_layers = [[] for _ in prompts]
+            out.full_depth = self.parts.num_layers
         rows.keep(out.add(rows.index, first[:, None], torch.ones(len(first), dtype=torch.long)))
         while len(rows.index):
-            if self.draft_layer is None:
-                self._plain_step(rows, out)
-            else:
-                self._round(rows, out)
+            self._advance(rows, out)
             out.rounds += 1
         tokens = out.tokens
         return GenerationResult(
@@ -189,6 +197,7 @@ class SelfSpeculativeDecoder:
             accepted=out.accepted,
             rounds=out.rounds,
             wall_time_s=time.perf_counter() - start,
+            exit_layers=out.exit_layers,
         )
 
     # ---------------------------------------------------------------- steps
@@ -242,6 +251,13 @@ class SelfSpeculativeDecoder:
             "attention_mask": rows.mask,
             "position_ids": rows.position[:, None] + offsets,
         }
+
+    def _advance(self, rows: _Rows, out: _Output) -> None:
+        """One step (plain) or one draft-and-verify round for every row still going."""
+        if self.draft_layer is None:
+            self._plain_step(rows, out)
+        else:
+            self._round(rows, out)
 
     def _plain_step(self, rows: _Rows, out: _Output) -> None:
         inputs = self._feed(rows, rows.pending[:, None])
@@ -339,15 +355,19 @@ class _Output:
         self.stops = stops
         self.drafted = np.zeros(size, dtype=np.int64)
         self.accepted = np.zeros(size, dtype=np.int64)
+        self.exit_layers: list[list[int]] | None = None  # per token, where exits are tracked
+        self.full_depth = 0
         self.rounds = 0
 
     def most_left(self, index: torch.Tensor) -> int:
         return max(self.max_new_tokens - len(self.tokens[i]) for i in index.tolist())
 
-    def add(self, index: torch.Tensor, new: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        """Append the first `count[r]` of `new[r]` to each row; the mask of rows still going."""
+    def add(self, index, new, count, layers: torch.Tensor | None = None) -> torch.Tensor:
+        """Append the first `count[r]` of `new[r]` to each row (left at `layers[r]`, else at
+        full depth, where exits are tracked); the mask of rows still going."""
         going = []
-        for i, row, n in zip(index.tolist(), new.tolist(), count.tolist()):
+        depth = [self.full_depth] * len(index) if layers is None else layers.tolist()
+        for i, row, n, d in zip(index.tolist(), new.tolist(), count.tolist(), depth):
             added, stop = [], False
             for t in row[:n]:
                 added.append(t)
@@ -355,6 +375,8 @@ class _Output:
                     stop = True
                     break
             self.tokens[i] += added
+            if self.exit_layers is not None:
+                self.exit_layers[i] += [d] * len(added)
             if self.on_tokens is not None and added:
                 self.on_tokens(i, added)
             going.append(not stop and not self.stops.found(self.tokens[i]))
@@ -401,6 +423,7 @@ def generate(
     *,
     draft_layer: int | None = None,
     draft_tokens: int = 4,
+    exits=None,
     chat: bool = False,
     stop_strings: Sequence[str] = (),
     seed: int | None = None,
@@ -414,7 +437,9 @@ def generate(
     `settings` are `GenerationConfig` fields (max_new_tokens, do_sample, temperature, top_k,
     top_p, eos_token_id); a `generation_config` gives their defaults. `chat` wraps each prompt
     in the tokenizer's chat template as a user turn. `draft_layer` / `draft_tokens`: see
-    `SelfSpeculativeDecoder` (None: plain decoding)."""
+    `SelfSpeculativeDecoder` (None: plain decoding). `exits`: a fitted
+    `adainfer.TokenExitPolicy` turns on the lossy mode, in which every token leaves at its
+    own layer (the result's `exit_layers`); it cannot be combined with drafting."""
     config = _settings(generation_config, settings)
     if chat:
         prompts = [
@@ -430,9 +455,14 @@ def generate(
         top_p=config.get("top_p") or 1.0,
         generator=None if seed is None else torch.Generator().manual_seed(seed),
     )
-    decoder = SelfSpeculativeDecoder(
-        model, tokenizer, draft_layer=draft_layer, draft_tokens=draft_tokens
-    )
+    if exits is not None:
+        if draft_layer is not None:
+            raise ValueError("choose lossless drafting (draft_layer) or lossy exits, not both")
+        decoder = exits.decoder(model, tokenizer)
+    else:
+        decoder = SelfSpeculativeDecoder(
+            model, tokenizer, draft_layer=draft_layer, draft_tokens=draft_tokens
+        )
     return decoder.generate(
         prompts,
         max_new_tokens=config.get("max_new_tokens") or 64,

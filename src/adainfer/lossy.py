@@ -1,0 +1,520 @@
+"""Lossy generation, CALM-style: every generated token leaves at its own layer.
+
+At each candidate layer a linear probe on the token's hidden state (no LM head: one LM-head
+read costs 3-10 decoder layers of a decode step here, a probe a dot product) estimates the
+chance that the logit lens already gives the full model's token there; the token leaves at
+the first candidate layer where that chance reaches the calibrated threshold, and is read
+through the lens at that depth. Rows of a batch leave at different layers; the layer stepper
+drops them from the layers they skip.
+
+The layers a token skipped still need its keys and values, or later tokens would attend to
+holes: they are filled from the exit state ("state propagation"): each skipped layer's own
+attention block runs on the exit state just far enough to produce its keys and values (with
+its own norm, projections, key norm and rotary embedding), and these are written into the
+cache.
+
+`TokenExitPolicy.fit` calibrates on unlabeled prompts: it greedy-decodes them with the full
+model, reads every generated token at every candidate layer (teacher-forced), trains the
+probes on half the prompts and picks the threshold on the other half so that the share of
+tokens whose exit-layer token differs from the full model's stays at or below `risk`. That
+share is measured teacher-forced; in free generation a changed token changes what follows,
+and propagated states are not the skipped layers' own, so the benchmark measures the real
+rate (the risk-control issue turns this estimate into a guarantee).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .arch import UnsupportedModel
+from .files import write_json
+from .generation import SelfSpeculativeDecoder, _Output, _Rows
+from .lens import LogitLens
+from .stepper import CACHE_ARGS, LayerOutput, LayerStepper
+
+FORMAT = "adainfer-token-exits/1"
+
+
+# ------------------------------------------------------------------ the exit signal
+class ExitSignal:
+    """A hidden state read on a small vocabulary: the shortlist head's top-1, and what the
+    probe sees (top probability and gap on the shortlist, cosine to the layer's input).
+
+    The shortlist is a [K, H] slice of the unembedding taken once, so a read costs K / V of
+    the LM head (K = 4096 of Qwen's 151k tokens: under 3%)."""
+
+    def __init__(self, lens: LogitLens, vocab: torch.Tensor):
+        head = lens.parts.head
+        self.lens, self.vocab = lens, vocab.to(head.weight.device)
+        self.weight = head.weight.detach()[self.vocab]
+        bias = getattr(head, "bias", None)
+        self.bias = None if bias is None else bias.detach()[self.vocab]
+
+    def __call__(self, hidden: torch.Tensor, before: torch.Tensor):
+        """(features [A, 3] float32, shortlist logits [A, K]) for hidden states [A, H]; the
+        token at shortlist position i is `vocab[i]`."""
+        normed = self.lens.normed(hidden)
+        logits = self.lens.finish(torch.nn.functional.linear(normed, self.weight, self.bias))
+        top = logits.float().softmax(-1).topk(2, dim=-1).values
+        cos = torch.nn.functional.cosine_similarity(hidden.float(), before.float(), dim=-1)
+        return torch.stack([top[:, 0], top[:, 0] - top[:, 1], cos], -1), logits
+
+
+def frequent_tokens(sequences: Iterable[Sequence[int]], size: int) -> torch.Tensor:
+    """The `size` most frequent token ids in `sequences` (fewer if fewer occur)."""
+    counts = np.bincount(np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]))
+    order = np.argsort(-counts, kind="stable")[: min(size, int((counts > 0).sum()))]
+    return torch.as_tensor(np.sort(order))
+
+
+@dataclass
+class ExitTrace:
+    """Teacher-forced reads of generated tokens at every layer."""
+
+    vocab: np.ndarray  # [K] the shortlist the signal reads
+    features: np.ndarray  # [N, L, 3] ExitSignal features per token and layer
+    agree: np.ndarray  # [N, L] the shortlist top-1 there is the full model's token
+    settled: np.ndarray  # [N] earliest layer from which the full lens top-1 stays final
+    prompt: np.ndarray  # [N] prompt index of each token
+
+    @property
+    def num_layers(self) -> int:
+        return self.agree.shape[1]
+
+
+@torch.inference_mode()
+def trace_exits(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    vocab_size: int = 4096,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> ExitTrace:
+    """Greedy-decode `prompts` with the full model, take the `vocab_size` most frequent
+    tokens of prompts and outputs as the shortlist, and read each generated token at every
+    layer (teacher-forced)."""
+    decoder = SelfSpeculativeDecoder(model, tokenizer)
+    starts = range(0, len(prompts), batch_size)
+    batches = [list(prompts[s : s + batch_size]) for s in starts]
+    outputs = [decoder.generate(b, max_new_tokens=max_new_tokens).tokens for b in progress(batches)]
+    prompt_ids = tokenizer(list(prompts))["input_ids"]
+    vocab = frequent_tokens([*prompt_ids, *(t for out in outputs for t in out)], vocab_size)
+    signal = ExitSignal(decoder.lens, vocab)
+    traced = [
+        _trace_batch(decoder, signal, b, out, s) for b, out, s in zip(batches, outputs, starts)
+    ]
+    cat = [np.concatenate(x) for x in zip(*traced)]
+    return ExitTrace(vocab.numpy(), *cat)
+
+
+def _trace_batch(decoder, signal: ExitSignal, prompts, generated, offset):
+    """One teacher-forced forward over prompt + generated tokens through the stepper."""
+    parts, lens, tok = decoder.parts, decoder.lens, decoder.tokenizer
+    lengths = [len(g) for g in generated]
+    width = max(lengths)
+    enc = tok(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+    gen = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+    for b, g in enumerate(generated):
+        gen[b, : len(g)] = torch.tensor(g, dtype=torch.long)
+    # generated token t is predicted at input position P - 1 + t
+    ids = torch.cat([enc["input_ids"], gen[:, :-1]], dim=1)
+    mask = torch.cat([enc["attention_mask"], torch.ones_like(gen[:, :-1])], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    B, L = len(prompts), parts.num_layers
+    feats = torch.zeros(B, width, L, 3)
+    top1 = torch.zeros(B, width, L, dtype=torch.long)
+    short = torch.zeros(B, width, L, dtype=torch.long)
+
+    def client(out: LayerOutput):
+        hidden = out.hidden[:, -width:].reshape(B * width, -1)
+        before = out.hidden.new_empty(0) if out.layer == 1 else client.previous
+        top1[:, :, out.layer - 1] = lens(hidden).argmax(-1).view(B, width).cpu()
+        if out.layer > 1:
+            f, logits = signal(hidden, before)
+            feats[:, :, out.layer - 1] = f.view(B, width, -1).cpu()
+            short[:, :, out.layer - 1] = signal.vocab[logits.argmax(-1)].view(B, width).cpu()
+        client.previous = hidden
+
+    LayerStepper(parts).run(inputs, client, use_cache=False)
+    keep = torch.arange(width)[None] < torch.tensor(lengths)[:, None]
+    top1, short = top1[keep].numpy(), short[keep].numpy()
+    final = top1[:, -1:]
+    stays = np.flip(np.cumprod(np.flip(top1 == final, 1), 1), 1)  # top-1 final from here on
+    settled = L - stays.sum(1) + 1
+    prompt = np.repeat(np.arange(B) + offset, lengths)
+    return feats[keep].numpy(), short == final, settled, prompt
+
+
+# ------------------------------------------------------------------ the policy
+class TokenExitPolicy:
+    """When a generated token may leave early: a probe per candidate layer, one threshold.
+
+    A token leaves at the first candidate layer whose probe logit reaches `threshold_`, with
+    the shortlist's top-1 as its token. The last layer can be a candidate too: there a token
+    that passes skips the full LM head (3-10 decoder layers of a decode step here).
+
+    Parameters
+    ----------
+    risk : the share of tokens allowed to differ from the full model's (teacher-forced, on
+        the held-out half of the calibration prompts).
+    vocab_size : size of the shortlist the signal reads (the most frequent calibration tokens).
+    min_agreement : a layer is a candidate only where the shortlist top-1 is the full
+        model's token for at least this share of training tokens (earlier layers would cost
+        a check and almost never pass it).
+    max_checks : at most this many candidate layers, the deepest that qualify.
+    C : inverse L2 strength of each layer's logistic-regression probe.
+    """
+
+    def __init__(
+        self,
+        risk: float = 0.01,
+        *,
+        vocab_size: int = 4096,
+        min_agreement: float = 0.5,
+        max_checks: int = 4,
+        C: float = 1.0,
+        seed: int = 0,
+    ):
+        self.risk, self.vocab_size = risk, vocab_size
+        self.min_agreement, self.max_checks, self.C, self.seed = min_agreement, max_checks, C, seed
+
+    # -------------------------------------------------------------- fitting
+    def fit(self, model, tokenizer, prompts: Sequence[str], **trace_kw) -> TokenExitPolicy:
+        """Calibrate on unlabeled `prompts` (see the module doc); `trace_kw` go to
+        `trace_exits` (max_new_tokens, batch_size, progress)."""
+        if isinstance(prompts, str) or len(prompts) < 2:
+            raise ValueError("calibration needs a list of at least 2 prompts")
+        trace = trace_exits(model, tokenizer, prompts, vocab_size=self.vocab_size, **trace_kw)
+        self.model_ = _model_id(model)
+        return self.fit_trace(trace)
+
+    def fit_trace(self, trace: ExitTrace) -> TokenExitPolicy:
+        """Probes on the even prompts' tokens, the threshold on the odd prompts' tokens."""
+        if not 0 <= self.risk < 1:
+            raise ValueError(f"risk must be in [0, 1), got {self.risk}")
+        train, held = trace.prompt % 2 == 0, trace.prompt % 2 == 1
+        if not train.any() or not held.any():
+            raise ValueError("calibration needs tokens from at least 2 prompts")
+        rates = trace.agree[train].mean(0)
+        rates[0] = 0  # layer 1 has no input to compare with
+        chosen = [i for i, r in enumerate(rates) if r >= self.min_agreement][-self.max_checks :]
+        self.model_ = getattr(self, "model_", "")
+        self.num_layers_, self.vocab_ = trace.num_layers, trace.vocab
+        self.layers_ = [i + 1 for i in chosen]
+        probes = [self._probe(trace.features[train, i], trace.agree[train, i]) for i in chosen]
+        self.coef_ = np.array([w for w, _ in probes]).reshape(len(chosen), 3)
+        self.intercept_ = np.array([b for _, b in probes])
+        scores = self._scores(trace.features[held][:, chosen])  # [N, C] logits
+        agree = trace.agree[held][:, chosen]
+        self.threshold_, self.calibration_ = _pick_threshold(
+            scores, agree, self.layers_, trace.num_layers, self.risk, trace.settled[held]
+        )
+        return self
+
+    def _probe(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+        """A logistic regression on standardised features, folded back to raw features."""
+        from sklearn.linear_model import LogisticRegression
+
+        if y.all() or not y.any():  # one class: a constant verdict
+            return np.zeros(x.shape[1]), 20.0 if y.all() else -20.0
+        mean, scale = x.mean(0), x.std(0) + 1e-6
+        clf = LogisticRegression(C=self.C, max_iter=2000, random_state=self.seed)
+        clf.fit((x - mean) / scale, y)
+        w = clf.coef_[0] / scale
+        return w, float(clf.intercept_[0] - (w * mean).sum())
+
+    def _scores(self, features: np.ndarray) -> np.ndarray:
+        """[N, C] probe logits per token and candidate layer."""
+        return np.einsum("ncf,cf->nc", features, self.coef_) + self.intercept_
+
+    # -------------------------------------------------------------- use
+    def decision_function(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        """[A] probe logits at a candidate `layer` for ExitSignal features [A, 3]."""
+        w, b = self._torch(features.device)
+        c = self.layers_.index(layer)
+        return features @ w[c] + b[c]
+
+    def _torch(self, device):
+        cached = getattr(self, "_weights", None)
+        if cached is None or cached[0].device != torch.device(device):
+            w = torch.tensor(self.coef_, dtype=torch.float32, device=device)
+            b = torch.tensor(self.intercept_, dtype=torch.float32, device=device)
+            self._weights = cached = (w, b)
+        return cached
+
+    def check_model(self, model) -> None:
+        layers, vocab = model.config.num_hidden_layers, model.get_output_embeddings().weight
+        if layers != self.num_layers_ or int(self.vocab_.max()) >= vocab.shape[0]:
+            raise ValueError(
+                f"this exit policy was calibrated on {self.model_ or 'another model'} "
+                f"({self.num_layers_} layers); the model has {layers} layers and "
+                f"{vocab.shape[0]} tokens: calibrate one for this model"
+            )
+
+    def decoder(self, model, tokenizer) -> EarlyExitDecoder:
+        """The lossy decoder that generates with this policy (`adainfer.generate(exits=...)`)."""
+        return EarlyExitDecoder(model, tokenizer, self)
+
+    # -------------------------------------------------------------- files
+    def save(self, path) -> None:
+        data = {
+            "format": FORMAT,
+            "params": {k: getattr(self, k) for k in _PARAMS},
+            "model": self.model_,
+            "num_layers": self.num_layers_,
+            "layers": self.layers_,
+            "coef": self.coef_.tolist(),
+            "intercept": self.intercept_.tolist(),
+            "threshold": self.threshold_,
+            "calibration": self.calibration_,
+            "vocab": self.vocab_.tolist(),
+        }
+        write_json(path, data)
+
+    @classmethod
+    def load(cls, path) -> TokenExitPolicy:
+        import json
+
+        try:
+            data = json.loads(open(path).read())
+            if data.get("format") != FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, expected {FORMAT!r}")
+            policy = cls(**data["params"])
+            policy.model_, policy.layers_ = data["model"], [int(x) for x in data["layers"]]
+            policy.num_layers_ = int(data["num_layers"])
+            policy.coef_ = np.asarray(data["coef"], dtype=np.float64).reshape(-1, 3)
+            policy.intercept_ = np.asarray(data["intercept"], dtype=np.float64)
+            policy.vocab_ = np.asarray(data["vocab"], dtype=np.int64)
+            policy.threshold_, policy.calibration_ = float(data["threshold"]), data["calibration"]
+            if not len(policy.coef_) == len(policy.intercept_) == len(policy.layers_):
+                raise ValueError("layers, coef and intercept differ in length")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(
+                f"{path} is not a readable adainfer token-exit policy ({err}); make one with "
+                "`adainfer calibrate-exits`"
+            ) from err
+        return policy
+
+
+_PARAMS = ("risk", "vocab_size", "min_agreement", "max_checks", "C", "seed")
+
+
+def _pick_threshold(scores, agree, layers, num_layers, risk, settled):
+    """The lowest probe logit threshold whose held-out changed-token share is <= risk: a
+    token leaves at the first candidate layer whose score reaches it."""
+    if not layers:
+        depth = np.full(len(scores), num_layers)
+        return float("inf"), _report(depth, np.zeros(len(scores), bool), settled, num_layers)
+    candidates = np.unique(scores)[::-1]  # from strict to loose
+    best = float("inf")
+    for t in candidates:
+        exit_at = _first_pass(scores, t)
+        changed = _changed(exit_at, agree)
+        if changed.mean() > risk:
+            break
+        best = float(t)
+    exit_at = _first_pass(scores, best)
+    at = np.asarray(layers)[np.minimum(exit_at, len(layers) - 1)]
+    depth = np.where(exit_at < len(layers), at, num_layers)
+    return best, _report(depth, _changed(exit_at, agree), settled, num_layers)
+
+
+def _first_pass(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """[N] index of the first candidate layer whose score reaches `threshold` (C: none)."""
+    passed = scores >= threshold
+    return np.where(passed.any(1), passed.argmax(1), scores.shape[1])
+
+
+def _changed(exit_at: np.ndarray, agree: np.ndarray) -> np.ndarray:
+    left = exit_at < agree.shape[1]
+    got = agree[np.arange(len(agree)), np.minimum(exit_at, agree.shape[1] - 1)]
+    return left & ~got.astype(bool)
+
+
+def _report(depth, changed, settled, L: int) -> dict:
+    """What the threshold does on the held-out tokens, next to the per-token oracle."""
+    oracle = float((L - settled).mean())
+    saved = float((L - depth).mean())
+    return {
+        "tokens": int(len(depth)),
+        "changed_share": float(np.mean(changed)) if len(changed) else 0.0,
+        "mean_exit_layer": float(depth.mean()),
+        "exited_share": float((depth < L).mean()),
+        "oracle_mean_settled": float(settled.mean()),
+        "share_of_oracle_saving": saved / oracle if oracle > 0 else float("nan"),
+    }
+
+
+def _model_id(model) -> str:
+    return getattr(model, "adainfer_id", None) or getattr(model.config, "_name_or_path", "")
+
+
+# ------------------------------------------------------------------ the decoder
+class EarlyExitDecoder(SelfSpeculativeDecoder):
+    """Lossy generation: each token leaves at the first candidate layer where the policy's
+    probe passes its threshold (see the module doc). Same interface as the lossless decoder;
+    the result's `exit_layers` says where each token left."""
+
+    tracks_exits = True
+
+    def __init__(self, model, tokenizer, policy: TokenExitPolicy):
+        super().__init__(model, tokenizer)
+        policy.check_model(model)
+        self.policy, self.threshold = policy, policy.threshold_
+        self.checks = set(policy.layers_)
+        self.signal = ExitSignal(self.lens, torch.as_tensor(policy.vocab_))
+        self.propagation = StatePropagation(self.parts)
+
+    def _advance(self, rows: _Rows, out: _Output) -> None:
+        """One decode step in which every row leaves at its own layer."""
+        inputs = self._feed(rows, rows.pending[:, None])
+        step = _Step(len(rows.index), self.parts.num_layers)
+        with self.propagation.recording():
+            self.stepper.run(inputs, self._client(step), cache=rows.cache, use_cache=True)
+        self.propagation.fill(rows.cache, step.layer, step.state, step.ran)
+        late = step.token < 0  # reached the last layer without passing: the full head
+        if bool(late.any()):
+            logits = self.lens(step.state[late.to(step.state.device)])
+            step.token[late] = self.chooser.pick(logits).cpu()
+        rows.position = rows.position + 1
+        rows.pending = step.token.to(rows.pending.device)
+        count = torch.ones_like(rows.pending)
+        rows.keep(out.add(rows.index, rows.pending[:, None], count, layers=step.layer))
+
+    def _client(self, step: _Step):
+        L = self.parts.num_layers
+
+        def client(seen: LayerOutput):
+            step.ran.add(seen.layer)
+            if seen.layer not in self.checks and seen.layer != L:
+                return None
+            hidden = seen.hidden[:, -1]
+            if step.state is None:
+                step.state = hidden.new_empty(step.size, hidden.shape[-1])
+            leave = torch.zeros(len(hidden), dtype=torch.bool)
+            if seen.layer in self.checks:
+                features, logits = self.signal(hidden, seen.before)
+                leave = (
+                    self.policy.decision_function(seen.layer, features) >= self.threshold
+                ).cpu()
+            gone = seen.rows[leave]
+            if len(gone):
+                picked = self.chooser.pick(logits[leave.to(logits.device)])
+                step.token[gone] = self.signal.vocab[picked].cpu()
+            stop = torch.ones_like(leave) if seen.layer == L else leave
+            step.state[seen.rows[stop]] = hidden[stop.to(hidden.device)]
+            step.layer[seen.rows[stop]] = seen.layer
+            return None if not bool(leave.any()) else ~leave
+
+        return client
+
+
+@dataclass
+class _Step:
+    """Where each row of one decode step left, its state there and its token (-1: to be read
+    by the full head)."""
+
+    size: int
+    num_layers: int
+    state: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self.layer = torch.full((self.size,), self.num_layers, dtype=torch.long)
+        self.token = torch.full((self.size,), -1, dtype=torch.long)
+        self.ran: set[int] = set()
+
+
+class _Recorded(Exception):
+    def __init__(self, keys, values):
+        self.keys, self.values = keys, values
+
+
+class _Recorder:
+    """A cache that stops the attention block once it has computed its keys and values."""
+
+    def update(self, keys, values, *args, **kwargs):
+        raise _Recorded(keys, values)
+
+
+class StatePropagation:
+    """Keys and values of skipped layers, computed from a token's exit state by each skipped
+    layer's own attention block (norm, projections, key norm, rotary embedding), stopped
+    before attention itself: CALM's state propagation without re-implementing any model."""
+
+    def __init__(self, parts):
+        self.parts = parts
+        attn = getattr(parts.layers[0], parts.spec.attn)
+        names = inspect.signature(attn.forward).parameters
+        self.cache_arg = next((n for n in names if n in CACHE_ARGS), None)
+        self.norm = parts.spec.attn_norm
+        if self.cache_arg is None or self.norm is None:
+            raise UnsupportedModel(
+                f"lossy generation fills skipped layers' keys and values through the attention "
+                f"block, which {type(attn).__name__} does not let adainfer do (no cache "
+                "argument or no pre-attention norm); use lossless generation"
+            )
+        self.rotary = [m for n, m in parts.base.named_children() if "rotary" in n]
+        self.layer_types = getattr(parts.config, "layer_types", None)
+        self._positions: dict = {}
+
+    def recording(self):
+        """While the forward runs: keep the rotary tables it computes, per layer type."""
+        from contextlib import ExitStack
+
+        self._positions = {}
+
+        def hook(module, args, kwargs, output):
+            kind = args[2] if len(args) > 2 else kwargs.get("layer_type")
+            self._positions[kind] = output
+
+        stack = ExitStack()
+        for m in self.rotary:
+            stack.callback(m.register_forward_hook(hook, with_kwargs=True).remove)
+        return stack
+
+    def fill(self, cache, exit_layer: torch.Tensor, state: torch.Tensor, ran: set) -> None:
+        """Write, for every layer above each row's exit layer, the keys and values computed
+        from its exit state at its newest position (the stepper left zeros there, or the layer
+        did not run at all when every row had left)."""
+        L = self.parts.num_layers
+        for layer in range(int(exit_layer.min()) + 1, L + 1):
+            rows = (exit_layer < layer).nonzero()[:, 0]
+            keys, values = self.keys_values(layer, state[rows.to(state.device)], rows)
+            c = cache.layers[layer - 1]
+            if layer in ran:
+                at = rows.to(c.keys.device)
+                c.keys[at, :, -1:], c.values[at, :, -1:] = keys, values
+            else:  # no row reached this layer: every row left below it
+                c.update(keys, values)
+
+    def keys_values(self, layer: int, state: torch.Tensor, rows: torch.Tensor):
+        """[r, heads, 1, D] keys and values of `layer` for exit states [r, H] of `rows`."""
+        block = self.parts.layers[layer - 1]
+        attn = getattr(block, self.parts.spec.attn)
+        kwargs = {self.cache_arg: _Recorder(), "attention_mask": None}
+        table = self._table(layer)
+        if table is not None:
+            kwargs["position_embeddings"] = tuple(
+                t if t.shape[0] == 1 else t[rows.to(t.device)] for t in table
+            )
+        try:
+            attn(getattr(block, self.norm)(state[:, None]), **kwargs)
+        except _Recorded as got:
+            return got.keys, got.values
+        raise UnsupportedModel(f"{type(attn).__name__} never wrote its keys and values")
+
+    def _table(self, layer: int):
+        if not self._positions:
+            return None
+        if self.layer_types is not None and self.layer_types[layer - 1] in self._positions:
+            return self._positions[self.layer_types[layer - 1]]
+        return next(iter(self._positions.values()))

@@ -1,0 +1,169 @@
+"""Lossy generation: tokens leave at their own layer, skipped layers' keys and values filled
+from the exit state, thresholds calibrated to a risk."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import adainfer
+from adainfer.arch import UnsupportedModel, find_parts
+from adainfer.generation import Chooser, SelfSpeculativeDecoder
+from adainfer.lossy import EarlyExitDecoder, ExitTrace, TokenExitPolicy, frequent_tokens
+from conftest import ARCHS, tiny_model
+
+PROMPTS = ["hello world", "a", "the quick brown fox jumps"]
+PROPAGATES = [a for a in ARCHS if not a.startswith("opt")]
+
+
+def forced(model, layer: int, verdict: float = 20.0, vocab=None) -> TokenExitPolicy:
+    """A fitted policy whose one probe always (verdict > 0) or never passes at `layer`."""
+    policy = TokenExitPolicy()
+    size = model.get_output_embeddings().weight.shape[0]
+    policy.model_, policy.num_layers_ = "tiny", model.config.num_hidden_layers
+    policy.vocab_ = np.arange(size) if vocab is None else np.asarray(vocab)
+    policy.layers_, policy.coef_ = [layer], np.zeros((1, 3))
+    policy.intercept_, policy.threshold_, policy.calibration_ = np.array([verdict]), 0.0, {}
+    return policy
+
+
+def silence_above(model, layer: int) -> None:
+    """Zero the attention output and MLP of every layer above `layer`: their hidden state is
+    then layer `layer`'s, so the full model's keys and values there are the propagated ones."""
+    parts = find_parts(model)
+    for block in parts.layers[layer:]:
+        attn = getattr(block, parts.spec.attn)
+        outs = [getattr(attn, n, None) for n in ("o_proj", "c_proj", "dense", "out_proj")]
+        for module in [m for m in outs if m is not None] + [getattr(block, parts.spec.mlp)]:
+            for p in module.parameters():
+                p.data.zero_()
+
+
+def plain(model, tok, **kw):
+    return SelfSpeculativeDecoder(model, tok).generate(PROMPTS, max_new_tokens=12, **kw).tokens
+
+
+@pytest.mark.parametrize("arch", PROPAGATES)
+def test_lossy_without_exits_is_plain_greedy(arch):
+    model, tok = tiny_model(arch)
+    never = EarlyExitDecoder(model, tok, forced(model, 2, -20.0))
+    got = never.generate(PROMPTS, max_new_tokens=12)
+    assert got.tokens == plain(model, tok)
+    assert {e for row in got.exit_layers for e in row} == {model.config.num_hidden_layers}
+    # a shortlist read of the whole vocabulary at the last layer is the full head
+    at_last = EarlyExitDecoder(model, tok, forced(model, model.config.num_hidden_layers))
+    assert at_last.generate(PROMPTS, max_new_tokens=12).tokens == plain(model, tok)
+
+
+@pytest.mark.parametrize("arch", PROPAGATES)
+def test_exit_tokens_and_propagated_states_match_a_model_without_upper_layers(arch):
+    model, tok = tiny_model(arch)
+    silence_above(model, 2)
+    got = EarlyExitDecoder(model, tok, forced(model, 2)).generate(PROMPTS, max_new_tokens=12)
+    assert got.tokens == plain(model, tok)
+    assert all(row[0] == 4 and set(row[1:]) <= {2} for row in got.exit_layers)
+
+
+def test_propagated_keys_and_values_are_the_skipped_layers_own():
+    """Llama: after a token left at layer 2, layers 3 and 4 hold v_proj(norm(h2)) and keys of
+    the same length per head as k_proj(norm(h2)) (rotary turns them, keeping their norm)."""
+    model, tok = tiny_model("llama")
+    decoder = EarlyExitDecoder(model, tok, forced(model, 2))
+    decoder.chooser = Chooser()
+    rows, first = decoder._prefill(["hello world"], 4)
+    out = type("Out", (), {"add": lambda *a, **k: torch.tensor([True])})()
+    with torch.inference_mode():
+        decoder._advance(rows, out)
+        ids = tok(["hello world"], return_tensors="pt")["input_ids"]
+        seq = torch.cat([ids, first[:, None]], 1)
+        h2 = model(seq, output_hidden_states=True).hidden_states[2][0, -1]
+        for layer in (3, 4):
+            block = model.model.layers[layer - 1]
+            x = block.input_layernorm(h2)
+            heads = model.config.num_key_value_heads
+            v = block.self_attn.v_proj(x).view(heads, -1)
+            k = block.self_attn.k_proj(x).view(heads, -1)
+            cache = rows.cache.layers[layer - 1]
+            torch.testing.assert_close(cache.values[0, :, -1], v)
+            torch.testing.assert_close(cache.keys[0, :, -1].norm(dim=-1), k.norm(dim=-1))
+            assert cache.keys.shape[-2] == seq.shape[1]
+
+
+def test_architectures_without_a_way_to_propagate_are_refused():
+    model, tok = tiny_model("opt")
+    with pytest.raises(UnsupportedModel, match="lossless"):
+        EarlyExitDecoder(model, tok, forced(model, 2))
+
+
+def test_generate_with_exits_and_the_checks():
+    model, tok = tiny_model("qwen2")
+    got = adainfer.generate(model, tok, PROMPTS, exits=forced(model, 3), max_new_tokens=6)
+    assert got.exit_layers is not None and got.mean_exit_layer < 4
+    with pytest.raises(ValueError, match="not both"):
+        adainfer.generate(model, tok, PROMPTS, exits=forced(model, 3), draft_layer=2)
+    other, _ = tiny_model("qwen2", layers=6)
+    with pytest.raises(ValueError, match="calibrate one for this model"):
+        EarlyExitDecoder(other, tok, forced(model, 3))
+
+
+def synthetic_trace(n=600, layers=6, seed=0) -> ExitTrace:
+    """Tokens whose agreement at each layer follows the first feature (top probability)."""
+    rng = np.random.default_rng(seed)
+    depth = np.linspace(0.2, 0.95, layers)
+    features = rng.uniform(0, 1, (n, layers, 3)) * depth[None, :, None]
+    agree = rng.uniform(0, 1, (n, layers)) < features[..., 0] / depth[None]
+    agree[:, -1] = True
+    settled = layers - np.flip(np.cumprod(np.flip(agree, 1), 1), 1).sum(1) + 1
+    return ExitTrace(np.arange(50), features, agree, settled, np.arange(n) % 20)
+
+
+@pytest.mark.parametrize("risk", [0.01, 0.05, 0.2])
+def test_threshold_holds_the_held_out_risk(risk):
+    trace = synthetic_trace()
+    policy = TokenExitPolicy(risk=risk, min_agreement=0.3, max_checks=6).fit_trace(trace)
+    report = policy.calibration_
+    assert report["changed_share"] <= risk
+    assert report["tokens"] == int((trace.prompt % 2 == 1).sum())
+    loose = TokenExitPolicy(risk=0.3, min_agreement=0.3, max_checks=6).fit_trace(trace)
+    assert loose.calibration_["mean_exit_layer"] <= report["mean_exit_layer"]
+    assert policy.risk == risk and policy.max_checks == 6  # fit keeps the parameters
+
+
+def test_candidate_layers_follow_agreement():
+    trace = synthetic_trace()
+    policy = TokenExitPolicy(min_agreement=0.6, max_checks=2).fit_trace(trace)
+    rates = trace.agree[trace.prompt % 2 == 0].mean(0)
+    assert len(policy.layers_) <= 2 and all(rates[x - 1] >= 0.6 for x in policy.layers_)
+    none = TokenExitPolicy(min_agreement=1.01).fit_trace(trace)
+    assert none.layers_ == [] and none.calibration_["exited_share"] == 0
+
+
+def test_fit_on_a_tiny_model_and_round_trip(tmp_path):
+    model, tok = tiny_model("llama")
+    policy = TokenExitPolicy(risk=0.5, min_agreement=0.0, vocab_size=40)
+    policy.fit(model, tok, PROMPTS + ["abc", "zzz"], max_new_tokens=8, batch_size=2)
+    assert len(policy.vocab_) <= 40 and policy.layers_
+    path = tmp_path / "exits.json"
+    policy.save(path)
+    loaded = TokenExitPolicy.load(path)
+    assert loaded.layers_ == policy.layers_ and loaded.threshold_ == policy.threshold_
+    np.testing.assert_allclose(loaded.coef_, policy.coef_)
+    np.testing.assert_array_equal(loaded.vocab_, policy.vocab_)
+    a = adainfer.generate(model, tok, PROMPTS, exits=policy, max_new_tokens=8)
+    b = adainfer.generate(model, tok, PROMPTS, exits=loaded, max_new_tokens=8)
+    assert a.tokens == b.tokens and a.exit_layers == b.exit_layers
+
+
+def test_corrupt_policy_files_say_what_to_do(tmp_path):
+    bad = tmp_path / "bad.json"
+    for text in ("not json", json.dumps({"format": "other"}), json.dumps({"format": 1})):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match="calibrate-exits"):
+            TokenExitPolicy.load(bad)
+
+
+def test_frequent_tokens():
+    got = frequent_tokens([[5, 5, 1], [5, 2, 2]], 2)
+    assert got.tolist() == [2, 5]
+    assert frequent_tokens([[3]], 10).tolist() == [3]
