@@ -368,3 +368,21 @@ def test_generate_streams_one_prompt_and_prints_a_batch_as_json(model_dir, capsy
     assert data["draft_layer"] == 2 and len(data["drafted"]) == 2
     assert main(["generate", "--model", model_dir]) == 2  # no prompt: one clear line
     assert "give a --prompt" in capsys.readouterr().err
+
+
+def test_calibrate_exits_then_generate_lossy(model_dir, tmp_path, capsys):
+    """calibrate-exits writes a policy that `generate --exits` uses; prompts may span lines."""
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["hello\nworld", {"prompt": "Q: a\nA:"}, "abc", "xyz"]))
+    policy = tmp_path / "exits.json"
+    calibrate = ["calibrate-exits", "--model", model_dir, "--prompts-file", str(prompts)]
+    calibrate += ["--risk", "0.5", "--max-new-tokens", "4", "--batch-size", "2"]
+    assert main(calibrate + ["--out", str(policy)]) == 0
+    assert "held-out tokens" in capsys.readouterr().out
+    assert json.loads(policy.read_text())["format"] == "adainfer-token-exits/1"
+    args = ["generate", "--model", model_dir, "--max-new-tokens", "4", "--json"]
+    assert main(args + ["--prompt", "hello", "--exits", str(policy)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["exit_layers"][0]) == len(data["tokens"][0])
+    assert main(calibrate[:3] + ["--out", str(policy)]) == 2  # no prompts: one clear line
+    assert "--python-prompts" in capsys.readouterr().err

@@ -140,3 +140,28 @@ def test_unknown_task_lists_the_builtin_ones():
 def test_real_function_vector_file_loads():
     task = load_task(str(SHARED_DATA / "function_vectors/dataset_files/abstractive/antonym.json"))
     assert len(task) > 100 and task.examples[0].input and task.examples[0].output
+
+
+def test_read_prompts_from_text_json_and_jsonl(tmp_path):
+    from adainfer.taskdata import TaskError, read_prompts
+
+    (tmp_path / "p.txt").write_text("one\n\ntwo\n")
+    (tmp_path / "p.json").write_text('["a\\nb", {"prompt": "c"}]')
+    (tmp_path / "p.jsonl").write_text('"x"\n{"prompt": "y\\nz"}\n')
+    assert read_prompts(tmp_path / "p.txt") == ["one", "two"]
+    assert read_prompts(tmp_path / "p.json") == ["a\nb", "c"]
+    assert read_prompts(tmp_path / "p.jsonl") == ["x", "y\nz"]
+    (tmp_path / "bad.json").write_text('[{"text": "no prompt"}]')
+    with pytest.raises(TaskError, match="prompt"):
+        read_prompts(tmp_path / "bad.json")
+    with pytest.raises(TaskError, match="does not exist"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_python_prompts_are_code_with_docstrings():
+    from adainfer.taskdata import python_prompts
+
+    prompts = python_prompts(20)
+    assert len(prompts) == 20 and len(set(prompts)) == 20
+    assert all(p.startswith("def ") and p.rstrip().endswith('"""') for p in prompts)
+    assert python_prompts(20, seed=1) != prompts

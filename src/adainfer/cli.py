@@ -246,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         _reproduce_parser,
         _bench_parser,
         _generate_parser,
+        _calibrate_exits_parser,
     ):
         add_parser(sub)
     return parser
@@ -548,8 +549,14 @@ def _generate_parser(sub):
     )
     _model_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
-    p.add_argument("--prompts-file", default=None, help="a text file, one prompt per line")
+    p.add_argument("--prompts-file", default=None, help=PROMPTS_FILE_HELP)
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    p.add_argument(
+        "--exits",
+        default=None,
+        help="lossy mode: a token-exit policy file from `adainfer calibrate-exits`; every "
+        "token leaves at its own layer",
+    )
     p.add_argument(
         "--max-new-tokens", type=_int_at_least(1), default=64, help="(default: %(default)s)"
     )
@@ -569,6 +576,78 @@ def _generate_parser(sub):
         help="tokens drafted per round (default: %(default)s)",
     )
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
+
+
+PROMPTS_FILE_HELP = (
+    "a text file with one prompt per line, or a .json / .jsonl list of prompts (strings or "
+    '{"prompt": ...} objects) for prompts that span lines'
+)
+
+
+def _calibrate_exits_parser(sub):
+    p = sub.add_parser(
+        "calibrate-exits",
+        help="calibrate lossy generation's per-token exits on unlabeled prompts",
+        description="Greedy-decode the prompts with the full model, read every generated token "
+        "at every layer, and fit where tokens may leave so that the share of tokens that "
+        "differ from the full model's stays at or below --risk (measured teacher-forced on "
+        "half the prompts). Use the file with `adainfer generate --exits`.",
+    )
+    _model_args(p)
+    p.add_argument("--prompts-file", default=None, help=PROMPTS_FILE_HELP)
+    p.add_argument(
+        "--python-prompts",
+        type=_int_at_least(2),
+        default=None,
+        help="calibrate on this many code prompts built from the Python standard library's "
+        "documented functions (label-free, no download; for code models)",
+    )
+    p.add_argument("--risk", type=float, default=0.01, help="(default: %(default)s)")
+    p.add_argument(
+        "--vocab-size",
+        type=_int_at_least(2),
+        default=4096,
+        help="shortlist read by the exit check (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-new-tokens", type=_int_at_least(1), default=64, help="(default: %(default)s)"
+    )
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="(default: %(default)s)")
+    p.add_argument("--out", required=True, help="the policy file to write (JSON)")
+
+
+def cmd_calibrate_exits(args):
+    from tqdm.auto import tqdm
+
+    from .lossy import TokenExitPolicy
+    from .taskdata import python_prompts, read_prompts
+
+    if (args.prompts_file is None) == (args.python_prompts is None):
+        raise ValueError("give either --prompts-file or --python-prompts N")
+    if not 0 <= args.risk < 1:
+        raise ValueError(f"--risk must be in [0, 1), got {args.risk}")
+    prompts = (
+        read_prompts(args.prompts_file)
+        if args.prompts_file
+        else python_prompts(args.python_prompts)
+    )
+    model, tokenizer = _load(args)
+    policy = TokenExitPolicy(risk=args.risk, vocab_size=args.vocab_size).fit(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        progress=lambda batches: tqdm(batches, desc="calibration batches"),
+    )
+    policy.save(args.out)
+    c = policy.calibration_
+    print(
+        f"wrote {args.out}: checks at layers {policy.layers_} of {policy.num_layers_}; on "
+        f"{c['tokens']} held-out tokens {c['changed_share']:.2%} changed, mean exit layer "
+        f"{c['mean_exit_layer']:.2f} (oracle {c['oracle_mean_settled']:.2f}), "
+        f"{c['share_of_oracle_saving']:.0%} of the oracle's saving"
+    )
 
 
 def cmd_collect(args):
@@ -754,13 +833,15 @@ def cmd_generate(args):
     import json
 
     from .generation import generate
-    from .taskdata import read_text
+    from .lossy import TokenExitPolicy
+    from .taskdata import read_prompts
 
     prompts = list(args.prompt)
     if args.prompts_file:
-        prompts += [p for p in read_text(Path(args.prompts_file)).splitlines() if p.strip()]
+        prompts += read_prompts(args.prompts_file)
     if not prompts:
         raise ValueError("give a --prompt (repeat it for a batch) or a --prompts-file")
+    exits = TokenExitPolicy.load(args.exits) if args.exits else None
     model, tokenizer = _load(args)
     stream = _Stream(tokenizer) if len(prompts) == 1 and not args.json else None
     result = generate(
@@ -769,6 +850,7 @@ def cmd_generate(args):
         prompts,
         draft_layer=args.draft_layer,
         draft_tokens=args.draft_tokens,
+        exits=exits,
         chat=args.chat,
         stop_strings=args.stop,
         seed=args.seed,
@@ -780,7 +862,7 @@ def cmd_generate(args):
         top_k=args.top_k,
     )
     if args.json:
-        fields = ("texts", "tokens", "draft_layer", "rounds", "wall_time_s")
+        fields = ("texts", "tokens", "draft_layer", "rounds", "wall_time_s", "exit_layers")
         data = {f: getattr(result, f) for f in fields}
         data.update(drafted=result.drafted.tolist(), accepted=result.accepted.tolist())
         print(json.dumps(data, indent=2))
@@ -792,6 +874,10 @@ def cmd_generate(args):
         print()
     tokens = sum(len(t) for t in result.tokens)
     drafts = "" if result.draft_layer is None else f", {result.acceptance:.0%} of drafts kept"
+    if result.exit_layers is not None:
+        drafts = (
+            f", mean exit layer {result.mean_exit_layer:.2f} of {model.config.num_hidden_layers}"
+        )
     print(
         f"[{tokens} tokens in {result.wall_time_s:.1f} s{drafts}]",
         file=sys.stderr,
@@ -814,6 +900,7 @@ class _Stream:
 
 COMMANDS = {
     "generate": cmd_generate,
+    "calibrate-exits": cmd_calibrate_exits,
     "bench": cmd_bench,
     "collect": cmd_collect,
     "fit": cmd_fit,

@@ -87,3 +87,75 @@ def _example(path, where, item) -> Example:
     if not isinstance(x, str) or not isinstance(y, str) or not x.strip() or not y.strip():
         raise TaskError(f'{path}, {where}: "input" and "output" must be non-empty strings')
     return Example(x, y)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: a .json list of strings (or of objects with a "prompt" field), a
+    .jsonl file of either, or plain text with one prompt per line (prompts that span lines,
+    such as code, need JSON)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"prompts file {path} does not exist")
+    text = read_text(path)
+    if path.suffix not in (".json", ".jsonl"):
+        prompts = [line for line in text.splitlines() if line.strip()]
+    else:
+        try:
+            items = (
+                json.loads(text)
+                if path.suffix == ".json"
+                else [json.loads(line) for line in text.splitlines() if line.strip()]
+            )
+        except json.JSONDecodeError as e:
+            raise TaskError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(items, list):
+            raise TaskError(f"{path}: expected a JSON list of prompts")
+        prompts = [i.get("prompt") if isinstance(i, dict) else i for i in items]
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise TaskError(
+            f'{path}: expected non-empty prompts (strings, or objects with a "prompt" string)'
+        )
+    return prompts
+
+
+STDLIB_MODULES = (
+    "argparse", "ast", "base64", "bisect", "calendar", "codecs", "colorsys", "configparser",
+    "contextlib", "copy", "csv", "dataclasses", "difflib", "dis", "email.utils", "fnmatch",
+    "fractions", "functools", "gettext", "glob", "graphlib", "hashlib", "heapq", "hmac",
+    "html", "http.cookies", "inspect", "ipaddress", "json.decoder", "linecache", "locale",
+    "logging", "operator", "pathlib", "pickletools", "posixpath", "pprint", "quopri",
+    "random", "reprlib", "secrets", "shlex", "shutil", "statistics", "string", "tarfile",
+    "tempfile", "textwrap", "tokenize", "traceback", "typing", "urllib.parse", "uuid",
+    "wave", "weakref", "zipfile",
+)  # fmt: skip
+
+
+def python_prompts(n: int, seed: int = 0) -> list[str]:
+    """Up to `n` unlabeled code-completion prompts from the Python standard library on this
+    machine: a documented function's signature and docstring, its body left to the model.
+    Label-free calibration data for code models, with no download."""
+    import importlib
+    import inspect
+    import random
+
+    prompts = []
+    for name in STDLIB_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        for fname, fn in sorted(vars(module).items()):
+            if not inspect.isfunction(fn) or fn.__module__ != module.__name__:
+                continue
+            doc = inspect.getdoc(fn)
+            if fname.startswith("_") or not doc or len(doc) < 40:
+                continue
+            try:
+                signature = str(inspect.signature(fn))
+            except (TypeError, ValueError):
+                continue
+            first, *rest = doc.splitlines()[:12]
+            more = "".join(f"\n    {line}" if line else "\n" for line in rest)
+            prompts.append(f'def {fname}{signature}:\n    """{first}{more}\n    """\n')
+    random.Random(seed).shuffle(prompts)
+    return prompts[:n]
