@@ -167,3 +167,17 @@ def test_frequent_tokens():
     got = frequent_tokens([[5, 5, 1], [5, 2, 2]], 2)
     assert got.tolist() == [2, 5]
     assert frequent_tokens([[3]], 10).tolist() == [3]
+
+
+def test_the_shortlist_holds_the_batch_prompts_tokens():
+    from adainfer.lens import LogitLens
+    from adainfer.lossy import ExitSignal
+
+    model, tok = tiny_model("llama")
+    lens = LogitLens(find_parts(model))
+    signal = ExitSignal(lens, torch.tensor([3, 1]), [[7, 3], [9]])
+    assert signal.vocab.tolist() == [1, 3, 7, 9]
+    hidden, before = torch.randn(2, 2, model.config.hidden_size)
+    features, logits = signal(hidden, before)
+    assert logits.shape == (2, 4) and features.shape == (2, 3)
+    torch.testing.assert_close(logits, lens(hidden)[:, signal.vocab])

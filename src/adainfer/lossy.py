@@ -45,11 +45,18 @@ class ExitSignal:
     """A hidden state read on a small vocabulary: the shortlist head's top-1, and what the
     probe sees (top probability and gap on the shortlist, cosine to the layer's input).
 
-    The shortlist is a [K, H] slice of the unembedding taken once, so a read costs K / V of
-    the LM head (K = 4096 of Qwen's 151k tokens: under 3%)."""
+    The shortlist is a [K, H] slice of the unembedding taken once per batch, so a read costs
+    K / V of the LM head (K = 4096 of Qwen's 151k tokens: under 3%). It is the calibrated
+    vocabulary plus every token of the batch's prompts: a token missing from the shortlist
+    cannot be its top-1, and the shortlist would be confidently wrong about it (the names a
+    prompt defines are what a completion uses most)."""
 
-    def __init__(self, lens: LogitLens, vocab: torch.Tensor):
+    def __init__(self, lens: LogitLens, vocab: torch.Tensor, prompts: Sequence[Sequence[int]] = ()):
         head = lens.parts.head
+        vocab = torch.as_tensor(vocab, dtype=torch.long)
+        if len(prompts):
+            extra = torch.as_tensor([t for p in prompts for t in p], dtype=torch.long)
+            vocab = torch.unique(torch.cat([vocab, extra]))
         self.lens, self.vocab = lens, vocab.to(head.weight.device)
         self.weight = head.weight.detach()[self.vocab]
         bias = getattr(head, "bias", None)
@@ -99,18 +106,21 @@ def trace_exits(
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> ExitTrace:
     """Greedy-decode `prompts` with the full model, take the `vocab_size` most frequent
-    tokens of prompts and outputs as the shortlist, and read each generated token at every
-    layer (teacher-forced)."""
+    tokens of the even prompts and their outputs as the vocabulary, and read each generated
+    token at every layer (teacher-forced) on the vocabulary plus its batch's prompt tokens."""
     decoder = SelfSpeculativeDecoder(model, tokenizer)
     starts = range(0, len(prompts), batch_size)
     batches = [list(prompts[s : s + batch_size]) for s in starts]
     outputs = [decoder.generate(b, max_new_tokens=max_new_tokens).tokens for b in progress(batches)]
     prompt_ids = tokenizer(list(prompts))["input_ids"]
-    vocab = frequent_tokens([*prompt_ids, *(t for out in outputs for t in out)], vocab_size)
-    signal = ExitSignal(decoder.lens, vocab)
-    traced = [
-        _trace_batch(decoder, signal, b, out, s) for b, out, s in zip(batches, outputs, starts)
-    ]
+    generated = [t for out in outputs for t in out]
+    # from the probes' half only, so the threshold's half meets tokens it lacks, as new
+    # prompts will
+    vocab = frequent_tokens([*prompt_ids[::2], *generated[::2]], vocab_size)
+    traced = []
+    for batch, out, start in zip(batches, outputs, starts):
+        signal = ExitSignal(decoder.lens, vocab, prompt_ids[start : start + len(batch)])
+        traced.append(_trace_batch(decoder, signal, batch, out, start))
     cat = [np.concatenate(x) for x in zip(*traced)]
     return ExitTrace(vocab.numpy(), *cat)
 
@@ -313,7 +323,8 @@ def _pick_threshold(scores, agree, layers, num_layers, risk, settled):
     token leaves at the first candidate layer whose score reaches it."""
     if not layers:
         depth = np.full(len(scores), num_layers)
-        return float("inf"), _report(depth, np.zeros(len(scores), bool), settled, num_layers)
+        report = _report(depth, np.zeros(len(scores), bool), settled, num_layers)
+        return float("inf"), {**report, "head_skipped_share": 0.0}
     candidates = np.unique(scores)[::-1]  # from strict to loose
     best = float("inf")
     for t in candidates:
@@ -325,7 +336,8 @@ def _pick_threshold(scores, agree, layers, num_layers, risk, settled):
     exit_at = _first_pass(scores, best)
     at = np.asarray(layers)[np.minimum(exit_at, len(layers) - 1)]
     depth = np.where(exit_at < len(layers), at, num_layers)
-    return best, _report(depth, _changed(exit_at, agree), settled, num_layers)
+    report = _report(depth, _changed(exit_at, agree), settled, num_layers)
+    return best, {**report, "head_skipped_share": float((exit_at < len(layers)).mean())}
 
 
 def _first_pass(scores: np.ndarray, threshold: float) -> np.ndarray:
@@ -371,16 +383,23 @@ class EarlyExitDecoder(SelfSpeculativeDecoder):
         policy.check_model(model)
         self.policy, self.threshold = policy, policy.threshold_
         self.checks = set(policy.layers_)
-        self.signal = ExitSignal(self.lens, torch.as_tensor(policy.vocab_))
+        self.vocab = torch.as_tensor(policy.vocab_)
         self.propagation = StatePropagation(self.parts)
+
+    def _prefill(self, prompts, max_new_tokens: int):
+        ids = self.tokenizer(list(prompts))["input_ids"]
+        self.signal = ExitSignal(self.lens, self.vocab, ids)
+        return super()._prefill(prompts, max_new_tokens)
 
     def _advance(self, rows: _Rows, out: _Output) -> None:
         """One decode step in which every row leaves at its own layer."""
         inputs = self._feed(rows, rows.pending[:, None])
         step = _Step(len(rows.index), self.parts.num_layers)
         with self.propagation.recording():
-            self.stepper.run(inputs, self._client(step), cache=rows.cache, use_cache=True)
-        self.propagation.fill(rows.cache, step.layer, step.state, step.ran)
+            self.stepper.run(
+                inputs, self._client(step), watch=self.checks, cache=rows.cache, use_cache=True
+            )
+        self.propagation.fill(rows.cache, step.layer, step.state)
         late = step.token < 0  # reached the last layer without passing: the full head
         if bool(late.any()):
             logits = self.lens(step.state[late.to(step.state.device)])
@@ -394,9 +413,6 @@ class EarlyExitDecoder(SelfSpeculativeDecoder):
         L = self.parts.num_layers
 
         def client(seen: LayerOutput):
-            step.ran.add(seen.layer)
-            if seen.layer not in self.checks and seen.layer != L:
-                return None
             hidden = seen.hidden[:, -1]
             if step.state is None:
                 step.state = hidden.new_empty(step.size, hidden.shape[-1])
@@ -430,7 +446,6 @@ class _Step:
     def __post_init__(self):
         self.layer = torch.full((self.size,), self.num_layers, dtype=torch.long)
         self.token = torch.full((self.size,), -1, dtype=torch.long)
-        self.ran: set[int] = set()
 
 
 class _Recorded(Exception):
@@ -481,16 +496,17 @@ class StatePropagation:
             stack.callback(m.register_forward_hook(hook, with_kwargs=True).remove)
         return stack
 
-    def fill(self, cache, exit_layer: torch.Tensor, state: torch.Tensor, ran: set) -> None:
+    def fill(self, cache, exit_layer: torch.Tensor, state: torch.Tensor) -> None:
         """Write, for every layer above each row's exit layer, the keys and values computed
         from its exit state at its newest position (the stepper left zeros there, or the layer
         did not run at all when every row had left)."""
         L = self.parts.num_layers
+        deepest = int(exit_layer.max())
         for layer in range(int(exit_layer.min()) + 1, L + 1):
             rows = (exit_layer < layer).nonzero()[:, 0]
             keys, values = self.keys_values(layer, state[rows.to(state.device)], rows)
             c = cache.layers[layer - 1]
-            if layer in ran:
+            if layer <= deepest:  # the layer ran (for the rows that got that far)
                 at = rows.to(c.keys.device)
                 c.keys[at, :, -1:], c.values[at, :, -1:] = keys, values
             else:  # no row reached this layer: every row left below it

@@ -113,14 +113,17 @@ class LayerStepper:
         until: int | None = None,
         start: int = 1,
         start_hidden: torch.Tensor | None = None,
+        watch: Iterable[int] | None = None,
         **forward_kw,
     ):
         """One forward of `inputs` (input_ids, attention_mask, position_ids, ...), calling
         `client` after every layer from `start` up to `until` (default: the last), where it
         ends. With `start` > 1, the layers before it are skipped (their cache untouched) and
         `start_hidden` [B, S, H] enters layer `start`: a self-speculative draft computed those
-        layers already."""
+        layers already. `watch`: only these layers (and `until`) call the client, and no
+        layer below the first of them is hooked: a decode step's hooks cost time per layer."""
         until = self.num_layers if until is None else until
+        watched = set(range(start, until + 1)) if watch is None else {*watch, until}
         if start > 1 and start_hidden is None:
             raise ValueError("start_hidden is needed to start past layer 1")
         batch = next(v for v in inputs.values() if torch.is_tensor(v)).shape[0]
@@ -131,14 +134,16 @@ class LayerStepper:
         try:
             for layer in self.parts.layers[: start - 1]:
                 layer.forward = _skipped(self._tuple_output)
-            for i, layer in enumerate(self.parts.layers[start - 1 : until], start=start - 1):
+            first = start if start > 1 else min(watched)  # a start layer takes start_hidden
+            for i, layer in enumerate(self.parts.layers[first - 1 : until], start=first - 1):
                 handles.append(
                     layer.register_forward_pre_hook(
                         self._pre_hook(i + 1, rows, state), with_kwargs=True
                     )
                 )
-                post = _post_hook(i + 1, rows, state, client, until)
-                handles.append(layer.register_forward_hook(post))
+                if i + 1 in watched:
+                    post = _post_hook(i + 1, rows, state, client, until)
+                    handles.append(layer.register_forward_hook(post))
                 for tap in self.taps:
                     sub = getattr(layer, getattr(self.parts.spec, tap))
                     handles.append(sub.register_forward_hook(_tap_hook(tap, state)))
