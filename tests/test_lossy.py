@@ -181,3 +181,14 @@ def test_the_shortlist_holds_the_batch_prompts_tokens():
     features, logits = signal(hidden, before)
     assert logits.shape == (2, 4) and features.shape == (2, 3)
     torch.testing.assert_close(logits, lens(hidden)[:, signal.vocab])
+
+
+def test_changed_tokens_reads_each_token_after_its_own_prefix():
+    from adainfer.lossy import changed_tokens
+
+    model, tok = tiny_model("qwen2")
+    outputs = [list(t) for t in plain(model, tok)]
+    assert not any(any(row) for row in changed_tokens(model, tok, PROMPTS, outputs))
+    outputs[1][3] = (outputs[1][3] + 1) % 50
+    changed = changed_tokens(model, tok, PROMPTS, outputs, batch_size=2)
+    assert changed[1][3] and not any(changed[1][:3]) and not any(changed[0])

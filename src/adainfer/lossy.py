@@ -125,20 +125,46 @@ def trace_exits(
     return ExitTrace(vocab.numpy(), *cat)
 
 
-def _trace_batch(decoder, signal: ExitSignal, prompts, generated, offset):
-    """One teacher-forced forward over prompt + generated tokens through the stepper."""
-    parts, lens, tok = decoder.parts, decoder.lens, decoder.tokenizer
-    lengths = [len(g) for g in generated]
-    width = max(lengths)
-    enc = tok(list(prompts), return_tensors="pt", padding=True, padding_side="left")
-    gen = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+def teacher_forced(tokenizer, prompts: Sequence[str], generated: Sequence[Sequence[int]]):
+    """Model inputs that read each row's generated tokens after its prompt (left-padded), and
+    the number of positions, at the end, that predict them: generated token t is predicted at
+    input position P - 1 + t."""
+    width = max(len(g) for g in generated)
+    if width == 0:
+        raise ValueError("no generated token to read")
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+    gen = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
     for b, g in enumerate(generated):
-        gen[b, : len(g)] = torch.tensor(g, dtype=torch.long)
-    # generated token t is predicted at input position P - 1 + t
+        gen[b, : len(g)] = torch.as_tensor(list(g), dtype=torch.long)
     ids = torch.cat([enc["input_ids"], gen[:, :-1]], dim=1)
     mask = torch.cat([enc["attention_mask"], torch.ones_like(gen[:, :-1])], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}, width
+
+
+@torch.inference_mode()
+def changed_tokens(model, tokenizer, prompts: Sequence[str], outputs, *, batch_size: int = 8):
+    """Per row, which generated tokens the full model would not have chosen greedily after
+    the same prefix (teacher-forced on the row's own output): the per-token risk a lossy
+    generation actually ran, beyond the first difference from plain greedy."""
+    changed = []
+    device = model.get_input_embeddings().weight.device
+    for s in range(0, len(prompts), batch_size):
+        rows = outputs[s : s + batch_size]
+        inputs, width = teacher_forced(tokenizer, prompts[s : s + batch_size], rows)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        full = model(**inputs, logits_to_keep=width).logits.argmax(-1).cpu()
+        changed += [(full[r, : len(o)] != torch.as_tensor(o)).tolist() for r, o in enumerate(rows)]
+    return changed
+
+
+def _trace_batch(decoder, signal: ExitSignal, prompts, generated, offset):
+    """One teacher-forced forward over prompt + generated tokens through the stepper."""
+    parts, lens = decoder.parts, decoder.lens
+    lengths = [len(g) for g in generated]
+    inputs, width = teacher_forced(decoder.tokenizer, prompts, generated)
+    device = parts.model.get_input_embeddings().weight.device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     B, L = len(prompts), parts.num_layers
     feats = torch.zeros(B, width, L, 3)
     top1 = torch.zeros(B, width, L, dtype=torch.long)
