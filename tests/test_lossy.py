@@ -10,7 +10,14 @@ import torch
 import adainfer
 from adainfer.arch import UnsupportedModel, find_parts
 from adainfer.generation import Chooser, SelfSpeculativeDecoder
-from adainfer.lossy import EarlyExitDecoder, ExitTrace, TokenExitPolicy, frequent_tokens
+from adainfer.lossy import (
+    EarlyExitDecoder,
+    ExitCosts,
+    ExitTrace,
+    TokenExitPolicy,
+    frequent_tokens,
+    trace_exits,
+)
 from conftest import ARCHS, tiny_model
 
 PROMPTS = ["hello world", "a", "the quick brown fox jumps"]
@@ -130,6 +137,19 @@ def test_threshold_holds_the_held_out_risk(risk):
     assert policy.risk == risk and policy.max_checks == 6  # fit keeps the parameters
 
 
+def test_the_plan_weighs_measured_costs():
+    trace = synthetic_trace()
+    free = TokenExitPolicy(risk=0.2, min_agreement=0.3).fit_trace(trace)
+    assert free.layers_ and free.calibration_["step_cost"] < 1
+    dear = ExitCosts(layer=1 / 6, head=0.0, check=0.5, propagate=0.0)
+    plain = TokenExitPolicy(risk=0.2, min_agreement=0.3).fit_trace(trace, dear)
+    assert plain.layers_ == [] and plain.calibration_["step_cost"] == 1.0
+    # a dear head and cheap checks: a check at the last layer pays by skipping the head
+    head = ExitCosts(layer=0.5 / 6, head=0.5, check=0.01, propagate=0.0)
+    skip = TokenExitPolicy(risk=0.2, min_agreement=0.3).fit_trace(trace, head)
+    assert 6 in skip.layers_ and skip.calibration_["head_skipped_share"] > 0
+
+
 def test_candidate_layers_follow_agreement():
     trace = synthetic_trace()
     policy = TokenExitPolicy(min_agreement=0.6, max_checks=2).fit_trace(trace)
@@ -141,9 +161,14 @@ def test_candidate_layers_follow_agreement():
 
 def test_fit_on_a_tiny_model_and_round_trip(tmp_path):
     model, tok = tiny_model("llama")
-    policy = TokenExitPolicy(risk=0.5, min_agreement=0.0, vocab_size=40)
-    policy.fit(model, tok, PROMPTS + ["abc", "zzz"], max_new_tokens=8, batch_size=2)
-    assert len(policy.vocab_) <= 40 and policy.layers_
+    prompts = PROMPTS + ["abc", "zzz"]
+    measured = TokenExitPolicy(risk=0.5, min_agreement=0.0, vocab_size=40)
+    measured.fit(model, tok, prompts, max_new_tokens=8, batch_size=2)
+    assert set(measured.costs_) == {"layer", "head", "check", "propagate"}
+    assert measured.calibration_["step_cost"] <= 1.0  # never planned slower than plain
+    trace = trace_exits(model, tok, prompts, vocab_size=40, max_new_tokens=8, batch_size=2)
+    policy = TokenExitPolicy(risk=0.5, min_agreement=0.0, vocab_size=40).fit_trace(trace)
+    assert len(policy.vocab_) <= 40 and policy.layers_  # free checks: some layer pays
     path = tmp_path / "exits.json"
     policy.save(path)
     loaded = TokenExitPolicy.load(path)

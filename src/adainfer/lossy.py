@@ -26,16 +26,19 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from itertools import combinations
 
 import numpy as np
 import torch
 
 from .arch import UnsupportedModel
 from .files import write_json
-from .generation import SelfSpeculativeDecoder, _Output, _Rows
+from .generation import Chooser, SelfSpeculativeDecoder, _Output, _Rows
 from .lens import LogitLens
 from .stepper import CACHE_ARGS, LayerOutput, LayerStepper
+from .timing import interleaved, timed
 
 FORMAT = "adainfer-token-exits/1"
 
@@ -190,6 +193,46 @@ def _trace_batch(decoder, signal: ExitSignal, prompts, generated, offset):
     return feats[keep].numpy(), short == final, settled, prompt
 
 
+@torch.inference_mode()
+def measure_exit_costs(model, tokenizer, prompts, vocab, *, samples: int = 30) -> ExitCosts:
+    """Time a plain KV-cached decode step of `prompts` (one row each) and, back to back with
+    it, the full LM head, one exit check and one layer's state propagation on the same rows
+    (`timing.interleaved`); each as the median of its times over the step's median."""
+    decoder = SelfSpeculativeDecoder(model, tokenizer)
+    decoder.chooser = Chooser()
+    rows, _ = decoder._prefill(list(prompts), 1)
+    parts, L = decoder.parts, decoder.parts.num_layers
+    signal = ExitSignal(decoder.lens, torch.as_tensor(vocab), tokenizer(list(prompts))["input_ids"])
+    propagation = StatePropagation(parts) if parts.spec.attn_norm else None
+    inputs = decoder._feed(rows, rows.pending[:, None])
+    hidden = torch.randn(len(prompts), model.config.hidden_size, dtype=model.dtype)
+    hidden = hidden.to(rows.mask.device)
+    index = torch.arange(len(prompts))
+
+    def step():
+        with propagation.recording() if propagation else nullcontext():
+            model(**inputs, cache=rows.cache, use_cache=True, logits_to_keep=1)
+        rows.cache.crop(-1)
+
+    parts_ = {
+        "step": step,
+        "head": lambda: decoder.lens(hidden),
+        "check": lambda: signal(hidden, hidden),
+    }
+    if propagation is not None:
+        parts_["propagate"] = lambda: propagation.keys_values(L, hidden, index)
+    runners = {name: (lambda i, fn=fn: timed(fn)) for name, fn in parts_.items()}
+    seconds, _ = interleaved(runners, samples, warmup_batches=3)
+    median = {name: float(np.median(s)) for name, s in seconds.items()}
+    share = {name: median[name] / median["step"] for name in median}
+    return ExitCosts(
+        layer=(1 - share["head"]) / L,  # the rest of a step is mostly its layers
+        head=share["head"],
+        check=share["check"],
+        propagate=share.get("propagate", 0.0),
+    )
+
+
 # ------------------------------------------------------------------ the policy
 class TokenExitPolicy:
     """When a generated token may leave early: a probe per candidate layer, one threshold.
@@ -206,7 +249,10 @@ class TokenExitPolicy:
     min_agreement : a layer is a candidate only where the shortlist top-1 is the full
         model's token for at least this share of training tokens (earlier layers would cost
         a check and almost never pass it).
-    max_checks : at most this many candidate layers, the deepest that qualify.
+    max_checks : at most this many candidate layers, the deepest that qualify; the plan
+        keeps the subset of them that makes a step cheapest (none: plain decoding).
+    cost_batch_size : the decode batch size at which `fit` measures what a layer, the head,
+        a check and a propagation cost (the plan depends on it).
     C : inverse L2 strength of each layer's logistic-regression probe.
     """
 
@@ -217,11 +263,13 @@ class TokenExitPolicy:
         vocab_size: int = 4096,
         min_agreement: float = 0.5,
         max_checks: int = 4,
+        cost_batch_size: int = 1,
         C: float = 1.0,
         seed: int = 0,
     ):
         self.risk, self.vocab_size = risk, vocab_size
-        self.min_agreement, self.max_checks, self.C, self.seed = min_agreement, max_checks, C, seed
+        self.min_agreement, self.max_checks = min_agreement, max_checks
+        self.cost_batch_size, self.C, self.seed = cost_batch_size, C, seed
 
     # -------------------------------------------------------------- fitting
     def fit(self, model, tokenizer, prompts: Sequence[str], **trace_kw) -> TokenExitPolicy:
@@ -230,11 +278,14 @@ class TokenExitPolicy:
         if isinstance(prompts, str) or len(prompts) < 2:
             raise ValueError("calibration needs a list of at least 2 prompts")
         trace = trace_exits(model, tokenizer, prompts, vocab_size=self.vocab_size, **trace_kw)
+        rows = [prompts[i % len(prompts)] for i in range(self.cost_batch_size)]
+        costs = measure_exit_costs(model, tokenizer, rows, trace.vocab)
         self.model_ = _model_id(model)
-        return self.fit_trace(trace)
+        return self.fit_trace(trace, costs)
 
-    def fit_trace(self, trace: ExitTrace) -> TokenExitPolicy:
-        """Probes on the even prompts' tokens, the threshold on the odd prompts' tokens."""
+    def fit_trace(self, trace: ExitTrace, costs: ExitCosts | None = None) -> TokenExitPolicy:
+        """Probes on the even prompts' tokens; the check layers and threshold on the odd
+        prompts' tokens, planned against `costs` (None: only layers count, checks are free)."""
         if not 0 <= self.risk < 1:
             raise ValueError(f"risk must be in [0, 1), got {self.risk}")
         train, held = trace.prompt % 2 == 0, trace.prompt % 2 == 1
@@ -245,15 +296,19 @@ class TokenExitPolicy:
         chosen = [i for i, r in enumerate(rates) if r >= self.min_agreement][-self.max_checks :]
         self.model_ = getattr(self, "model_", "")
         self.num_layers_, self.vocab_ = trace.num_layers, trace.vocab
-        self.layers_ = [i + 1 for i in chosen]
+        costs = costs or ExitCosts.layers_only(trace.num_layers)
+        self.costs_ = asdict(costs)
         probes = [self._probe(trace.features[train, i], trace.agree[train, i]) for i in chosen]
         self.coef_ = np.array([w for w, _ in probes]).reshape(len(chosen), 3)
         self.intercept_ = np.array([b for _, b in probes])
+        self.layers_ = [i + 1 for i in chosen]
         scores = self._scores(trace.features[held][:, chosen])  # [N, C] logits
         agree = trace.agree[held][:, chosen]
-        self.threshold_, self.calibration_ = _pick_threshold(
-            scores, agree, self.layers_, trace.num_layers, self.risk, trace.settled[held]
+        layers, self.threshold_, self.calibration_ = _plan(
+            scores, agree, self.layers_, trace.num_layers, self.risk, trace.settled[held], costs
         )
+        keep = [self.layers_.index(x) for x in layers]
+        self.layers_, self.coef_, self.intercept_ = layers, self.coef_[keep], self.intercept_[keep]
         return self
 
     def _probe(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
@@ -312,6 +367,7 @@ class TokenExitPolicy:
             "intercept": self.intercept_.tolist(),
             "threshold": self.threshold_,
             "calibration": self.calibration_,
+            "costs": self.costs_,
             "vocab": self.vocab_.tolist(),
         }
         write_json(path, data)
@@ -330,6 +386,7 @@ class TokenExitPolicy:
             policy.coef_ = np.asarray(data["coef"], dtype=np.float64).reshape(-1, 3)
             policy.intercept_ = np.asarray(data["intercept"], dtype=np.float64)
             policy.vocab_ = np.asarray(data["vocab"], dtype=np.int64)
+            policy.costs_ = dict(data["costs"])
             policy.threshold_, policy.calibration_ = float(data["threshold"]), data["calibration"]
             if not len(policy.coef_) == len(policy.intercept_) == len(policy.layers_):
                 raise ValueError("layers, coef and intercept differ in length")
@@ -341,29 +398,62 @@ class TokenExitPolicy:
         return policy
 
 
-_PARAMS = ("risk", "vocab_size", "min_agreement", "max_checks", "C", "seed")
+_PARAMS = ("risk", "vocab_size", "min_agreement", "max_checks", "cost_batch_size", "C", "seed")
 
 
-def _pick_threshold(scores, agree, layers, num_layers, risk, settled):
-    """The lowest probe logit threshold whose held-out changed-token share is <= risk: a
-    token leaves at the first candidate layer whose score reaches it."""
-    if not layers:
-        depth = np.full(len(scores), num_layers)
-        report = _report(depth, np.zeros(len(scores), bool), settled, num_layers)
-        return float("inf"), {**report, "head_skipped_share": 0.0}
-    candidates = np.unique(scores)[::-1]  # from strict to loose
-    best = float("inf")
-    for t in candidates:
-        exit_at = _first_pass(scores, t)
-        changed = _changed(exit_at, agree)
-        if changed.mean() > risk:
-            break
-        best = float(t)
-    exit_at = _first_pass(scores, best)
-    at = np.asarray(layers)[np.minimum(exit_at, len(layers) - 1)]
-    depth = np.where(exit_at < len(layers), at, num_layers)
-    report = _report(depth, _changed(exit_at, agree), settled, num_layers)
-    return best, {**report, "head_skipped_share": float((exit_at < len(layers)).mean())}
+@dataclass
+class ExitCosts:
+    """What the parts of a decode step cost, as shares of one plain decode step."""
+
+    layer: float  # one decoder layer
+    head: float  # the full LM head read
+    check: float  # one exit check (shortlist read and probe)
+    propagate: float  # one skipped layer's keys and values from the exit state
+
+    @classmethod
+    def layers_only(cls, num_layers: int) -> ExitCosts:
+        """Free checks and head: only layers count (what the per-token oracle counts)."""
+        return cls(layer=1 / num_layers, head=0.0, check=0.0, propagate=0.0)
+
+    def step(self, exit_layer, checks, passed, num_layers: int) -> np.ndarray:
+        """[N] cost of each token's step: the layers it ran and the ones it filled, its checks,
+        the full head unless a check passed, and the rest of a plain step."""
+        rest = 1 - num_layers * self.layer - self.head
+        skipped = num_layers - exit_layer
+        return (
+            rest
+            + exit_layer * self.layer
+            + skipped * self.propagate
+            + checks * self.check
+            + np.where(passed, 0.0, self.head)
+        )
+
+
+def _plan(scores, agree, layers, num_layers, risk, settled, costs: ExitCosts, grid: int = 200):
+    """The check layers (a subset of the candidates) and the one probe threshold that make a
+    step cheapest on the held-out tokens while their changed-token share stays <= risk; no
+    checks at all (plain decoding) when nothing beats it."""
+    plain = np.full(len(scores), num_layers)
+    best = (1.0, [], float("inf"), plain, np.zeros(len(scores), bool), np.zeros(len(scores), bool))
+    for size in range(1, len(layers) + 1):
+        for subset in combinations(range(len(layers)), size):
+            sub, ok = scores[:, subset], agree[:, subset]
+            at = np.asarray([layers[c] for c in subset])
+            for t in np.unique(np.quantile(sub, np.linspace(0, 1, grid)))[::-1]:  # strict first
+                exit_at = _first_pass(sub, t)
+                changed = _changed(exit_at, ok)
+                if changed.mean() > risk:
+                    break
+                passed = exit_at < size
+                depth = np.where(passed, at[np.minimum(exit_at, size - 1)], num_layers)
+                checks = np.where(passed, exit_at + 1, size)
+                cost = costs.step(depth, checks, passed, num_layers).mean()
+                if cost < best[0]:
+                    best = (cost, [layers[c] for c in subset], float(t), depth, changed, passed)
+    cost, chosen, threshold, depth, changed, passed = best
+    report = _report(depth, changed, settled, num_layers)
+    report.update(head_skipped_share=float(passed.mean()), step_cost=float(cost))
+    return chosen, threshold, report
 
 
 def _first_pass(scores: np.ndarray, threshold: float) -> np.ndarray:
