@@ -117,7 +117,7 @@ FLOORS = [
     ("models and data", {"arch", "models", "tasks", "benchmarks"}),
     ("stepper and lens", {"stepper", "lens"}),
     ("features and policies", {"features", "policies", "flops", "offline", "checks", "persist"}),
-    ("engine clients", {"prefill", "generation"}),
+    ("engine clients", {"prefill", "generation", "drafting"}),
     (
         "evaluate, bench, reproduce",
         {
