@@ -316,3 +316,25 @@ def test_planner_fits_on_a_tiny_model():
     assert planner.plan_.num_layers == 6 and planner.plan_.batch_size == 2
     # the exact head's acceptance at the last layer but one is what the decoder measures
     assert all(0 <= a <= 1 for a in planner.acceptance_["exact"])
+
+
+def test_cli_plans_drafts_and_generates_with_the_plan(saved_tiny, tmp_path, capsys):
+    from adainfer import generate, load
+    from adainfer.cli import main
+
+    model_dir = saved_tiny("llama")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["def f(x):\n    return", "hello", "Q: a\nA:", "1, 2, 3,"]))
+    plan = tmp_path / "plan.json"
+    args = ["plan-drafts", "--model", model_dir, "--prompts-file", str(prompts), "--repeats", "2"]
+    assert main(args + ["--batch-size", "2", "--max-new-tokens", "5", "--out", str(plan)]) == 0
+    assert "wrote" in capsys.readouterr().out and plan.exists()
+    model, tok = load(model_dir)
+    expected = generate(model, tok, ["hello", "Q: a\nA:"], max_new_tokens=6, eos_token_id=[])
+    gen = ["generate", "--model", model_dir, "--max-new-tokens", "6", "--json"]
+    assert main(gen + ["--prompt", "hello", "--prompt", "Q: a\nA:", "--draft-plan", str(plan)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["tokens"] == [t[: len(data["tokens"][i])] for i, t in enumerate(expected.tokens)]
+    plan.write_text("[1, 2]")
+    assert main(gen + ["--prompt", "hello", "--draft-plan", str(plan)]) == 2
+    assert "not an adainfer draft plan" in capsys.readouterr().err

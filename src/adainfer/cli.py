@@ -246,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         _reproduce_parser,
         _bench_parser,
         _generate_parser,
+        _plan_drafts_parser,
     ):
         add_parser(sub)
     return parser
@@ -548,7 +549,7 @@ def _generate_parser(sub):
     )
     _model_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
-    p.add_argument("--prompts-file", default=None, help="a text file, one prompt per line")
+    p.add_argument("--prompts-file", default=None, help=_PROMPTS_FILE_HELP)
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     p.add_argument(
         "--max-new-tokens", type=_int_at_least(1), default=64, help="(default: %(default)s)"
@@ -568,7 +569,83 @@ def _generate_parser(sub):
         default=4,
         help="tokens drafted per round (default: %(default)s)",
     )
+    p.add_argument(
+        "--draft-plan",
+        default=None,
+        help="a plan from `adainfer plan-drafts` (how deep, how far and over which vocabulary "
+        "to draft, or plain decoding where drafting does not pay); replaces --draft-layer",
+    )
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
+
+
+def _plan_drafts_parser(sub):
+    p = sub.add_parser(
+        "plan-drafts",
+        help="measure whether and how to draft for a model, dtype and batch size on this machine",
+        description="Generate the calibration prompts plainly, measure how often drafts from "
+        "each candidate depth and draft vocabulary agree with the full model, time the pieces "
+        "of a drafting round against a plain decode step on this machine, and write the "
+        "setting with the most tokens per second, or plain decoding where nothing beats it by "
+        "--margin. Use the plan with `adainfer generate --draft-plan`.",
+    )
+    _model_args(p)
+    p.add_argument("--prompts-file", required=True, help=_PROMPTS_FILE_HELP)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=1, help="(default: 1)")
+    p.add_argument(
+        "--max-new-tokens", type=_int_at_least(1), default=128, help="(default: %(default)s)"
+    )
+    p.add_argument(
+        "--margin", type=float, default=1.03, help="least estimated speed-up (default: 1.03)"
+    )
+    p.add_argument(
+        "--repeats", type=_int_at_least(1), default=15, help="timing samples (default: 15)"
+    )
+    p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch threads")
+    p.add_argument("--out", required=True, help="the plan file to write (JSON)")
+
+
+_PROMPTS_FILE_HELP = (
+    "a .json file holding a list of prompts, or a text file with one prompt per line"
+)
+
+
+def _read_prompts(path) -> list[str]:
+    """A JSON list of strings (prompts may span lines) or one prompt per line."""
+    import json
+
+    from .taskdata import read_text
+
+    text = read_text(Path(path))
+    if Path(path).suffix == ".json":
+        prompts = json.loads(text)
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{path} must hold a JSON list of prompt strings")
+        return prompts
+    return [p for p in text.splitlines() if p.strip()]
+
+
+def cmd_plan_drafts(args):
+    import torch
+    from tqdm.auto import tqdm
+
+    from .drafting import DraftPlanner
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = _read_prompts(args.prompts_file)
+    model, tokenizer = _load(args)
+    planner = DraftPlanner(
+        margin=args.margin, max_new_tokens=args.max_new_tokens, repeats=args.repeats
+    )
+    planner.fit(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=args.batch_size,
+        progress=lambda it: tqdm(it, desc="plan-drafts", leave=False),
+    )
+    planner.save(args.out)
+    print(f"{planner.plan_.describe()}; wrote {args.out}")
 
 
 def cmd_collect(args):
@@ -753,14 +830,17 @@ def cmd_bench(args):
 def cmd_generate(args):
     import json
 
+    from .drafting import load_plan
     from .generation import generate
-    from .taskdata import read_text
 
     prompts = list(args.prompt)
     if args.prompts_file:
-        prompts += [p for p in read_text(Path(args.prompts_file)).splitlines() if p.strip()]
+        prompts += _read_prompts(args.prompts_file)
     if not prompts:
         raise ValueError("give a --prompt (repeat it for a batch) or a --prompts-file")
+    if args.draft_plan and args.draft_layer is not None:
+        raise ValueError("give --draft-plan or --draft-layer, not both")
+    plan = load_plan(args.draft_plan) if args.draft_plan else None
     model, tokenizer = _load(args)
     stream = _Stream(tokenizer) if len(prompts) == 1 and not args.json else None
     result = generate(
@@ -769,6 +849,7 @@ def cmd_generate(args):
         prompts,
         draft_layer=args.draft_layer,
         draft_tokens=args.draft_tokens,
+        plan=plan,
         chat=args.chat,
         stop_strings=args.stop,
         seed=args.seed,
@@ -814,6 +895,7 @@ class _Stream:
 
 COMMANDS = {
     "generate": cmd_generate,
+    "plan-drafts": cmd_plan_drafts,
     "bench": cmd_bench,
     "collect": cmd_collect,
     "fit": cmd_fit,

@@ -366,9 +366,10 @@ def measure_costs(
         for n in verify_sizes
         for d in ends
     }
-    reps = {name: _reps(run, min_sample_s) for name, run in runs.items()}
+    for run in runs.values():  # warm-up
+        run()
     seconds, _ = timing.interleaved(
-        {name: _sampler(run, reps[name]) for name, run in runs.items()},
+        {name: _sampler(run, min_sample_s) for name, run in runs.items()},
         repeats,
         warmup_batches=0,
         progress=progress,
@@ -382,21 +383,20 @@ def measure_costs(
         "step_s": _quartiles(step),
         "steps": ratios,  # each piece in plain steps
         "repeats": repeats,
-        "reps": reps,
+        "min_sample_s": min_sample_s,
     }
 
 
-def _reps(run: Callable, min_sample_s: float) -> int:
-    """Calls per sample so that a sample lasts `min_sample_s` (after a warm-up call)."""
-    run()
-    t = min(timing.timed(run)[0] for _ in range(2))
-    return max(1, int(np.ceil(min_sample_s / max(t, 1e-7))))
+def _sampler(run: Callable, min_sample_s: float):
+    """One sample: calls until `min_sample_s` has passed (at least one); the mean call. Bounded
+    in time, unlike a call count fixed in a warm-up, when other jobs slow the machine down."""
 
-
-def _sampler(run: Callable, reps: int):
     def sample(_: int):
-        t, _ = timing.timed(lambda: [run() for _ in range(reps)])
-        return t / reps, None
+        calls, total = 0, 0.0
+        while calls == 0 or total < min_sample_s:
+            total += timing.timed(run)[0]
+            calls += 1
+        return total / calls, None
 
     return sample
 
