@@ -7,7 +7,8 @@ The modules stand on floors; each imports only from its own floor or below:
   lens (the one logit lens);
 - features and policies: features, policies (exit policies, Step), flops, offline (replay on
   traces), checks (PlannedPolicy: where to check), persist (policy files);
-- engine clients: prefill (AdaptiveEngine), generation (token by token, lossless drafting);
+- engine clients: prefill (AdaptiveEngine), generation (token by token, lossless drafting),
+  drafting (DraftPlanner: whether and how to draft, measured);
 - evaluate, bench, reproduce: collect, summary, evaluate, bench, reproduce, report,
   pipeline, demo, headroom;
 - the command line: cli.

@@ -235,13 +235,14 @@ def read_drafts(lens: LogitLens, traces: Sequence[DraftTrace], head_for) -> Read
         extra, valid = _prompt_extra(head, trace.prompt)
         n, D, H = trace.hidden.shape
         flat = trace.hidden.reshape(n * D, H)
-        chunk = max(1, _LENS_ELEMENTS // (lens.vocab_size if head.exact else 4 * head.size + 1))
+        width = (
+            lens.vocab_size if head.exact else head.size + (0 if extra is None else extra.shape[1])
+        )
+        chunk = max(1, _LENS_ELEMENTS // max(1, width))
         best, top = [], []
+        ids = head.ids(extra)  # [1, n]: the same candidates at every position
         for h in flat.split(chunk):
-            ex = None if extra is None else extra.expand(len(h), -1)
-            va = None if valid is None else valid.expand(len(h), -1)
-            logits = head.logits(h, ex, va).float()
-            ids = head.ids(ex)
+            logits = head.logits(h, extra, valid).float()
             pick = logits.argmax(-1)
             best.append(
                 pick if ids is None else ids.expand(len(h), -1).gather(1, pick[:, None])[:, 0]

@@ -178,14 +178,19 @@ class DraftHead:
         normed = self.lens.normed(hidden)
         parts = [functional.linear(normed, self.weight, self.bias)]
         if extra is not None:
-            rows = torch.einsum("ah,akh->ak", normed, self.lens.parts.head.weight[extra])
-            head_bias = getattr(self.lens.parts.head, "bias", None)
-            rows = rows if head_bias is None else rows + head_bias[extra]
+            head = self.lens.parts.head
+            bias = None if getattr(head, "bias", None) is None else head.bias[extra]
+            if len(extra) == 1:  # one candidate list for every state: one matmul
+                rows = functional.linear(normed, head.weight[extra[0]], bias)
+            else:
+                rows = torch.einsum("ah,akh->ak", normed, head.weight[extra])
+                rows = rows if bias is None else rows + bias
             parts.append(rows.masked_fill(~valid, float("-inf")))
         return self.lens.finish(torch.cat(parts, -1))
 
     def ids(self, extra=None) -> torch.Tensor | None:
-        """[A, n] (or [1, n]) token id of each candidate column; None for the exact head."""
+        """[A, n] (or [1, n], where every row has the same candidates) token id of each
+        candidate column; None for the exact head."""
         if self.fixed is None:
             return None
         if extra is None:
