@@ -122,9 +122,21 @@ def time_cell(model, tokenizer, prompts, batch, plan, settings, desc) -> dict:
         ),
         "rows": sum(len(r.tokens) for r in outputs["plain"]),
         "identical": all(identical),
+        "first_difference": _differences(outputs["plain"], outputs["planned"], batch),
         "acceptance": accepted / drafted if drafted else None,
         "rounds": sum(r.rounds for r in outputs["planned"]),
     }
+
+
+def _differences(plain, planned, batch: int) -> list[tuple[int, int]]:
+    """(timed prompt, index of its first differing token) for every row that differs."""
+    found = []
+    for b, (p_out, q_out) in enumerate(zip(plain, planned)):
+        for r, (p, q) in enumerate(zip(p_out.tokens, q_out.tokens)):
+            if p != q:
+                at = [t for t, (x, y) in enumerate(zip(p, q)) if x != y]
+                found.append((b * batch + r, at[0] if at else min(len(p), len(q))))
+    return found
 
 
 def run_cell(model, tokenizer, name, dtype, batch, settings, out_dir: Path) -> dict:

@@ -644,6 +644,7 @@ class DraftPlanner:
             max_new_tokens=self.max_new_tokens,
         )
         self.plan_ = self._choose(self.estimates_, meta)
+        log.info("draft plan: %s", self.plan_.describe())
         return self
 
     def _choose(self, estimates: list[dict], meta: dict) -> DraftPlan:
