@@ -117,7 +117,7 @@ FLOORS = [
     ("models and data", {"arch", "models", "tasks", "benchmarks"}),
     ("stepper and lens", {"stepper", "lens"}),
     ("features and policies", {"features", "policies", "flops", "offline", "checks", "persist"}),
-    ("engine clients", {"prefill", "generation", "lossy"}),
+    ("engine clients", {"prefill", "generation", "drafting", "lossy"}),
     (
         "evaluate, bench, reproduce",
         {

@@ -9,6 +9,7 @@ The modules stand on floors; each imports only from its own floor or below:
   traces), checks (PlannedPolicy: where to check), persist (policy files);
 - engine clients: prefill (AdaptiveEngine), generation (token by token, lossless drafting),
   lossy (token by token, every token leaving at its own layer; TokenExitPolicy);
+  drafting (DraftPlanner: whether and how to draft, measured);
 - evaluate, bench, reproduce: collect, summary, evaluate, bench, reproduce, report,
   pipeline, demo, headroom;
 - the command line: cli.

@@ -247,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         _bench_parser,
         _generate_parser,
         _calibrate_exits_parser,
+        _plan_drafts_parser,
     ):
         add_parser(sub)
     return parser
@@ -575,6 +576,12 @@ def _generate_parser(sub):
         default=4,
         help="tokens drafted per round (default: %(default)s)",
     )
+    p.add_argument(
+        "--draft-plan",
+        default=None,
+        help="a plan from `adainfer plan-drafts` (how deep, how far and over which vocabulary "
+        "to draft, or plain decoding where drafting does not pay); replaces --draft-layer",
+    )
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
 
 
@@ -648,6 +655,57 @@ def cmd_calibrate_exits(args):
         f"{c['mean_exit_layer']:.2f} (oracle {c['oracle_mean_settled']:.2f}), "
         f"{c['share_of_oracle_saving']:.0%} of the oracle's saving"
     )
+
+
+def _plan_drafts_parser(sub):
+    p = sub.add_parser(
+        "plan-drafts",
+        help="measure whether and how to draft for a model, dtype and batch size on this machine",
+        description="Generate the calibration prompts plainly, measure how often drafts from "
+        "each candidate depth and draft vocabulary agree with the full model, time the pieces "
+        "of a drafting round against a plain decode step on this machine, and write the "
+        "setting with the most tokens per second, or plain decoding where nothing beats it by "
+        "--margin. Use the plan with `adainfer generate --draft-plan`.",
+    )
+    _model_args(p)
+    p.add_argument("--prompts-file", required=True, help=PROMPTS_FILE_HELP)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=1, help="(default: 1)")
+    p.add_argument(
+        "--max-new-tokens", type=_int_at_least(1), default=128, help="(default: %(default)s)"
+    )
+    p.add_argument(
+        "--margin", type=float, default=1.03, help="least estimated speed-up (default: 1.03)"
+    )
+    p.add_argument(
+        "--repeats", type=_int_at_least(1), default=15, help="timing samples (default: 15)"
+    )
+    p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch threads")
+    p.add_argument("--out", required=True, help="the plan file to write (JSON)")
+
+
+def cmd_plan_drafts(args):
+    import torch
+    from tqdm.auto import tqdm
+
+    from .drafting import DraftPlanner
+    from .taskdata import read_prompts
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = read_prompts(args.prompts_file)
+    model, tokenizer = _load(args)
+    planner = DraftPlanner(
+        margin=args.margin, max_new_tokens=args.max_new_tokens, repeats=args.repeats
+    )
+    planner.fit(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=args.batch_size,
+        progress=lambda it: tqdm(it, desc="plan-drafts", leave=False),
+    )
+    planner.save(args.out)
+    print(f"{planner.plan_.describe()}; wrote {args.out}")
 
 
 def cmd_collect(args):
@@ -832,6 +890,7 @@ def cmd_bench(args):
 def cmd_generate(args):
     import json
 
+    from .drafting import load_plan
     from .generation import generate
     from .lossy import TokenExitPolicy
     from .taskdata import read_prompts
@@ -842,6 +901,9 @@ def cmd_generate(args):
     if not prompts:
         raise ValueError("give a --prompt (repeat it for a batch) or a --prompts-file")
     exits = TokenExitPolicy.load(args.exits) if args.exits else None
+    if args.draft_plan and args.draft_layer is not None:
+        raise ValueError("give --draft-plan or --draft-layer, not both")
+    plan = load_plan(args.draft_plan) if args.draft_plan else None
     model, tokenizer = _load(args)
     stream = _Stream(tokenizer) if len(prompts) == 1 and not args.json else None
     result = generate(
@@ -851,6 +913,7 @@ def cmd_generate(args):
         draft_layer=args.draft_layer,
         draft_tokens=args.draft_tokens,
         exits=exits,
+        plan=plan,
         chat=args.chat,
         stop_strings=args.stop,
         seed=args.seed,
@@ -901,6 +964,7 @@ class _Stream:
 COMMANDS = {
     "generate": cmd_generate,
     "calibrate-exits": cmd_calibrate_exits,
+    "plan-drafts": cmd_plan_drafts,
     "bench": cmd_bench,
     "collect": cmd_collect,
     "fit": cmd_fit,

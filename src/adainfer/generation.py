@@ -10,8 +10,17 @@ output is the plain model's, token for token. Rows accept different counts: a re
 position stays in the cache as a hole that the attention mask hides, and the tail that every
 row rejected is cropped.
 
+Two options make a draft cheaper to be wrong about. A *draft vocabulary* reads the draft
+through a shortlist of the unembedding (a fixed set of frequent tokens, plus each row's own
+prompt tokens) instead of the exact LM head, which costs several decoder layers per token on
+a CPU; the verifier still reads the exact head, so greedy output is unchanged, and a sampled
+draft's distribution is zero outside the shortlist. *Confidence stopping* ends a round's
+drafting once no row's draft reaches `draft_confidence` (its top-1 probability, over the
+shortlist when there is one): drafts that would most likely be rejected are not made.
+
 Without a draft layer the decoder runs plain decoding (one full forward per token): the
-fallback where drafting cannot pay for itself.
+fallback where drafting cannot pay for itself. Whether and how to draft is planned per model,
+dtype, batch size and machine by `adainfer.drafting.DraftPlanner`.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.nn import functional
 from transformers import (
     DynamicCache,
     LogitsProcessorList,
@@ -113,6 +123,95 @@ class Chooser:
         return agree, self.sample(residual / residual.sum(-1, keepdim=True))
 
 
+class DraftHead:
+    """How a draft reads its token from the layer-d hidden state: the exact LM head, or a
+    shortlist of the unembedding, which costs a fraction of the head on a CPU.
+
+    `vocab`: token ids every row may draft (None: the exact head); `prompt_tokens`: each row
+    may also draft the tokens of its own prompt (code repeats its identifiers). The fixed
+    rows of the unembedding are sliced once, so a read is one small matmul plus, per row, a
+    gather of its prompt tokens' rows."""
+
+    def __init__(self, lens: LogitLens, vocab=None, prompt_tokens: bool = False):
+        self.lens, self.prompt_tokens = lens, prompt_tokens
+        if vocab is None:
+            if prompt_tokens:
+                raise ValueError("prompt_tokens extends a draft vocabulary: give draft_vocab too")
+            self.fixed = None
+            return
+        head = lens.parts.head
+        ids = torch.as_tensor(sorted({int(t) for t in vocab}), dtype=torch.long)
+        if len(ids) and not 0 <= int(ids[0]) <= int(ids[-1]) < lens.vocab_size:
+            raise ValueError(f"draft_vocab holds ids outside the vocabulary (0..{lens.vocab_size})")
+        if not len(ids) and not prompt_tokens:
+            raise ValueError("an empty draft_vocab can draft nothing")
+        self.fixed = ids.to(head.weight.device)
+        self.weight = head.weight.detach()[self.fixed].contiguous()
+        bias = getattr(head, "bias", None)
+        self.bias = None if bias is None else bias.detach()[self.fixed]
+        self.in_fixed = torch.zeros(lens.vocab_size, dtype=torch.bool, device=self.fixed.device)
+        self.in_fixed[self.fixed] = True
+
+    @property
+    def exact(self) -> bool:
+        return self.fixed is None
+
+    @property
+    def size(self) -> int | None:
+        """Tokens in the fixed shortlist (None: the whole vocabulary)."""
+        return None if self.fixed is None else len(self.fixed)
+
+    def extra_ids(self, input_ids: torch.Tensor, mask: torch.Tensor):
+        """([B, p] each row's prompt tokens outside the fixed shortlist, [B, p] which entries
+        are real, not padding), or (None, None) without prompt tokens."""
+        if not self.prompt_tokens:
+            return None, None
+        rows = [
+            (lambda u: u[~self.in_fixed[u]])(ids[m.bool()].unique())
+            for ids, m in zip(input_ids, mask)
+        ]
+        width = max(1, max(len(r) for r in rows))
+        extra = input_ids.new_zeros(len(rows), width)
+        valid = torch.zeros(len(rows), width, dtype=torch.bool, device=input_ids.device)
+        for i, r in enumerate(rows):
+            extra[i, : len(r)], valid[i, : len(r)] = r, True
+        return extra, valid
+
+    def logits(self, hidden: torch.Tensor, extra=None, valid=None) -> torch.Tensor:
+        """[A, n] logits of the candidates (`ids` orders them); -inf on padding entries."""
+        if self.fixed is None:
+            return self.lens(hidden)
+        normed = self.lens.normed(hidden)
+        parts = [functional.linear(normed, self.weight, self.bias)]
+        if extra is not None:
+            head = self.lens.parts.head
+            bias = None if getattr(head, "bias", None) is None else head.bias[extra]
+            if len(extra) == 1:  # one candidate list for every state: one matmul
+                rows = functional.linear(normed, head.weight[extra[0]], bias)
+            else:
+                rows = torch.einsum("ah,akh->ak", normed, head.weight[extra])
+                rows = rows if bias is None else rows + bias
+            parts.append(rows.masked_fill(~valid, float("-inf")))
+        return self.lens.finish(torch.cat(parts, -1))
+
+    def ids(self, extra=None) -> torch.Tensor | None:
+        """[A, n] (or [1, n], where every row has the same candidates) token id of each
+        candidate column; None for the exact head."""
+        if self.fixed is None:
+            return None
+        if extra is None:
+            return self.fixed[None]
+        return torch.cat([self.fixed[None].expand(len(extra), -1), extra], -1)
+
+    def full(self, logits: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        """[A, V] logits with -inf outside the shortlist: what a sampled draft's distribution
+        q is built from (zero outside the shortlist). A padding entry (-inf) never wins."""
+        if ids is None:
+            return logits
+        full = logits.new_full((len(logits), self.lens.vocab_size), float("-inf"))
+        return full.scatter_reduce(1, ids.expand(len(logits), -1), logits, "amax")
+
+
 @dataclass
 class _Rows:
     """Decoding state of the rows still generating (all tensors [A, ...])."""
@@ -122,6 +221,8 @@ class _Rows:
     position: torch.Tensor  # [A] position id of the pending token
     pending: torch.Tensor  # [A] newest token, emitted, not yet in the cache
     cache: DynamicCache = field(repr=False)
+    extra: torch.Tensor | None = None  # [A, p] each row's own draft candidates (prompt tokens)
+    valid: torch.Tensor | None = None  # [A, p] which of them are real
 
     def keep(self, keep: torch.Tensor) -> None:
         if bool(keep.all()):
@@ -129,21 +230,38 @@ class _Rows:
         self.cache.batch_select_indices(keep.nonzero()[:, 0].to(self.mask.device))
         self.index, self.mask = self.index[keep.cpu()], self.mask[keep]
         self.position, self.pending = self.position[keep], self.pending[keep]
+        if self.extra is not None:
+            self.extra, self.valid = self.extra[keep], self.valid[keep]
 
 
 class SelfSpeculativeDecoder:
-    """Greedy generation, lossless, with drafts from an early layer (see the module doc).
+    """Generation, lossless, with drafts from an early layer (see the module doc).
 
     Parameters
     ----------
     model, tokenizer : a Hugging Face causal LM and its tokenizer.
     draft_layer : depth of the drafts (1..L-1); None: plain decoding.
-    draft_tokens : tokens drafted per round before the full model verifies them.
+    draft_tokens : tokens drafted per round at most before the full model verifies them.
+    draft_vocab : token ids the drafts are read over (a shortlist of the unembedding);
+        None: the exact LM head.
+    draft_prompt_tokens : each row may also draft its own prompt's tokens (with draft_vocab).
+    draft_confidence : a round stops drafting after a draft whose top-1 probability (over
+        the shortlist, if any) is below this in every row still going; 0: never stops early.
     """
 
     tracks_exits = False  # whether tokens leave at their own layer (the lossy decoder)
 
-    def __init__(self, model, tokenizer, *, draft_layer: int | None = None, draft_tokens: int = 4):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        draft_layer: int | None = None,
+        draft_tokens: int = 4,
+        draft_vocab: Sequence[int] | torch.Tensor | None = None,
+        draft_prompt_tokens: bool = False,
+        draft_confidence: float = 0.0,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.parts = find_parts(model)
         self.lens = LogitLens(self.parts)
@@ -153,7 +271,11 @@ class SelfSpeculativeDecoder:
             raise ValueError(f"draft_layer must be between 1 and {L - 1} (the model has {L})")
         if draft_tokens < 1:
             raise ValueError(f"draft_tokens must be at least 1, got {draft_tokens}")
+        if not 0 <= draft_confidence <= 1:
+            raise ValueError(f"draft_confidence must be in [0, 1], got {draft_confidence}")
         self.draft_layer, self.draft_tokens = draft_layer, draft_tokens
+        self.draft_head = DraftHead(self.lens, draft_vocab, draft_prompt_tokens)
+        self.draft_confidence = float(draft_confidence)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -221,7 +343,8 @@ class SelfSpeculativeDecoder:
         ).logits[:, -1]
         first = self.chooser.pick(logits)
         index = torch.arange(len(prompts))
-        return _Rows(index, mask, positions[:, -1] + 1, first, cache), first
+        extra, valid = self.draft_head.extra_ids(enc["input_ids"].to(device), mask)
+        return _Rows(index, mask, positions[:, -1] + 1, first, cache, extra, valid), first
 
     @staticmethod
     def _check_window(cache: DynamicCache, longest: int) -> None:
@@ -274,13 +397,14 @@ class SelfSpeculativeDecoder:
         for j in range(k):
             state = self._draft_step(rows, fed[-1], j)
             states.append(state)
-            logits = self.lens(state[:, -1])
-            if self.chooser.do_sample:
-                probs.append(self.chooser.probs(logits))
-                drafts.append(self.chooser.sample(probs[-1]))
-            else:
-                drafts.append(logits.argmax(-1))
-            fed.append(drafts[-1])
+            token, q, sure = self._draft_token(rows, state[:, -1])
+            drafts.append(token)
+            if q is not None:
+                probs.append(q)
+            fed.append(token)
+            if not sure:
+                break
+        k = len(drafts)  # a round that stopped early verifies what it drafted
         logits = self._verify(rows, torch.stack(fed[:k], 1), torch.cat(states, 1))  # [A, k, V]
         drafts = torch.stack(drafts, 1)
         agree, full = self.chooser.accept(drafts, torch.stack(probs, 1) if probs else None, logits)
@@ -292,6 +416,26 @@ class SelfSpeculativeDecoder:
         out.drafted[rows.index.numpy()] += k
         out.accepted[rows.index.numpy()] += agree.cpu().numpy()
         rows.keep(out.add(rows.index, new, kept))
+
+    def _draft_token(self, rows: _Rows, hidden: torch.Tensor):
+        """(the draft [A], the distribution it was sampled from [A, V] or None when greedy,
+        whether some row's draft is confident enough to draft on) from the layer-d state."""
+        head = self.draft_head
+        logits = head.logits(hidden, rows.extra, rows.valid)
+        ids = head.ids(rows.extra)
+        q = None
+        if self.chooser.do_sample:
+            q = self.chooser.probs(head.full(logits, ids))
+            token = self.chooser.sample(q)
+            top = q.max(-1).values if self.draft_confidence else None
+        else:
+            best = logits.argmax(-1)
+            token = (
+                best if ids is None else ids.expand(len(best), -1).gather(1, best[:, None])[:, 0]
+            )
+            top = logits.float().softmax(-1).max(-1).values if self.draft_confidence else None
+        sure = top is None or bool((top >= self.draft_confidence).any())
+        return token, q, sure
 
     def _draft_step(self, rows: _Rows, token: torch.Tensor, j: int) -> torch.Tensor:
         """Feed `token` through layers 1..d; their cache grows by one position. Returns the
@@ -424,6 +568,10 @@ def generate(
     draft_layer: int | None = None,
     draft_tokens: int = 4,
     exits=None,
+    draft_vocab: Sequence[int] | None = None,
+    draft_prompt_tokens: bool = False,
+    draft_confidence: float = 0.0,
+    plan=None,
     chat: bool = False,
     stop_strings: Sequence[str] = (),
     seed: int | None = None,
@@ -436,11 +584,26 @@ def generate(
 
     `settings` are `GenerationConfig` fields (max_new_tokens, do_sample, temperature, top_k,
     top_p, eos_token_id); a `generation_config` gives their defaults. `chat` wraps each prompt
-    in the tokenizer's chat template as a user turn. `draft_layer` / `draft_tokens`: see
-    `SelfSpeculativeDecoder` (None: plain decoding). `exits`: a fitted
-    `adainfer.TokenExitPolicy` turns on the lossy mode, in which every token leaves at its
-    own layer (the result's `exit_layers`); it cannot be combined with drafting."""
+    in the tokenizer's chat template as a user turn. `draft_layer`, `draft_tokens`,
+    `draft_vocab`, `draft_prompt_tokens`, `draft_confidence`: see `SelfSpeculativeDecoder`
+    (no draft layer: plain decoding, the default). `plan`: a fitted
+    `adainfer.drafting.DraftPlanner` or a `DraftPlan` (`adainfer.drafting.load_plan`) that
+    sets all of them for this model, or plain decoding where it found that drafting does not
+    pay; nothing is measured here. `exits`: a fitted `adainfer.TokenExitPolicy` turns on the
+    lossy mode, in which every token leaves at its own layer (the result's `exit_layers`);
+    it cannot be combined with drafting."""
     config = _settings(generation_config, settings)
+    drafting = dict(
+        draft_layer=draft_layer,
+        draft_tokens=draft_tokens,
+        draft_vocab=draft_vocab,
+        draft_prompt_tokens=draft_prompt_tokens,
+        draft_confidence=draft_confidence,
+    )
+    if plan is not None:
+        if draft_layer is not None or draft_vocab is not None:
+            raise ValueError("give either a plan or draft settings, not both")
+        drafting = plan.decoder_settings(model)
     if chat:
         prompts = [
             tokenizer.apply_chat_template(
@@ -456,13 +619,13 @@ def generate(
         generator=None if seed is None else torch.Generator().manual_seed(seed),
     )
     if exits is not None:
-        if draft_layer is not None:
-            raise ValueError("choose lossless drafting (draft_layer) or lossy exits, not both")
+        if draft_layer is not None or plan is not None:
+            raise ValueError(
+                "choose lossless drafting (draft_layer, plan) or lossy exits, not both"
+            )
         decoder = exits.decoder(model, tokenizer)
     else:
-        decoder = SelfSpeculativeDecoder(
-            model, tokenizer, draft_layer=draft_layer, draft_tokens=draft_tokens
-        )
+        decoder = SelfSpeculativeDecoder(model, tokenizer, **drafting)
     return decoder.generate(
         prompts,
         max_new_tokens=config.get("max_new_tokens") or 64,

@@ -1,0 +1,732 @@
+"""Planning lossless drafting: whether, how deep, how far and over which vocabulary to draft,
+measured for one model, dtype, batch size and machine; plain decoding where nothing pays.
+
+Self-speculative decoding (`adainfer.generation`) is only worth running where its rounds
+produce tokens faster than plain decoding, and on a CPU that is a close call: a draft nearly
+as deep as the model costs nearly a step, an exact LM head several decoder layers, and
+verifying k tokens in one forward more than one step. `DraftPlanner.fit` measures both sides
+on calibration prompts and picks the setting with the most tokens per unit time:
+
+- acceptance, along the plain greedy path: every calibration prompt is generated plainly,
+  then run teacher-forced once more while the hidden state at each candidate depth is kept
+  for every generated token; each draft head (the exact head, or a shortlist of the N most
+  frequent generated tokens, cross-fitted: a prompt is read with the shortlist built from
+  the other fold's generations, plus its own prompt tokens) gives the draft's top-1 and its
+  confidence at every token. Along the greedy path a draft at depth d computes exactly these
+  states as long as every earlier draft of its round was accepted, so rounds are simulated
+  from them: batched as the decoder runs them (a round drafts until no row is confident or
+  k drafts are made; each row keeps its leading agreements plus the full model's token).
+- costs, interleaved on the clock, each against a paired plain decode step on a calibration
+  batch of the planned size: a draft step through d layers, each draft head (with its
+  confidence read), and a verification of n tokens from layer d + 1 with the exact head; at
+  the shallowest and deepest candidate depth, linear in d between them.
+
+The estimate of a setting is plain decode steps over the simulated rounds' cost (in steps):
+its tokens-per-second ratio against plain decoding, leaving the shared prefill out. The best
+setting is the plan only if it beats plain by `margin`; otherwise the plan is plain decoding.
+Plans are JSON files (`save` / `load_plan`); `adainfer.generate(..., plan=)` applies one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from . import timing
+from .arch import find_parts
+from .files import write_json
+from .generation import DraftHead, SelfSpeculativeDecoder
+from .lens import LogitLens
+
+log = logging.getLogger(__name__)
+
+FORMAT, VERSION = "adainfer.draft-plan", 1
+_LENS_ELEMENTS = 1 << 24  # logits per exact-head read in the trace (positions x vocabulary)
+
+
+# --------------------------------------------------------------------------- the plan
+@dataclass
+class DraftPlan:
+    """Decoder settings for one model (None draft_layer: plain decoding), with what they were
+    planned for and the estimated tokens/s ratio against plain decoding."""
+
+    draft_layer: int | None
+    draft_tokens: int = 1
+    draft_vocab: list[int] | None = None
+    draft_prompt_tokens: bool = False
+    draft_confidence: float = 0.0
+    estimate: float = 1.0
+    model: str | None = None
+    num_layers: int | None = None
+    vocab_size: int | None = None
+    batch_size: int | None = None
+    meta: dict = field(default_factory=dict)  # dtype, machine, the best drafting estimate
+
+    @property
+    def plain(self) -> bool:
+        return self.draft_layer is None
+
+    def decoder_settings(self, model) -> dict:
+        """`SelfSpeculativeDecoder` keyword arguments; refuses a model this plan was not
+        made for (another depth or vocabulary)."""
+        parts = find_parts(model)
+        found = (parts.num_layers, parts.head.weight.shape[0])
+        if self.num_layers is not None and found != (self.num_layers, self.vocab_size):
+            raise ValueError(
+                f"this draft plan was made for {self.model} ({self.num_layers} layers, "
+                f"vocabulary {self.vocab_size}); the model has {found[0]} layers and "
+                f"vocabulary {found[1]}: plan drafting for this model"
+            )
+        if self.plain:
+            return {"draft_layer": None}
+        return {
+            "draft_layer": self.draft_layer,
+            "draft_tokens": self.draft_tokens,
+            "draft_vocab": self.draft_vocab,
+            "draft_prompt_tokens": self.draft_prompt_tokens,
+            "draft_confidence": self.draft_confidence,
+        }
+
+    def describe(self) -> str:
+        if self.plain:
+            best = self.meta.get("best_drafting")
+            why = f" (best drafting estimated {best:.2f}x)" if best else ""
+            return f"plain decoding{why}"
+        vocab = "exact head" if self.draft_vocab is None else f"{len(self.draft_vocab)} tokens"
+        vocab += " + prompt tokens" if self.draft_prompt_tokens else ""
+        return (
+            f"draft from layer {self.draft_layer}/{self.num_layers}, up to {self.draft_tokens} "
+            f"tokens, {vocab}, confidence >= {self.draft_confidence:g}: "
+            f"estimated {self.estimate:.2f}x plain"
+        )
+
+
+def save_plan(plan: DraftPlan, path, **extra) -> Path:
+    """Write `plan` (and `extra` fields: estimates, costs) as JSON, atomically."""
+    return write_json(path, {"format": FORMAT, "version": VERSION, "plan": asdict(plan), **extra})
+
+
+def load_plan(path) -> DraftPlan:
+    """Read a plan that `save_plan` wrote; anything else is a clear error."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a draft plan: it is not JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(
+            f"{path} is not an adainfer draft plan (no format {FORMAT!r}); make one with "
+            "`adainfer plan-drafts`"
+        )
+    if data.get("version") != VERSION:
+        raise ValueError(
+            f"{path} is a draft plan of version {data.get('version')}; "
+            f"this adainfer reads version {VERSION}"
+        )
+    try:
+        return DraftPlan(**data["plan"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path} is a damaged draft plan: {e}") from None
+
+
+# --------------------------------------------------------------------------- the trace
+@dataclass
+class DraftTrace:
+    """One calibration prompt along its plain greedy path: the generated tokens, the hidden
+    state at each candidate depth that predicted each of them, and the prompt's tokens."""
+
+    tokens: np.ndarray  # [n] generated, the first from the prefill
+    hidden: torch.Tensor  # [n, D, H]: column j is depth depths[j]
+    prompt: np.ndarray  # the prompt's token ids (no padding)
+
+
+@torch.inference_mode()
+def trace_drafts(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    depths: Sequence[int],
+    *,
+    batch_size: int = 1,
+    max_new_tokens: int = 128,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> list[DraftTrace]:
+    """Plain greedy generation of every prompt (in batches of `batch_size`), then the
+    teacher-forced hidden states at `depths` for every generated token."""
+    decoder = SelfSpeculativeDecoder(model, tokenizer)
+    traces = []
+    for s in progress(range(0, len(prompts), batch_size)):
+        batch = list(prompts[s : s + batch_size])
+        generated = decoder.generate(batch, max_new_tokens=max_new_tokens).tokens
+        traces += _teacher_forced(decoder, batch, generated, depths)
+    return traces
+
+
+def _teacher_forced(decoder, prompts, generated, depths) -> list[DraftTrace]:
+    """One forward over prompt + generated tokens, up to the deepest depth; keeps the hidden
+    states at the positions that predicted each generated token."""
+    model, tok = decoder.model, decoder.tokenizer
+    enc = tok(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+    device = model.get_input_embeddings().weight.device
+    width = max(len(g) for g in generated)
+    gen = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+    for b, g in enumerate(generated):
+        gen[b, : len(g)] = torch.tensor(g, dtype=torch.long)
+    # the token at generated position t is predicted at input position P - 1 + t; what
+    # follows a row's end is padding that no earlier position sees
+    ids = torch.cat([enc["input_ids"], gen[:, :-1]], 1).to(device)
+    mask = torch.cat([enc["attention_mask"], torch.ones_like(gen[:, :-1])], 1).to(device)
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": mask.cumsum(-1) - 1}
+    inputs["position_ids"] = inputs["position_ids"].clamp(min=0)
+    kept = {}
+
+    def client(seen):
+        if seen.layer in depths:
+            kept[seen.layer] = seen.hidden[:, -width:].detach()
+
+    decoder.stepper.run(inputs, client, until=max(depths), use_cache=False)
+    hidden = torch.stack([kept[d] for d in depths], 2)  # [B, width, D, H]
+    return [
+        DraftTrace(
+            tokens=np.asarray(g, dtype=np.int64),
+            hidden=hidden[b, : len(g)].clone(),
+            prompt=enc["input_ids"][b][enc["attention_mask"][b].bool()].numpy(),
+        )
+        for b, g in enumerate(generated)
+    ]
+
+
+def frequent_tokens(traces: Sequence[DraftTrace], size: int, vocab_size: int) -> list[int]:
+    """The `size` tokens the traces generated most often (ties: the lower id), filled up with
+    the lowest ids not yet in (byte-pair vocabularies number their merges by frequency)."""
+    counts = np.bincount(
+        np.concatenate([t.tokens for t in traces] or [np.zeros(0, np.int64)]),
+        minlength=vocab_size,
+    )[:vocab_size]
+    seen = np.flatnonzero(counts)
+    seen = seen[np.lexsort((seen, -counts[seen]))][:size].tolist()
+    chosen = set(seen)
+    rest = (i for i in range(vocab_size) if i not in chosen)
+    return seen + [next(rest) for _ in range(min(size, vocab_size) - len(seen))]
+
+
+@dataclass
+class Reads:
+    """Per calibration prompt, [n, D] arrays: does the draft at each depth agree with the
+    generated token, and its confidence (top-1 probability over its candidates)."""
+
+    agree: list[np.ndarray]
+    conf: list[np.ndarray]
+
+
+@torch.inference_mode()
+def read_drafts(lens: LogitLens, traces: Sequence[DraftTrace], head_for) -> Reads:
+    """Read every trace's hidden states with the draft head `head_for(i)` gives prompt i."""
+    agree, conf = [], []
+    for i, trace in enumerate(traces):
+        head = head_for(i)
+        extra, valid = _prompt_extra(head, trace.prompt)
+        n, D, H = trace.hidden.shape
+        flat = trace.hidden.reshape(n * D, H)
+        width = (
+            lens.vocab_size if head.exact else head.size + (0 if extra is None else extra.shape[1])
+        )
+        chunk = max(1, _LENS_ELEMENTS // max(1, width))
+        best, top = [], []
+        ids = head.ids(extra)  # [1, n]: the same candidates at every position
+        for h in flat.split(chunk):
+            logits = head.logits(h, extra, valid).float()
+            pick = logits.argmax(-1)
+            best.append(
+                pick if ids is None else ids.expand(len(h), -1).gather(1, pick[:, None])[:, 0]
+            )
+            top.append(logits.softmax(-1).max(-1).values)
+        best = torch.cat(best).view(n, D).cpu().numpy()
+        agree.append(best == trace.tokens[:, None])
+        conf.append(torch.cat(top).view(n, D).cpu().numpy())
+    return Reads(agree, conf)
+
+
+def _prompt_extra(head: DraftHead, prompt: np.ndarray):
+    """([1, p], [1, p]) the prompt's tokens outside the head's fixed shortlist."""
+    ids = torch.as_tensor(prompt, dtype=torch.long)[None]
+    if head.fixed is not None:
+        ids = ids.to(head.fixed.device)
+    return head.extra_ids(ids, torch.ones_like(ids))
+
+
+# --------------------------------------------------------------------------- the costs
+class _Pieces:
+    """The pieces of a decoding round on one prefilled batch, each callable on its own and
+    leaving the KV cache as it found it: a plain step, a draft step through d layers, a draft
+    head read, a verification of n tokens from layer d + 1."""
+
+    def __init__(self, decoder: SelfSpeculativeDecoder, prompts: Sequence[str]):
+        self.decoder, model = decoder, decoder.model
+        enc = decoder.tokenizer(
+            list(prompts), return_tensors="pt", padding=True, padding_side="left"
+        )
+        device = model.get_input_embeddings().weight.device
+        self.ids, self.mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        self.cache = DynamicCache(config=model.config)
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            out = model(
+                input_ids=self.ids,
+                attention_mask=self.mask,
+                position_ids=positions,
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self.prefilled = self.cache.get_seq_length()
+        self.last, self.token = positions[:, -1:], out.logits[:, -1].argmax(-1)
+
+    def inputs(self, n: int) -> dict:
+        B = len(self.ids)
+        return {
+            "input_ids": self.token[:, None].expand(B, n).contiguous(),
+            "attention_mask": torch.cat([self.mask, self.mask.new_ones(B, n)], 1),
+            "position_ids": self.last + 1 + torch.arange(n, device=self.mask.device),
+        }
+
+    def _restore(self) -> None:
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is not None:
+                layer.crop(-(layer.keys.shape[-2] - self.prefilled))
+
+    def step(self):
+        out = self.decoder.model(
+            **self.inputs(1), cache=self.cache, use_cache=True, logits_to_keep=1
+        )
+        out.logits[:, -1].argmax(-1)
+        self._restore()
+
+    def draft(self, d: int):
+        self.decoder.stepper.run(
+            self.inputs(1), lambda seen: None, until=d, cache=self.cache, use_cache=True
+        )
+        self._restore()
+
+    def head(self, head: DraftHead, hidden: torch.Tensor):
+        extra, valid = head.extra_ids(self.ids, self.mask)
+        logits = head.logits(hidden, extra, valid)
+        logits.argmax(-1)
+        logits.float().softmax(-1).max(-1)
+
+    def verify(self, n: int, d: int, hidden: torch.Tensor):
+        seen = {}
+
+        def client(layer_out):
+            seen["hidden"] = layer_out.hidden
+
+        start = hidden[:, None].expand(-1, n, -1).contiguous()
+        self.decoder.stepper.run(
+            self.inputs(n),
+            client,
+            start=d + 1,
+            start_hidden=start,
+            cache=self.cache,
+            use_cache=True,
+        )
+        self.decoder.lens(seen["hidden"]).argmax(-1)
+        self._restore()
+
+
+@torch.inference_mode()
+def measure_costs(
+    decoder: SelfSpeculativeDecoder,
+    prompts: Sequence[str],
+    depths: Sequence[int],
+    verify_sizes: Sequence[int],
+    heads: dict[str, DraftHead],
+    *,
+    repeats: int = 15,
+    min_sample_s: float = 0.05,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> dict:
+    """Each piece's time over a paired plain step's, interleaved with `timing.interleaved`
+    (every sample runs all pieces back to back in a rotating order): the median of the
+    per-sample ratios, with its quartiles. Drafts and verifications are timed at the
+    shallowest and deepest of `depths`."""
+    pieces = _Pieces(decoder, prompts)
+    ends = sorted({min(depths), max(depths)})
+    hidden = decoder.model.get_input_embeddings()(pieces.token)  # [B, H]: any state will do
+    runs = {"step": pieces.step}
+    runs |= {f"draft@{d}": (lambda d=d: pieces.draft(d)) for d in ends}
+    runs |= {f"head:{k}": (lambda h=h: pieces.head(h, hidden)) for k, h in heads.items()}
+    runs |= {
+        f"verify{n}@{d}": (lambda n=n, d=d: pieces.verify(n, d, hidden))
+        for n in verify_sizes
+        for d in ends
+    }
+    for run in runs.values():  # warm-up
+        run()
+    seconds, _ = timing.interleaved(
+        {name: _sampler(run, min_sample_s) for name, run in runs.items()},
+        repeats,
+        warmup_batches=0,
+        progress=progress,
+    )
+    step = seconds["step"][0]
+    ratios = {name: _quartiles(s[0] / step) for name, s in seconds.items() if name != "step"}
+    return {
+        "batch_size": len(prompts),
+        "depths": ends,
+        "verify_sizes": list(verify_sizes),
+        "step_s": _quartiles(step),
+        "steps": ratios,  # each piece in plain steps
+        "repeats": repeats,
+        "min_sample_s": min_sample_s,
+    }
+
+
+def _sampler(run: Callable, min_sample_s: float):
+    """One sample: calls until `min_sample_s` has passed (at least one); the mean call. Bounded
+    in time, unlike a call count fixed in a warm-up, when other jobs slow the machine down."""
+
+    def sample(_: int):
+        calls, total = 0, 0.0
+        while calls == 0 or total < min_sample_s:
+            total += timing.timed(run)[0]
+            calls += 1
+        return total / calls, None
+
+    return sample
+
+
+def _quartiles(values) -> dict:
+    q1, med, q3 = np.percentile(np.asarray(values, dtype=float), [25, 50, 75])
+    return {"median": float(med), "q1": float(q1), "q3": float(q3)}
+
+
+class CostModel:
+    """Round costs in plain steps from `measure_costs`'s medians: linear in the depth d
+    between the two measured depths."""
+
+    def __init__(self, costs: dict):
+        self.costs, self.ends = costs, costs["depths"]
+        self.steps = {name: r["median"] for name, r in costs["steps"].items()}
+
+    def _at(self, name: str, d: int) -> float:
+        lo, hi = self.ends[0], self.ends[-1]
+        a, b = self.steps[f"{name}@{lo}"], self.steps[f"{name}@{hi}"]
+        return a if hi == lo else a + (b - a) * (d - lo) / (hi - lo)
+
+    def round(self, d: int, head: str, n: int) -> float:
+        """n draft steps at depth d read by `head`, then the verification of n tokens."""
+        return n * (self._at("draft", d) + self.steps[f"head:{head}"]) + self._at(f"verify{n}", d)
+
+
+# --------------------------------------------------------------------------- the estimate
+def simulate(
+    agree: Sequence[np.ndarray],
+    conf: Sequence[np.ndarray],
+    *,
+    draft_tokens: int,
+    confidence: float,
+    round_cost: Callable[[int], float],
+    max_new_tokens: int,
+) -> dict:
+    """Rounds of one batch along its greedy paths (per row, [n] agreement and confidence of
+    the draft at one depth), run as the decoder runs them: a round drafts until no row still
+    going is confident (or `draft_tokens`, or the most tokens a row may still make), every
+    row keeps its leading agreements plus the full model's token. Returns the plain decode
+    steps the batch takes, the rounds' cost in steps, drafts made and accepted."""
+    lengths = np.array([len(a) for a in agree])
+    width = lengths.max() + draft_tokens
+    A = np.zeros((len(agree), width), dtype=bool)
+    C = np.zeros((len(agree), width))
+    for r, (a, c) in enumerate(zip(agree, conf)):
+        A[r, : len(a)], C[r, : len(c)] = a, c
+    t = np.ones(len(agree), dtype=np.int64)  # the first token comes from the prefill
+    cost = drafted = accepted = 0.0
+    while (active := np.flatnonzero(t < lengths)).size:
+        k = int(min(draft_tokens, (max_new_tokens - t[active]).max()))
+        cols = t[active, None] + np.arange(k)
+        a, c = A[active[:, None], cols], C[active[:, None], cols]
+        unsure = (c < confidence).all(0)
+        n = int(np.argmax(unsure)) + 1 if confidence > 0 and unsure.any() else k
+        lead = np.where(a[:, :n].all(1), n, np.argmin(a[:, :n], 1))
+        t[active] += np.minimum(np.minimum(lead + 1, n), lengths[active] - t[active])
+        cost += round_cost(n)
+        drafted += n * len(active)
+        accepted += lead.sum()
+    return {
+        "plain_steps": float(lengths.max() - 1),
+        "cost": cost,
+        "drafted": drafted,
+        "accepted": float(accepted),
+    }
+
+
+def estimate_grid(
+    reads: dict[str, Reads],
+    costs: CostModel,
+    depths: Sequence[int],
+    *,
+    draft_tokens: Sequence[int],
+    confidences: Sequence[float],
+    batch_size: int,
+    max_new_tokens: int,
+) -> list[dict]:
+    """The estimated tokens/s ratio against plain decoding of every (depth, draft tokens,
+    head, confidence): plain steps over the simulated rounds' cost, all batches summed."""
+    rows = []
+    for head, read in reads.items():
+        for j, d in enumerate(depths):
+            for k in draft_tokens:
+                for thr in confidences:
+                    total = {"plain_steps": 0.0, "cost": 0.0, "drafted": 0.0, "accepted": 0.0}
+                    for s in range(0, len(read.agree), batch_size):
+                        sim = simulate(
+                            [a[:, j] for a in read.agree[s : s + batch_size]],
+                            [c[:, j] for c in read.conf[s : s + batch_size]],
+                            draft_tokens=k,
+                            confidence=thr,
+                            round_cost=lambda n, d=d, head=head: costs.round(d, head, n),
+                            max_new_tokens=max_new_tokens,
+                        )
+                        total = {key: total[key] + sim[key] for key in total}
+                    speedup = total["plain_steps"] / total["cost"] if total["cost"] else 0.0
+                    rows.append(
+                        {
+                            "depth": d,
+                            "draft_tokens": k,
+                            "head": head,
+                            "confidence": thr,
+                            "speedup": speedup,
+                            "acceptance": total["accepted"] / max(total["drafted"], 1),
+                        }
+                    )
+    return sorted(rows, key=lambda r: -r["speedup"])
+
+
+# --------------------------------------------------------------------------- the planner
+class DraftPlanner:
+    """Plans lossless drafting for one model, dtype, batch size and machine (scikit-learn
+    style: `fit` measures and leaves its results in attributes ending in `_`; the parameters
+    are never rewritten).
+
+    Parameters
+    ----------
+    depths : candidate draft depths; None: the last 30% of the layers (below it drafts agree
+        too rarely on the models measured in results/generation/headroom.md).
+    draft_tokens : candidate most drafts per round.
+    vocab_sizes : candidate draft heads: None is the exact LM head, N a shortlist of the N
+        most frequent generated tokens (plus each row's prompt tokens with `prompt_tokens`).
+    confidences : candidate confidence thresholds for stopping a round's drafting (0: never).
+    margin : drafting is planned only if estimated at least this much faster than plain.
+    max_new_tokens : tokens generated per calibration prompt.
+    repeats : interleaved timing samples of the costs.
+    folds : shortlists are cross-fitted over this many folds of the calibration prompts.
+
+    Fitted attributes: `plan_` (a `DraftPlan`; `plan_.plain` when nothing pays), `depths_`,
+    `vocabs_` ({head: shortlist ids}), `costs_` (`measure_costs`), `acceptance_` ({head: by
+    depth}), `estimates_` (every setting, best first), `tokens_` (calibration tokens).
+    """
+
+    def __init__(
+        self,
+        depths: Sequence[int] | None = None,
+        draft_tokens: Sequence[int] = (1, 2, 3, 4),
+        vocab_sizes: Sequence[int | None] = (None, 1024, 4096),
+        confidences: Sequence[float] = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95),
+        prompt_tokens: bool = True,
+        margin: float = 1.03,
+        max_new_tokens: int = 128,
+        repeats: int = 15,
+        folds: int = 2,
+    ):
+        self.depths = depths
+        self.draft_tokens = draft_tokens
+        self.vocab_sizes = vocab_sizes
+        self.confidences = confidences
+        self.prompt_tokens = prompt_tokens
+        self.margin = margin
+        self.max_new_tokens = max_new_tokens
+        self.repeats = repeats
+        self.folds = folds
+
+    def get_params(self) -> dict:
+        names = (
+            "depths",
+            "draft_tokens",
+            "vocab_sizes",
+            "confidences",
+            "prompt_tokens",
+            "margin",
+            "max_new_tokens",
+            "repeats",
+            "folds",
+        )
+        return {n: getattr(self, n) for n in names}
+
+    # ------------------------------------------------------------- fit
+    def fit(
+        self,
+        model,
+        tokenizer,
+        prompts: Sequence[str],
+        *,
+        batch_size: int = 1,
+        progress: Callable[[Iterable], Iterable] = lambda it: it,
+    ) -> DraftPlanner:
+        """Measure acceptance on `prompts` (in batches of `batch_size`, the size the plan is
+        for) and the costs on their first batch, then plan (see the module doc)."""
+        if isinstance(prompts, str) or len(prompts) < max(2, batch_size):
+            raise ValueError(f"give at least {max(2, batch_size)} calibration prompts")
+        decoder = SelfSpeculativeDecoder(model, tokenizer)
+        parts, depths = decoder.parts, self._depths(decoder.parts.num_layers)
+        traces = trace_drafts(
+            model,
+            tokenizer,
+            prompts,
+            depths,
+            batch_size=batch_size,
+            max_new_tokens=self.max_new_tokens,
+            progress=progress,
+        )
+        vocab_size = min(decoder.lens.vocab_size, len(tokenizer))
+        reads, vocabs = self._reads(decoder.lens, traces, vocab_size)
+        heads = {
+            key: DraftHead(decoder.lens, ids, ids is not None and self.prompt_tokens)
+            for key, ids in vocabs.items()
+        }
+        costs = measure_costs(
+            decoder,
+            prompts[:batch_size],
+            depths,
+            range(1, max(self.draft_tokens) + 1),
+            heads,
+            repeats=self.repeats,
+            progress=progress,
+        )
+        self.tokens_ = int(sum(len(t.tokens) for t in traces))
+        meta = {
+            "model": _model_name(model),
+            "num_layers": parts.num_layers,
+            "vocab_size": decoder.lens.vocab_size,
+            "batch_size": batch_size,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "machine": timing.machine(),
+        }
+        return self.fit_measured(reads, costs, depths, meta, vocabs)
+
+    def fit_measured(
+        self, reads: dict[str, Reads], costs: dict, depths, meta: dict, vocabs=None
+    ) -> DraftPlanner:
+        """Plan from acceptance `reads` ({head: Reads}, per calibration prompt in batch
+        order) and `costs` (`measure_costs`'s dict) measured elsewhere: what `fit` does after
+        measuring, and how tests plan without a clock. `meta` names the model (num_layers,
+        vocab_size, batch_size at least); `vocabs` {head: shortlist ids} (None for "exact")."""
+        if vocabs is not None:
+            self.vocabs_ = dict(vocabs)
+        self.depths_ = list(depths)
+        self.costs_ = costs
+        self.acceptance_ = {
+            head: np.concatenate(r.agree).mean(0).tolist() for head, r in reads.items()
+        }
+        self.estimates_ = estimate_grid(
+            reads,
+            CostModel(costs),
+            self.depths_,
+            draft_tokens=self.draft_tokens,
+            confidences=self.confidences,
+            batch_size=meta["batch_size"],
+            max_new_tokens=self.max_new_tokens,
+        )
+        self.plan_ = self._choose(self.estimates_, meta)
+        log.info("draft plan: %s", self.plan_.describe())
+        return self
+
+    def _choose(self, estimates: list[dict], meta: dict) -> DraftPlan:
+        keep = ("model", "num_layers", "vocab_size", "batch_size")
+        info = {k: meta.get(k) for k in keep}
+        extra = {k: v for k, v in meta.items() if k not in keep}
+        best = estimates[0] if estimates else None
+        if best is None or best["speedup"] < self.margin:
+            extra["best_drafting"] = None if best is None else best["speedup"]
+            return DraftPlan(draft_layer=None, meta=extra, **info)
+        vocab = getattr(self, "vocabs_", {}).get(best["head"])
+        if best["head"] != "exact" and vocab is None:
+            raise ValueError(f"no shortlist ids for head {best['head']!r}")
+        return DraftPlan(
+            draft_layer=best["depth"],
+            draft_tokens=best["draft_tokens"],
+            draft_vocab=vocab,
+            draft_prompt_tokens=vocab is not None and self.prompt_tokens,
+            draft_confidence=best["confidence"],
+            estimate=best["speedup"],
+            meta=extra,
+            **info,
+        )
+
+    def _depths(self, num_layers: int) -> list[int]:
+        depths = self.depths
+        if depths is None:
+            depths = range(max(1, int(np.ceil(0.7 * num_layers))), num_layers)
+        depths = sorted({int(d) for d in depths})
+        if not depths or not all(1 <= d < num_layers for d in depths):
+            raise ValueError(f"depths must lie in 1..{num_layers - 1}, got {self.depths}")
+        return depths
+
+    def _reads(self, lens: LogitLens, traces, vocab_size: int):
+        """({head: Reads}, {head: shortlist ids or None}): the exact head, and each shortlist
+        cross-fitted (a prompt is read with the shortlist of the other folds' generations);
+        the shortlist kept for the plan is built from every prompt."""
+        reads, vocabs = {}, {}
+        fold = np.arange(len(traces)) % max(1, min(self.folds, len(traces)))
+        for size in self.vocab_sizes:
+            if size is None:
+                reads["exact"] = read_drafts(lens, traces, lambda i: DraftHead(lens))
+                vocabs["exact"] = None
+                continue
+            key = str(int(size))
+            by_fold = {
+                f: DraftHead(
+                    lens,
+                    frequent_tokens(
+                        [t for t, g in zip(traces, fold) if g != f or fold.max() == 0],
+                        int(size),
+                        vocab_size,
+                    ),
+                    self.prompt_tokens,
+                )
+                for f in np.unique(fold)
+            }
+            reads[key] = read_drafts(lens, traces, lambda i, heads=by_fold: heads[fold[i]])
+            vocabs[key] = frequent_tokens(traces, int(size), vocab_size)
+        return reads, vocabs
+
+    # ------------------------------------------------------------- use
+    def _fitted(self) -> DraftPlan:
+        if not hasattr(self, "plan_"):
+            raise ValueError("this DraftPlanner is not fitted: call fit() first")
+        return self.plan_
+
+    def decoder_settings(self, model) -> dict:
+        return self._fitted().decoder_settings(model)
+
+    def save(self, path) -> Path:
+        """The plan with its estimates (the best 20) and measured costs, as JSON."""
+        return save_plan(
+            self._fitted(),
+            path,
+            params=self.get_params(),
+            costs=self.costs_,
+            depths=self.depths_,
+            acceptance=self.acceptance_,
+            estimates=self.estimates_[:20],
+        )
+
+
+def _model_name(model) -> str | None:
+    return getattr(model, "adainfer_id", None) or getattr(model.config, "_name_or_path", None)
