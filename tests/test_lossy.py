@@ -135,6 +135,10 @@ def test_threshold_holds_the_held_out_risk(risk):
     loose = TokenExitPolicy(risk=0.3, min_agreement=0.3, max_checks=6).fit_trace(trace)
     assert loose.calibration_["mean_exit_layer"] <= report["mean_exit_layer"]
     assert policy.risk == risk and policy.max_checks == 6  # fit keeps the parameters
+    assert report["changed_share"] <= report["changed_bound"] <= risk
+    point = TokenExitPolicy(risk=risk, min_agreement=0.3, max_checks=6, confidence=None)
+    point.fit_trace(trace)
+    assert point.calibration_["mean_exit_layer"] <= report["mean_exit_layer"]
 
 
 def test_the_plan_weighs_measured_costs():

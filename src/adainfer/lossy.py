@@ -245,6 +245,9 @@ class TokenExitPolicy:
     ----------
     risk : the share of tokens allowed to differ from the full model's (teacher-forced, on
         the held-out half of the calibration prompts).
+    confidence : the one-sided Clopper-Pearson upper bound on that share, at this level,
+        must stay within `risk` (None: the share itself); a margin for the held-out sample's
+        size, not for prompts unlike the calibration ones.
     vocab_size : size of the shortlist the signal reads (the most frequent calibration tokens).
     min_agreement : a layer is a candidate only where the shortlist top-1 is the full
         model's token for at least this share of training tokens (earlier layers would cost
@@ -264,12 +267,14 @@ class TokenExitPolicy:
         min_agreement: float = 0.5,
         max_checks: int = 4,
         cost_batch_size: int = 1,
+        confidence: float | None = 0.9,
         C: float = 1.0,
         seed: int = 0,
     ):
         self.risk, self.vocab_size = risk, vocab_size
         self.min_agreement, self.max_checks = min_agreement, max_checks
-        self.cost_batch_size, self.C, self.seed = cost_batch_size, C, seed
+        self.cost_batch_size, self.confidence = cost_batch_size, confidence
+        self.C, self.seed = C, seed
 
     # -------------------------------------------------------------- fitting
     def fit(self, model, tokenizer, prompts: Sequence[str], **trace_kw) -> TokenExitPolicy:
@@ -304,8 +309,16 @@ class TokenExitPolicy:
         self.layers_ = [i + 1 for i in chosen]
         scores = self._scores(trace.features[held][:, chosen])  # [N, C] logits
         agree = trace.agree[held][:, chosen]
+        bound = _upper_bound(len(scores), self.confidence)
         layers, self.threshold_, self.calibration_ = _plan(
-            scores, agree, self.layers_, trace.num_layers, self.risk, trace.settled[held], costs
+            scores,
+            agree,
+            self.layers_,
+            trace.num_layers,
+            self.risk,
+            trace.settled[held],
+            costs,
+            bound,
         )
         keep = [self.layers_.index(x) for x in layers]
         self.layers_, self.coef_, self.intercept_ = layers, self.coef_[keep], self.intercept_[keep]
@@ -398,7 +411,16 @@ class TokenExitPolicy:
         return policy
 
 
-_PARAMS = ("risk", "vocab_size", "min_agreement", "max_checks", "cost_batch_size", "C", "seed")
+_PARAMS = (
+    "risk",
+    "vocab_size",
+    "min_agreement",
+    "max_checks",
+    "cost_batch_size",
+    "confidence",
+    "C",
+    "seed",
+)
 
 
 @dataclass
@@ -429,10 +451,20 @@ class ExitCosts:
         )
 
 
-def _plan(scores, agree, layers, num_layers, risk, settled, costs: ExitCosts, grid: int = 200):
+def _upper_bound(n: int, confidence: float | None) -> Callable[[int], float]:
+    """k changed tokens of n -> the bound held against the risk."""
+    if confidence is None:
+        return lambda k: k / n
+    from scipy.stats import beta
+
+    return lambda k: 1.0 if k >= n else float(beta.ppf(confidence, k + 1, n - k))
+
+
+def _plan(scores, agree, layers, L, risk, settled, costs: ExitCosts, bound, grid: int = 200):
     """The check layers (a subset of the candidates) and the one probe threshold that make a
-    step cheapest on the held-out tokens while their changed-token share stays <= risk; no
-    checks at all (plain decoding) when nothing beats it."""
+    step cheapest on the held-out tokens while their changed-token count's `bound` stays <=
+    risk; no checks at all (plain decoding) when nothing beats it."""
+    num_layers = L
     plain = np.full(len(scores), num_layers)
     best = (1.0, [], float("inf"), plain, np.zeros(len(scores), bool), np.zeros(len(scores), bool))
     for size in range(1, len(layers) + 1):
@@ -442,7 +474,7 @@ def _plan(scores, agree, layers, num_layers, risk, settled, costs: ExitCosts, gr
             for t in np.unique(np.quantile(sub, np.linspace(0, 1, grid)))[::-1]:  # strict first
                 exit_at = _first_pass(sub, t)
                 changed = _changed(exit_at, ok)
-                if changed.mean() > risk:
+                if bound(int(changed.sum())) > risk:
                     break
                 passed = exit_at < size
                 depth = np.where(passed, at[np.minimum(exit_at, size - 1)], num_layers)
@@ -452,7 +484,11 @@ def _plan(scores, agree, layers, num_layers, risk, settled, costs: ExitCosts, gr
                     best = (cost, [layers[c] for c in subset], float(t), depth, changed, passed)
     cost, chosen, threshold, depth, changed, passed = best
     report = _report(depth, changed, settled, num_layers)
-    report.update(head_skipped_share=float(passed.mean()), step_cost=float(cost))
+    report.update(
+        head_skipped_share=float(passed.mean()),
+        changed_bound=bound(int(changed.sum())),
+        step_cost=float(cost),
+    )
     return chosen, threshold, report
 
 
