@@ -42,6 +42,7 @@ every batch, so a killed run resumes at the batch it was on) and `<out-dir>/benc
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import gc
 import json
@@ -58,7 +59,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, StoppingCriteriaList, StopStringCriteria
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 import adainfer
 from adainfer import headroom as H
@@ -194,13 +195,11 @@ def run_tests(problem: dict, completion: str, timeout: float = 10.0) -> bool:
 # =========================================================================== methods
 @dataclass
 class Job:
-    """What every method is asked on a batch, and the settings its calibration chose. HF's
-    stopping criteria are built once per cell: built per call they would be timed."""
+    """What every method is asked on a batch, and the settings its calibration chose."""
 
     max_new_tokens: int
     eos: list[int]
     stops: tuple[str, ...] = ()
-    stopping: StoppingCriteriaList | None = None
     params: dict = field(default_factory=dict)
 
     def but(self, **changes) -> Job:
@@ -222,11 +221,25 @@ class Unsupported(Exception):
     """A method cannot run in this cell (e.g. HF's assisted generation at batch > 1)."""
 
 
+class StopInText(StoppingCriteria):
+    """Stops a row once its new text holds a stop string anywhere. HF's own `stop_strings`
+    does not do for assisted decoding: it reaches the early-exit assistant's `generate`
+    without a tokenizer and raises, and it looks only at the end of the text, so a stop string
+    completed inside an accepted block is missed and decoding runs on to max_new_tokens
+    (huggingface/transformers#48039). Both HF methods use this one, so they stop alike."""
+
+    def __init__(self, tokenizer, stops: Sequence[str], prompt_length: int):
+        self.tokenizer, self.stops, self.start = tokenizer, tuple(stops), prompt_length
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
+        done = [any(s in t for s in self.stops) for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 def _hf_generate(model, tokenizer, prompts, job: Job, **extra) -> Gen:
-    """Greedy `model.generate` (whatever the model's generation config says), left-padded, with
-    HumanEval's stop strings as a stopping criterion (HF's `stop_strings` setting would reach
-    the early-exit assistant's own `generate` without a tokenizer and raise:
-    huggingface/transformers#48039)."""
+    """Greedy `model.generate` (whatever the model's generation config says), left-padded, the
+    stop strings checked by `StopInText`."""
     enc = H.encode(model, tokenizer, prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else job.eos[0]
     config = GenerationConfig(
@@ -239,13 +252,15 @@ def _hf_generate(model, tokenizer, prompts, job: Job, **extra) -> Gen:
         pad_token_id=pad,
         **extra,
     )
+    length = enc["input_ids"].shape[1]
+    stopping = StoppingCriteriaList([StopInText(tokenizer, job.stops, length)] if job.stops else [])
     out = model.generate(
         input_ids=enc["input_ids"],
         attention_mask=enc["attention_mask"],
         generation_config=config,
-        stopping_criteria=job.stopping,
+        stopping_criteria=stopping,
     )
-    new = out[:, enc["input_ids"].shape[1] :].cpu().tolist()
+    new = out[:, length:].cpu().tolist()
     return Gen(tokenizer.batch_decode(new, skip_special_tokens=True), new)
 
 
@@ -370,6 +385,7 @@ def timed_run(method: Method, model, tokenizer, prompts, job: Job) -> dict:
     return {
         "seconds": seconds,
         "tokens": [r[0] for r in rows],
+        "generated": [len(t) for t in gen.tokens],  # before the common cut: tokens spent
         "texts": [r[1] for r in rows],
         "stats": gen.stats,
     }
@@ -461,9 +477,7 @@ def open_cell(path: Path, head: dict) -> dict:
 
 
 def base_job(tokenizer, model, task: Task) -> Job:
-    stops = tuple(task.stops)
-    stopping = StoppingCriteriaList([StopStringCriteria(tokenizer, stops)]) if stops else None
-    return Job(task.max_new_tokens, H.eos_ids(model, tokenizer), stops, stopping)
+    return Job(task.max_new_tokens, H.eos_ids(model, tokenizer), tuple(task.stops))
 
 
 def check_support(ctx, names: Sequence[str]) -> list[str]:
@@ -500,7 +514,7 @@ def choose_params(ctx, names: Sequence[str], progress=None) -> dict[str, dict]:
     if to_sweep:
         s = ctx.settings
         batches = calibration_batches(ctx.task.calibration, ctx.batch, s["calib_batches"])
-        job = ctx.job.but(max_new_tokens=s["calib_tokens"], stops=(), stopping=None)
+        job = ctx.job.but(max_new_tokens=s["calib_tokens"], stops=())
         for name, chosen in sweep(
             ctx.model, ctx.tokenizer, to_sweep, batches, job, progress
         ).items():
@@ -529,8 +543,9 @@ def _is_json(value) -> bool:
 
 def warm_up_and_memory(ctx, names, params) -> None:
     """Untimed: a short warm-up of every method, then, once per cell, each method's peak
-    memory on the first batch (above what was resident before the call; measured apart
-    because the memory sampler's thread would disturb the timing)."""
+    memory on the first batch (RSS growth above what was resident before the call, freed heap
+    handed back first; measured apart because the memory sampler's thread would disturb the
+    timing)."""
     first = [it.prompt for it in ctx.task.items[: ctx.batch]]
     for name in names:
         job = ctx.job.but(max_new_tokens=4, params=params[name])
@@ -542,8 +557,19 @@ def warm_up_and_memory(ctx, names, params) -> None:
             run = functools.partial(
                 METHODS[name].run, ctx.model, ctx.tokenizer, first, ctx.job.but(params=params[name])
             )
+            _trim()
             entry["peak_memory_bytes"] = timing.peak_memory(run, device)
     ctx.save()
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the OS before a peak is measured as RSS growth: memory an
+    earlier method freed but kept resident would otherwise hide the next method's peak."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def score(record: dict, items: Sequence[Item], task: Task, execute: bool, cache: dict) -> None:

@@ -191,6 +191,14 @@ def test_finish_cuts_at_eos_then_at_a_stop_string(bench):
     assert bench.finish(ids("plain"), tok, [2], []) == (ids("plain"), "plain")
 
 
+def test_hf_stop_criterion_finds_a_stop_anywhere_in_the_new_text(bench):
+    tok = char_tokenizer()
+    tok.backend_tokenizer.decoder = decoders.Fuse()
+    rows = torch.tensor([tok("xx|defab")["input_ids"], tok("|dexxxxx")["input_ids"]])
+    assert bench.StopInText(tok, ["|def"], 0)(rows, None).tolist() == [True, False]
+    assert bench.StopInText(tok, ["xx"], 2)(rows, None).tolist() == [False, True]  # new text only
+
+
 def test_scores_f1_and_executes_only_when_asked(bench, monkeypatch):
     assert bench.squad_f1("The Denver Broncos.", ["Denver Broncos"]) == 1.0
     assert bench.squad_f1("in Paris, France", ["Paris"]) == pytest.approx(0.5)  # P 1/3, R 1
