@@ -833,6 +833,18 @@ def cell_notes(data: dict) -> list[str]:
                 f"{_setting(t['params'])}: {t['ratio']['median']:.2f}x" for t in entry["sweep"]
             )
             notes.append(f"- {name} calibration (tokens/s vs plain, median): {tried}")
+    spent = []
+    for name in data["methods"]:
+        batches = [b for b in data["batches"].values() if name in b["runs"]]
+        if batches:
+            generated = sum(_rows(batches, name, "generated"))
+            kept = sum(len(t) for t in _rows(batches, name, "tokens"))
+            spent.append(f"{name} {generated}/{kept}")
+    if spent:
+        notes.append(
+            "- tokens generated / kept after the common cut (HF counts padding of finished rows): "
+            + ", ".join(spent)
+        )
     m = data.get("machine", {})
     flags = [f for f, on in (m.get("cpu_flags") or {}).items() if on]
     notes.append(
