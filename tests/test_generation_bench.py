@@ -1,0 +1,228 @@
+"""The generation benchmark (bench/generation.py) on tiny random models: a cell end to end to
+its JSON and table, resume, the paired-ratio summary on injected timings, exact match, the
+common stopping rule and the scorers. No timed assertions."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import decoders
+
+from conftest import char_tokenizer, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["hello world, how are you", "ab", "the quick brown fox", "xyz 123", "no"]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench_generation", ROOT / "bench" / "generation.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _bench()
+
+
+def _toy_task(bench, limit=None):
+    items = [bench.Item(f"toy/{i}", p, ["world"]) for i, p in enumerate(PROMPTS)][:limit]
+    return bench.Task("toy", items, ["calibrate me", "and me"], (), 6, "f1")
+
+
+def _loader(name, dtype):
+    model, tok = tiny_model("llama")
+    return model.to(getattr(torch, dtype)), tok
+
+
+def _argv(tmp_path, *extra):
+    return [
+        "--models", "tiny", "--dtypes", "float32", "--batch-sizes", "1,2",
+        "--calib-batches", "2", "--calib-tokens", "4", "--out-dir", str(tmp_path), *extra,
+    ]  # fmt: skip
+
+
+def _counting(bench, monkeypatch):
+    """Wrap every method's run to count its calls per batch size."""
+    calls = []
+    for name, method in list(bench.METHODS.items()):
+
+        def run(model, tok, prompts, job, _run=method.run, _name=name):
+            calls.append((_name, len(prompts), job.max_new_tokens))
+            return _run(model, tok, prompts, job)
+
+        monkeypatch.setitem(
+            bench.METHODS,
+            name,
+            bench.Method(run, method.candidates, method.prepare, method.max_batch),
+        )
+    return calls
+
+
+def test_a_tiny_grid_end_to_end_then_resumes(bench, tmp_path, monkeypatch):
+    tasks = lambda name, tok, limit: _toy_task(bench, limit)  # noqa: E731
+    bench.main(_argv(tmp_path), loader=_loader, tasks=tasks)
+    files = sorted(p.name for p in (tmp_path / "bench").glob("*.json"))
+    assert files == ["tiny-float32-b1.json", "tiny-float32-b2.json"]
+    b1 = json.loads((tmp_path / "bench" / "tiny-float32-b1.json").read_text())
+    assert len(b1["batches"]) == 5 and b1["machine"]["torch_threads"] == 1
+    assert b1["methods"]["lossless"]["params"]["draft_layer"] in (1, 2, 3)
+    assert len(b1["methods"]["hf-early-exit"]["sweep"]) == 3  # E = 1, 2, 3 on 4 layers
+    for name in ("hf-early-exit", "lossless"):
+        s = bench.summarise_method(b1, name)
+        assert s["rows"] == 5 and s["ratio"]["n"] == 5 and s["ratio"]["median"] > 0
+        assert s["exact"] == {"rows": 1.0, "tokens": 1.0}  # lossless, fp32
+        assert s["peak_memory_mb"] is not None and "f1" in s
+    assert 0 <= bench.summarise_method(b1, "lossless")["acceptance"] <= 1
+    b2 = json.loads((tmp_path / "bench" / "tiny-float32-b2.json").read_text())
+    assert "batch_size = 1" in b2["methods"]["hf-early-exit"]["unsupported"]
+    assert all(set(b["runs"]) == {"plain", "lossless"} for b in b2["batches"].values())
+    table = (tmp_path / "bench.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 3 + 3  # b1: three methods; b2: plain, the refusal, lossless
+    assert all(r.count("|") == table.splitlines()[0].count("|") for r in rows)
+    assert not list(tmp_path.rglob(".*.tmp"))
+    # run again: every batch is there, nothing generates
+    calls = _counting(bench, monkeypatch)
+    bench.main(_argv(tmp_path), loader=_loader, tasks=tasks)
+    assert [c for c in calls if c[2] > 1] == []
+    # --report-only rebuilds the same table without a model
+    assert bench.main(["--report-only", "--out-dir", str(tmp_path)]) == table
+
+
+def test_a_killed_cell_resumes_at_its_batch(bench, tmp_path, monkeypatch):
+    tasks = lambda name, tok, limit: _toy_task(bench, limit)  # noqa: E731
+    argv = _argv(tmp_path, "--methods", "plain,lossless")
+    argv[argv.index("--batch-sizes") + 1] = "1"
+    plain = bench.METHODS["plain"]
+    seen = []
+
+    def dies_on_the_third_prompt(model, tok, prompts, job):
+        if prompts == [PROMPTS[2]] and job.max_new_tokens == 6:
+            raise KeyboardInterrupt
+        seen.append(prompts)
+        return plain.run(model, tok, prompts, job)
+
+    monkeypatch.setitem(bench.METHODS, "plain", bench.Method(dies_on_the_third_prompt))
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv, loader=_loader, tasks=tasks)
+    data = json.loads((tmp_path / "bench" / "tiny-float32-b1.json").read_text())
+    assert sorted(data["batches"]) == ["0", "1"]
+    monkeypatch.setitem(bench.METHODS, "plain", plain)
+    calls = _counting(bench, monkeypatch)
+    bench.main(argv, loader=_loader, tasks=tasks)
+    timed = [c for c in calls if c[2] == 6]
+    # batches 2, 3, 4 by both methods (the memory runs were done before the kill)
+    assert len(timed) == 3 * 2
+    data = json.loads((tmp_path / "bench" / "tiny-float32-b1.json").read_text())
+    assert sorted(data["batches"], key=int) == ["0", "1", "2", "3", "4"]
+    # other settings in the same folder are refused, not mixed in
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.main([*argv, "--calib-tokens", "5"], loader=_loader, tasks=tasks)
+
+
+def _run(seconds, tokens, **extra):
+    return {"seconds": seconds, "tokens": tokens, "texts": [""] * len(tokens), "stats": {}, **extra}
+
+
+def test_paired_ratios_on_injected_timings(bench):
+    # per batch: plain 10 tokens; the method's tokens/s over plain's is 2, 1, 0.5, 4
+    batches = {}
+    for i, (tp, tm) in enumerate([(1.0, 0.5), (2.0, 2.0), (1.0, 2.0), (4.0, 1.0)]):
+        batches[str(i)] = {
+            "ids": [str(i)],
+            "loadavg": [1.0, 1.0, 1.0],
+            "runs": {"plain": _run(tp, [list(range(10))]), "m": _run(tm, [list(range(10))])},
+        }
+    data = {"methods": {"plain": {}, "m": {"params": {"x": 1}}}, "batches": batches}
+    s = bench.summarise_method(data, "m")
+    assert s["ratio"]["median"] == pytest.approx(1.5)  # of 0.5, 1, 2, 4
+    assert s["ratio"]["q1"] == pytest.approx(0.875) and s["ratio"]["q3"] == pytest.approx(2.5)
+    assert s["ratio"]["n"] == 4 and s["tokens_per_s"] == pytest.approx(40 / 5.5)
+    assert bench.summarise_method(data, "plain")["ratio"]["median"] == 1.0
+
+
+def test_a_method_that_changes_outputs_scores_below_one(bench, tmp_path, monkeypatch):
+    plain = bench.METHODS["plain"]
+
+    def mangle(model, tok, prompts, job):
+        gen = plain.run(model, tok, prompts, job)
+        gen.tokens[0] = gen.tokens[0][:2] + [(gen.tokens[0][2] + 1) % 90 + 3] + gen.tokens[0][3:]
+        return gen
+
+    monkeypatch.setitem(bench.METHODS, "mangle", bench.Method(mangle))
+    tasks = lambda name, tok, limit: _toy_task(bench, limit)  # noqa: E731
+    argv = _argv(tmp_path, "--methods", "plain,mangle", "--limit", "4")
+    argv[argv.index("--batch-sizes") + 1] = "2"
+    bench.main(argv, loader=_loader, tasks=tasks)
+    data = json.loads((tmp_path / "bench" / "tiny-float32-b2.json").read_text())
+    s = bench.summarise_method(data, "mangle")
+    assert s["rows"] == 4 and s["exact"]["rows"] == pytest.approx(0.5)  # row 0 of each batch
+    plain = [
+        r for k in sorted(data["batches"]) for r in data["batches"][k]["runs"]["plain"]["tokens"]
+    ]
+    agreed = [2 if i % 2 == 0 else len(t) for i, t in enumerate(plain)]  # row 0 differs at 2
+    assert s["exact"]["tokens"] == pytest.approx(sum(agreed) / sum(map(len, plain)))
+
+
+def test_exact_match_by_hand(bench):
+    got = bench.exact_match([[1, 2, 3], [4, 5], [6]], [[1, 2, 9], [4, 5], []])
+    assert got == {"rows": pytest.approx(1 / 3), "tokens": pytest.approx(4 / 6)}
+
+
+def test_finish_cuts_at_eos_then_at_a_stop_string(bench):
+    tok = char_tokenizer()
+    tok.backend_tokenizer.decoder = decoders.Fuse()  # decode without spaces between characters
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    # (the tiny vocabulary has no newline: "|" stands for it)
+    tokens, text = bench.finish(ids("abc|def x|if"), tok, [2], ["|def", "|if"])
+    assert text == "abc" and tokens == ids("abc|def")
+    tokens, text = bench.finish(ids("ab") + [2] + ids("|def"), tok, [2], ["|def"])
+    assert tokens == ids("ab") + [2] and text == "ab"
+    assert bench.finish(ids("plain"), tok, [2], []) == (ids("plain"), "plain")
+
+
+def test_hf_stop_criterion_finds_a_stop_anywhere_in_the_new_text(bench):
+    tok = char_tokenizer()
+    tok.backend_tokenizer.decoder = decoders.Fuse()
+    rows = torch.tensor([tok("xx|defab")["input_ids"], tok("|dexxxxx")["input_ids"]])
+    assert bench.StopInText(tok, ["|def"], 0)(rows, None).tolist() == [True, False]
+    assert bench.StopInText(tok, ["xx"], 2)(rows, None).tolist() == [False, True]  # new text only
+
+
+def test_scores_f1_and_executes_only_when_asked(bench, monkeypatch):
+    assert bench.squad_f1("The Denver Broncos.", ["Denver Broncos"]) == 1.0
+    assert bench.squad_f1("in Paris, France", ["Paris"]) == pytest.approx(0.5)  # P 1/3, R 1
+    problem = {
+        "task_id": "t/0",
+        "prompt": "def f():\n",
+        "test": "def check(candidate):\n    assert candidate() == 1\n",
+        "entry_point": "f",
+    }
+    assert bench.run_tests(problem, "    return 1\n") is True  # the real harness, trivial code
+    assert bench.run_tests(problem, "    return 2\n") is False
+    task = bench.Task("humaneval", [bench.Item("t/0", "def f():\n", problem)], [], (), 4, "pass@1")
+    record = {"runs": {"plain": {"texts": ["    return 1\n"]}, "m": {"texts": ["    return 1\n"]}}}
+    bench.score(record, task.items, task, False, {})
+    assert "passed" not in record["runs"]["plain"]  # without --execute nothing runs
+    ran = []
+    monkeypatch.setattr(bench, "execute_fn", lambda p, c: ran.append(c) or True)
+    bench.score(record, task.items, task, True, {})
+    assert record["runs"]["m"]["passed"] == [True] and len(ran) == 1  # identical: run once
+
+
+def test_pending_methods_are_refused_with_their_reason(bench, tmp_path):
+    with pytest.raises(SystemExit, match="not on main yet"):
+        bench.main(_argv(tmp_path, "--methods", "plain,lossy@1%"), loader=_loader)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--help"])
+    assert e.value.code == 0
