@@ -9,8 +9,10 @@ time on a batch pairs with the plain model's time on that batch:
 - `hf-early-exit`: `model.generate(assistant_early_exit=E)` (HF's self-speculative decoding
   from a fixed layer E); HF refuses batch > 1, which the cell records;
 - `lossless`: `adainfer.generate(draft_layer=d, draft_tokens=k)`, a fixed draft setting;
-- `lossless-planned` and `lossy` (two risks) are slots to fill once their APIs land on main
-  (see PENDING below).
+- `lossless-planned`: `adainfer.generate(plan=...)`, the cell's `DraftPlanner` plan (plain
+  decoding where drafting does not pay);
+- `lossy@1%`, `lossy@5%`: `adainfer.generate(exits=...)`, a `TokenExitPolicy` calibrated
+  label-free on Python standard-library prompts at that risk.
 
 Where a method has settings (E; d and k), they are picked per cell by a short sweep on
 calibration prompts disjoint from the evaluated ones (hand-written code prompts for
@@ -201,6 +203,9 @@ class Job:
     eos: list[int]
     stops: tuple[str, ...] = ()
     params: dict = field(default_factory=dict)
+    name: str = ""  # the cell: model alias, dtype, batch size (where fitted files are kept)
+    dtype: str = ""
+    batch: int = 1
 
     def but(self, **changes) -> Job:
         return Job(**{**self.__dict__, **changes})
@@ -330,23 +335,72 @@ METHODS: dict[str, Method] = {
         ],
     ),
 }
-# TODO(issue 15): register these when their APIs land on main; each is one adapter:
-#   "lossless-planned": Method(run_planned, prepare=fit_plan), where
-#       fit_plan(model, tokenizer, calibration_prompts, job) -> {"plan": <fitted planner>}
-#       run_planned(model, tokenizer, prompts, job) -> Gen: r = adainfer.generate(model,
-#       tokenizer, prompts, plan=job.params["plan"], max_new_tokens=job.max_new_tokens,
-#       eos_token_id=job.eos, stop_strings=job.stops); stats as run_lossless's (drafted,
-#       accepted, rounds, and "draft_layers": per row the depth of each drafted token)
-#   "lossy@1%", "lossy@5%": Method(run_lossy, prepare=partial(calibrate_exits, risk=0.01 / 0.05)),
-#       calibrate_exits(model, tokenizer, calibration_prompts, job, risk) -> {"exits": <policy>}
-#       run_lossy(...) -> Gen(r.texts, r.tokens, {"exit_layers": r.exit_layers}) (per row,
-#       per token), from adainfer.generate(..., exits=job.params["exits"], ...)
-# `summarise_method` reads those stats already (draft_layers, exit_layers).
-PENDING = {
-    "lossless-planned": "adainfer.generate(plan=...) is not on main yet",
-    "lossy@1%": "adainfer.generate(exits=...) is not on main yet",
-    "lossy@5%": "adainfer.generate(exits=...) is not on main yet",
-}
+RESULTS = ROOT / "results" / "generation"
+
+
+def fit_plan(model, tokenizer, calibration_prompts, job: Job) -> dict:
+    """The cell's committed draft plan (results/generation/plans, fitted by bench/drafting.py
+    on the last HumanEval problems, disjoint from the first ones evaluated here), else a
+    `DraftPlanner` fitted here on the calibration prompts."""
+    from adainfer.drafting import DraftPlanner, load_plan
+
+    path = RESULTS / "plans" / f"{job.name}-{SHORT.get(job.dtype, job.dtype)}-b{job.batch}.json"
+    if path.is_file():
+        return {"plan": load_plan(path)}
+    planner = DraftPlanner().fit(model, tokenizer, list(calibration_prompts), batch_size=job.batch)
+    return {"plan": planner}
+
+
+def run_planned(model, tokenizer, prompts, job: Job) -> Gen:
+    r = adainfer.generate(
+        model,
+        tokenizer,
+        prompts,
+        plan=job.params["plan"],
+        max_new_tokens=job.max_new_tokens,
+        eos_token_id=job.eos,
+        stop_strings=job.stops,
+    )
+    stats = {"drafted": r.drafted.tolist(), "accepted": r.accepted.tolist(), "rounds": r.rounds}
+    stats["draft_layer"] = r.draft_layer
+    return Gen(r.texts, r.tokens, stats)
+
+
+def calibrate_exits(model, tokenizer, calibration_prompts, job: Job, *, risk: float) -> dict:
+    """The cell's committed token-exit policy (results/generation/exits), else one calibrated
+    here, label-free, on 64 Python standard-library prompts (`adainfer calibrate-exits
+    --python-prompts 64`), costs measured at the cell's batch size."""
+    from adainfer.lossy import TokenExitPolicy
+    from adainfer.taskdata import python_prompts
+
+    path = RESULTS / "exits" / f"{job.name}-{job.dtype}-b{job.batch}-risk{risk}.json"
+    if path.is_file():
+        return {"exits": TokenExitPolicy.load(path)}
+    policy = TokenExitPolicy(risk=risk, cost_batch_size=job.batch)
+    return {"exits": policy.fit(model, tokenizer, python_prompts(64))}
+
+
+def run_lossy(model, tokenizer, prompts, job: Job) -> Gen:
+    r = adainfer.generate(
+        model,
+        tokenizer,
+        prompts,
+        exits=job.params["exits"],
+        max_new_tokens=job.max_new_tokens,
+        eos_token_id=job.eos,
+        stop_strings=job.stops,
+    )
+    return Gen(r.texts, r.tokens, {"exit_layers": r.exit_layers})
+
+
+METHODS.update(
+    {
+        "lossless-planned": Method(run_planned, prepare=fit_plan),
+        "lossy@1%": Method(run_lossy, prepare=functools.partial(calibrate_exits, risk=0.01)),
+        "lossy@5%": Method(run_lossy, prepare=functools.partial(calibrate_exits, risk=0.05)),
+    }
+)
+PENDING: dict[str, str] = {}
 
 
 # =========================================================================== one batch
@@ -649,7 +703,8 @@ def measure_cell(model, tokenizer, task: Task, *, batch, names, settings, path, 
     """One cell, resumable: support check, calibration, warm-up and memory, then each batch
     not yet in the file (the file rewritten after each)."""
     data = open_cell(path, head)
-    ctx = Ctx(model, tokenizer, task, batch, settings, path, data, base_job(tokenizer, model, task))
+    job = base_job(tokenizer, model, task).but(name=head["model"], dtype=head["dtype"], batch=batch)
+    ctx = Ctx(model, tokenizer, task, batch, settings, path, data, job)
     desc = f"{head['model']} {SHORT.get(head['dtype'], head['dtype'])} b{batch}"
     bar = lambda what: lambda it: tqdm(it, desc=f"{desc} {what}", leave=False)  # noqa: E731
     runnable = check_support(ctx, names)
@@ -748,7 +803,7 @@ def summarise_method(data: dict, name: str) -> dict:
 
 
 # =========================================================================== the table
-ORDER = ["plain", "hf-early-exit", "lossless", *PENDING]
+ORDER = ["plain", "hf-early-exit", "lossless", "lossless-planned", "lossy@1%", "lossy@5%"]
 COLUMNS = [
     "model",
     "dtype",

@@ -220,9 +220,29 @@ def test_scores_f1_and_executes_only_when_asked(bench, monkeypatch):
     assert record["runs"]["m"]["passed"] == [True] and len(ran) == 1  # identical: run once
 
 
-def test_pending_methods_are_refused_with_their_reason(bench, tmp_path):
-    with pytest.raises(SystemExit, match="not on main yet"):
-        bench.main(_argv(tmp_path, "--methods", "plain,lossy@1%"), loader=_loader)
+def test_unknown_methods_are_refused_with_the_known_ones(bench, tmp_path):
+    with pytest.raises(SystemExit, match="lossy@1%"):
+        bench.main(_argv(tmp_path, "--methods", "plain,lossy@2%"), loader=_loader)
     with pytest.raises(SystemExit) as e:
         bench.main(["--help"])
     assert e.value.code == 0
+
+
+def test_a_lossy_cell_records_exit_layers(bench, tmp_path, monkeypatch):
+    """The lossy adapter end to end, its policy calibrated on the calibration prompts (the
+    real prepare calibrates on 64 stdlib prompts, too slow for a unit test)."""
+    from adainfer.lossy import TokenExitPolicy, trace_exits
+
+    def calibrate(model, tok, prompts, job):
+        trace = trace_exits(model, tok, list(prompts) * 2, max_new_tokens=6, batch_size=4)
+        return {"exits": TokenExitPolicy(risk=0.5, min_agreement=0.0).fit_trace(trace)}
+
+    lossy = bench.Method(bench.run_lossy, prepare=calibrate)
+    monkeypatch.setitem(bench.METHODS, "lossy@5%", lossy)
+    tasks = lambda name, tok, limit: _toy_task(bench, limit)  # noqa: E731
+    argv = _argv(tmp_path, "--methods", "plain,lossy@5%")
+    argv[argv.index("--batch-sizes") + 1] = "2"
+    bench.main(argv, loader=_loader, tasks=tasks)
+    data = json.loads((tmp_path / "bench" / "tiny-float32-b2.json").read_text())
+    s = bench.summarise_method(data, "lossy@5%")
+    assert 1 <= s["exit_layer"] <= 4 and s["ratio"]["n"] == len(data["batches"])
