@@ -600,10 +600,7 @@ def generate(
         draft_prompt_tokens=draft_prompt_tokens,
         draft_confidence=draft_confidence,
     )
-    if plan is not None:
-        if draft_layer is not None or draft_vocab is not None:
-            raise ValueError("give either a plan or draft settings, not both")
-        drafting = plan.decoder_settings(model)
+    decoder = _decoder(model, tokenizer, drafting, plan, exits)
     if chat:
         prompts = [
             tokenizer.apply_chat_template(
@@ -618,14 +615,6 @@ def generate(
         top_p=config.get("top_p") or 1.0,
         generator=None if seed is None else torch.Generator().manual_seed(seed),
     )
-    if exits is not None:
-        if draft_layer is not None or plan is not None:
-            raise ValueError(
-                "choose lossless drafting (draft_layer, plan) or lossy exits, not both"
-            )
-        decoder = exits.decoder(model, tokenizer)
-    else:
-        decoder = SelfSpeculativeDecoder(model, tokenizer, **drafting)
     return decoder.generate(
         prompts,
         max_new_tokens=config.get("max_new_tokens") or 64,
@@ -634,6 +623,23 @@ def generate(
         stop_strings=stop_strings,
         on_tokens=on_tokens,
     )
+
+
+def _decoder(model, tokenizer, drafting: dict, plan, exits) -> SelfSpeculativeDecoder:
+    """The decoder the arguments ask for: lossy with `exits`; else lossless, drafting as the
+    plan or the draft settings say (plain decoding without either)."""
+    asked = drafting["draft_layer"] is not None or drafting["draft_vocab"] is not None
+    if exits is not None:
+        if asked or plan is not None:
+            raise ValueError(
+                "choose lossless drafting (draft_layer, plan) or lossy exits, not both"
+            )
+        return exits.decoder(model, tokenizer)
+    if plan is not None:
+        if asked:
+            raise ValueError("give either a plan or draft settings, not both")
+        drafting = plan.decoder_settings(model)
+    return SelfSpeculativeDecoder(model, tokenizer, **drafting)
 
 
 def _settings(generation_config, settings: dict) -> dict:
