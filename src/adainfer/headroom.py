@@ -50,6 +50,7 @@ from transformers import DynamicCache, GenerationConfig
 
 from .arch import ModelParts, find_parts
 from .lens import LogitLens
+from .lossy import teacher_forced
 from .stepper import LayerOutput, LayerStepper
 
 __all__ = [
@@ -184,24 +185,9 @@ def trace_batch(
     parts = parts or find_parts(model)
     lens = lens or LogitLens(parts)
     enc, generated = greedy_generate(model, tokenizer, prompts, max_new_tokens)
-    width = max(len(g) for g in generated)
-    if width == 0:
-        raise ValueError("generate produced no token")
-    batch, num_layers = len(prompts), parts.num_layers
-    device = enc["input_ids"].device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    gen = torch.full((batch, width), pad, dtype=torch.long, device=device)
-    for b, g in enumerate(generated):
-        gen[b, : len(g)] = torch.tensor(g, dtype=torch.long)
-    # the token at generated position t is predicted at input position P - 1 + t: the last
-    # `width` positions of prompt + generated[:-1]
-    ids = torch.cat([enc["input_ids"], gen[:, :-1]], dim=1)
-    mask = torch.cat([enc["attention_mask"], torch.ones_like(gen[:, :-1])], dim=1)
-    inputs = {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-    }
+    batch, num_layers, device = len(prompts), parts.num_layers, enc["input_ids"].device
+    inputs, width = teacher_forced(tokenizer, prompts, generated)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     top1 = torch.empty((batch, width, num_layers), dtype=torch.long)
     chunk = max(1, _LENS_ELEMENTS // lens.vocab_size)
 
@@ -216,7 +202,7 @@ def trace_batch(
     keep = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
     return TokenTrace(
         top1=top1[keep].numpy(),
-        tokens=gen.cpu()[keep].numpy(),
+        tokens=np.concatenate([np.asarray(g, dtype=np.int64) for g in generated]),
         row=np.repeat(np.arange(batch), lengths),
         step=np.concatenate([np.arange(n) for n in lengths]),
     )

@@ -136,7 +136,8 @@ def teacher_forced(tokenizer, prompts: Sequence[str], generated: Sequence[Sequen
     if width == 0:
         raise ValueError("no generated token to read")
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
-    gen = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    gen = torch.full((len(prompts), width), pad, dtype=torch.long)
     for b, g in enumerate(generated):
         gen[b, : len(g)] = torch.as_tensor(list(g), dtype=torch.long)
     ids = torch.cat([enc["input_ids"], gen[:, :-1]], dim=1)
@@ -460,11 +461,10 @@ def _upper_bound(n: int, confidence: float | None) -> Callable[[int], float]:
     return lambda k: 1.0 if k >= n else float(beta.ppf(confidence, k + 1, n - k))
 
 
-def _plan(scores, agree, layers, L, risk, settled, costs: ExitCosts, bound, grid: int = 200):
+def _plan(scores, agree, layers, num_layers, risk, settled, costs: ExitCosts, bound, grid=200):
     """The check layers (a subset of the candidates) and the one probe threshold that make a
     step cheapest on the held-out tokens while their changed-token count's `bound` stays <=
     risk; no checks at all (plain decoding) when nothing beats it."""
-    num_layers = L
     plain = np.full(len(scores), num_layers)
     best = (1.0, [], float("inf"), plain, np.zeros(len(scores), bool), np.zeros(len(scores), bool))
     for size in range(1, len(layers) + 1):
