@@ -284,17 +284,20 @@ def run_hf_early_exit(model, tokenizer, prompts, job: Job) -> Gen:
         raise
 
 
-def run_lossless(model, tokenizer, prompts, job: Job) -> Gen:
+def _adainfer(model, tokenizer, prompts, job: Job, **how) -> Gen:
+    """`adainfer.generate` with the job's limits and `how` (drafting, a plan or exits); the
+    stats a drafting or a lossy run reports."""
     r = adainfer.generate(
         model,
         tokenizer,
         prompts,
-        draft_layer=job.params["draft_layer"],
-        draft_tokens=job.params["draft_tokens"],
         max_new_tokens=job.max_new_tokens,
         eos_token_id=job.eos,
         stop_strings=job.stops,
+        **how,
     )
+    if r.exit_layers is not None:
+        return Gen(r.texts, r.tokens, {"exit_layers": r.exit_layers})
     stats = {
         "drafted": r.drafted.tolist(),
         "accepted": r.accepted.tolist(),
@@ -302,6 +305,11 @@ def run_lossless(model, tokenizer, prompts, job: Job) -> Gen:
         "draft_layer": r.draft_layer,
     }
     return Gen(r.texts, r.tokens, stats)
+
+
+def run_lossless(model, tokenizer, prompts, job: Job) -> Gen:
+    how = {k: job.params[k] for k in ("draft_layer", "draft_tokens")}
+    return _adainfer(model, tokenizer, prompts, job, **how)
 
 
 @dataclass
@@ -352,18 +360,7 @@ def fit_plan(model, tokenizer, calibration_prompts, job: Job) -> dict:
 
 
 def run_planned(model, tokenizer, prompts, job: Job) -> Gen:
-    r = adainfer.generate(
-        model,
-        tokenizer,
-        prompts,
-        plan=job.params["plan"],
-        max_new_tokens=job.max_new_tokens,
-        eos_token_id=job.eos,
-        stop_strings=job.stops,
-    )
-    stats = {"drafted": r.drafted.tolist(), "accepted": r.accepted.tolist(), "rounds": r.rounds}
-    stats["draft_layer"] = r.draft_layer
-    return Gen(r.texts, r.tokens, stats)
+    return _adainfer(model, tokenizer, prompts, job, plan=job.params["plan"])
 
 
 def calibrate_exits(model, tokenizer, calibration_prompts, job: Job, *, risk: float) -> dict:
@@ -381,16 +378,7 @@ def calibrate_exits(model, tokenizer, calibration_prompts, job: Job, *, risk: fl
 
 
 def run_lossy(model, tokenizer, prompts, job: Job) -> Gen:
-    r = adainfer.generate(
-        model,
-        tokenizer,
-        prompts,
-        exits=job.params["exits"],
-        max_new_tokens=job.max_new_tokens,
-        eos_token_id=job.eos,
-        stop_strings=job.stops,
-    )
-    return Gen(r.texts, r.tokens, {"exit_layers": r.exit_layers})
+    return _adainfer(model, tokenizer, prompts, job, exits=job.params["exits"])
 
 
 METHODS.update(
