@@ -206,6 +206,7 @@ class Job:
     name: str = ""  # the cell: model alias, dtype, batch size (where fitted files are kept)
     dtype: str = ""
     batch: int = 1
+    rows: tuple[int, ...] = ()  # the batch's items: their positions in the task
 
     def but(self, **changes) -> Job:
         return Job(**{**self.__dict__, **changes})
@@ -316,8 +317,8 @@ def run_lossless(model, tokenizer, prompts, job: Job) -> Gen:
 class Method:
     """One row of the method table. `run(model, tokenizer, prompts, job) -> Gen` generates a
     batch; `candidates(num_layers)` lists the settings (job.params) the calibration sweep picks
-    from (one: nothing to pick); `prepare(model, tokenizer, calibration_prompts, job) -> dict`,
-    if given, adds params fitted on the calibration prompts (a planner, a lossy policy)."""
+    from (one: nothing to pick); `prepare(ctx, job) -> dict`, if given, adds params fitted
+    for the cell `ctx` (a planner, lossy policies)."""
 
     run: Callable[..., Gen]
     candidates: Callable[[int], list[dict]] = lambda num_layers: [{}]
@@ -346,39 +347,82 @@ METHODS: dict[str, Method] = {
 RESULTS = ROOT / "results" / "generation"
 
 
-def fit_plan(model, tokenizer, calibration_prompts, job: Job) -> dict:
+def fit_plan(ctx, job: Job) -> dict:
     """The cell's committed draft plan (results/generation/plans, fitted by bench/drafting.py
-    on the last HumanEval problems, disjoint from the first ones evaluated here), else a
-    `DraftPlanner` fitted here on the calibration prompts."""
+    on HumanEval prompts; a plan sets only the speed, never the output), else a `DraftPlanner`
+    fitted here on the calibration prompts."""
     from adainfer.drafting import DraftPlanner, load_plan
 
     path = RESULTS / "plans" / f"{job.name}-{SHORT.get(job.dtype, job.dtype)}-b{job.batch}.json"
     if path.is_file():
         return {"plan": load_plan(path)}
-    planner = DraftPlanner().fit(model, tokenizer, list(calibration_prompts), batch_size=job.batch)
-    return {"plan": planner}
+    prompts = list(ctx.task.calibration)
+    return {"plan": DraftPlanner().fit(ctx.model, ctx.tokenizer, prompts, batch_size=job.batch)}
 
 
 def run_planned(model, tokenizer, prompts, job: Job) -> Gen:
     return _adainfer(model, tokenizer, prompts, job, plan=job.params["plan"])
 
 
-def calibrate_exits(model, tokenizer, calibration_prompts, job: Job, *, risk: float) -> dict:
-    """The cell's committed token-exit policy (results/generation/exits), else one calibrated
-    here, label-free, on 64 Python standard-library prompts (`adainfer calibrate-exits
-    --python-prompts 64`), costs measured at the cell's batch size."""
+def calibrate_exits(ctx, job: Job, *, risk: float) -> dict:
+    """Token-exit policies at `risk`, label-free, their costs measured at the cell's batch size.
+
+    `crossfit` (the default), as a user calibrates on prompts of their own traffic: the
+    evaluated prompts are cut in two halves at a batch boundary, and each half is generated
+    with a policy calibrated on the other half's prompts only (their full-model outputs, no
+    reference answers), so every prompt is evaluated and none by a policy that has seen it.
+    `stdlib`: one policy for all, calibrated on 64 Python standard-library prompts
+    (`adainfer calibrate-exits --python-prompts 64`, committed in results/generation/exits):
+    a shift in distribution for any task. Crossfit policies are kept in the out dir's exits/."""
     from adainfer.lossy import TokenExitPolicy
     from adainfer.taskdata import python_prompts
 
-    path = RESULTS / "exits" / f"{job.name}-{job.dtype}-b{job.batch}-risk{risk}.json"
-    if path.is_file():
-        return {"exits": TokenExitPolicy.load(path)}
-    policy = TokenExitPolicy(risk=risk, cost_batch_size=job.batch)
-    return {"exits": policy.fit(model, tokenizer, python_prompts(64))}
+    stem = f"{job.name}-{job.dtype}-b{job.batch}-risk{risk}"
+    if ctx.settings.get("exit_calibration", "stdlib") == "stdlib":
+        path = RESULTS / "exits" / f"{stem}.json"
+        if path.is_file():
+            return {"exits": [TokenExitPolicy.load(path)], "split": None}
+        policy = TokenExitPolicy(risk=risk, cost_batch_size=job.batch)
+        return {"exits": [policy.fit(ctx.model, ctx.tokenizer, python_prompts(64))], "split": None}
+    split = crossfit_split(len(ctx.task.items), ctx.batch)
+    prompts = [it.prompt for it in ctx.task.items]
+    policies = []
+    for half, others in enumerate((prompts[split:], prompts[:split])):
+        path = ctx.path.parent.parent / "exits" / f"{stem}-half{half}.json"
+        if not path.is_file():
+            trace, costs = _exit_trace(ctx.model, ctx.tokenizer, tuple(others), job.batch)
+            policy = TokenExitPolicy(risk=risk, cost_batch_size=job.batch)
+            policy.model_ = getattr(ctx.model, "adainfer_id", job.name)
+            policy.fit_trace(trace, costs).save(path)
+        policies.append(TokenExitPolicy.load(path))
+    return {"exits": policies, "split": split}
+
+
+def crossfit_split(n: int, batch: int) -> int:
+    """Where the evaluated prompts are cut in two: near the middle, at a batch boundary."""
+    if n < 2 * batch:
+        raise SystemExit(f"crossfit calibration needs at least 2 batches of prompts, got {n}")
+    return n // 2 // batch * batch
+
+
+@functools.lru_cache(maxsize=2)
+def _exit_trace(model, tokenizer, prompts: tuple[str, ...], batch: int):
+    """A half's calibration trace and cost table, shared by the cell's risk levels."""
+    from adainfer.lossy import measure_exit_costs, trace_exits
+
+    trace = trace_exits(model, tokenizer, prompts, batch_size=8)
+    rows = [prompts[i % len(prompts)] for i in range(batch)]
+    return trace, measure_exit_costs(model, tokenizer, rows, trace.vocab)
 
 
 def run_lossy(model, tokenizer, prompts, job: Job) -> Gen:
-    return _adainfer(model, tokenizer, prompts, job, exits=job.params["exits"])
+    """The lossy mode with the policy that serves this batch's half of the prompts."""
+    split, policies = job.params["split"], job.params["exits"]
+    if split is None or not job.rows:
+        return _adainfer(model, tokenizer, prompts, job, exits=policies[0])
+    if min(job.rows) < split <= max(job.rows):
+        raise ValueError(f"batch of rows {job.rows} straddles the crossfit split at {split}")
+    return _adainfer(model, tokenizer, prompts, job, exits=policies[int(job.rows[0] >= split)])
 
 
 METHODS.update(
@@ -567,9 +611,7 @@ def choose_params(ctx, names: Sequence[str], progress=None) -> dict[str, dict]:
         entries[name].setdefault("params", METHODS[name].candidates(_layers(ctx.model))[0])
         params[name] = dict(entries[name]["params"])
         if METHODS[name].prepare is not None:
-            fitted = METHODS[name].prepare(
-                ctx.model, ctx.tokenizer, ctx.task.calibration, ctx.job.but(params=params[name])
-            )
+            fitted = METHODS[name].prepare(ctx, ctx.job.but(params=params[name]))
             params[name].update(fitted)
             entries[name]["prepared"] = {k: v for k, v in fitted.items() if _is_json(v)}
     return params
@@ -646,18 +688,34 @@ def pending(ctx, names) -> list[int]:
 
 
 def run_batch(ctx, i: int, names, params) -> dict:
-    """All methods on batch i, back to back in rotating order, each timed."""
-    chunk = ctx.task.items[i * ctx.batch : (i + 1) * ctx.batch]
-    prompts, start = [it.prompt for it in chunk], time.perf_counter()
-    record = {"ids": [it.id for it in chunk], "order": rotate(names, i)}
+    """All methods on batch i, back to back in rotating order, each timed; then, untimed, the
+    tokens of each lossy run that the full model would not have chosen."""
+    rows = range(i * ctx.batch, min((i + 1) * ctx.batch, len(ctx.task.items)))
+    prompts, start = [ctx.task.items[r].prompt for r in rows], time.perf_counter()
+    record = {"ids": [ctx.task.items[r].id for r in rows], "order": rotate(names, i)}
     record["loadavg"] = os.getloadavg()
+    job = ctx.job.but(rows=tuple(rows))
     record["runs"] = {
-        n: timed_run(METHODS[n], ctx.model, ctx.tokenizer, prompts, ctx.job.but(params=params[n]))
+        n: timed_run(METHODS[n], ctx.model, ctx.tokenizer, prompts, job.but(params=params[n]))
         for n in record["order"]
     }
     record["loadavg_after"] = os.getloadavg()
     record["wall_s"] = time.perf_counter() - start
+    for run in record["runs"].values():
+        if "exit_layers" in run["stats"]:
+            run["changed"] = changed_counts(ctx.model, ctx.tokenizer, prompts, run["tokens"])
     return record
+
+
+def changed_counts(model, tokenizer, prompts, tokens: Sequence[list[int]]) -> list[int]:
+    """Per row, how many of its (finished) tokens differ from the full model's greedy choice
+    after the same prefix, teacher-forced: the per-token risk the run actually took, counted
+    past the first difference from plain greedy as the calibration counts it."""
+    from adainfer.lossy import changed_tokens
+
+    if not any(tokens):
+        return [0] * len(tokens)
+    return [int(sum(flags)) for flags in changed_tokens(model, tokenizer, prompts, tokens)]
 
 
 def score_all(ctx, execute: bool, cache: dict) -> None:
@@ -757,6 +815,10 @@ def _depths(batches, name: str) -> dict:
     exits = [x for s in stats for row in s.get("exit_layers", []) for x in row]
     if exits:
         out["exit_layer"] = float(np.mean(exits))
+    changed = [b["runs"][name].get("changed") for b in batches]
+    if changed and all(c is not None for c in changed):
+        tokens = sum(len(t) for b in batches for t in b["runs"][name]["tokens"])
+        out["changed"] = sum(map(sum, changed)) / tokens if tokens else 0.0
     return out
 
 
@@ -805,6 +867,7 @@ COLUMNS = [
     "pass@1 / F1",
     "rows = plain",
     "tokens = plain (to 1st diff)",
+    "tokens changed (teacher-forced)",
     "peak MB",
     "load (1 min)",
 ]
@@ -841,6 +904,7 @@ def table_row(data: dict, name: str, s: dict) -> list[str]:
         _num(None if quality is None else 100 * quality, ".1f"),
         f"{s['exact']['rows']:.0%}",
         f"{s['exact']['tokens']:.1%}",
+        _num(s.get("changed"), ".1%"),
         _num(s["peak_memory_mb"], ".0f"),
         f"{s['loadavg']:.2f}",
     ]
@@ -920,7 +984,7 @@ def default_loader(name: str, dtype: str):
     return load(name, dtype=dtype)
 
 
-def settings_of(task: Task, args) -> dict:
+def settings_of(task: Task, args, lossy: bool) -> dict:
     """What a cell's numbers depend on besides the model, dtype and batch size; `--limit`
     is not among them (a later run with a larger limit extends the cell)."""
     return {
@@ -930,6 +994,7 @@ def settings_of(task: Task, args) -> dict:
         "calib_batches": args.calib_batches,
         "calib_tokens": args.calib_tokens,
         "torch_threads": torch.get_num_threads(),
+        **({"exit_calibration": args.exit_calibration} if lossy else {}),
     }
 
 
@@ -957,7 +1022,7 @@ def run(args, loader=None, tasks=None) -> list[dict]:
                     "model": name,
                     "dtype": dtype,
                     "batch_size": batch,
-                    "settings": settings_of(task, args),
+                    "settings": settings_of(task, args, any("lossy" in m for m in names)),
                     "command": " ".join(sys.argv),
                 }
                 path = out_dir / "bench" / f"{cell_key(name, dtype, batch)}.json"
@@ -967,6 +1032,7 @@ def run(args, loader=None, tasks=None) -> list[dict]:
                 )  # fmt: skip
                 write_text_atomic(out_dir / "bench.md", report(load_cells(out_dir)))
             del model, tokenizer
+            _exit_trace.cache_clear()
             gc.collect()
     return load_cells(out_dir)
 
@@ -988,6 +1054,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="HumanEval 384, SQuAD 64")
     p.add_argument("--calib-batches", type=int, default=3, help="calibration batches per cell")
     p.add_argument("--calib-tokens", type=int, default=32, help="new tokens per calibration run")
+    p.add_argument(
+        "--exit-calibration",
+        default="crossfit",
+        choices=["crossfit", "stdlib"],
+        help="the lossy policies' prompts: the other half of the evaluated ones, or stdlib code",
+    )
     p.add_argument(
         "--execute",
         action="store_true",
