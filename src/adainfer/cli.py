@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .features import ALL_FEATURES
+from .files import FolderInUse, OutputLock
 from .policies import POLICIES
 
 
@@ -709,7 +710,7 @@ def cmd_plan_drafts(args):
 
 
 def cmd_collect(args):
-    from .collect import collect
+    from .collect import collect, collected_ids
     from .prefill import AdaptiveEngine
     from .tasks import task_queries
 
@@ -724,6 +725,7 @@ def cmd_collect(args):
         data_dir=args.data_dir,
     )
     queries = test if args.held_out else train
+    before = collected_ids(args.out)  # a resumed run says what it added, not what it holds
     out = collect(
         AdaptiveEngine(model, tok),
         queries,
@@ -733,8 +735,13 @@ def cmd_collect(args):
         max_batch_tokens=args.max_batch_tokens or None,
     )
     kind = "held-out" if args.held_out else "training"
+    ran = sum(q.id not in before for q in queries)
+    if not ran:
+        print(f"all {len(queries)} {kind} queries were already collected in {out}; nothing to run")
+        return
     layers = model.config.num_hidden_layers
-    print(f"collected {len(queries)} {kind} queries x {layers} layers into {out}")
+    kept = f" ({len(queries) - ran} were already there)" if ran < len(queries) else ""
+    print(f"collected {ran} {kind} queries x {layers} layers into {out}{kept}")
 
 
 def cmd_fit(args):
@@ -769,6 +776,11 @@ def cmd_fit(args):
 
 
 def cmd_eval(args):
+    with OutputLock(args.out, folder=False):  # two evals into one file: one would be lost
+        _eval(args)
+
+
+def _eval(args):
     from .evaluate import evaluate
     from .files import write_json
     from .pipeline import resolve_policy
@@ -863,7 +875,8 @@ def cmd_bench(args):
     from .bench import run_bench, write_report
 
     if args.report_only:
-        write_report(args.out_dir)
+        with OutputLock(args.out_dir):  # run_bench takes it itself
+            write_report(args.out_dir)
     else:
         run_bench(
             tuple(args.model or ["smollm2-135m"]),
@@ -983,7 +996,7 @@ def main(argv=None) -> int:
     )
     try:
         COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, ModelNotAvailable) as e:
+    except (ValueError, FileNotFoundError, ModelNotAvailable, FolderInUse) as e:
         # user errors (bad task file, unknown alias, a policy for another model, ...): one line
         if args.verbose:  # the whole traceback, for bug reports
             raise

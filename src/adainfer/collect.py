@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from .features import ALL_FEATURES
-from .files import write_atomic, write_text_atomic
+from .files import OutputLock, write_atomic, write_text_atomic
 from .persist import model_signature
 from .policies import NeverExit
 from .prefill import AdaptiveEngine
@@ -61,10 +61,22 @@ def collect(
 ) -> Path:
     """Collect `queries` into `out_dir`. With world_size > 1 (torchrun), rank r takes every
     world_size-th query and writes its own parts; readers merge all parts. A batch holds at most
-    `batch_size` prompts and `max_batch_tokens` padded tokens (None: no limit)."""
+    `batch_size` prompts and `max_batch_tokens` padded tokens (None: no limit). The folder is
+    locked while this runs: a second writer (another rank 0) is refused, not left to overwrite
+    this run's parts (`files.OutputLock`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     out = Path(out_dir)
+    with OutputLock(out, rank=rank):
+        _collect(
+            engine, queries, out, batch_size, features, progress, rank, world_size, max_batch_tokens
+        )
+    return out
+
+
+def _collect(
+    engine, queries, out: Path, batch_size, features, progress, rank, world_size, max_batch_tokens
+) -> None:
     done = _check_folder(out, engine, features, queries)
     # shard by position in the full list, never by what is left: ranks may start at different times
     todo = [q for i, q in enumerate(queries) if i % world_size == rank and q.id not in done]
@@ -107,7 +119,6 @@ def collect(
         bar.update(sum(tokens[start:stop]))
         bar.set_postfix_str(f"{stop}/{len(todo)} queries", refresh=False)
     bar.close()
-    return out
 
 
 def _check_folder(out: Path, engine, features, queries) -> dict:
