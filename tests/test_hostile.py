@@ -1,11 +1,13 @@
 """Hostile but fair inputs (issue 16): each one a clear error naming what to fix, never a crash,
 a silent wrong answer or lost rows. One section per row of the issue's table, tiny models only."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from adainfer import AdaptiveEngine
@@ -109,3 +111,192 @@ def test_rerunning_a_finished_collect_says_nothing_ran(model_dir, tmp_path, caps
     assert "collected 1 training queries x 4 layers" in capsys.readouterr().out
     assert main([*argv, "--n-train", "3"]) == 0
     assert "all 3 training queries were already collected" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ 1. damaged policy bytes
+def layered():
+    from test_policies import layered_data
+
+    return layered_data()
+
+
+def saved(tmp_path, name="crf", model=None):
+    from adainfer import save_policy
+    from adainfer.policies import make_policy
+
+    X, y, groups = layered()
+    policy = make_policy(name).fit(X, y, groups)
+    model = model or tiny_model("llama")[0]
+    return save_policy(policy, tmp_path / f"{name}.safetensors", model=model)
+
+
+def data_range(path, array):
+    """(start, stop) of `array`'s bytes in a safetensors file."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    start, stop = json.loads(raw[8 : 8 + n])[array]["data_offsets"]
+    return 8 + n + start, 8 + n + stop
+
+
+def rewrite(path, header=None, arrays=None, out=None):
+    """The policy file with its header fields and arrays changed as given (None: dropped)."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(path), "np") as f:
+        meta = json.loads(f.metadata()["adainfer"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for k, v in (header or {}).items():
+        meta.pop(k) if v is None else meta.__setitem__(k, v)
+    tensors.update(arrays or {})
+    out = out or path.with_name("edited-" + path.name)
+    save_file(tensors, str(out), metadata={"adainfer": json.dumps(meta)})
+    return out
+
+
+@pytest.mark.parametrize("where", [0.0, 0.004, 0.01, 0.3, 0.5, 0.9, 0.999])
+def test_a_flipped_byte_in_the_crf_model_is_refused_before_crfsuite_reads_it(tmp_path, where):
+    from adainfer import load_policy
+    from adainfer.persist import PolicyFileError
+
+    path = saved(tmp_path)
+    start, stop = data_range(path, "model_bytes_")
+    raw = bytearray(path.read_bytes())
+    raw[start + int(where * (stop - start))] ^= 0xFF  # some offsets crashed the process (139)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(PolicyFileError, match=rf"{path}: array model_bytes_ .* checksum"):
+        load_policy(path)
+
+
+def test_random_bytes_after_the_crf_header_are_refused(tmp_path):
+    from adainfer import load_policy
+    from adainfer.persist import PolicyFileError
+
+    path = saved(tmp_path)
+    start, stop = data_range(path, "model_bytes_")
+    raw = bytearray(path.read_bytes())
+    raw[start + 48 : stop] = np.random.default_rng(0).bytes(stop - start - 48)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(PolicyFileError, match="checksum"):
+        load_policy(path)
+
+
+def test_a_crf_file_without_checksums_is_refused_unless_trusted(tmp_path):
+    from adainfer import load_policy, save_policy
+    from adainfer.persist import FORMAT, FORMAT_2, PolicyFileError, policy_header
+
+    old = rewrite(saved(tmp_path), {"format": FORMAT_2, "arrays": None, "binding": None})
+    with pytest.raises(PolicyFileError, match="no checksums.*unverified_ok=True"):
+        load_policy(old)
+    again = save_policy(load_policy(old, unverified_ok=True), tmp_path / "again.safetensors")
+    assert policy_header(again)["format"] == FORMAT and load_policy(again).policy_.model_bytes_.size
+    # even trusted, bytes that are not a crfsuite model never reach crfsuite
+    junk = {"model_bytes_": np.frombuffer(np.random.default_rng(1).bytes(4680), np.uint8)}
+    with pytest.raises(PolicyFileError, match="not a crfsuite model"):
+        load_policy(rewrite(old, arrays=junk), unverified_ok=True)
+
+
+def test_damaged_numbers_of_a_numpy_policy_are_refused_too(tmp_path):
+    from adainfer import load_policy
+    from adainfer.persist import PolicyFileError
+
+    path = saved(tmp_path, "svm")
+    start, _ = data_range(path, "dual_coef_")
+    raw = bytearray(path.read_bytes())
+    raw[start + 3] ^= 0x10  # a silently different decision before
+    path.write_bytes(bytes(raw))
+    with pytest.raises(PolicyFileError, match="dual_coef_ does not match its checksum"):
+        load_policy(path)
+
+
+# ------------------------------------------------------------------ 3. edited policy headers
+MODEL = {
+    "model_id": "tiny-llama",
+    "model_type": "llama",
+    "num_layers": 4,
+    "hidden_size": 32,
+    "vocab_size": 98,
+}
+EDITS = {
+    "missing params": ({"params": None}, "lacks the field.s. params"),
+    "unknown parameter": (
+        {"params": {"features": ["gap", "top_prob"], "C": 1.0, "kernel": "rbf"}},
+        "unknown parameter.s. kernel; it takes",
+    ),
+    "policy type changed": ({"policy": "logistic"}, "unknown parameter.s. gamma"),
+    "model field of the wrong type": (
+        {"model": {**MODEL, "num_layers": "4"}},
+        "field model.num_layers must be a whole number >= 1, got '4'",
+    ),
+    "model not an object": ({"model": "tiny-llama"}, "field model must be an object"),
+    "a null model field": (
+        {"model": {**MODEL, "model_id": None}},
+        "field model.model_id must be a string, got None",
+    ),
+    "features not a list": ({"features": "gap,top_prob"}, "field features must be a list"),
+    "unknown feature": ({"features": ["gap", "vibes"]}, "unknown feature"),
+    "plans of the wrong shape": ({"plans": {"1": [3, 5]}}, "field plans.1 must be an object"),
+    "threshold not a number": ({"threshold": "high"}, "field threshold must be a finite number"),
+    "target unknown": ({"target": "silver"}, "field target must be one of 'gold', 'final'"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_an_edited_header_is_a_clear_error_naming_the_file(tmp_path, edit):
+    from adainfer import load_policy
+    from adainfer.persist import PolicyFileError
+
+    changes, message = EDITS[edit]
+    path = rewrite(saved(tmp_path, "svm"), changes)
+    with pytest.raises(PolicyFileError, match=rf"{path}: .*{message}"):
+        load_policy(path)
+
+
+@pytest.mark.parametrize(
+    "features", [["top_prob", "gap"], ["gap", "entropy"], ["entropy", "layer_frac"]]
+)
+def test_features_reordered_or_replaced_do_not_load(tmp_path, features):
+    """Same length, so the arrays fit: the decision would silently read the wrong columns."""
+    from adainfer import load_policy
+    from adainfer.persist import PolicyFileError
+
+    path = saved(tmp_path, "logistic")
+    edited = rewrite(
+        path, {"features": features, "params": {"features": features, "C": 1.0, "threshold": 0.5}}
+    )
+    with pytest.raises(PolicyFileError, match="features or model are not those the arrays"):
+        load_policy(edited)
+
+
+def test_a_policy_for_another_model_cannot_be_unbound_by_editing_its_model(tmp_path):
+    from adainfer import load_policy
+    from adainfer.persist import PolicyFileError, model_signature
+
+    path = saved(tmp_path, "svm")
+    other = model_signature(tiny_model("llama", layers=6)[0])
+    with pytest.raises(PolicyFileError, match="not those the arrays"):
+        load_policy(rewrite(path, {"model": other}))
+    with pytest.raises(PolicyFileError, match="not those the arrays"):
+        load_policy(rewrite(path, {"model": None}))
+
+
+def test_arrays_that_do_not_fit_the_features_are_refused_in_old_files(tmp_path):
+    """Files of format 1 and 2 carry no checksums: their arrays must still fit the header."""
+    from adainfer import load_policy
+    from adainfer.persist import FORMAT_2, PolicyFileError
+
+    old = rewrite(
+        saved(tmp_path, "logistic"), {"format": FORMAT_2, "arrays": None, "binding": None}
+    )
+    assert load_policy(old).policy_.coef_.shape == (2,)
+    three = ["gap", "top_prob", "entropy"]
+    wider = rewrite(old, {"features": three, "params": {"features": three}})
+    with pytest.raises(PolicyFileError, match="array mean_ has shape .2., expected F with F = 3"):
+        load_policy(wider)
+    with pytest.raises(
+        PolicyFileError, match="holds arrays .'coef_', 'intercept_'.*needs .'dual_coef_'"
+    ):
+        load_policy(rewrite(old, {"policy": "svm", "params": {}}))
+    nan = {"coef_": np.array([np.nan, 1.0])}
+    with pytest.raises(PolicyFileError, match="coef_ holds values that are not finite"):
+        load_policy(rewrite(old, arrays=nan))
