@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,7 +229,7 @@ EDITS = {
         {"model": {**MODEL, "num_layers": "4"}},
         "field model.num_layers must be a whole number >= 1, got '4'",
     ),
-    "model not an object": ({"model": "tiny-llama"}, "field model must be an object"),
+    "model not an object": ({"model": "tiny-llama"}, "field model must be null or an object"),
     "a null model field": (
         {"model": {**MODEL, "model_id": None}},
         "field model.model_id must be a string, got None",
@@ -236,8 +237,11 @@ EDITS = {
     "features not a list": ({"features": "gap,top_prob"}, "field features must be a list"),
     "unknown feature": ({"features": ["gap", "vibes"]}, "unknown feature"),
     "plans of the wrong shape": ({"plans": {"1": [3, 5]}}, "field plans.1 must be an object"),
-    "threshold not a number": ({"threshold": "high"}, "field threshold must be a finite number"),
-    "target unknown": ({"target": "silver"}, "field target must be one of 'gold', 'final'"),
+    "threshold not a number": (
+        {"threshold": "high"},
+        "field threshold must be null or a finite number",
+    ),
+    "target unknown": ({"target": "silver"}, "field target must be null or one of 'gold', 'final'"),
 }
 
 
@@ -300,3 +304,81 @@ def test_arrays_that_do_not_fit_the_features_are_refused_in_old_files(tmp_path):
     nan = {"coef_": np.array([np.nan, 1.0])}
     with pytest.raises(PolicyFileError, match="coef_ holds values that are not finite"):
         load_policy(rewrite(old, arrays=nan))
+
+
+# ------------------------------------------------------------------ 3b. generation-side files
+GENERATION = Path(__file__).parents[1] / "results" / "generation"
+EXITS = GENERATION / "exits" / "qwen2.5-0.5b-bfloat16-b1-risk0.01.json"
+PLAN = GENERATION / "plans" / "qwen2.5-0.5b-bf16-b1.json"
+
+
+def edited_json(source, tmp_path, edit):
+    data = json.loads(source.read_text())
+    edit(data)
+    path = tmp_path / source.name
+    path.write_text(json.dumps(data))
+    return path
+
+
+EXIT_EDITS = {
+    "risk a string": (lambda d: d["params"].update(risk="low"), "field params.risk must be"),
+    "unknown parameter": (lambda d: d["params"].update(speed=2), "unknown field.s. speed"),
+    "negative token": (lambda d: d["vocab"].__setitem__(0, -1), r"field vocab\[0\] must be"),
+    "layer past the model": (lambda d: d.update(layers=[30]), r"layers \[30\] are not ascending"),
+    "probe of 2 weights": (lambda d: d.update(coef=[[1.0, 2.0]]), "must hold 3 weights"),
+    "threshold NaN": (lambda d: d.update(threshold=float("nan")), "field threshold must be"),
+    "num_layers missing": (lambda d: d.pop("num_layers"), "lacks the field.s. num_layers"),
+    "costs a list": (lambda d: d.update(costs=[1, 2]), "field costs must be an object"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EXIT_EDITS))
+def test_an_edited_token_exit_policy_is_a_clear_error(tmp_path, edit):
+    from adainfer.lossy import TokenExitPolicy
+
+    change, message = EXIT_EDITS[edit]
+    path = edited_json(EXITS, tmp_path, change)
+    with pytest.raises(ValueError, match=rf"{path} is not a readable .*{message}"):
+        TokenExitPolicy.load(path)
+
+
+PLAN_EDITS = {
+    "draft layer a string": (
+        lambda d: d["plan"].update(draft_layer="21"),
+        "field plan.draft_layer must be null or a whole number >= 1",
+    ),
+    "negative draft token": (
+        lambda d: d["plan"]["draft_vocab"].__setitem__(0, -5),
+        r"field plan.draft_vocab\[0\] must be",
+    ),
+    "model check nulled": (
+        lambda d: d["plan"].update(num_layers=None),
+        "num_layers and vocab_size must both be given",
+    ),
+    "draft layer past the model": (
+        lambda d: d["plan"].update(draft_layer=30),
+        "draft_layer 30 is not above a layer of 24",
+    ),
+    "unknown field": (lambda d: d["plan"].update(turbo=True), "unknown field.s. turbo"),
+    "plan not an object": (lambda d: d.update(plan=[21]), "field plan must be an object"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(PLAN_EDITS))
+def test_an_edited_draft_plan_is_a_clear_error(tmp_path, edit):
+    from adainfer.drafting import load_plan
+
+    change, message = PLAN_EDITS[edit]
+    path = edited_json(PLAN, tmp_path, change)
+    with pytest.raises(ValueError, match=rf"{path} is a damaged draft plan: .*{message}"):
+        load_plan(path)
+
+
+def test_the_committed_generation_files_still_load():
+    from adainfer.drafting import load_plan
+    from adainfer.lossy import TokenExitPolicy
+
+    for path in sorted((GENERATION / "exits").glob("*.json")):
+        assert TokenExitPolicy.load(path).layers_ == json.loads(path.read_text())["layers"]
+    for path in sorted((GENERATION / "plans").glob("*.json")):
+        assert load_plan(path).num_layers == 24

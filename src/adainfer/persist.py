@@ -233,13 +233,13 @@ _MODEL = Record(
 _PLAN = Record(
     {
         "check_layers": ListOf(Int(1)),
-        "expected_cost": Number(finite=False),  # NaN: a plan known by its layers only
-        "expected_accuracy": Number(finite=False),
-        "full_accuracy": Number(finite=False),
-        "check_cost": Number(finite=False),
+        "expected_cost": Number(finite=False, nan=True),  # NaN: a plan known by its layers only
+        "expected_accuracy": Number(finite=False, nan=True),
+        "full_accuracy": Number(finite=False, nan=True),
+        "check_cost": Number(finite=False, nan=True),
         "candidates": Int(0),
         "held_out": bool,
-        "expected_agreement": Number(finite=False),
+        "expected_agreement": Number(finite=False, nan=True),
         "threshold": Optional(float),
     },
     optional=("expected_agreement", "threshold"),

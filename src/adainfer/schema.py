@@ -6,7 +6,7 @@ must be an error that names the file and the field, not a KeyError or TypeError 
 inside the code that trusted it. Specs are plain values:
 
 - a type: `str`, `bool`, `int` (a whole number, not a bool), `float` (any finite number);
-- `Number(finite=False)`, `Int(low=1)`: numbers with bounds;
+- `Number(finite=False, nan=True)`, `Int(low=1)`: numbers with bounds;
 - `Optional(spec)`, `OneOf(*values)`, `ListOf(spec)`, `DictOf(spec, key=...)`;
 - `Record({field: spec}, optional=(...), extra=True)`: a JSON object with these fields.
 """
@@ -24,12 +24,14 @@ class SchemaError(ValueError):
 
 @dataclass(frozen=True)
 class Number:
-    finite: bool = True  # NaN / inf allowed only where a file records "not measured"
+    finite: bool = True  # False: +-inf allowed (a threshold no token reaches)
     low: float | None = None
     high: float | None = None
+    nan: bool = False  # NaN allowed: a file records "not measured"
 
     def describe(self) -> str:
         text = "a finite number" if self.finite else "a number"
+        text += " or NaN" if self.nan else ""
         if self.low is not None:
             text += f" >= {self.low}"
         return text + ("" if self.high is None else f" <= {self.high}")
@@ -126,9 +128,10 @@ def _fits(value, spec) -> bool:
     if isinstance(spec, Int):
         return _is_int(value) and (spec.low is None or value >= spec.low)
     if isinstance(spec, Number):
+        if not _is_number(value) or math.isnan(value):
+            return _is_number(value) and spec.nan
         return (
-            _is_number(value)
-            and (math.isfinite(value) or not spec.finite)
+            (math.isfinite(value) or not spec.finite)
             and (spec.low is None or value >= spec.low)
             and (spec.high is None or value <= spec.high)
         )
@@ -150,13 +153,17 @@ def check(value, spec, where: str) -> None:
 
 
 def _check(value, spec, where: str, path: str) -> None:
-    if isinstance(spec, Optional):
-        if value is not None:
-            _check(value, spec.spec, where, path)
+    if isinstance(spec, Optional) and value is None:
         return
-    if not _fits(value, spec):
+    inner = spec.spec if isinstance(spec, Optional) else spec
+    if not _fits(value, inner):  # the message says "null or ..." where null would do
         shown = repr(value) if len(repr(value)) < 60 else type(value).__name__
         raise SchemaError(f"{_name(where, path)} must be {describe(spec)}, got {shown}")
+    _check_items(value, inner, where, path)
+
+
+def _check_items(value, spec, where: str, path: str) -> None:
+    """The items of a list, a dict or a record that fits as a whole."""
     if isinstance(spec, ListOf):
         for i, item in enumerate(value):
             _check(item, spec.spec, where, f"{path}[{i}]")
