@@ -382,3 +382,41 @@ def test_the_committed_generation_files_still_load():
         assert TokenExitPolicy.load(path).layers_ == json.loads(path.read_text())["layers"]
     for path in sorted((GENERATION / "plans").glob("*.json")):
         assert load_plan(path).num_layers == 24
+
+
+# ------------------------------------------------------------------ 4. numbers out of range
+@pytest.mark.parametrize("cost", ["-1", "-100", "nan", "inf", "1:nan", "1:1,8:-0.5", "8:inf"])
+def test_a_negative_or_non_finite_check_cost_is_refused(cost, capsys):
+    from adainfer.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["fit", "--data", "d", "--out", "o", "--check-cost", cost])
+    assert e.value.code == 2 and "costs finite and >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
+def test_a_non_finite_policy_parameter_is_refused(value, capsys):
+    from adainfer.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fit", "--data", "d", "--out", "o", "--param", f"t={value}"])
+    assert "is not a finite number" in capsys.readouterr().err
+
+
+def test_the_library_refuses_them_too():
+    from adainfer.checks import PlannedPolicy
+    from adainfer.policies import GapThreshold, LogisticExit, SVMExit
+    from test_checks import settling_traces
+
+    X, y, _ = layered()
+    for cost in (-1.0, float("nan"), float("inf"), {1: 1.0, 8: float("nan")}, {0: 1.0}):
+        with pytest.raises(ValueError, match="costs finite and >= 0"):
+            PlannedPolicy(GapThreshold(), check_costs=cost).fit(settling_traces(Q=20))
+    with pytest.raises(ValueError, match="threshold must be a finite number"):
+        GapThreshold(float("nan")).predict(X[:, :1])
+    with pytest.raises(ValueError, match="threshold must be a finite number"):
+        LogisticExit(threshold=float("inf")).fit(X, y)
+    for rows in (0, -5, 1, 2.5):  # 0 said "the model is never right on this data"
+        with pytest.raises(ValueError, match="max_train_rows must be a whole number of at least 2"):
+            SVMExit(max_train_rows=rows).fit(X, y)
+    assert SVMExit(max_train_rows=40).fit(X, y).support_vectors_.shape[0] <= 40

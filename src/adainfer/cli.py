@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -27,9 +28,12 @@ def _param(text: str):
         raise argparse.ArgumentTypeError(f"--param takes KEY=VALUE, got {text!r}")
     for cast in (int, float):
         try:
-            return key, cast(value)
+            number = cast(value)
         except ValueError:
-            pass
+            continue
+        if not math.isfinite(number):  # threshold=nan: a policy that never stops
+            raise argparse.ArgumentTypeError(f"--param {key}: {value!r} is not a finite number")
+        return key, number
     return key, value
 
 
@@ -38,19 +42,23 @@ def parse_check_cost(text: str) -> float | dict[int, float]:
     ValueError that says what is expected for anything else."""
     try:
         if ":" not in text:
-            return float(text)
-        costs = {
-            int(b): float(c)
-            for b, c in (item.split(":") for item in text.split(",") if item.strip())
-        }
+            costs = {1: float(text)}
+        else:
+            costs = {
+                int(b): float(c)
+                for b, c in (item.split(":") for item in text.split(",") if item.strip())
+            }
     except ValueError:
         raise ValueError(
             "--check-cost takes a number of layers or BATCH:COST pairs like 1:1.2,8:0.2; "
             f"got {text!r}"
         ) from None
-    if not costs or min(costs) < 1 or min(costs.values()) < 0:
-        raise ValueError(f"--check-cost: batch sizes must be >= 1 and costs >= 0; got {text!r}")
-    return costs
+    # a negative or NaN cost makes every check look free: it planned checks at every layer
+    if not costs or min(costs) < 1 or not all(0 <= c < math.inf for c in costs.values()):
+        raise ValueError(
+            f"--check-cost: batch sizes must be >= 1 and costs finite and >= 0; got {text!r}"
+        )
+    return costs[1] if ":" not in text else costs
 
 
 def _check_cost(text: str) -> float | dict[int, float]:

@@ -143,6 +143,15 @@ def _as_2d(X, features) -> np.ndarray:
     return X
 
 
+def _finite(name: str, value) -> float:
+    """A parameter that must be a finite number (a NaN threshold never stops, nor errs)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
 def _check_labels(y) -> np.ndarray:
     y = np.asarray(y).astype(int).ravel()
     classes = np.unique(y)
@@ -203,7 +212,7 @@ class GapThreshold(ExitPolicy):
         self.features = ("gap",)
 
     def decision_function(self, X):
-        return _as_2d(X, self.features)[:, 0] - self.threshold + 1e-12
+        return _as_2d(X, self.features)[:, 0] - _finite("threshold", self.threshold) + 1e-12
 
     def cost_flops(self):
         return 1.0
@@ -249,6 +258,11 @@ class SVMExit(_Standardized):
     def fit(self, X, y, groups=None):
         from sklearn.svm import SVC
 
+        if not isinstance(self.max_train_rows, (int, np.integer)) or self.max_train_rows < 2:
+            raise ValueError(
+                "max_train_rows must be a whole number of at least 2 (rows SVC trains on), "
+                f"got {self.max_train_rows!r}"
+            )
         X, y = _as_2d(X, check_names(self.features)), _check_labels(y)
         if len(X) > self.max_train_rows:
             keep = np.random.default_rng(self.random_state).choice(
@@ -299,6 +313,7 @@ class LogisticExit(_Standardized):
     def fit(self, X, y, groups=None):
         from sklearn.linear_model import LogisticRegression
 
+        _finite("threshold", self.threshold)
         X, y = _as_2d(X, check_names(self.features)), _check_labels(y)
         self._set_scaler(X)
         lr = LogisticRegression(C=self.C, max_iter=1000).fit(self._scale(X), y)
@@ -310,7 +325,7 @@ class LogisticExit(_Standardized):
         return np.stack([1 - p, p], axis=1)
 
     def decision_function(self, X):
-        return self.predict_proba(X)[:, 1] - self.threshold + 1e-12
+        return self.predict_proba(X)[:, 1] - _finite("threshold", self.threshold) + 1e-12
 
     def cost_flops(self):
         return 2.0 * len(self.features) + 10
@@ -338,6 +353,7 @@ class LayerLogisticExit(LogisticExit):
         from sklearn.linear_model import LogisticRegression
 
         features = check_names(self.features)
+        _finite("threshold", self.threshold)
         if "layer_frac" not in features:
             raise ValueError(
                 "LayerLogisticExit needs 'layer_frac' among its features to tell layers apart; "
