@@ -17,6 +17,7 @@ from adainfer.collect import collect, load_collected
 from adainfer.files import FolderInUse, OutputLock
 from adainfer.tasks import task_queries
 from conftest import char_tokenizer, tiny_model
+from test_models import _fake_alias, fake_convert, tiny_dir  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -420,3 +421,68 @@ def test_the_library_refuses_them_too():
         with pytest.raises(ValueError, match="max_train_rows must be a whole number of at least 2"):
             SVMExit(max_train_rows=rows).fit(X, y)
     assert SVMExit(max_train_rows=40).fit(X, y).support_vectors_.shape[0] <= 40
+
+
+# ------------------------------------------------------------------ 5. a damaged conversion cache
+@pytest.fixture
+def converted(monkeypatch, tmp_path, fake_convert):  # noqa: F811
+    """A fake alias converted once into tmp_path/cache; returns (its folder, the convert log)."""
+    from adainfer import models
+
+    alias = _fake_alias(monkeypatch, tmp_path)
+    models.load("tiny-test", cache_dir=tmp_path / "cache")
+    return tmp_path / "cache" / f"tiny-test-{alias.sha256[:12]}", fake_convert
+
+
+def weights(folder):
+    (path,) = folder.glob("*.safetensors")
+    return path
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_truncated_or_missing_cached_weight_file_says_how_to_rebuild(converted, damage):
+    from adainfer import models
+    from adainfer.models import ModelNotAvailable
+
+    folder, conversions = converted
+    path = weights(folder)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+        said = rf"{path.name} has 1000 bytes, \d+ were written"
+    else:
+        path.unlink()
+        said = f"{path.name} is missing"
+    with pytest.raises(ModelNotAvailable, match=rf"{folder} is damaged: {said}.*rm -rf"):
+        models.load("tiny-test", cache_dir=folder.parent)
+    models.shutil.rmtree(folder)  # as the message says: the next load converts anew
+    models.load("tiny-test", cache_dir=folder.parent)
+    assert len(conversions) == 2
+
+
+def test_changed_bytes_of_the_same_size_are_found_when_asked(converted, monkeypatch):
+    from adainfer import models
+    from adainfer.models import ModelNotAvailable
+
+    folder, _ = converted
+    path = weights(folder)
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF  # a weight, not the header: loads, silently other numbers
+    path.write_bytes(bytes(raw))
+    models.load("tiny-test", cache_dir=folder.parent)  # sizes only by default: cheap
+    with pytest.raises(ModelNotAvailable, match=f"{path.name} does not match its sha256"):
+        models.load("tiny-test", cache_dir=folder.parent, verify=True)
+    monkeypatch.setenv("ADAINFER_VERIFY", "1")
+    with pytest.raises(ModelNotAvailable, match="sha256.*rm -rf"):
+        models.load("tiny-test", cache_dir=folder.parent)
+
+
+def test_a_damaged_cache_from_before_manifests_still_says_how_to_rebuild(converted):
+    from adainfer import models
+    from adainfer.models import MANIFEST, ModelNotAvailable
+
+    folder, _ = converted
+    (folder / MANIFEST).unlink()
+    path = weights(folder)
+    path.write_bytes(path.read_bytes()[:1000])  # was a raw SafetensorError
+    with pytest.raises(ModelNotAvailable, match=rf"cached in {folder} \(SafetensorError.*rm -rf"):
+        models.load("tiny-test", cache_dir=folder.parent)
