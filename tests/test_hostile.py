@@ -486,3 +486,54 @@ def test_a_damaged_cache_from_before_manifests_still_says_how_to_rebuild(convert
     path.write_bytes(path.read_bytes()[:1000])  # was a raw SafetensorError
     with pytest.raises(ModelNotAvailable, match=rf"cached in {folder} \(SafetensorError.*rm -rf"):
         models.load("tiny-test", cache_dir=folder.parent)
+
+
+# ------------------------------------------------------------------ 6. NaN / inf in a layer
+def broken_model(from_layer=3, value=float("nan")):
+    """A tiny Llama whose layer `from_layer` (1-based) writes `value` into the residual."""
+    import torch
+
+    model, tok = tiny_model("llama", layers=4)
+    with torch.no_grad():
+        model.model.layers[from_layer - 1].mlp.down_proj.weight.fill_(value)
+    return model, tok
+
+
+PROMPTS = ["Q: apple\nA: Apple\n\nQ: river\nA:", "Q: cat\nA:"]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_logits_at_a_check_name_the_layer(value):
+    from adainfer.policies import CRFExit, GapThreshold
+    from adainfer.prefill import NonFiniteLogits
+
+    engine = AdaptiveEngine(*broken_model(3, value))
+    crf = CRFExit().fit(*layered())
+    for policy in (GapThreshold(2.0), crf):  # 2.0: the gap never reaches it
+        with pytest.raises(NonFiniteLogits, match=r"layer 3 gave non-finite logits .* \[0, 1\]"):
+            engine.run(PROMPTS, policy, features=("gap", "top_prob"))
+    # no check before the answer (the plain model's own forward): the answer is refused
+    with pytest.raises(NonFiniteLogits, match="layer 4 gave non-finite logits"):
+        engine.run(PROMPTS, GapThreshold(0.5), check_layers=[])
+    # with a check layer or two before the NaN, rows still going meet it after them
+    with pytest.raises(NonFiniteLogits, match="layer 4"):
+        engine.run(PROMPTS, GapThreshold(2.0), check_layers=[1, 2])
+
+
+def test_non_finite_logits_in_generation_are_an_error():
+    import adainfer
+
+    model, tok = broken_model(2)
+    with pytest.raises(ValueError, match="non-finite logits"):
+        adainfer.generate(model, tok, PROMPTS, max_new_tokens=2)
+    with pytest.raises(ValueError, match="non-finite logits"):
+        adainfer.generate(model, tok, PROMPTS, max_new_tokens=2, draft_layer=1, draft_tokens=2)
+
+
+# ------------------------------------------------------------------ 7. smaller ones
+def test_no_prompts_is_a_clear_error(engine):
+    from adainfer.policies import NeverExit
+
+    for run in (engine.run, engine.run_all):
+        with pytest.raises(ValueError, match="no prompts given"):
+            run([], NeverExit())
