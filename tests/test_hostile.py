@@ -537,3 +537,40 @@ def test_no_prompts_is_a_clear_error(engine):
     for run in (engine.run, engine.run_all):
         with pytest.raises(ValueError, match="no prompts given"):
             run([], NeverExit())
+
+
+def test_n_test_beyond_the_task_is_capped_out_loud(tmp_path, caplog):
+    small = tmp_path / "small.jsonl"
+    small.write_text(
+        "".join(json.dumps({"input": f"w{i}", "output": f"W{i}"}) + "\n" for i in range(10))
+    )
+    with caplog.at_level("WARNING"):
+        _, test = task_queries(char_tokenizer(), [str(small)], shots=1, n_train=2, n_test=40)
+    assert len(test) == 5
+    assert "has 10 examples: holding out 5, not the 40 asked (--n-test)" in caplog.text
+
+
+def test_a_min_layer_past_the_model_is_refused(model_dir, tmp_path, capsys):
+    model, tok = tiny_model("llama", layers=4)
+    for layer in (4, 1000):
+        with pytest.raises(ValueError, match=f"min_layer {layer} leaves no layer to check"):
+            AdaptiveEngine(model, tok, min_layer=layer)
+    assert AdaptiveEngine(model, tok, min_layer=3).layers_to_check() == (3, 4)
+    argv = ["eval", "--model", model_dir, "--task", "capitalize", "--policy", "gap"]
+    assert main([*argv, "--min-layer", "1000", "--out", str(tmp_path / "e.json")]) == 2
+    assert "checks run after layers 1..3" in capsys.readouterr().err
+
+
+def test_a_corrupt_meta_json_is_named(engine, tmp_path):
+    out = tmp_path / "data"
+    collect(engine, queries(), out, batch_size=2, progress=False)
+    (out / "meta.json").write_text('{"model": {"model_id": ')
+    with pytest.raises(ValueError, match=rf"{out / 'meta.json'} is not a readable"):
+        collect(engine, queries(), out, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match=rf"{out / 'meta.json'} is not a readable"):
+        load_collected(out)
+    (out / "meta.json").write_text('["not", "a", "collect", "record"]')
+    with pytest.raises(ValueError, match="another model or feature set .None, None."):
+        collect(engine, queries(), out, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match="records no model"):
+        load_collected(out)

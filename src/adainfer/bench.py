@@ -45,7 +45,7 @@ from .checks import (
 )
 from .collect import collect, load_collected
 from .features import ALL_FEATURES, DEFAULT_FEATURES
-from .files import OutputLock, write_json, write_text_atomic
+from .files import OutputLock, read_json, write_json, write_text_atomic
 from .flops import result_ratios
 from .offline import Traces
 from .persist import load_policy, save_policy
@@ -462,7 +462,7 @@ def write_report(out_dir) -> Path:
         raise FileNotFoundError(
             f"{path} does not exist; run `adainfer bench --out-dir {out_dir}` first"
         )
-    rows = json.loads(path.read_text())["rows"]
+    rows = read_json(path, "bench grid")["rows"]
     md = Path(out_dir) / "bench.md"
     retimed = bench_retimed(rows)
     text = bench_table(rows) + "\n\nTargets (speed issue):\n\n" + bench_targets(rows) + "\n"

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from .features import ALL_FEATURES
-from .files import OutputLock, write_atomic, write_text_atomic
+from .files import OutputLock, read_json, write_atomic, write_text_atomic
 from .persist import model_signature
 from .policies import NeverExit
 from .prefill import AdaptiveEngine
@@ -129,11 +129,14 @@ def _check_folder(out: Path, engine, features, queries) -> dict:
     meta = {"model": model_signature(engine.model), "features": list(features)}
     meta_path = out / "meta.json"
     if meta_path.exists():
-        old = json.loads(meta_path.read_text())
+        old = read_json(meta_path, "collect folder's meta.json")
         if old != meta:
+            model = old.get("model") if isinstance(old, dict) else None
+            model_id = model.get("model_id") if isinstance(model, dict) else model
+            features = old.get("features") if isinstance(old, dict) else None
             raise ValueError(
                 f"{out} already holds data collected with another model or feature set "
-                f"({old['model']['model_id']}, {old['features']}); use a new --out folder"
+                f"({model_id}, {features}); use a new --out folder"
             )
     else:
         write_text_atomic(meta_path, json.dumps(meta, indent=2))
@@ -222,7 +225,10 @@ def load_collected(path: str | Path, tasks: Sequence[str] | None = None) -> tupl
         if unknown:  # a typo would silently train on the other tasks only
             raise ValueError(f"{path} holds no rows of task(s) {unknown}; it holds {sorted(have)}")
         table = select_tasks(table, tasks)
-    return table, json.loads((path / "meta.json").read_text())
+    meta = read_json(path / "meta.json", "collect folder's meta.json")
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise ValueError(f"{path / 'meta.json'} records no model; it was not written by collect")
+    return table, meta
 
 
 def select_tasks(table: pa.Table, tasks: Sequence[str]) -> pa.Table:

@@ -30,6 +30,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .files import read_json
+
 __all__ = [
     "ALIASES",
     "DEFAULT_MODEL",
@@ -238,7 +240,7 @@ def _folder_id(folder: Path) -> str:
         raise ValueError(
             f"{folder} is a folder but has no config.json, so it is not a Hugging Face model"
         )
-    recorded = json.loads(config.read_text()).get("_name_or_path") or ""
+    recorded = read_json(config, "model config").get("_name_or_path") or ""
     # A recorded path is meaningless on another machine; only a hub id is worth keeping.
     if recorded and not Path(recorded).is_absolute() and not recorded.startswith("."):
         return recorded

@@ -139,6 +139,12 @@ class AdaptiveEngine:
             tokenizer.pad_token = tokenizer.eos_token
         if min_layer < 1 or stride < 1:
             raise ValueError("min_layer and stride must be >= 1")
+        last_check = max(self.num_layers - 1, 1)  # the last layer's head is the answer
+        if min_layer > last_check:  # it ran the plain model, silently
+            raise ValueError(
+                f"min_layer {min_layer} leaves no layer to check: the model has "
+                f"{self.num_layers} layers, checks run after layers 1..{last_check}"
+            )
         self.min_layer, self.stride = min_layer, stride
         self.check_layers = None if check_layers is None else self._valid_layers(check_layers)
         self.keep_logits = keep_logits

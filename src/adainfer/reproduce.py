@@ -15,7 +15,6 @@ shard of the queries and rank 0 writes the report.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -31,7 +30,7 @@ from .collect import (
     training_arrays,
 )
 from .features import ALL_FEATURES, PAPER_FEATURES
-from .files import OutputLock, write_json, write_text_atomic
+from .files import OutputLock, read_json, write_json, write_text_atomic
 from .flops import ratios
 from .offline import Traces, oracle_bounds, simulate
 from .policies import NeverExit, OracleExit, SVMExit, standard_policies
@@ -186,7 +185,7 @@ def _report_only(out: Path, config: dict) -> dict:
     given."""
     _, meta = load_collected(out / "traces" / "test")
     if (out / RUN_CONFIG).exists():
-        recorded = json.loads((out / RUN_CONFIG).read_text())
+        recorded = read_json(out / RUN_CONFIG, "run record")
         config = {
             **recorded,
             "transfer_from": config["transfer_from"] or recorded.get("transfer_from"),
@@ -239,7 +238,7 @@ def _queries(tokenizer, config: dict, data_dir) -> tuple[list, list]:
 def _check_resumable(out: Path, config: dict) -> None:
     if not (out / RUN_CONFIG).exists():
         return
-    old = json.loads((out / RUN_CONFIG).read_text())
+    old = read_json(out / RUN_CONFIG, "run record")
     changed = [
         f"--{k.replace('_', '-')} {old[k]} (now {config[k]})"
         for k in FIXED_ON_RESUME
