@@ -574,3 +574,39 @@ def test_a_corrupt_meta_json_is_named(engine, tmp_path):
         collect(engine, queries(), out, batch_size=2, progress=False)
     with pytest.raises(ValueError, match="records no model"):
         load_collected(out)
+
+
+# ------------------------------------------------------------------ what already held: kept so
+def test_the_inputs_that_already_gave_clear_errors_still_do(model_dir, tmp_path, capsys):
+    import pickle
+
+    disguised = tmp_path / "evil.safetensors"
+    disguised.write_bytes(pickle.dumps({"policy": "svm"}))
+    long = tmp_path / "long.jsonl"
+    long.write_text(
+        "".join(json.dumps({"input": f"{i}" + "x" * 400, "output": "y"}) + "\n" for i in range(9))
+    )
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "a", "output": "b"}\nnot json\n')
+    out = ["--out", str(tmp_path / "e.json")]
+    eval_ = ["eval", "--model", model_dir, "--shots", "1", "--n-test", "3", *out]
+    cases = {
+        "not an adainfer policy file": [*eval_, "--task", "capitalize", "--policy", str(disguised)],
+        "context is 256": [*eval_, "--task", str(long), "--policy", "gap"],
+        "line 2": [*eval_, "--task", str(bad), "--policy", "gap"],
+        "unknown model": [
+            "eval",
+            "--model",
+            "gpt-17",
+            "--task",
+            "capitalize",
+            "--policy",
+            "gap",
+            *out,
+        ],
+        "nosuch": [*eval_, "--task", "nosuch", "--policy", "gap"],
+    }
+    for message, argv in cases.items():
+        assert main(argv) == 2, message
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()
