@@ -45,7 +45,7 @@ from .checks import (
 )
 from .collect import collect, load_collected
 from .features import ALL_FEATURES, DEFAULT_FEATURES
-from .files import write_json, write_text_atomic
+from .files import OutputLock, read_json, write_json, write_text_atomic
 from .flops import result_ratios
 from .offline import Traces
 from .persist import load_policy, save_policy
@@ -238,18 +238,20 @@ def run_bench(
             confidence=CONFIDENCE if confidence is None else confidence,
         ),
     )
-    grid.resume()
-    for model_name in models:
-        for dtype in dtypes:
-            if not grid.finished(model_name, dtype, tasks):
-                grid.bench_model(model_name, dtype)
-                # every reference to the model went with bench_model's frame: free it, or the
-                # next model loads beside this one
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-    result = grid.save()
-    write_report(grid.out)
+    # one run per folder: two would each rewrite bench.json without the other's rows
+    with OutputLock(grid.out):
+        grid.resume()
+        for model_name in models:
+            for dtype in dtypes:
+                if not grid.finished(model_name, dtype, tasks):
+                    grid.bench_model(model_name, dtype)
+                    # every reference to the model went with bench_model's frame: free it, or
+                    # the next model loads beside this one
+                    gc.collect()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+        result = grid.save()
+        write_report(grid.out)
     return result
 
 
@@ -460,7 +462,7 @@ def write_report(out_dir) -> Path:
         raise FileNotFoundError(
             f"{path} does not exist; run `adainfer bench --out-dir {out_dir}` first"
         )
-    rows = json.loads(path.read_text())["rows"]
+    rows = read_json(path, "bench grid")["rows"]
     md = Path(out_dir) / "bench.md"
     retimed = bench_retimed(rows)
     text = bench_table(rows) + "\n\nTargets (speed issue):\n\n" + bench_targets(rows) + "\n"

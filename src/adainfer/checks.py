@@ -424,9 +424,15 @@ class PlannedPolicy(ExitPolicy):
         return policy
 
     def _check_costs(self) -> dict[int, float]:
-        if isinstance(self.check_costs, Mapping):
-            return dict(self.check_costs)
-        return {1: float(self.check_costs)}
+        costs = self.check_costs
+        costs = dict(costs) if isinstance(costs, Mapping) else {1: costs}
+        # a negative or NaN cost makes checks look free (or is never compared): refuse it
+        bad = {b: c for b, c in costs.items() if not (int(b) >= 1 and 0 <= float(c) < np.inf)}
+        if bad or not costs:
+            raise ValueError(
+                f"check_costs: batch sizes must be >= 1 and costs finite and >= 0, got {bad}"
+            )
+        return {int(b): float(c) for b, c in costs.items()}
 
     @classmethod
     def from_plans(cls, policy, plans: Mapping, *, target=None, model=None) -> PlannedPolicy:

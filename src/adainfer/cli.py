@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
 from .features import ALL_FEATURES
+from .files import FolderInUse, OutputLock
 from .policies import POLICIES
 
 
@@ -26,9 +28,12 @@ def _param(text: str):
         raise argparse.ArgumentTypeError(f"--param takes KEY=VALUE, got {text!r}")
     for cast in (int, float):
         try:
-            return key, cast(value)
+            number = cast(value)
         except ValueError:
-            pass
+            continue
+        if not math.isfinite(number):  # threshold=nan: a policy that never stops
+            raise argparse.ArgumentTypeError(f"--param {key}: {value!r} is not a finite number")
+        return key, number
     return key, value
 
 
@@ -37,19 +42,23 @@ def parse_check_cost(text: str) -> float | dict[int, float]:
     ValueError that says what is expected for anything else."""
     try:
         if ":" not in text:
-            return float(text)
-        costs = {
-            int(b): float(c)
-            for b, c in (item.split(":") for item in text.split(",") if item.strip())
-        }
+            costs = {1: float(text)}
+        else:
+            costs = {
+                int(b): float(c)
+                for b, c in (item.split(":") for item in text.split(",") if item.strip())
+            }
     except ValueError:
         raise ValueError(
             "--check-cost takes a number of layers or BATCH:COST pairs like 1:1.2,8:0.2; "
             f"got {text!r}"
         ) from None
-    if not costs or min(costs) < 1 or min(costs.values()) < 0:
-        raise ValueError(f"--check-cost: batch sizes must be >= 1 and costs >= 0; got {text!r}")
-    return costs
+    # a negative or NaN cost makes every check look free: it planned checks at every layer
+    if not costs or min(costs) < 1 or not all(0 <= c < math.inf for c in costs.values()):
+        raise ValueError(
+            f"--check-cost: batch sizes must be >= 1 and costs finite and >= 0; got {text!r}"
+        )
+    return costs[1] if ":" not in text else costs
 
 
 def _check_cost(text: str) -> float | dict[int, float]:
@@ -709,7 +718,7 @@ def cmd_plan_drafts(args):
 
 
 def cmd_collect(args):
-    from .collect import collect
+    from .collect import collect, collected_ids
     from .prefill import AdaptiveEngine
     from .tasks import task_queries
 
@@ -724,6 +733,7 @@ def cmd_collect(args):
         data_dir=args.data_dir,
     )
     queries = test if args.held_out else train
+    before = collected_ids(args.out)  # a resumed run says what it added, not what it holds
     out = collect(
         AdaptiveEngine(model, tok),
         queries,
@@ -733,8 +743,13 @@ def cmd_collect(args):
         max_batch_tokens=args.max_batch_tokens or None,
     )
     kind = "held-out" if args.held_out else "training"
+    ran = sum(q.id not in before for q in queries)
+    if not ran:
+        print(f"all {len(queries)} {kind} queries were already collected in {out}; nothing to run")
+        return
     layers = model.config.num_hidden_layers
-    print(f"collected {len(queries)} {kind} queries x {layers} layers into {out}")
+    kept = f" ({len(queries) - ran} were already there)" if ran < len(queries) else ""
+    print(f"collected {ran} {kind} queries x {layers} layers into {out}{kept}")
 
 
 def cmd_fit(args):
@@ -769,6 +784,11 @@ def cmd_fit(args):
 
 
 def cmd_eval(args):
+    with OutputLock(args.out, folder=False):  # two evals into one file: one would be lost
+        _eval(args)
+
+
+def _eval(args):
     from .evaluate import evaluate
     from .files import write_json
     from .pipeline import resolve_policy
@@ -863,7 +883,8 @@ def cmd_bench(args):
     from .bench import run_bench, write_report
 
     if args.report_only:
-        write_report(args.out_dir)
+        with OutputLock(args.out_dir):  # run_bench takes it itself
+            write_report(args.out_dir)
     else:
         run_bench(
             tuple(args.model or ["smollm2-135m"]),
@@ -983,7 +1004,7 @@ def main(argv=None) -> int:
     )
     try:
         COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, ModelNotAvailable) as e:
+    except (ValueError, FileNotFoundError, ModelNotAvailable, FolderInUse) as e:
         # user errors (bad task file, unknown alias, a policy for another model, ...): one line
         if args.verbose:  # the whole traceback, for bug reports
             raise

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from .features import ALL_FEATURES
-from .files import write_atomic, write_text_atomic
+from .files import OutputLock, read_json, write_atomic, write_text_atomic
 from .persist import model_signature
 from .policies import NeverExit
 from .prefill import AdaptiveEngine
@@ -61,10 +61,22 @@ def collect(
 ) -> Path:
     """Collect `queries` into `out_dir`. With world_size > 1 (torchrun), rank r takes every
     world_size-th query and writes its own parts; readers merge all parts. A batch holds at most
-    `batch_size` prompts and `max_batch_tokens` padded tokens (None: no limit)."""
+    `batch_size` prompts and `max_batch_tokens` padded tokens (None: no limit). The folder is
+    locked while this runs: a second writer (another rank 0) is refused, not left to overwrite
+    this run's parts (`files.OutputLock`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     out = Path(out_dir)
+    with OutputLock(out, rank=rank):
+        _collect(
+            engine, queries, out, batch_size, features, progress, rank, world_size, max_batch_tokens
+        )
+    return out
+
+
+def _collect(
+    engine, queries, out: Path, batch_size, features, progress, rank, world_size, max_batch_tokens
+) -> None:
     done = _check_folder(out, engine, features, queries)
     # shard by position in the full list, never by what is left: ranks may start at different times
     todo = [q for i, q in enumerate(queries) if i % world_size == rank and q.id not in done]
@@ -107,7 +119,6 @@ def collect(
         bar.update(sum(tokens[start:stop]))
         bar.set_postfix_str(f"{stop}/{len(todo)} queries", refresh=False)
     bar.close()
-    return out
 
 
 def _check_folder(out: Path, engine, features, queries) -> dict:
@@ -118,11 +129,14 @@ def _check_folder(out: Path, engine, features, queries) -> dict:
     meta = {"model": model_signature(engine.model), "features": list(features)}
     meta_path = out / "meta.json"
     if meta_path.exists():
-        old = json.loads(meta_path.read_text())
+        old = read_json(meta_path, "collect folder's meta.json")
         if old != meta:
+            model = old.get("model") if isinstance(old, dict) else None
+            model_id = model.get("model_id") if isinstance(model, dict) else model
+            features = old.get("features") if isinstance(old, dict) else None
             raise ValueError(
                 f"{out} already holds data collected with another model or feature set "
-                f"({old['model']['model_id']}, {old['features']}); use a new --out folder"
+                f"({model_id}, {features}); use a new --out folder"
             )
     else:
         write_text_atomic(meta_path, json.dumps(meta, indent=2))
@@ -211,7 +225,10 @@ def load_collected(path: str | Path, tasks: Sequence[str] | None = None) -> tupl
         if unknown:  # a typo would silently train on the other tasks only
             raise ValueError(f"{path} holds no rows of task(s) {unknown}; it holds {sorted(have)}")
         table = select_tasks(table, tasks)
-    return table, json.loads((path / "meta.json").read_text())
+    meta = read_json(path / "meta.json", "collect folder's meta.json")
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise ValueError(f"{path / 'meta.json'} records no model; it was not written by collect")
+    return table, meta
 
 
 def select_tasks(table: pa.Table, tasks: Sequence[str]) -> pa.Table:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .collect import collect
 from .evaluate import evaluate, layer_accuracy
-from .files import write_json, write_text_atomic
+from .files import OutputLock, write_json, write_text_atomic
 from .models import DEFAULT_MODEL, load
 from .persist import save_policy
 from .pipeline import fit_policy
@@ -43,48 +43,55 @@ def run_demo(
     progress: bool = True,
 ) -> dict:
     out = Path(out_dir)
-    lm, tokenizer = load(model, dtype=dtype, device=device, device_map=device_map)
-    engine = AdaptiveEngine(lm, tokenizer)
-    train, test = task_queries(
-        tokenizer, tasks, shots=shots, n_train=n_train, n_test=n_test, seed=seed
-    )
-    collect(engine, train, out / "collect", batch_size=batch_size, progress=progress)
-    policies = {}
-    for name, policy in standard_policies().items():
-        policies[name] = fit_policy(out / "collect", policy)
-        save_policy(policies[name], out / "policies" / f"{name}.safetensors")
-    # the same classifier, checking only where a check can pay for itself on this machine
-    check_cost = measure_check_cost(engine, [q.prompt for q in test[:batch_size]])
-    planned = fit_policy(
-        out / "collect", SVMExit(features=("gap", "top_prob", "layer_frac")), check_cost=check_cost
-    )
-    policies["svm+layer, planned"] = planned
-    save_policy(planned, out / "policies" / "svm+layer-planned.safetensors")
-    summary = evaluate(
-        engine, test, {**policies, "oracle": OracleExit()}, batch_size=batch_size, progress=progress
-    )
-    layer_acc = layer_accuracy(engine, test, batch_size=batch_size, progress=progress)
-    summary.update(
-        model=getattr(lm, "adainfer_id", model),
-        dtype=dtype,
-        tasks=list(tasks),
-        shots=shots,
-        n_train_per_task=n_train,
-        n_test_per_task=n_test,
-        seed=seed,
-        check_cost_layers=check_cost,
-        planned_check_layers=list(planned.planned_checks()),
-        layer_accuracy=layer_acc.tolist(),
-        table=eval_table(summary),
-    )
-    write_json(out / "summary.json", summary)
-    write_text_atomic(out / "table.md", summary["table"] + "\n")
-    summary["plot"] = str(
-        plot_accuracy_vs_layers(
-            summary,
-            layer_acc,
-            out / "accuracy_vs_layers.png",
-            f"{summary['model']}, {shots}-shot rule tasks",
+    with OutputLock(out):  # a second demo into this folder would overwrite this one's files
+        lm, tokenizer = load(model, dtype=dtype, device=device, device_map=device_map)
+        engine = AdaptiveEngine(lm, tokenizer)
+        train, test = task_queries(
+            tokenizer, tasks, shots=shots, n_train=n_train, n_test=n_test, seed=seed
         )
-    )
-    return summary
+        collect(engine, train, out / "collect", batch_size=batch_size, progress=progress)
+        policies = {}
+        for name, policy in standard_policies().items():
+            policies[name] = fit_policy(out / "collect", policy)
+            save_policy(policies[name], out / "policies" / f"{name}.safetensors")
+        # the same classifier, checking only where a check can pay for itself on this machine
+        check_cost = measure_check_cost(engine, [q.prompt for q in test[:batch_size]])
+        planned = fit_policy(
+            out / "collect",
+            SVMExit(features=("gap", "top_prob", "layer_frac")),
+            check_cost=check_cost,
+        )
+        policies["svm+layer, planned"] = planned
+        save_policy(planned, out / "policies" / "svm+layer-planned.safetensors")
+        summary = evaluate(
+            engine,
+            test,
+            {**policies, "oracle": OracleExit()},
+            batch_size=batch_size,
+            progress=progress,
+        )
+        layer_acc = layer_accuracy(engine, test, batch_size=batch_size, progress=progress)
+        summary.update(
+            model=getattr(lm, "adainfer_id", model),
+            dtype=dtype,
+            tasks=list(tasks),
+            shots=shots,
+            n_train_per_task=n_train,
+            n_test_per_task=n_test,
+            seed=seed,
+            check_cost_layers=check_cost,
+            planned_check_layers=list(planned.planned_checks()),
+            layer_accuracy=layer_acc.tolist(),
+            table=eval_table(summary),
+        )
+        write_json(out / "summary.json", summary)
+        write_text_atomic(out / "table.md", summary["table"] + "\n")
+        summary["plot"] = str(
+            plot_accuracy_vs_layers(
+                summary,
+                layer_acc,
+                out / "accuracy_vs_layers.png",
+                f"{summary['model']}, {shots}-shot rule tasks",
+            )
+        )
+        return summary

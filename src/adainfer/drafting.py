@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,7 @@ from .arch import find_parts
 from .files import write_json
 from .generation import DraftHead, SelfSpeculativeDecoder
 from .lens import LogitLens
+from .schema import Int, ListOf, Number, Optional, Record, check
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +132,45 @@ def load_plan(path) -> DraftPlan:
             f"this adainfer reads version {VERSION}"
         )
     try:
-        return DraftPlan(**data["plan"])
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path} is a damaged draft plan: {e}") from None
+        check(data, _FILE, "the file")
+        _check_plan(data["plan"])
+    except ValueError as e:
+        raise ValueError(
+            f"{path} is a damaged draft plan: {e}; make one with `adainfer plan-drafts`"
+        ) from None
+    return DraftPlan(**data["plan"])
+
+
+def _check_plan(plan: dict) -> None:
+    """A draft layer inside the model, and draft tokens inside its vocabulary."""
+    layers, vocab = plan.get("num_layers"), plan.get("vocab_size")
+    if (layers is None) != (vocab is None):  # decoder_settings checks the model by both
+        raise ValueError("num_layers and vocab_size must both be given or both be null")
+    if plan.get("draft_layer") is not None and layers is not None and plan["draft_layer"] >= layers:
+        raise ValueError(f"draft_layer {plan['draft_layer']} is not above a layer of {layers}")
+    ids = plan.get("draft_vocab") or []
+    if vocab is not None and ids and max(ids) >= vocab:
+        raise ValueError(f"draft_vocab holds token {max(ids)}, outside a vocabulary of {vocab}")
+
+
+_PLAN = Record(
+    {
+        "draft_layer": Optional(Int(1)),
+        "draft_tokens": Int(1),
+        "draft_vocab": Optional(ListOf(Int(0))),
+        "draft_prompt_tokens": bool,
+        "draft_confidence": Number(low=0, high=1),
+        "estimate": Number(low=0),
+        "model": Optional(str),
+        "num_layers": Optional(Int(1)),
+        "vocab_size": Optional(Int(1)),
+        "batch_size": Optional(Int(1)),
+        "meta": Record({}),  # what it was planned on: reported, never used
+    },
+    optional=tuple(f.name for f in fields(DraftPlan) if f.name != "draft_layer"),
+    extra=False,
+)
+_FILE = Record({"format": str, "version": int, "plan": _PLAN})
 
 
 # --------------------------------------------------------------------------- the trace

@@ -102,6 +102,7 @@ class Chooser:
         return torch.multinomial(flat, 1, generator=self.generator).reshape(probs.shape[:-1])
 
     def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        _check_finite(logits)
         return self.sample(self.probs(logits)) if self.do_sample else logits.argmax(-1)
 
     def accept(self, drafts, draft_probs, logits) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +110,7 @@ class Chooser:
         choice at every position, and where it rejects a sampled draft a token from the
         residual distribution max(p - q, 0), so every token follows the full model's
         distribution: speculative sampling)."""
+        _check_finite(logits)
         if not self.do_sample:
             full = logits.argmax(-1)
             return (drafts == full).long().cumprod(1).sum(1), full
@@ -121,6 +123,16 @@ class Chooser:
         empty = residual.sum(-1, keepdim=True) <= 0  # p == q there: sample from p itself
         residual = torch.where(empty, p, residual)
         return agree, self.sample(residual / residual.sum(-1, keepdim=True))
+
+
+def _check_finite(logits: torch.Tensor) -> None:
+    """The full model's logits hold no NaN or inf: greedy argmax would read a NaN as the best
+    token, sampling would fail deep in torch.multinomial. One reduction per step."""
+    if not bool(torch.isfinite(logits.amax(-1)).all()):
+        raise ValueError(
+            "the model gave non-finite logits (NaN or inf): its weights are broken or its "
+            "activations overflow this dtype (try float32)"
+        )
 
 
 class DraftHead:

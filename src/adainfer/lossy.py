@@ -25,10 +25,12 @@ rate (the risk-control issue turns this estimate into a guarantee).
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +39,7 @@ from .arch import UnsupportedModel
 from .files import write_json
 from .generation import Chooser, SelfSpeculativeDecoder, _Output, _Rows
 from .lens import LogitLens
+from .schema import DictOf, Int, ListOf, Number, Optional, Record, check
 from .stepper import CACHE_ARGS, LayerOutput, LayerStepper
 from .timing import interleaved, timed
 
@@ -373,7 +376,7 @@ class TokenExitPolicy:
     def save(self, path) -> None:
         data = {
             "format": FORMAT,
-            "params": {k: getattr(self, k) for k in _PARAMS},
+            "params": {k: getattr(self, k) for k in _PARAM_SPECS},
             "model": self.model_,
             "num_layers": self.num_layers_,
             "layers": self.layers_,
@@ -388,39 +391,71 @@ class TokenExitPolicy:
 
     @classmethod
     def load(cls, path) -> TokenExitPolicy:
-        import json
-
+        """A policy that `save` wrote; a damaged or edited file is a ValueError naming it and
+        the field (its vocabulary indexes the LM head, its layers the decoder)."""
         try:
-            data = json.loads(open(path).read())
-            if data.get("format") != FORMAT:
-                raise ValueError(f"format {data.get('format')!r}, expected {FORMAT!r}")
-            policy = cls(**data["params"])
-            policy.model_, policy.layers_ = data["model"], [int(x) for x in data["layers"]]
-            policy.num_layers_ = int(data["num_layers"])
-            policy.coef_ = np.asarray(data["coef"], dtype=np.float64).reshape(-1, 3)
-            policy.intercept_ = np.asarray(data["intercept"], dtype=np.float64)
-            policy.vocab_ = np.asarray(data["vocab"], dtype=np.int64)
-            policy.costs_ = dict(data["costs"])
-            policy.threshold_, policy.calibration_ = float(data["threshold"]), data["calibration"]
-            if not len(policy.coef_) == len(policy.intercept_) == len(policy.layers_):
-                raise ValueError("layers, coef and intercept differ in length")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            data = json.loads(Path(path).read_text())
+            if not isinstance(data, dict) or data.get("format") != FORMAT:
+                raise ValueError(f"format {_get(data, 'format')!r}, expected {FORMAT!r}")
+            check(data, _FILE, "the file")
+            _check_layers(data)
+        except (OSError, ValueError) as err:
             raise ValueError(
                 f"{path} is not a readable adainfer token-exit policy ({err}); make one with "
                 "`adainfer calibrate-exits`"
-            ) from err
+            ) from None
+        policy = cls(**data["params"])
+        policy.model_, policy.layers_ = data["model"], list(data["layers"])
+        policy.num_layers_ = data["num_layers"]
+        policy.coef_ = np.asarray(data["coef"], dtype=np.float64).reshape(-1, 3)
+        policy.intercept_ = np.asarray(data["intercept"], dtype=np.float64)
+        policy.vocab_ = np.asarray(data["vocab"], dtype=np.int64)
+        policy.costs_ = dict(data["costs"])
+        policy.threshold_, policy.calibration_ = float(data["threshold"]), data["calibration"]
         return policy
 
 
-_PARAMS = (
-    "risk",
-    "vocab_size",
-    "min_agreement",
-    "max_checks",
-    "cost_batch_size",
-    "confidence",
-    "C",
-    "seed",
+def _get(data, key):
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def _check_layers(data: dict) -> None:
+    """Layers ascending inside the model, one probe (3 weights) and intercept per layer."""
+    layers, n = data["layers"], data["num_layers"]
+    if layers != sorted(set(layers)) or any(not 1 <= l <= n for l in layers):
+        raise ValueError(f"layers {layers} are not ascending layers of 1..{n}")
+    if len(data["coef"]) != len(layers) or len(data["intercept"]) != len(layers):
+        raise ValueError("layers, coef and intercept differ in length")
+    if any(len(w) != 3 for w in data["coef"]):
+        raise ValueError("each layer's coef must hold 3 weights (top_prob, gap, cosine)")
+    if not data["vocab"]:
+        raise ValueError("the vocabulary is empty")
+
+
+_PARAM_SPECS = {
+    "risk": Number(low=0, high=1),
+    "vocab_size": Int(1),
+    "min_agreement": Number(low=0, high=1),
+    "max_checks": Int(0),
+    "cost_batch_size": Int(1),
+    "confidence": Optional(Number(low=0, high=1)),
+    "C": Number(low=0),
+    "seed": int,
+}
+_FILE = Record(
+    {
+        "format": str,
+        "params": Record(_PARAM_SPECS, optional=tuple(_PARAM_SPECS), extra=False),
+        "model": Optional(str),
+        "num_layers": Int(1),
+        "layers": ListOf(Int(1)),
+        "coef": ListOf(ListOf(float)),
+        "intercept": ListOf(float),
+        "threshold": Number(finite=False),  # inf: no token passes (plain decoding)
+        "calibration": DictOf(Optional(Number(finite=False, nan=True))),
+        "costs": Record({k: Number(low=0) for k in ("layer", "head", "check", "propagate")}),
+        "vocab": ListOf(Int(0)),
+    }
 )
 
 

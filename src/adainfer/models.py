@@ -22,12 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from .files import read_json
 
 __all__ = [
     "ALIASES",
@@ -126,6 +129,9 @@ _DTYPES = {
     "auto": "auto",
 }
 
+# Written into a converted folder: each file's size and sha256 (`_cached` checks them)
+MANIFEST = "adainfer-manifest.json"
+
 # A conversion killed this long ago is certainly dead; its temp dir (up to ~8 GB) can go.
 _STALE_TMP_S = 6 * 3600
 
@@ -157,6 +163,7 @@ def load(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     cache_dir: str | os.PathLike | None = None,
+    verify: bool | None = None,
     **from_pretrained_kwargs,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` ready for inference.
@@ -166,6 +173,8 @@ def load(
     (``device_map``, ``attn_implementation``, ``revision``...) go to
     ``AutoModelForCausalLM.from_pretrained``. ``cache_dir`` overrides ``cache_root()``.
     The model gets ``model.adainfer_id``: a canonical id recorded as provenance.
+    A converted (cached) model is checked against the manifest written at conversion: every
+    file's size always, its sha256 too with ``verify=True`` (default: ``$ADAINFER_VERIFY=1``).
     """
     torch_dtype = parse_dtype(dtype)
     if from_pretrained_kwargs.get("device_map", "") is None:  # callers may pass it through unset
@@ -173,19 +182,21 @@ def load(
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     text = os.fspath(name)
     path = Path(text).expanduser()
-    from_hub = False
+    from_hub, cached = False, True
+    if verify is None:
+        verify = os.environ.get("ADAINFER_VERIFY", "") not in ("", "0")
 
     if text.lower() in ALIASES:  # an alias wins over a same-named folder in the cwd
         alias = ALIASES[text.lower()]
-        source, canonical = _alias_folder(alias, root), alias.hub_id
+        source, canonical = _alias_folder(alias, root, verify), alias.hub_id
     elif path.is_dir():
-        source, canonical = path, _folder_id(path)
+        source, canonical, cached = path, _folder_id(path), False
     elif path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ValueError(
                 f"{text!r} is a file but not a .gguf; pass a model folder, a .gguf file or an alias"
             )
-        source, canonical = _gguf_folder(path.resolve(), root), str(path.resolve())
+        source, canonical = _gguf_folder(path.resolve(), root, verify), str(path.resolve())
     elif path.suffix.lower() == ".gguf" or text.startswith((".", "/", "~", os.sep)):
         # Hub ids never look like this; asking the hub would only hide the real mistake.
         raise FileNotFoundError(f"{text!r}: no such model folder or .gguf file")
@@ -196,11 +207,20 @@ def load(
             "a local folder, a .gguf file, or a hub id like 'org/name'"
         )
     else:
-        source, canonical, from_hub = text, text, True
+        source, canonical, from_hub, cached = text, text, True, False
 
-    model, tokenizer = _from_pretrained(
-        source, torch_dtype, from_pretrained_kwargs, from_hub=from_hub
-    )
+    try:
+        model, tokenizer = _from_pretrained(
+            source, torch_dtype, from_pretrained_kwargs, from_hub=from_hub
+        )
+    except (OSError, SafetensorError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        if not cached:
+            raise
+        # damaged where sizes do not show it (or cached before manifests): say how to rebuild
+        raise ModelNotAvailable(
+            f"could not read the converted model cached in {source} ({type(e).__name__}: {e}). "
+            + _rebuild(source)
+        ) from e
     if "device_map" not in from_pretrained_kwargs:  # accelerate already placed the weights
         model.to(device)
     model.eval()
@@ -220,7 +240,7 @@ def _folder_id(folder: Path) -> str:
         raise ValueError(
             f"{folder} is a folder but has no config.json, so it is not a Hugging Face model"
         )
-    recorded = json.loads(config.read_text()).get("_name_or_path") or ""
+    recorded = read_json(config, "model config").get("_name_or_path") or ""
     # A recorded path is meaningless on another machine; only a hub id is worth keeping.
     if recorded and not Path(recorded).is_absolute() and not recorded.startswith("."):
         return recorded
@@ -255,11 +275,11 @@ def _from_pretrained(source, torch_dtype, kwargs: dict, *, from_hub: bool):
     return model, tokenizer
 
 
-def _alias_folder(alias: ModelAlias, root: Path) -> Path:
+def _alias_folder(alias: ModelAlias, root: Path, verify: bool = False) -> Path:
     """The cached HF folder of an alias, converting its GGUF the first time (keyed by the
     GGUF's hash: an alias that moves to another package version converts anew)."""
     dest = root / f"{alias.name}-{alias.sha256[:12]}"
-    if (dest / "config.json").is_file():
+    if _cached(dest, verify):
         return dest
     missing = [m for m in alias.modules if importlib.util.find_spec(m) is None]
     if missing:
@@ -297,13 +317,13 @@ def _alias_gguf(alias: ModelAlias, work: Path) -> Path:
     return gguf
 
 
-def _gguf_folder(gguf: Path, root: Path) -> Path:
+def _gguf_folder(gguf: Path, root: Path, verify: bool = False) -> Path:
     """A user's .gguf file is converted once too, keyed by path, size and mtime (hashing GBs is
     slow)."""
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
     dest = root / f"gguf-{gguf.stem}-{key}"
-    if (dest / "config.json").is_file():
+    if _cached(dest, verify):
         return dest
     return _convert_once(dest, lambda work: gguf)
 
@@ -325,6 +345,7 @@ def _convert_once(dest: Path, make_gguf: Callable[[Path], Path]) -> Path:
         log.info("converting GGUF %s once into %s, this takes a minute...", gguf, dest)
         start = time.perf_counter()
         _convert(gguf, work / "hf")
+        _write_manifest(work / "hf")
         try:
             os.replace(work / "hf", dest)  # atomic on one filesystem
         except OSError:
@@ -338,6 +359,55 @@ def _convert_once(dest: Path, make_gguf: Callable[[Path], Path]) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)  # also removes any assembled GGUF
     return dest
+
+
+def _cached(dest: Path, verify: bool) -> bool:
+    """Whether `dest` holds a finished conversion; one that does not match the manifest written
+    at conversion (a file missing, truncated, or with `verify` changed) is an error that says
+    how to rebuild it. A conversion without a manifest (older adainfer) is trusted as before."""
+    if not (dest / "config.json").is_file():
+        return False
+    manifest = dest / MANIFEST
+    if not manifest.is_file():
+        return True
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        problems = [_file_problem(dest / name, entry, verify) for name, entry in files.items()]
+    except (ValueError, KeyError, TypeError) as e:
+        problems = [f"its {MANIFEST} is unreadable ({e})"]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ModelNotAvailable(
+            f"the converted model cached in {dest} is damaged: {'; '.join(problems[:3])}. "
+            + _rebuild(dest)
+        )
+    return True
+
+
+def _file_problem(path: Path, entry: dict, verify: bool) -> str | None:
+    if not path.is_file():
+        return f"{path.name} is missing"
+    size = path.stat().st_size
+    if size != entry["size"]:
+        return f"{path.name} has {size} bytes, {entry['size']} were written"
+    if verify and _sha256(path) != entry["sha256"]:
+        return f"{path.name} does not match its sha256"
+    return None
+
+
+def _rebuild(dest) -> str:
+    return f"Delete it (rm -rf '{dest}') and load again to convert the model anew"
+
+
+def _write_manifest(folder: Path) -> None:
+    """Each file's size and sha256, so a later load can tell a damaged cache (hashing is read
+    once here, while the files are fresh; a load checks sizes, and hashes when asked)."""
+    files = {
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+    (folder / MANIFEST).write_text(json.dumps({"format": "adainfer-cache/1", "files": files}))
 
 
 def _convert(gguf: Path, out_dir: Path) -> None:

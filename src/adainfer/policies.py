@@ -66,12 +66,42 @@ class ExitPolicy(ClassifierMixin, BaseEstimator):
         """Approximate FLOPs of one decision for one row (charged by the true FLOPs ratio)."""
         return 0.0
 
-    # serialisation hooks: learned state as arrays, rebuilt by `_load_arrays`
+    # serialisation hooks: learned state as arrays, rebuilt by `_load_arrays`. `_shapes`: the
+    # arrays a fitted policy holds and their shapes, letters for lengths ("F": one per feature)
+    _shapes: dict[str, str] = {}
+
     def _arrays(self) -> dict[str, np.ndarray]:
-        return {}
+        return {k: getattr(self, k) for k in self._shapes}
 
     def _load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        pass
+        for k, v in checked_arrays(arrays, self._shapes, len(self.features)).items():
+            setattr(self, k, v)
+
+
+def checked_arrays(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, str], num_features: int):
+    """`arrays` as a policy reads them back: exactly the names in `shapes`, each of its shape
+    ("F": one per feature, a digit: that length, another letter: one length wherever it
+    appears), numbers finite. A ValueError naming the first that is not: numpy would broadcast
+    a wrong shape silently, and a byte array goes to native code."""
+    if set(arrays) != set(shapes):
+        raise ValueError(
+            f"holds arrays {sorted(arrays) or 'none'}; this policy needs {sorted(shapes) or 'none'}"
+        )
+    sizes = {"F": num_features}
+    for name, dims in shapes.items():
+        a = np.asarray(arrays[name])
+        want = [int(d) if d.isdigit() else sizes.setdefault(d, n) for d, n in zip(dims, a.shape)]
+        if a.ndim != len(dims) or list(a.shape) != want:
+            raise ValueError(
+                f"array {name} has shape {list(a.shape)}, expected {dims} with F = {num_features} "
+                "features (the header's feature list and the arrays do not belong together)"
+            )
+        kind, what = ("u", "bytes") if name.endswith("bytes_") else ("f", "floats")
+        if a.dtype.kind != kind:
+            raise ValueError(f"array {name} holds {a.dtype} values, expected {what}")
+        if kind == "f" and not np.isfinite(a).all():
+            raise ValueError(f"array {name} holds values that are not finite numbers")
+    return dict(arrays)
 
 
 def planned_checks(policy, batch_size: int | None = None) -> tuple[int, ...] | None:
@@ -111,6 +141,15 @@ def _as_2d(X, features) -> np.ndarray:
             f"got {X.shape}"
         )
     return X
+
+
+def _finite(name: str, value) -> float:
+    """A parameter that must be a finite number (a NaN threshold never stops, nor errs)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _check_labels(y) -> np.ndarray:
@@ -173,7 +212,7 @@ class GapThreshold(ExitPolicy):
         self.features = ("gap",)
 
     def decision_function(self, X):
-        return _as_2d(X, self.features)[:, 0] - self.threshold + 1e-12
+        return _as_2d(X, self.features)[:, 0] - _finite("threshold", self.threshold) + 1e-12
 
     def cost_flops(self):
         return 1.0
@@ -219,6 +258,11 @@ class SVMExit(_Standardized):
     def fit(self, X, y, groups=None):
         from sklearn.svm import SVC
 
+        if not isinstance(self.max_train_rows, (int, np.integer)) or self.max_train_rows < 2:
+            raise ValueError(
+                "max_train_rows must be a whole number of at least 2 (rows SVC trains on), "
+                f"got {self.max_train_rows!r}"
+            )
         X, y = _as_2d(X, check_names(self.features)), _check_labels(y)
         if len(X) > self.max_train_rows:
             keep = np.random.default_rng(self.random_state).choice(
@@ -244,15 +288,14 @@ class SVMExit(_Standardized):
     def cost_flops(self):
         return 4.0 * self.support_vectors_.size
 
-    def _arrays(self):
-        return {
-            k: getattr(self, k)
-            for k in ("mean_", "scale_", "support_vectors_", "dual_coef_", "intercept_", "gamma_")
-        }
-
-    def _load_arrays(self, arrays):
-        for k, v in arrays.items():
-            setattr(self, k, v)
+    _shapes = {
+        "mean_": "F",
+        "scale_": "F",
+        "support_vectors_": "NF",
+        "dual_coef_": "N",
+        "intercept_": "1",
+        "gamma_": "1",
+    }
 
 
 class LogisticExit(_Standardized):
@@ -270,6 +313,7 @@ class LogisticExit(_Standardized):
     def fit(self, X, y, groups=None):
         from sklearn.linear_model import LogisticRegression
 
+        _finite("threshold", self.threshold)
         X, y = _as_2d(X, check_names(self.features)), _check_labels(y)
         self._set_scaler(X)
         lr = LogisticRegression(C=self.C, max_iter=1000).fit(self._scale(X), y)
@@ -281,19 +325,12 @@ class LogisticExit(_Standardized):
         return np.stack([1 - p, p], axis=1)
 
     def decision_function(self, X):
-        return self.predict_proba(X)[:, 1] - self.threshold + 1e-12
+        return self.predict_proba(X)[:, 1] - _finite("threshold", self.threshold) + 1e-12
 
     def cost_flops(self):
         return 2.0 * len(self.features) + 10
 
-    _learned = ("mean_", "scale_", "coef_", "intercept_")
-
-    def _arrays(self):
-        return {k: getattr(self, k) for k in self._learned}
-
-    def _load_arrays(self, arrays):
-        for k, v in arrays.items():
-            setattr(self, k, v)
+    _shapes = {"mean_": "F", "scale_": "F", "coef_": "F", "intercept_": "1"}
 
 
 class LayerLogisticExit(LogisticExit):
@@ -307,7 +344,7 @@ class LayerLogisticExit(LogisticExit):
     Needs `layer_frac` among its features to tell the layers apart; a layer whose labels are
     all equal gets that constant probability. Still one dot product per row."""
 
-    _learned = ("depths_", "mean_", "scale_", "coef_", "intercept_")
+    _shapes = {"depths_": "K", "mean_": "KF", "scale_": "KF", "coef_": "KF", "intercept_": "K"}
 
     def __init__(self, features=DEFAULT_FEATURES, C: float = 1.0, threshold: float = 0.5):
         super().__init__(features, C, threshold)
@@ -316,6 +353,7 @@ class LayerLogisticExit(LogisticExit):
         from sklearn.linear_model import LogisticRegression
 
         features = check_names(self.features)
+        _finite("threshold", self.threshold)
         if "layer_frac" not in features:
             raise ValueError(
                 "LayerLogisticExit needs 'layer_frac' among its features to tell layers apart; "
@@ -419,12 +457,29 @@ class CRFExit(ExitPolicy):
     def cost_flops(self):
         return 20.0 * (len(self.features) + 1)
 
-    def _arrays(self):
-        return {"model_bytes_": self.model_bytes_}
+    _shapes = {"model_bytes_": "N"}
 
     def _load_arrays(self, arrays):
-        self.model_bytes_ = arrays["model_bytes_"]
+        super()._load_arrays(arrays)
+        check_crf_model(self.model_bytes_)
         self._tagger = None
+
+
+def check_crf_model(data: np.ndarray) -> None:
+    """Refuse bytes that are not a whole crfsuite model: crfsuite reads them in place and
+    trusts their offsets (a damaged model crashes the process). The header is magic "lCRF",
+    the model's size, type "FOMC", then counts and offsets, all little-endian uint32. A model
+    whose checksum was verified passes; this catches what a checksum cannot, bytes that were
+    never a model."""
+    raw = np.asarray(data, dtype=np.uint8).tobytes()
+    if len(raw) < 48 or raw[:4] != b"lCRF" or raw[8:12] != b"FOMC":
+        raise ValueError("array model_bytes_ is not a crfsuite model (no lCRF / FOMC header)")
+    size, *offsets = np.frombuffer(raw[4:8] + raw[28:48], dtype="<u4").tolist()
+    if size != len(raw) or not all(48 <= o < size for o in offsets):
+        raise ValueError(
+            f"array model_bytes_ is a damaged crfsuite model (it says {size} bytes, holds "
+            f"{len(raw)}, or points outside itself)"
+        )
 
 
 def standard_policies() -> dict[str, ExitPolicy]:

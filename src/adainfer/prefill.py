@@ -139,6 +139,12 @@ class AdaptiveEngine:
             tokenizer.pad_token = tokenizer.eos_token
         if min_layer < 1 or stride < 1:
             raise ValueError("min_layer and stride must be >= 1")
+        last_check = max(self.num_layers - 1, 1)  # the last layer's head is the answer
+        if min_layer > last_check:  # it ran the plain model, silently
+            raise ValueError(
+                f"min_layer {min_layer} leaves no layer to check: the model has "
+                f"{self.num_layers} layers, checks run after layers 1..{last_check}"
+            )
         self.min_layer, self.stride = min_layer, stride
         self.check_layers = None if check_layers is None else self._valid_layers(check_layers)
         self.keep_logits = keep_logits
@@ -171,6 +177,8 @@ class AdaptiveEngine:
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, not one string")
+        if len(prompts) == 0:  # the tokenizer would give an empty batch, then an IndexError
+            raise ValueError("no prompts given")
         for i, p in enumerate(prompts):
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
@@ -315,6 +323,7 @@ class _Outputs:
     def record(self, layer, rows, logits, feats, *, top1, choices: bool = True) -> None:
         """Features, top-1 and best choice of `rows` at `layer` into the trace; `choices`:
         `logits` cover the whole vocabulary (not a shortlist), so the choice tokens are in it."""
+        check_finite(logits, layer, rows)
         if feats is not None:
             self.trace[rows, layer - 1] = feats.to(self.trace.device)
         self.layer_top1[rows, layer - 1] = top1.to(self.layer_top1.device)
@@ -325,6 +334,7 @@ class _Outputs:
 
     def finish(self, rows, layer: int, logits, keep_logits: bool) -> None:
         """Freeze `rows` at `layer`, answered by their whole-vocabulary `logits`."""
+        check_finite(logits, layer, rows)
         self.exit_layer[rows] = layer
         self.top1[rows] = logits.argmax(-1).cpu()
         if not keep_logits:
@@ -353,6 +363,23 @@ class _Outputs:
             num_short_checks=None if engine.shortlist is None else self.num_short.numpy(),
             shortlist_size=engine.shortlist or 0,
             num_confirms=self.num_confirms.numpy(),
+        )
+
+
+class NonFiniteLogits(ValueError):
+    """A layer's logits hold NaN or inf: no feature, decision or answer can be read there."""
+
+
+def check_finite(logits: torch.Tensor, layer: int, rows) -> None:
+    """Refuse logits with NaN or inf (a broken model, or a dtype that overflows): argmax reads
+    NaN as the largest, so the answer would be a token picked by the NaN, the features NaN,
+    and a policy might stop on them. The row max carries any NaN or +inf: one reduction."""
+    bad = ~torch.isfinite(logits.amax(-1))
+    if bool(bad.any()):
+        which = torch.as_tensor(rows)[bad.cpu()].tolist()
+        raise NonFiniteLogits(
+            f"layer {layer} gave non-finite logits (NaN or inf) for row(s) {which[:8]}: the "
+            "model's weights are broken or its activations overflow this dtype (try float32)"
         )
 
 

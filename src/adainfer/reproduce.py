@@ -15,7 +15,6 @@ shard of the queries and rank 0 writes the report.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -31,7 +30,7 @@ from .collect import (
     training_arrays,
 )
 from .features import ALL_FEATURES, PAPER_FEATURES
-from .files import write_json, write_text_atomic
+from .files import OutputLock, read_json, write_json, write_text_atomic
 from .flops import ratios
 from .offline import Traces, oracle_bounds, simulate
 from .policies import NeverExit, OracleExit, SVMExit, standard_policies
@@ -147,34 +146,37 @@ def run_reproduce(
         skipped={},
     )
     if report_only:
-        return _report_only(out, config)
+        with OutputLock(out):
+            return _report_only(out, config)
 
     _check_resumable(out, config)
     rank, world = _dist()
     if world > 1 and device.startswith("cuda") and ":" not in device:  # one GPU per rank
         device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
-    lm, tok = load(model, dtype=dtype, device=device, device_map=device_map)
-    engine = AdaptiveEngine(lm, tok)
-    train, test = _queries(tok, config, data_dir)
-    config.update(world_size=world)
-    if rank == 0:
-        write_json(out / RUN_CONFIG, config)
-    kw = dict(
-        batch_size=batch_size,
-        max_batch_tokens=max_batch_tokens,
-        progress=progress and rank == 0,
-        rank=rank,
-        world_size=world,
-    )
-    collect(engine, train, out / "traces" / "train", **kw)
-    collect(engine, test, out / "traces" / "test", **kw)
-    _barrier(world)
-    if rank != 0:
-        return None
-    config.update(model=getattr(lm, "adainfer_id", model))
-    return report(
-        out, config, hidden=lm.config.hidden_size, vocab=engine.parts.head.weight.shape[0]
-    )
+    # one run per folder: a second would number the same parts and overwrite this one's
+    with OutputLock(out, rank=rank):
+        lm, tok = load(model, dtype=dtype, device=device, device_map=device_map)
+        engine = AdaptiveEngine(lm, tok)
+        train, test = _queries(tok, config, data_dir)
+        config.update(world_size=world)
+        if rank == 0:
+            write_json(out / RUN_CONFIG, config)
+        kw = dict(
+            batch_size=batch_size,
+            max_batch_tokens=max_batch_tokens,
+            progress=progress and rank == 0,
+            rank=rank,
+            world_size=world,
+        )
+        collect(engine, train, out / "traces" / "train", **kw)
+        collect(engine, test, out / "traces" / "test", **kw)
+        _barrier(world)
+        if rank != 0:
+            return None
+        config.update(model=getattr(lm, "adainfer_id", model))
+        return report(
+            out, config, hidden=lm.config.hidden_size, vocab=engine.parts.head.weight.shape[0]
+        )
 
 
 def _report_only(out: Path, config: dict) -> dict:
@@ -183,7 +185,7 @@ def _report_only(out: Path, config: dict) -> dict:
     given."""
     _, meta = load_collected(out / "traces" / "test")
     if (out / RUN_CONFIG).exists():
-        recorded = json.loads((out / RUN_CONFIG).read_text())
+        recorded = read_json(out / RUN_CONFIG, "run record")
         config = {
             **recorded,
             "transfer_from": config["transfer_from"] or recorded.get("transfer_from"),
@@ -236,7 +238,7 @@ def _queries(tokenizer, config: dict, data_dir) -> tuple[list, list]:
 def _check_resumable(out: Path, config: dict) -> None:
     if not (out / RUN_CONFIG).exists():
         return
-    old = json.loads((out / RUN_CONFIG).read_text())
+    old = read_json(out / RUN_CONFIG, "run record")
     changed = [
         f"--{k.replace('_', '-')} {old[k]} (now {config[k]})"
         for k in FIXED_ON_RESUME

@@ -12,6 +12,7 @@ demo and the tests need no data download. `load_task` also takes a benchmark nam
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from .benchmarks import is_benchmark, load_benchmark
 from .taskdata import Example, Task, TaskError, load_task_file
+
+log = logging.getLogger(__name__)
 
 
 def _words() -> list[str]:
@@ -188,6 +191,14 @@ def task_queries(
             held_out = [task.examples[i] for i in held_out_indices(task, n_test, seed)]
         else:
             pool, held_out = split(task, min(n_test, len(task) // 2), seed)
+        if len(held_out) < n_test:  # capped: say so, the summary counts fewer queries
+            log.warning(
+                "task %s has %d examples: holding out %d, not the %d asked (--n-test)",
+                task.name,
+                len(task),
+                len(held_out),
+                n_test,
+            )
         n = n_train if strict else min(n_train, len(pool))
         if n > len(pool):
             raise TaskError(f"task {task.name} has {len(pool)} pool examples; cannot train on {n}")
