@@ -83,11 +83,15 @@ def p_value(loss_sum, n: int, epsilon: float, method: str = "binomial"):
     return by_method[method]
 
 
-def fixed_sequence(p_values, delta: float) -> int:
+def fixed_sequence(p_values, delta: float):
     """How many of the ordered `p_values` are rejected at `delta` before the first that is not:
-    the accepted candidates are that prefix."""
+    the accepted candidates are that prefix. [C, ...] arrays give one count per column (the
+    candidates of many calibration sets at once)."""
     above = np.asarray(p_values) > delta
-    return int(np.argmax(above)) if above.any() else len(above)
+    if len(above) == 0:
+        return 0
+    count = np.where(above.any(0), above.argmax(0), len(above))
+    return int(count) if count.ndim == 0 else count
 
 
 def order_by_risk(estimated_risk, later_first) -> np.ndarray:
@@ -111,3 +115,13 @@ def min_queries(epsilon: float, delta: float) -> int:
     """The fewest testing queries on which a candidate with no loss at all is accepted."""
     check_level(epsilon, delta)
     return math.ceil(math.log(delta) / math.log1p(-epsilon))
+
+
+def replay_losses(risk: str, agrees, correct, full_correct) -> np.ndarray:
+    """`losses` from what an offline replay records per query: whether the answer is the full
+    model's (`agrees`), whether it is gold (`correct`), and whether the full model's is."""
+    if risk == "consistency":
+        return ~np.asarray(agrees, dtype=bool)
+    if risk == "accuracy":
+        return np.asarray(full_correct, dtype=bool) & ~np.asarray(correct, dtype=bool)
+    raise ValueError(f"unknown risk {risk!r}; choose from {', '.join(RISKS)}")
