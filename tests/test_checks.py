@@ -456,3 +456,16 @@ def test_the_accuracy_risk_counts_answers_lost_not_answers_changed():
     consistency = PlannedPolicy(GapThreshold(0.5), **kw).fit(traces).plans_[1]
     assert accuracy.check_layers and accuracy.expected_accuracy > accuracy.full_accuracy
     assert consistency.check_layers == ()
+
+
+def test_the_tool_says_what_a_plan_promises_or_why_the_plain_model_runs():
+    from adainfer.checks import promise
+
+    traces = settling_traces(Q=80)
+    plain = PlannedPolicy(GapThreshold(0.5), check_costs=0.1).fit(traces).plans_
+    assert "the plain model runs" in promise(plain) and "at least 59 testing" in promise(plain)
+    kept = PlannedPolicy(GapThreshold(0.5), check_costs=0.1, epsilon=0.2).fit(traces).plans_
+    assert promise(kept).startswith("guarantee: consistency risk <= 0.2 with probability >= 0.95")
+    assert "new task is not covered" in promise(kept)
+    legacy = PlannedPolicy(GapThreshold(0.5), check_costs=0.1, risk=None).fit(traces).plans_
+    assert "no risk guarantee" in promise(legacy)

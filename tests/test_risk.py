@@ -82,3 +82,8 @@ def test_learn_then_test_keeps_its_promise_where_testing_each_candidate_does_not
     error = 3 * math.sqrt(delta * (1 - delta) / trials)
     assert ltt <= delta + error
     assert each > delta + 5 * error, each
+
+
+def test_fixed_sequence_runs_over_many_calibration_sets_at_once():
+    p = np.array([[0.01, 0.5, 0.01], [0.01, 0.01, 0.2], [0.5, 0.01, 0.01]])  # [C, sets]
+    assert list(fixed_sequence(p, 0.05)) == [2, 0, 1]

@@ -400,6 +400,26 @@ def _bounded_loss(correct, full_correct, z: float | None, tolerance: float) -> b
     return diff.mean() - z * diff.std(ddof=1) / np.sqrt(len(diff)) >= -tolerance
 
 
+def promise(plans) -> str:
+    """What the plans guarantee, in one line: the risk bound, or why the plain model runs."""
+    tested = [p for p in plans.values() if p.risk is not None]
+    if not tested:
+        return "no risk guarantee: planned by the agreement / loss-bound test" if plans else ""
+    p = tested[0]
+    level = f"{p.risk} risk <= {p.epsilon:g} with probability >= {1 - p.delta:g}"
+    if any(q.check_layers for q in tested):
+        return (
+            f"guarantee: {level} (Learn-then-Test on {p.tested_on} calibration queries), for "
+            "queries like the calibration ones; a new task is not covered"
+        )
+    need = risk_control.min_queries(p.epsilon, p.delta)
+    more = f"; at least {need} testing queries are needed" if p.tested_on < need else ""
+    return (
+        f"no plan passed the risk test ({level}, {p.tested_on} testing queries{more}): "
+        "the plain model runs"
+    )
+
+
 def known_plan(check_layers: Sequence[int], threshold: float | None = None) -> CheckPlan:
     """A plan known by its layers only (a format-1 policy file, or a schedule chosen by hand):
     its expected cost and accuracy were not recorded (NaN)."""
