@@ -308,9 +308,8 @@ def _ltt_plans(
 
     Why an order estimated on other queries: within a schedule a lower threshold only moves
     exits earlier, but across schedules nothing says which is safer without data, and an order
-    taken from the testing queries themselves would void the guarantee. On the 872 SST-2
-    queries a data-free order (later first check, then higher threshold first) kept a third of
-    the saving the estimated order keeps (results/guarantees/)."""
+    taken from the testing queries themselves would void the guarantee. How much a better order
+    would add is measured in results/guarantees/ (the "hindsight order" rows)."""
     if order_replays is None:
         raise ValueError("Learn-then-Test needs replays on other queries to order the candidates")
     risk_control.check_level(eps, delta)
