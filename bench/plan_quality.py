@@ -32,6 +32,7 @@ import itertools
 from pathlib import Path
 
 import numpy as np
+from sklearn.base import clone
 
 from adainfer.bench import DEFAULT_TARGET
 from adainfer.checks import (
@@ -49,13 +50,16 @@ from adainfer.files import write_json, write_text_atomic
 from adainfer.offline import Traces, oracle_bounds, simulate
 from adainfer.policies import LayerLogisticExit, LogisticExit, SVMExit
 from adainfer.report import format_layers, markdown_table
+from adainfer.risk import DELTA, EPSILON, RISK, RISKS
 
 # (planning, folds, min agreement): as before the planner was judged out of fold, out of fold,
-# and as `adainfer` plans (None: the --min-agreement and --confidence given)
+# and with the agreement / loss-bound test (None: the --min-agreement and --confidence given);
+# "ltt": as `adainfer` plans now, Learn-then-Test at --risk, --epsilon, --delta
 MODES = (
     ("in-sample, accuracy only", 1, 0.0),
     ("out of fold, accuracy only", 5, 0.0),
     ("out of fold, {}% agreement", 5, None),
+    ("ltt", 5, None),
 )
 
 
@@ -207,7 +211,7 @@ def main(argv=None):
     ):
         mode, agreement = _mode(mode, agreement, args)
         got_by_bs = _planned_and_replayed(
-            fits[name], splits, costs, args, target, thresholds, folds, agreement
+            fits[name], splits, costs, args, target, thresholds, folds, agreement, mode
         )
         for bs, got in got_by_bs.items():
             row = _row(name, mode, bs, costs[bs], got, args.calibrate_on, L, full, oracle)
@@ -253,6 +257,9 @@ def _parser() -> argparse.ArgumentParser:
         "loss is within the tolerance at this confidence (0: agreement test only) "
         "(default: %(default)s)",
     )
+    p.add_argument("--risk", choices=RISKS, default=RISK, help="for the ltt mode")
+    p.add_argument("--epsilon", type=float, default=EPSILON, help="for the ltt mode")
+    p.add_argument("--delta", type=float, default=DELTA, help="for the ltt mode")
     p.add_argument(
         "--min-agreement",
         type=float,
@@ -311,20 +318,26 @@ def _load_traces(args) -> tuple[Traces, Traces, dict]:
 def _mode(mode: str, agreement: float | None, args) -> tuple[str, float]:
     """A planning mode's name and agreement level (None: the --min-agreement and --confidence
     given)."""
+    if mode == "ltt":
+        return f"Learn-then-Test, {args.risk} <= {args.epsilon:g} at delta {args.delta:g}", None
     if agreement is None:
         agreement, mode = args.min_agreement, mode.format(f"{100 * args.min_agreement:g}")
         mode += f" or loss bounded at {100 * args.confidence:g}%" if args.confidence else ""
     return mode, agreement
 
 
-def _planned_and_replayed(fits, splits, costs, args, target, thresholds, folds, agreement):
+def _planned_and_replayed(fits, splits, costs, args, target, thresholds, folds, agreement, mode):
     """{batch size: [(plan, replay)] per split}: each split's fitted policy planned on its
     calibration queries as `adainfer` plans, replayed on its evaluation queries."""
     per_bs = {bs: [] for bs in costs}
     for policy, (cal, ev) in zip(fits, splits):
+        ltt = mode.startswith("Learn-then-Test")
+        test = dict(risk=args.risk, epsilon=args.epsilon, delta=args.delta) if ltt else {}
         planned = PlannedPolicy(
-            policy,  # fitted once per split, shared by the modes and the frontier
-            prefit=True,
+            # the agreement modes: fitted once per split, shared by the modes and the frontier;
+            # LTT fits it on the share of the calibration half that does not test
+            clone(policy) if ltt else policy,
+            prefit=not ltt,
             check_costs=costs,
             target=target,
             tolerance=args.tolerance,
@@ -332,6 +345,7 @@ def _planned_and_replayed(fits, splits, costs, args, target, thresholds, folds, 
             min_agreement=agreement,
             confidence=args.confidence,
             thresholds=thresholds,
+            **({"risk": None} | test),
         ).fit(cal)
         for bs, plan in planned.plans_.items():
             per_bs[bs].append((plan, simulate(planned, ev, batch_size=bs)))

@@ -180,6 +180,7 @@ def test_the_plan_tunes_the_stop_threshold_to_keep_the_full_models_answers():
         check_costs=0.05,
         thresholds=THRESHOLDS,
         min_agreement=0.99,
+        risk=None,  # the agreement test, as the function above
         **final,
     ).fit(traces)
     assert planned.plans_ == {1: tuned}
@@ -194,7 +195,7 @@ def test_one_policy_carries_a_plan_per_batch_size(tmp_path):
     # a check is dear at batch 1 and cheap at batch 8: only the cheap one is worth making
     plans = plan_checks_by_batch(GapThreshold(0.5), traces, {1: 10.0, 8: 0.1})
     assert plans[1].check_layers == () and plans[8].check_layers
-    policy = PlannedPolicy(GapThreshold(0.5), check_costs={8: 0.1, 1: 10.0}).fit(traces)
+    policy = PlannedPolicy(GapThreshold(0.5), check_costs={8: 0.1, 1: 10.0}, risk=None).fit(traces)
     assert policy.plans_ == plans and list(policy.plans_) == [1, 8]
     assert policy.planned_checks(1) == () and policy.planned_checks(3) == ()
     assert policy.planned_checks(8) == policy.planned_checks(64) == plans[8].check_layers
@@ -329,7 +330,7 @@ def test_one_set_of_replays_plans_both_kinds_of_check():
         reused = plan_checks_by_batch(policy, traces, costs, shortlist_costs=short, replays=replays)
         assert reused == fresh
         planned = PlannedPolicy(
-            policy, prefit=True, check_costs=costs, shortlist_costs=short, target="final"
+            policy, prefit=True, check_costs=costs, shortlist_costs=short, target="final", risk=None
         )
         assert planned.fit(traces, replays=replays).plans_ == fresh
 
@@ -372,7 +373,7 @@ def test_planning_learns_its_own_attributes_and_leaves_what_it_was_given(prefit)
         given.fit(*traces.training_arrays(features, "final"))
     state = copy.deepcopy(given.__dict__)
     planner = PlannedPolicy(
-        given, check_costs=costs, thresholds=THRESHOLDS, target="final", prefit=prefit
+        given, check_costs=costs, thresholds=THRESHOLDS, target="final", prefit=prefit, risk=None
     )
     before = planner.get_params()  # deep: the wrapped policy's parameters too
     planner.fit(traces)
@@ -404,3 +405,67 @@ def test_without_check_costs_the_policy_is_fitted_and_checks_every_layer():
     replay = simulate(planned, traces)
     assert replay.exit_layer.tolist() == every.exit_layer.tolist()
     assert replay.num_checks.tolist() == every.num_checks.tolist()
+
+
+# ----------------------------------------------------------------------------- Learn-then-Test
+def test_plans_are_tested_by_learn_then_test_on_queries_the_classifier_never_saw():
+    from adainfer.checks import THRESHOLDS, plan_checks_by_batch, replay_schedules
+    from adainfer.policies import LogisticExit
+
+    traces = settling_traces(Q=400)
+    planner = PlannedPolicy(
+        LogisticExit(features=("gap",)), check_costs={1: 0.1}, thresholds=THRESHOLDS, target="final"
+    )
+    assert (planner.risk, planner.epsilon, planner.delta) == ("consistency", 0.05, 0.05)
+    planner.fit(traces)
+    plan = planner.plans_[1]
+    assert plan.check_layers and plan.risk == "consistency" and plan.tested_on == 200
+    assert plan.p_value <= 0.05 and plan.expected_agreement >= 0.95 and plan.held_out
+    # the classifier saw the fitting share only; the plan is the planner function's on the rest
+    fitting, testing = planner.split(traces)
+    fitted = LogisticExit(features=("gap",)).fit(*fitting.training_arrays(("gap",), "final"))
+    np.testing.assert_allclose(planner.policy_.coef_, fitted.coef_)
+    order = replay_schedules(fitted, fitting, thresholds=THRESHOLDS, target="final")
+    direct = plan_checks_by_batch(
+        fitted, testing, {1: 0.1}, thresholds=THRESHOLDS, order_replays=order, risk="consistency"
+    )
+    assert direct == planner.plans_
+
+
+def test_too_few_calibration_queries_for_the_promise_run_the_plain_model():
+    from adainfer.risk import min_queries
+
+    traces = settling_traces(Q=80)  # 40 testing queries: (1 - 0.05)^40 > 0.05
+    assert min_queries(0.05, 0.05) > 40
+    plan = PlannedPolicy(GapThreshold(0.5), check_costs=0.1).fit(traces).plans_[1]
+    assert plan.check_layers == () and plan.tested_on == 40 and plan.p_value is None
+    # a looser promise is kept on as few queries
+    loose = PlannedPolicy(GapThreshold(0.5), check_costs=0.1, epsilon=0.2).fit(traces).plans_[1]
+    assert loose.check_layers and loose.epsilon == 0.2
+    with pytest.raises(ValueError, match="epsilon"):
+        PlannedPolicy(GapThreshold(0.5), check_costs=0.1, epsilon=0).fit(traces)
+
+
+def test_the_accuracy_risk_counts_answers_lost_not_answers_changed():
+    # the last layer turns 20% of the right answers wrong: stopping early changes them but
+    # loses none, so the accuracy risk accepts the plan and the consistency risk does not
+    traces = settling_traces(Q=400)
+    traces.top1[::5, -1] = 1
+    kw = dict(check_costs=0.1)
+    accuracy = PlannedPolicy(GapThreshold(0.5), risk="accuracy", **kw).fit(traces).plans_[1]
+    consistency = PlannedPolicy(GapThreshold(0.5), **kw).fit(traces).plans_[1]
+    assert accuracy.check_layers and accuracy.expected_accuracy > accuracy.full_accuracy
+    assert consistency.check_layers == ()
+
+
+def test_the_tool_says_what_a_plan_promises_or_why_the_plain_model_runs():
+    from adainfer.checks import promise
+
+    traces = settling_traces(Q=80)
+    plain = PlannedPolicy(GapThreshold(0.5), check_costs=0.1).fit(traces).plans_
+    assert "the plain model runs" in promise(plain) and "at least 59 testing" in promise(plain)
+    kept = PlannedPolicy(GapThreshold(0.5), check_costs=0.1, epsilon=0.2).fit(traces).plans_
+    assert promise(kept).startswith("guarantee: consistency risk <= 0.2 with probability >= 0.95")
+    assert "new task is not covered" in promise(kept)
+    legacy = PlannedPolicy(GapThreshold(0.5), check_costs=0.1, risk=None).fit(traces).plans_
+    assert "no risk guarantee" in promise(legacy)

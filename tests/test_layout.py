@@ -116,7 +116,10 @@ FLOORS = [
     ("ground", {"_version", "files", "schema", "timing", "taskdata"}),
     ("models and data", {"arch", "models", "tasks", "benchmarks"}),
     ("stepper and lens", {"stepper", "lens"}),
-    ("features and policies", {"features", "policies", "flops", "offline", "checks", "persist"}),
+    (
+        "features and policies",
+        {"features", "policies", "flops", "offline", "checks", "persist", "risk"},
+    ),
     ("engine clients", {"prefill", "generation", "drafting", "lossy"}),
     (
         "evaluate, bench, reproduce",

@@ -9,16 +9,17 @@ For each model, dtype, task and batch size, in one process, the variants run int
 - policy: adainfer with the default policy, or a given one. The default: a logistic
           classifier per layer on gap, top prob and entropy that predicts "this layer's answer
           is already the full model's", with its stop threshold and its check schedule (one per
-          batch size) planned out of fold on calibration traces for the measured check cost,
-          keeping `min_agreement` (97%) of the full model's answers, or bounding the accuracy
-          lost to 1 point at `confidence` (95%);
+          batch size) planned on calibration traces for the measured check cost by
+          Learn-then-Test (`plan_test`: by default at most 5% of answers changed, at 95%, the
+          classifier fitted on half the traces and the plans tested on the other half), or by
+          the agreement / loss-bound test (`risk=None`);
 - oracle: the oracle exit (earliest layer whose top-1 is gold) through the same engine.
 Reported per row: accuracy, exit layer, checks, paper and true FLOPs ratios, median wall time,
 time ratios against plain, prompts per second and peak memory (bytes above the resident set
 before the call: CUDA allocator peak on GPU, sampled RSS with glibc returning large blocks at
 once on CPU).
 Results are written after every cell. Run again with the same settings, the grid resumes at
-the first missing cell; with another `min_agreement` or `confidence`, it re-plans every cell and
+the first missing cell; with another plan test (`plan_test`), it re-plans every cell and
 re-times only those whose plan changed; a grid with other settings in the output folder is never
 overwritten.
 """
@@ -34,6 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from sklearn.base import clone
 from tqdm.auto import tqdm
 
 from .checks import (
@@ -51,6 +53,7 @@ from .offline import Traces
 from .persist import load_policy, save_policy
 from .policies import LayerLogisticExit, NeverExit, OracleExit
 from .prefill import AdaptiveEngine, ExitResult
+from .risk import DELTA, EPSILON, RISK
 from .summary import summarise
 from .tasks import task_queries
 from .timing import (
@@ -205,8 +208,7 @@ def run_bench(
     n_train: int = 200,  # calibration queries: 40 cannot show a 1-point loss (checks.py)
     repeats: int = 3,
     policy_path: str | None = None,
-    min_agreement: float | None = None,
-    confidence: float | None = None,
+    plan_test: dict | None = None,
     shortlist: int | None = 256,
     device: str = "cpu",
     data_dir=None,
@@ -233,10 +235,7 @@ def run_bench(
         data_dir=data_dir,
         progress=progress,
         min_paired=MIN_PAIRED if min_paired is None else min_paired,
-        plan_test=dict(
-            min_agreement=MIN_AGREEMENT if min_agreement is None else min_agreement,
-            confidence=CONFIDENCE if confidence is None else confidence,
-        ),
+        plan_test=_plan_test(plan_test),
     )
     # one run per folder: two would each rewrite bench.json without the other's rows
     with OutputLock(grid.out):
@@ -346,12 +345,22 @@ class _Grid:
         both saved to `out`/policies as `stem`. Calibrated on this task's queries, as a user
         calibrates on the task they serve."""
         policy, target, traces, tune = _calibrated(cal_dir, task, self.policy_path, lm)
-        # shared by both kinds of check; a given policy never saw these traces, so it is
-        # replayed as it is (folds=1), not refitted fold by fold
-        replays = replay_schedules(
-            policy, traces, thresholds=tune, folds=1 if self.policy_path else 5, target=target
+        ltt = self.plan_test["risk"] is not None
+        if ltt:  # the default classifier is fitted on the share of the traces that does not test
+            policy = policy if self.policy_path else clone(policy)
+            replays = None
+        else:  # shared by both kinds of check; a given policy never saw these traces, so it is
+            # replayed as it is (folds=1), not refitted fold by fold
+            replays = replay_schedules(
+                policy, traces, thresholds=tune, folds=1 if self.policy_path else 5, target=target
+            )
+        planning = dict(
+            check_costs=costs.exact,
+            target=target,
+            thresholds=tune,
+            prefit=not ltt or bool(self.policy_path),
+            **self.plan_test,
         )
-        planning = dict(check_costs=costs.exact, target=target, prefit=True, **self.plan_test)
         short_policy = None
         if self.shortlist:  # the same fitted classifier, planned for the shortlist engine's costs
             short_policy = PlannedPolicy(policy, shortlist_costs=costs.shortlist, **planning).fit(
@@ -515,6 +524,22 @@ def _calibrated(cal_dir, task, policy_path, model):
     return policy, DEFAULT_TARGET, traces, THRESHOLDS
 
 
+def _plan_test(given: dict | None) -> dict:
+    """The planner's test, its defaults filled in: Learn-then-Test's risk, epsilon and delta, or
+    with risk None the agreement level and loss-bound confidence (recorded in every row)."""
+    test = dict(risk=RISK, epsilon=EPSILON, delta=DELTA, min_agreement=None, confidence=None)
+    test.update(given or {})
+    if test["risk"] is not None:  # the agreement test's settings play no part
+        return {**test, "min_agreement": None, "confidence": None}
+    return {
+        **test,
+        "epsilon": None,
+        "delta": None,
+        "min_agreement": MIN_AGREEMENT if test["min_agreement"] is None else test["min_agreement"],
+        "confidence": CONFIDENCE if test["confidence"] is None else test["confidence"],
+    }
+
+
 def _key(row) -> tuple:
     return row["model"], row["dtype"], row["task"], row["batch_size"]
 
@@ -542,12 +567,15 @@ def _finished_rows(path: Path, settings: dict) -> list[dict]:
     for r in previous["rows"]:
         r.setdefault("min_agreement", 0.99)  # rows from before it was recorded were planned at 0.99
         r.setdefault("confidence", 0.0)  # ... and by the agreement test alone
+        for k in ("risk", "epsilon", "delta"):  # ... before Learn-then-Test
+            r.setdefault(k, None)
     return previous["rows"]
 
 
 def _earlier_timings(row) -> list[dict]:
     """What a re-timed cell measured before, oldest first: its plan and its time ratios."""
     fields = ("check_layers", "threshold", "min_agreement", "confidence", "paired_samples")
+    fields += ("risk", "epsilon", "delta")
     kept = {f: row[f] for f in fields if f in row}
     kept.update({k: v for k, v in row.items() if "/plain" in k})
     return row.get("earlier_timings", []) + [kept]

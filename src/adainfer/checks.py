@@ -31,6 +31,7 @@ from sklearn.base import clone
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 
+from . import risk as risk_control
 from .offline import TARGETS, Replay, Traces, simulate
 from .policies import ExitPolicy, schedule_for
 
@@ -67,6 +68,13 @@ class CheckPlan:
     held_out: bool  # cost and accuracy were estimated on queries the policy was not fitted on
     expected_agreement: float = 1.0  # share of queries answered as the full model answers
     threshold: float | None = None  # the policy's stop threshold this plan was made for
+    # the risk it controls (None: planned by the agreement / loss-bound test, no guarantee):
+    # P(risk > epsilon) <= delta over the `tested_on` calibration queries (`risk.py`)
+    risk: str | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+    tested_on: int = 0
+    p_value: float | None = None  # of this plan's candidate (None: no plan, or not tested)
 
 
 def candidate_schedules(num_layers: int, strides=(1, 2, 3, 4, 6)):
@@ -165,6 +173,7 @@ class ScheduleReplays:
     schedules: list[tuple[int, ...]]
     by_threshold: dict  # {threshold or None: [Replay per schedule]}
     held_out: bool  # replayed out of fold
+    full_correct: np.ndarray | None = None  # [Q] the full model's answer is gold
 
 
 def replay_schedules(
@@ -182,7 +191,7 @@ def replay_schedules(
     schedules = list(candidate_schedules(traces.num_layers, strides))
     thresholds = tuple(thresholds) if thresholds and "threshold" in policy.get_params() else (None,)
     replays = _replays(policy, traces, schedules, thresholds, folds, seed, target)
-    return ScheduleReplays(schedules, *replays)
+    return ScheduleReplays(schedules, *replays, traces.top1[:, -1] == traces.gold)
 
 
 def plan_checks_by_batch(
@@ -201,6 +210,10 @@ def plan_checks_by_batch(
     replays: ScheduleReplays | None = None,
     confidence: float | None = None,
     target: str = "gold",
+    risk: str | None = None,
+    epsilon: float = risk_control.EPSILON,
+    delta: float = risk_control.DELTA,
+    order_replays: ScheduleReplays | None = None,
 ) -> dict[int, CheckPlan]:
     """Check plans for several check costs at once (one per batch size: a check costs less,
     relative to a layer, on a larger batch); the replays are shared.
@@ -219,7 +232,26 @@ def plan_checks_by_batch(
     - `replays`: `replay_schedules(policy, traces, ...)` made once, to plan for both kinds of
       check without replaying twice (`strides`, `folds`, `seed`, `thresholds`, `target` are
       then its).
+    - `risk` ("consistency" | "accuracy"; None: the agreement / loss-bound test above, which
+      promises nothing once hundreds of candidates are tried): Learn-then-Test instead
+      (`_ltt_plans`): the candidates, ordered by their risk on `order_replays` (replays on
+      other queries than `traces`, which only test), are tested in that order on `traces`; the
+      cheapest accepted one has risk <= `epsilon` except with probability `delta`.
     The plans are returned; `PlannedPolicy` is the estimator that fits a policy and keeps them."""
+    if risk is not None:
+        return _ltt_plans(
+            policy,
+            traces,
+            check_costs,
+            shortlist_costs,
+            margin,
+            replays
+            or replay_schedules(policy, traces, strides=strides, thresholds=thresholds, folds=1),
+            order_replays,
+            risk,
+            epsilon,
+            delta,
+        )
     L = traces.num_layers
     full_correct = traces.top1[:, -1] == traces.gold
     full = float(full_correct.mean())
@@ -251,7 +283,12 @@ def plan_checks_by_batch(
             plain = CheckPlan((), float(L), full, full, c, len(schedules), held_out, 1.0, t)
             plans[batch_size] = _cheapest(passing, plain, L, short, margin)
         best_by_threshold[t] = plans
-    # one threshold for every batch size: the cheapest on average (ties: the higher, safer one)
+    return _one_threshold(best_by_threshold)
+
+
+def _one_threshold(best_by_threshold: dict) -> dict[int, CheckPlan]:
+    """One threshold for every batch size: the cheapest on average (ties: the higher, safer
+    one)."""
     t = min(
         best_by_threshold,
         key=lambda t: (
@@ -260,6 +297,60 @@ def plan_checks_by_batch(
         ),
     )
     return best_by_threshold[t]
+
+
+def _ltt_plans(
+    policy, traces, check_costs, shortlist_costs, margin, replays, order_replays, risk, eps, delta
+) -> dict[int, CheckPlan]:
+    """Plans by Learn-then-Test (`risk.py`): every (threshold, schedule) candidate is tested in
+    the order of its risk on `order_replays`, safest first, on the queries of `replays`; the
+    cheapest accepted candidate per batch size (one threshold for all), else the plain model.
+
+    Why an order estimated on other queries: within a schedule a lower threshold only moves
+    exits earlier, but across schedules nothing says which is safer without data, and an order
+    taken from the testing queries themselves would void the guarantee. How much a better order
+    would add is measured in results/guarantees/ (the "hindsight order" rows)."""
+    if order_replays is None:
+        raise ValueError("Learn-then-Test needs replays on other queries to order the candidates")
+    risk_control.check_level(eps, delta)
+    L, n = traces.num_layers, len(traces)
+    full_correct = traces.top1[:, -1] == traces.gold
+    cands = [(t, j) for t in replays.by_threshold for j in range(len(replays.schedules))]
+
+    def losses(by_threshold, full):
+        return np.array(
+            [
+                risk_control.replay_losses(
+                    risk, by_threshold[t][j].agrees, by_threshold[t][j].correct, full
+                )
+                for t, j in cands
+            ]
+        )
+
+    estimated = losses(order_replays.by_threshold, order_replays.full_correct).mean(1)
+    later = [order_replays.by_threshold[t][j].exit_layer.mean() for t, j in cands]
+    order = risk_control.order_by_risk(estimated, later)
+    sums = losses(replays.by_threshold, full_correct).sum(1)
+    accepted = risk_control.learn_then_test(sums, n, order, eps, delta)
+    p = risk_control.p_value(sums, n, eps)
+    full = float(full_correct.mean())
+    level = dict(risk=risk, epsilon=eps, delta=delta, tested_on=n)
+    best_by_threshold = {}
+    for t in replays.by_threshold:
+        mine = [i for i in accepted if cands[i][0] == t]
+        passing = [
+            _scored(replays.schedules[cands[i][1]], replays.by_threshold[t][cands[i][1]])
+            for i in mine
+        ]
+        p_of = {replays.schedules[cands[i][1]]: float(p[i]) for i in mine}
+        plans = {}
+        for batch_size, c in check_costs.items():
+            short = None if shortlist_costs is None else shortlist_costs[batch_size]
+            plain = CheckPlan((), float(L), full, full, c, len(cands), True, 1.0, t, **level)
+            plan = _cheapest(passing, plain, L, short, margin)
+            plans[batch_size] = replace(plan, p_value=p_of.get(plan.check_layers))
+        best_by_threshold[t] = plans
+    return _one_threshold(best_by_threshold)
 
 
 def _passing(schedules, results, full_correct, tolerance: float, agreement: float, z) -> list:
@@ -275,6 +366,11 @@ def _passing(schedules, results, full_correct, tolerance: float, agreement: floa
         ):
             passing.append((layers, r, acc, agree))
     return passing
+
+
+def _scored(layers, r: Replay) -> tuple:
+    """(schedule, replay, accuracy, agreement) as `_cheapest` takes them."""
+    return layers, r, float(r.correct.mean()), float(r.agrees.mean())
 
 
 def _cheapest(passing, plain: CheckPlan, num_layers: int, shortlist_cost, margin: float):
@@ -301,6 +397,26 @@ def _bounded_loss(correct, full_correct, z: float | None, tolerance: float) -> b
         return False
     diff = correct.astype(float) - full_correct
     return diff.mean() - z * diff.std(ddof=1) / np.sqrt(len(diff)) >= -tolerance
+
+
+def promise(plans) -> str:
+    """What the plans guarantee, in one line: the risk bound, or why the plain model runs."""
+    tested = [p for p in plans.values() if p.risk is not None]
+    if not tested:
+        return "no risk guarantee: planned by the agreement / loss-bound test" if plans else ""
+    p = tested[0]
+    level = f"{p.risk} risk <= {p.epsilon:g} with probability >= {1 - p.delta:g}"
+    if any(q.check_layers for q in tested):
+        return (
+            f"guarantee: {level} (Learn-then-Test on {p.tested_on} calibration queries), for "
+            "queries like the calibration ones; a new task is not covered"
+        )
+    need = risk_control.min_queries(p.epsilon, p.delta)
+    more = f"; at least {need} testing queries are needed" if p.tested_on < need else ""
+    return (
+        f"no plan passed the risk test ({level}, {p.tested_on} testing queries{more}): "
+        "the plain model runs"
+    )
 
 
 def known_plan(check_layers: Sequence[int], threshold: float | None = None) -> CheckPlan:
@@ -333,8 +449,16 @@ class PlannedPolicy(ExitPolicy):
     target : "gold" | "final": what the classifier learns per layer (`offline.Traces.labels`).
     thresholds : stop thresholds to try, for a policy with a `threshold` parameter (one is chosen
         for every batch size); None keeps the policy's own.
-    min_agreement, confidence, tolerance, margin : the test a plan must pass, and the saving it
-        must make over the plain model (`plan_checks_by_batch`).
+    risk, epsilon, delta : the promise a plan keeps: its risk ("consistency": the share of
+        answers that differ from the full model's, label-free; "accuracy": the share of answers
+        the full model gets right and the plan wrong) is at most `epsilon`, except with
+        probability `delta` over the calibration queries, for queries like them (Learn-then-Test,
+        `risk.py`). The traces are split: `1 - test_share` of them fit the classifier and order
+        the candidates, `test_share` test them. None: the agreement / loss-bound test of
+        `min_agreement`, `confidence` and `tolerance` on out-of-fold replays (no guarantee).
+    test_share : the share of the traces that tests the plans (with `risk`).
+    min_agreement, confidence, tolerance : the test without `risk` (`plan_checks_by_batch`).
+    margin : the saving a plan must make over the plain model.
     strides, folds, seed : the candidate schedules and the cross-fitting of the replays.
     prefit : `policy` is already fitted: use a copy of it as it is (a saved policy planned for
         new costs); with `folds` > 1 clones of it are still fitted fold by fold to judge plans.
@@ -364,6 +488,10 @@ class PlannedPolicy(ExitPolicy):
         folds: int = 5,
         seed: int = 0,
         prefit: bool = False,
+        risk: str | None = risk_control.RISK,
+        epsilon: float = risk_control.EPSILON,
+        delta: float = risk_control.DELTA,
+        test_share: float = 0.5,
     ):
         self.policy = policy
         self.check_costs = check_costs
@@ -378,14 +506,70 @@ class PlannedPolicy(ExitPolicy):
         self.folds = folds
         self.seed = seed
         self.prefit = prefit
+        self.risk = risk
+        self.epsilon = epsilon
+        self.delta = delta
+        self.test_share = test_share
 
     def fit(self, traces: Traces, replays: ScheduleReplays | None = None):
-        """Fit on calibration `traces` (`offline.Traces`). `replays`: `replay_schedules(...)` of
-        the fitted policy on these traces, made once to plan for exact and shortlist checks
-        without replaying twice (its `strides`, `folds`, `seed`, `thresholds`, `target` then
-        apply)."""
+        """Fit on calibration `traces` (`offline.Traces`). `replays`: without `risk`,
+        `replay_schedules(...)` of the fitted policy on these traces, made once to plan for
+        exact and shortlist checks without replaying twice (its `strides`, `folds`, `seed`,
+        `thresholds`, `target` then apply); with `risk`, the same on the testing share
+        (`split`)."""
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; choose from {', '.join(TARGETS)}")
+        if self.risk is not None and self.check_costs is not None:
+            policy, plans = self._fit_ltt(traces, replays)
+        else:
+            policy, plans = self._fit_tested(traces, replays)
+        chosen = {p.threshold for p in plans.values()} - {None}
+        if chosen:  # one for every batch size, set on the copy as GridSearchCV's best_estimator_
+            policy.set_params(threshold=chosen.pop())
+        self.policy_ = policy
+        self.plans_ = {int(b): p for b, p in sorted(plans.items())}
+        self.threshold_ = policy.get_params().get("threshold")
+        self.target_ = self.target if policy.trainable else None
+        self.model_ = traces.model
+        return self
+
+    def split(self, traces: Traces) -> tuple[Traces, Traces]:
+        """(fitting and ordering traces, testing traces) for Learn-then-Test: a seeded split,
+        so the plans are tested on queries the classifier and the order never saw."""
+        if not 0 < self.test_share < 1:
+            raise ValueError(
+                f"test_share is a share of the traces, between 0 and 1; got {self.test_share}"
+            )
+        n = len(traces)
+        tests = np.random.default_rng(self.seed).permutation(n) < round(self.test_share * n)
+        if tests.all() or not tests.any():
+            raise ValueError(f"{n} calibration queries cannot be split to fit and to test plans")
+        return traces.subset(~tests), traces.subset(tests)
+
+    def _fit_ltt(self, traces: Traces, replays: ScheduleReplays | None):
+        """The classifier fitted and the candidates ordered on one share of the traces, the plans
+        tested on the other (`plan_checks_by_batch` with `risk`)."""
+        fitting, testing = self.split(traces)
+        policy = self._fitted_policy(fitting)
+        replay = dict(strides=self.strides, thresholds=self.thresholds, seed=self.seed)
+        order = replay_schedules(policy, fitting, folds=self.folds, target=self.target, **replay)
+        plans = plan_checks_by_batch(
+            policy,
+            testing,
+            self._check_costs(),
+            margin=self.margin,
+            shortlist_costs=self.shortlist_costs,
+            replays=replays or replay_schedules(policy, testing, folds=1, **replay),
+            order_replays=order,
+            risk=self.risk,
+            epsilon=self.epsilon,
+            delta=self.delta,
+        )
+        return policy, plans
+
+    def _fit_tested(self, traces: Traces, replays: ScheduleReplays | None):
+        """The classifier fitted on all traces, plans by the agreement / loss-bound test (or
+        none without check costs)."""
         policy = self._fitted_policy(traces)
         plans = {}
         if self.check_costs is not None:
@@ -405,15 +589,7 @@ class PlannedPolicy(ExitPolicy):
                 confidence=self.confidence,
                 target=self.target,
             )
-        chosen = {p.threshold for p in plans.values()} - {None}
-        if chosen:  # one for every batch size, set on the copy as GridSearchCV's best_estimator_
-            policy.set_params(threshold=chosen.pop())
-        self.policy_ = policy
-        self.plans_ = {int(b): p for b, p in sorted(plans.items())}
-        self.threshold_ = policy.get_params().get("threshold")
-        self.target_ = self.target if policy.trainable else None
-        self.model_ = traces.model
-        return self
+        return policy, plans
 
     def _fitted_policy(self, traces: Traces):
         if self.prefit:

@@ -205,22 +205,62 @@ def _int_at_least(low: int):
 
 def _plan_test_args(p, prefix: str):
     from .checks import CONFIDENCE, MIN_AGREEMENT
+    from .risk import DELTA, EPSILON, RISK, RISKS
 
+    p.add_argument(
+        "--risk",
+        choices=(*RISKS, "none"),
+        default=RISK,
+        help=f"{prefix}what a check plan promises to bound: consistency (the share of answers "
+        "that differ from the full model's; needs no gold labels), accuracy (the share the full "
+        "model gets right and the plan wrong), or none (the agreement / loss-bound test, no "
+        f"guarantee) (default {RISK})",
+    )
+    p.add_argument(
+        "--epsilon",
+        type=_open_share,
+        default=EPSILON,
+        help=f"{prefix}the risk a plan may reach (default {EPSILON})",
+    )
+    p.add_argument(
+        "--delta",
+        type=_open_share,
+        default=DELTA,
+        help=f"{prefix}the chance, over the calibration queries, that the plan's risk is above "
+        f"--epsilon nonetheless (default {DELTA}); the promise holds for queries like the "
+        "calibration ones, not for another task",
+    )
     p.add_argument(
         "--min-agreement",
         type=_share,
         default=None,
-        help=f"{prefix}the share of calibration queries whose answer a check plan must keep equal "
-        f"to the full model's (default {MIN_AGREEMENT}; lower trades agreement for layers)",
+        help=f"{prefix}with --risk none: the share of calibration queries whose answer a check "
+        f"plan must keep equal to the full model's (default {MIN_AGREEMENT})",
     )
     p.add_argument(
         "--confidence",
         type=_confidence,
         default=None,
-        help=f"{prefix}a plan that changes more answers still passes if its accuracy loss is "
-        f"within 1 point at this one-sided confidence (default {CONFIDENCE}; "
+        help=f"{prefix}with --risk none: a plan that changes more answers still passes if its "
+        f"accuracy loss is within 1 point at this one-sided confidence (default {CONFIDENCE}; "
         "0: agreement test only)",
     )
+
+
+def plan_test(args) -> dict:
+    """The planner's test as PlannedPolicy takes it, from `_plan_test_args`' options."""
+    risk = None if args.risk == "none" else args.risk
+    test = dict(risk=risk, epsilon=args.epsilon, delta=args.delta)
+    if risk is None:
+        test.update(min_agreement=args.min_agreement, confidence=args.confidence)
+    return test
+
+
+def _open_share(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a share above 0 and below 1, got {text}")
+    return value
 
 
 def _int_list(low: int):
@@ -753,7 +793,7 @@ def cmd_collect(args):
 
 
 def cmd_fit(args):
-    from .checks import PlannedPolicy
+    from .checks import PlannedPolicy, promise
     from .persist import save_policy
     from .pipeline import fit_policy, resolve_policy
 
@@ -770,8 +810,7 @@ def cmd_fit(args):
         check_cost=args.check_cost,
         target=args.target,
         tune_threshold=tune,
-        min_agreement=args.min_agreement,
-        confidence=args.confidence,
+        **plan_test(args),
     )
     where = "".join(
         f", batch {b}+: checks at layers {list(p.check_layers) or 'none (plain model)'}"
@@ -781,6 +820,7 @@ def cmd_fit(args):
         where += f", stop threshold {policy.threshold_}"
     path = save_policy(policy, args.out)
     print(f"saved {args.policy} policy ({', '.join(policy.features)}{where}) to {path}")
+    print(promise(policy.plans_))
 
 
 def cmd_eval(args):
@@ -850,6 +890,7 @@ def cmd_demo(args):
         f"\none exit check costs {s['check_cost_layers']:.2f} decoder layers here; "
         f"the planned policy checks at {where}"
     )
+    print(s["plan_promise"])
     print(f"\nwrote {args.out_dir}/summary.json, {args.out_dir}/table.md and {s['plot']}")
 
 
@@ -897,8 +938,7 @@ def cmd_bench(args):
             n_train=args.n_train,
             repeats=args.repeats,
             policy_path=args.policy,
-            min_agreement=args.min_agreement,
-            confidence=args.confidence,
+            plan_test=plan_test(args),
             shortlist=args.shortlist or None,
             min_paired=args.min_paired,
             device=args.device,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .checks import promise
 from .collect import collect
 from .evaluate import evaluate, layer_accuracy
 from .files import OutputLock, write_json, write_text_atomic
@@ -81,6 +82,7 @@ def run_demo(
             seed=seed,
             check_cost_layers=check_cost,
             planned_check_layers=list(planned.planned_checks()),
+            plan_promise=promise(planned.plans_),
             layer_accuracy=layer_acc.tolist(),
             table=eval_table(summary),
         )

@@ -21,8 +21,7 @@ def fit_policy(
     *,
     target: str = "gold",
     tune_threshold: bool = True,
-    min_agreement: float | None = None,
-    confidence: float | None = None,
+    **plan_test,
 ) -> PlannedPolicy:
     """`policy` fitted on collected rows: a `checks.PlannedPolicy` holding a fitted copy of it
     and the model the rows came from (`policy` itself is left as given).
@@ -32,9 +31,10 @@ def fit_policy(
     With `check_cost` (one exit check, in decoder layers; or {batch size: cost}) it also learns
     where checking pays, per batch size, and (`tune_threshold`, for policies with a stop
     threshold) how sure it must be to stop (`checks.plan_checks_by_batch`); without, it checks
-    every layer as in the paper. A plan must keep `min_agreement` of the full model's answers
-    on calibration queries it was not fitted on (default `checks.MIN_AGREEMENT`), or bound its
-    accuracy loss at `confidence` (default `checks.CONFIDENCE`)."""
+    every layer as in the paper. `plan_test`: the promise a plan keeps, `risk`, `epsilon`,
+    `delta` (default: `risk.RISK`, `risk.EPSILON`, `risk.DELTA`; Learn-then-Test, on a share
+    of the rows the classifier is not fitted on), or with `risk=None` the agreement test
+    (`min_agreement`, `confidence`); see `checks.PlannedPolicy`."""
     table, meta = load_collected(data_dir, tasks)
     if table.num_rows == 0:
         raise ValueError(
@@ -46,8 +46,7 @@ def fit_policy(
         check_costs=check_cost,
         target=target,
         thresholds=THRESHOLDS if tune_threshold else None,
-        min_agreement=min_agreement,
-        confidence=confidence,
+        **plan_test,
     )
     return planner.fit(Traces.from_table(table, collected, model=meta["model"]))
 

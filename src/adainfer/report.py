@@ -133,7 +133,10 @@ def _ratio(row, variant) -> str:
 
 
 def _plan_test(row) -> str:
-    """'agreement / confidence' of the test the row's plan passed ('-': not recorded, or off)."""
+    """The promise the row's plan keeps ('risk <= epsilon, delta'), or 'agreement / confidence'
+    of the test it passed before risk control ('-': not recorded, or off)."""
+    if row.get("risk"):
+        return f"{row['risk']} <= {row['epsilon']:g}, delta {row['delta']:g}"
     agreement = f"{row['min_agreement']:g}" if "min_agreement" in row else "-"
     return agreement + " / " + (f"{row['confidence']:g}" if row.get("confidence") else "-")
 
@@ -157,7 +160,7 @@ def _bench_header(short: bool) -> list[str]:
         "paper / true FLOPs",
         "check cost, layers (exact / bf16 head" + (" / shortlist)" if short else ")"),
         "check layers",
-        "plan's test: agreement / loss-bound confidence",
+        "plan's test: risk bound, or agreement / loss-bound confidence",
         "policy/plain",
         "never/plain",
         "hooks/plain",
