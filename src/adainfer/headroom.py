@@ -49,9 +49,9 @@ import torch
 from transformers import DynamicCache, GenerationConfig
 
 from .arch import ModelParts, find_parts
+from .generation import eos_ids
 from .lens import LogitLens
-from .lossy import teacher_forced
-from .stepper import LayerOutput, LayerStepper
+from .stepper import LayerOutput, LayerStepper, encode, teacher_forced
 
 __all__ = [
     "TokenTrace",
@@ -122,35 +122,13 @@ class TokenTrace:
         )
 
 
-def eos_ids(model, tokenizer) -> list[int]:
-    """The tokens that end generation: the tokenizer's EOS and the model's generation EOS."""
-    ids = {tokenizer.eos_token_id}
-    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(gen if isinstance(gen, (list, tuple)) else [gen])
-    return sorted(i for i in ids if i is not None)
-
-
-def encode(model, tokenizer, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Left-padded batch with position ids from the mask, as `generate` computes them."""
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, not one string")
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
-    device = model.get_input_embeddings().weight.device
-    mask = enc["attention_mask"].to(device)
-    return {
-        "input_ids": enc["input_ids"].to(device),
-        "attention_mask": mask,
-        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-    }
-
-
 @torch.inference_mode()
 def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int):
     """Plain greedy decoding by `model.generate` (no sampling, no repetition penalty, whatever
     the model's generation config says), left-padded. Returns the encoded prompts and, per
     prompt, its generated token ids up to and including the first EOS."""
     enc = encode(model, tokenizer, prompts)
-    eos = eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer=tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     config = GenerationConfig(
         do_sample=False,
@@ -185,9 +163,8 @@ def trace_batch(
     parts = parts or find_parts(model)
     lens = lens or LogitLens(parts)
     enc, generated = greedy_generate(model, tokenizer, prompts, max_new_tokens)
-    batch, num_layers, device = len(prompts), parts.num_layers, enc["input_ids"].device
-    inputs, width = teacher_forced(tokenizer, prompts, generated)
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    batch, num_layers = len(prompts), parts.num_layers
+    inputs, width = teacher_forced(model, tokenizer, prompts, generated)
     top1 = torch.empty((batch, width, num_layers), dtype=torch.long)
     chunk = max(1, _LENS_ELEMENTS // lens.vocab_size)
 
