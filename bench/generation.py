@@ -563,7 +563,7 @@ def open_cell(path: Path, head: dict) -> dict:
 
 
 def base_job(tokenizer, model, task: Task) -> Job:
-    return Job(task.max_new_tokens, H.eos_ids(model, tokenizer), tuple(task.stops))
+    return Job(task.max_new_tokens, H.eos_ids(model, tokenizer=tokenizer), tuple(task.stops))
 
 
 def check_support(ctx, names: Sequence[str]) -> list[str]:

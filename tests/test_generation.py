@@ -93,8 +93,12 @@ def test_bad_settings_are_clear_errors():
         SelfSpeculativeDecoder(model, tok, draft_layer=2, draft_tokens=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SelfSpeculativeDecoder(model, tok).generate(["hi"], max_new_tokens=0)
-    with pytest.raises(ValueError, match="list of strings"):
+    with pytest.raises(TypeError, match="list of strings"):
         SelfSpeculativeDecoder(model, tok).generate("hi")
+    with pytest.raises(ValueError, match="no prompts"):
+        SelfSpeculativeDecoder(model, tok).generate([])
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        SelfSpeculativeDecoder(model, tok).generate(["hi", ""])
     gemma, gtok = tiny_model("gemma3")  # sliding window of 8
     with pytest.raises(ValueError, match="sliding window of 8"):
         SelfSpeculativeDecoder(gemma, gtok, draft_layer=2).generate(["hello"], max_new_tokens=8)

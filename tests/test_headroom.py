@@ -140,7 +140,7 @@ def test_trace_stops_each_row_at_its_eos():
     # make the token that prompt 0 generates third its EOS: it must stop there, others go on
     eos = free[0][2]
     model.generation_config.eos_token_id = eos
-    assert eos in H.eos_ids(model, tok)
+    assert eos in H.eos_ids(model, tokenizer=tok)
     trace = H.trace_tokens(model, tok, PROMPTS, max_new_tokens=10, batch_size=3)
     first = trace.tokens[trace.row == 0].tolist()
     assert first == free[0][: free[0].index(eos) + 1] and first[-1] == eos

@@ -129,3 +129,12 @@ def find_parts(model: nn.Module) -> ModelParts:
         softcap=getattr(config, "final_logit_softcapping", None),
         logit_scale=1.0 / getattr(config, "logits_scaling", 1.0),
     )
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model's positions allow (None: the config does not say)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -45,6 +45,7 @@ from .files import write_json
 from .generation import DraftHead, SelfSpeculativeDecoder
 from .lens import LogitLens
 from .schema import Int, ListOf, Number, Optional, Record, check
+from .stepper import encode, teacher_forced
 
 log = logging.getLogger(__name__)
 
@@ -209,19 +210,9 @@ def trace_drafts(
 def _teacher_forced(decoder, prompts, generated, depths) -> list[DraftTrace]:
     """One forward over prompt + generated tokens, up to the deepest depth; keeps the hidden
     states at the positions that predicted each generated token."""
-    model, tok = decoder.model, decoder.tokenizer
-    enc = tok(list(prompts), return_tensors="pt", padding=True, padding_side="left")
-    device = model.get_input_embeddings().weight.device
-    width = max(len(g) for g in generated)
-    gen = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
-    for b, g in enumerate(generated):
-        gen[b, : len(g)] = torch.tensor(g, dtype=torch.long)
-    # the token at generated position t is predicted at input position P - 1 + t; what
-    # follows a row's end is padding that no earlier position sees
-    ids = torch.cat([enc["input_ids"], gen[:, :-1]], 1).to(device)
-    mask = torch.cat([enc["attention_mask"], torch.ones_like(gen[:, :-1])], 1).to(device)
-    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": mask.cumsum(-1) - 1}
-    inputs["position_ids"] = inputs["position_ids"].clamp(min=0)
+    inputs, width = teacher_forced(decoder.model, decoder.tokenizer, prompts, generated)
+    P = inputs["input_ids"].shape[1] - (width - 1)  # the padded prompts' width
+    ids, mask = inputs["input_ids"][:, :P].cpu(), inputs["attention_mask"][:, :P].cpu()
     kept = {}
 
     def client(seen):
@@ -234,7 +225,7 @@ def _teacher_forced(decoder, prompts, generated, depths) -> list[DraftTrace]:
         DraftTrace(
             tokens=np.asarray(g, dtype=np.int64),
             hidden=hidden[b, : len(g)].clone(),
-            prompt=enc["input_ids"][b][enc["attention_mask"][b].bool()].numpy(),
+            prompt=ids[b][mask[b].bool()].numpy(),
         )
         for b, g in enumerate(generated)
     ]
@@ -307,24 +298,13 @@ class _Pieces:
 
     def __init__(self, decoder: SelfSpeculativeDecoder, prompts: Sequence[str]):
         self.decoder, model = decoder, decoder.model
-        enc = decoder.tokenizer(
-            list(prompts), return_tensors="pt", padding=True, padding_side="left"
-        )
-        device = model.get_input_embeddings().weight.device
-        self.ids, self.mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        enc = encode(model, decoder.tokenizer, prompts)
+        self.ids, self.mask = enc["input_ids"], enc["attention_mask"]
         self.cache = DynamicCache(config=model.config)
-        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
-            out = model(
-                input_ids=self.ids,
-                attention_mask=self.mask,
-                position_ids=positions,
-                cache=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            out = model(**enc, cache=self.cache, use_cache=True, logits_to_keep=1)
         self.prefilled = self.cache.get_seq_length()
-        self.last, self.token = positions[:, -1:], out.logits[:, -1].argmax(-1)
+        self.last, self.token = enc["position_ids"][:, -1:], out.logits[:, -1].argmax(-1)
 
     def inputs(self, n: int) -> dict:
         B = len(self.ids)

@@ -43,7 +43,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from .arch import find_parts
 from .lens import LogitLens
-from .stepper import LayerStepper
+from .stepper import LayerStepper, encode
 
 
 @dataclass
@@ -235,6 +235,7 @@ class _Rows:
     cache: DynamicCache = field(repr=False)
     extra: torch.Tensor | None = None  # [A, p] each row's own draft candidates (prompt tokens)
     valid: torch.Tensor | None = None  # [A, p] which of them are real
+    chooser: Chooser = field(default_factory=lambda: Chooser(), repr=False)  # picks tokens
 
     def keep(self, keep: torch.Tensor) -> None:
         if bool(keep.all()):
@@ -307,10 +308,9 @@ class SelfSpeculativeDecoder:
         before it). `on_tokens(row, tokens)` gets each row's new tokens as they come."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        self.chooser = chooser or Chooser()
-        eos = _eos_ids(self.model, eos_token_id)
+        eos = set(eos_ids(self.model, eos_token_id))
         start = time.perf_counter()
-        rows, first = self._prefill(prompts, max_new_tokens)
+        rows, first = self._prefill(prompts, max_new_tokens, chooser or Chooser())
         stops = _StopStrings(self.tokenizer, stop_strings)
         out = _Output(len(prompts), max_new_tokens, eos, on_tokens, stops)
         if self.tracks_exits:  # the first token comes from the full prefill forward
@@ -335,28 +335,20 @@ class SelfSpeculativeDecoder:
         )
 
     # ---------------------------------------------------------------- steps
-    def _prefill(self, prompts, max_new_tokens: int) -> tuple[_Rows, torch.Tensor]:
-        if isinstance(prompts, str) or not len(prompts):
-            raise ValueError("prompts must be a non-empty list of strings")
-        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
-        device = self.model.get_input_embeddings().weight.device
-        mask = enc["attention_mask"].to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    def _prefill(self, prompts, max_new_tokens: int, chooser: Chooser | None = None):
+        """The prompts' forward into a fresh cache: the rows' state and their first token."""
+        enc = encode(self.model, self.tokenizer, prompts)
+        mask, positions = enc["attention_mask"], enc["position_ids"]
         cache = DynamicCache(config=self.model.config)
         if self.draft_layer is not None:
             self._check_window(cache, mask.shape[1] + max_new_tokens + self.draft_tokens)
-        logits = self.model(
-            input_ids=enc["input_ids"].to(device),
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
-        first = self.chooser.pick(logits)
+        logits = self.model(**enc, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        chooser = chooser or Chooser()
+        first = chooser.pick(logits)
+        extra, valid = self.draft_head.extra_ids(enc["input_ids"], mask)
         index = torch.arange(len(prompts))
-        extra, valid = self.draft_head.extra_ids(enc["input_ids"].to(device), mask)
-        return _Rows(index, mask, positions[:, -1] + 1, first, cache, extra, valid), first
+        rows = _Rows(index, mask, positions[:, -1] + 1, first, cache, extra, valid, chooser)
+        return rows, first
 
     @staticmethod
     def _check_window(cache: DynamicCache, longest: int) -> None:
@@ -398,7 +390,7 @@ class SelfSpeculativeDecoder:
         inputs = self._feed(rows, rows.pending[:, None])
         logits = self.model(**inputs, cache=rows.cache, use_cache=True, logits_to_keep=1).logits
         rows.position = rows.position + 1
-        rows.pending = self.chooser.pick(logits[:, -1])
+        rows.pending = rows.chooser.pick(logits[:, -1])
         rows.keep(out.add(rows.index, rows.pending[:, None], torch.ones_like(rows.pending)))
 
     def _round(self, rows: _Rows, out: _Output) -> None:
@@ -419,7 +411,7 @@ class SelfSpeculativeDecoder:
         k = len(drafts)  # a round that stopped early verifies what it drafted
         logits = self._verify(rows, torch.stack(fed[:k], 1), torch.cat(states, 1))  # [A, k, V]
         drafts = torch.stack(drafts, 1)
-        agree, full = self.chooser.accept(drafts, torch.stack(probs, 1) if probs else None, logits)
+        agree, full = rows.chooser.accept(drafts, torch.stack(probs, 1) if probs else None, logits)
         kept = torch.clamp(agree + 1, max=k)  # fed positions that stay: the pending + agreed
         new = torch.where(torch.arange(k)[None] < agree[:, None], drafts, full)
         self._crop_rejected(rows, kept, k)
@@ -436,9 +428,9 @@ class SelfSpeculativeDecoder:
         logits = head.logits(hidden, rows.extra, rows.valid)
         ids = head.ids(rows.extra)
         q = None
-        if self.chooser.do_sample:
-            q = self.chooser.probs(head.full(logits, ids))
-            token = self.chooser.sample(q)
+        if rows.chooser.do_sample:
+            q = rows.chooser.probs(head.full(logits, ids))
+            token = rows.chooser.sample(q)
             top = q.max(-1).values if self.draft_confidence else None
         else:
             best = logits.argmax(-1)
@@ -560,13 +552,16 @@ class _StopStrings:
         return text[: min(at)] if at else text
 
 
-def _eos_ids(model, eos_token_id) -> set[int]:
+def eos_ids(model, eos_token_id=None, *, tokenizer=None) -> list[int]:
+    """The tokens that end a row: `eos_token_id` if given, else those of the model's
+    generation config (where `model.generate` stops), and the tokenizer's EOS if given."""
     if eos_token_id is None:
         config = getattr(model, "generation_config", None) or model.config
         eos_token_id = getattr(config, "eos_token_id", None)
-    if eos_token_id is None:
-        return set()
-    return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(t) for t in eos_token_id}
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    if tokenizer is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted({int(i) for i in ids if i is not None})
 
 
 SUPPORTED = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id"}

@@ -49,9 +49,10 @@ import torch
 from transformers import DynamicCache, GenerationConfig
 
 from .arch import ModelParts, find_parts
+from .generation import eos_ids
 from .lens import LogitLens
-from .lossy import teacher_forced
-from .stepper import LayerOutput, LayerStepper
+from .stepper import LayerOutput, LayerStepper, encode, teacher_forced
+from .timing import interleaved, synchronize
 
 __all__ = [
     "TokenTrace",
@@ -122,35 +123,13 @@ class TokenTrace:
         )
 
 
-def eos_ids(model, tokenizer) -> list[int]:
-    """The tokens that end generation: the tokenizer's EOS and the model's generation EOS."""
-    ids = {tokenizer.eos_token_id}
-    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(gen if isinstance(gen, (list, tuple)) else [gen])
-    return sorted(i for i in ids if i is not None)
-
-
-def encode(model, tokenizer, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Left-padded batch with position ids from the mask, as `generate` computes them."""
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, not one string")
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
-    device = model.get_input_embeddings().weight.device
-    mask = enc["attention_mask"].to(device)
-    return {
-        "input_ids": enc["input_ids"].to(device),
-        "attention_mask": mask,
-        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-    }
-
-
 @torch.inference_mode()
 def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int):
     """Plain greedy decoding by `model.generate` (no sampling, no repetition penalty, whatever
     the model's generation config says), left-padded. Returns the encoded prompts and, per
     prompt, its generated token ids up to and including the first EOS."""
     enc = encode(model, tokenizer, prompts)
-    eos = eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer=tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     config = GenerationConfig(
         do_sample=False,
@@ -185,9 +164,8 @@ def trace_batch(
     parts = parts or find_parts(model)
     lens = lens or LogitLens(parts)
     enc, generated = greedy_generate(model, tokenizer, prompts, max_new_tokens)
-    batch, num_layers, device = len(prompts), parts.num_layers, enc["input_ids"].device
-    inputs, width = teacher_forced(tokenizer, prompts, generated)
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    batch, num_layers = len(prompts), parts.num_layers
+    inputs, width = teacher_forced(model, tokenizer, prompts, generated)
     top1 = torch.empty((batch, width, num_layers), dtype=torch.long)
     chunk = max(1, _LENS_ELEMENTS // lens.vocab_size)
 
@@ -311,16 +289,88 @@ def summarize_trace(trace: TokenTrace, draft_lengths: Sequence[int] = DRAFT_LENG
 
 
 # --------------------------------------------------------------------------- decode costs
-def _crop(cache, tokens: int) -> None:
-    """Remove the last `tokens` positions (negative `crop` works in transformers 4 and 5)."""
-    if tokens:
-        cache.crop(-tokens)
-
-
 def _stats(values) -> dict:
     values = np.asarray(values, dtype=float)
     q1, med, q3 = np.percentile(values, [25, 50, 75])
     return {"median": float(med), "q1": float(q1), "q3": float(q3), "n": int(len(values))}
+
+
+class _StepPieces:
+    """The pieces of a KV-cached decode step on one prefilled batch, each a callable that
+    leaves the cache as it found it (the positions it added are cropped, outside the timer)."""
+
+    def __init__(self, model, tokenizer, prompts, verify: Sequence[int], shortlist: int, seed):
+        parts = find_parts(model)
+        lens = LogitLens(parts)
+        enc = encode(model, tokenizer, prompts)
+        batch = enc["input_ids"].shape[0]
+        self.cache = cache = DynamicCache(config=model.config)
+        if hasattr(cache, "activate_past_recording"):  # sliding-window layers must crop back
+            cache.activate_past_recording()
+        out = model(**enc, cache=cache, use_cache=True, logits_to_keep=1)
+        self.prefilled, self.batch = cache.get_seq_length(), batch
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        inputs = {k: _appended(enc, token, k) for k in {1, *verify}}
+        captured = self._layer_arguments(model, parts, inputs[1])
+        hidden = captured[-1][0][0] if captured[-1][0] else captured[-1][1]["hidden_states"]
+        hidden = hidden[:, -1].clone()  # [B, H]: what the head reads after the last layer
+        generator = torch.Generator().manual_seed(seed)
+        candidates = torch.randint(lens.vocab_size, (batch, shortlist), generator=generator)
+        candidates = candidates.to(hidden.device)
+
+        def forward(k: int):
+            return lambda: model(**inputs[k], cache=cache, use_cache=True)
+
+        def layers():  # a step without embedding, mask and rotary set-up, final norm and head
+            for layer, (args, kwargs) in zip(parts.layers, captured):
+                layer(*args, **kwargs)
+
+        self.runners = {
+            "step": forward(1),
+            "layers": layers,
+            "head": lambda: lens(hidden),
+            "shortlist": lambda: lens(hidden, ids=candidates),
+            **{f"verify{k}": forward(k) for k in verify},
+        }
+
+    def _layer_arguments(self, model, parts, inputs) -> list[tuple]:
+        """The arguments each decoder layer gets in a single-token step, captured once."""
+        captured: list[tuple] = []
+        hook = lambda module, args, kwargs: captured.append((args, kwargs))  # noqa: E731
+        handles = [
+            layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in parts.layers
+        ]
+        try:
+            model(**inputs, cache=self.cache, use_cache=True)
+        finally:
+            for h in handles:
+                h.remove()
+        self.crop()
+        return captured
+
+    def crop(self) -> None:
+        added = self.cache.get_seq_length() - self.prefilled
+        if added:
+            self.cache.crop(-added)  # negative crop works in transformers 4 and 5
+
+    def once(self, name: str) -> float:
+        synchronize()
+        t0 = time.perf_counter()
+        self.runners[name]()
+        synchronize()
+        elapsed = time.perf_counter() - t0
+        self.crop()
+        return elapsed
+
+
+def _appended(enc: dict, token: torch.Tensor, k: int) -> dict:
+    """Inputs that feed `token` k times after the prompts (a step, or a verification of k)."""
+    batch, mask = len(token), enc["attention_mask"]
+    return {
+        "input_ids": token.expand(batch, k).contiguous(),
+        "attention_mask": torch.cat([mask, mask.new_ones(batch, k)], dim=1),
+        "position_ids": enc["position_ids"][:, -1:] + 1 + torch.arange(k, device=mask.device),
+    }
 
 
 @torch.inference_mode()
@@ -338,8 +388,7 @@ def decode_costs(
 ) -> dict:
     """Costs of the pieces of a KV-cached decode step on the batch `prompts`, interleaved.
 
-    The prompts are prefilled once; every timed call then starts from that cache and the
-    positions it added are cropped (outside the timer). Variants:
+    The prompts are prefilled once; every timed call then starts from that cache. Variants:
     - `step`: one plain single-token step of the whole model (`model(..., cache=)`);
     - `layers`: the L decoder layers called one after another, each with the arguments the
       model's forward gave it in a step (captured once), i.e. a step without embedding, mask
@@ -350,101 +399,25 @@ def decode_costs(
     A sample times each variant `reps` times (chosen in the warm-up so that a sample lasts
     `min_sample_s`) and keeps the mean. Ratios are per sample, against that sample's step:
     `*_layers` in decoder layers (step / L), `verify*_steps` and `layers_steps` in steps."""
-    parts = find_parts(model)
-    lens = LogitLens(parts)
-    num_layers = parts.num_layers
-    enc = encode(model, tokenizer, prompts)
-    batch, device = enc["input_ids"].shape[0], enc["input_ids"].device
-    cache = DynamicCache(config=model.config)
-    if hasattr(cache, "activate_past_recording"):  # sliding-window layers must crop back too
-        cache.activate_past_recording()
-    out = model(**enc, cache=cache, use_cache=True, logits_to_keep=1)
-    prefilled = cache.get_seq_length()
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    widest = max([1, *verify])
-    ids = token.expand(batch, widest).contiguous()
-    last = enc["position_ids"][:, -1:]
-
-    def step_inputs(k: int) -> dict:
-        return {
-            "input_ids": ids[:, :k],
-            "attention_mask": torch.cat(
-                [enc["attention_mask"], enc["attention_mask"].new_ones(batch, k)], dim=1
-            ),
-            "position_ids": last + 1 + torch.arange(k, device=device),
-        }
-
-    inputs = {k: step_inputs(k) for k in {1, *verify}}
-
-    # the arguments each decoder layer gets in a single-token step, captured once
-    captured: list[tuple] = []
-
-    def capture(module, args, kwargs):
-        captured.append((args, kwargs))
-
-    handles = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in parts.layers]
-    try:
-        model(**inputs[1], cache=cache, use_cache=True)
-    finally:
-        for h in handles:
-            h.remove()
-    _crop(cache, cache.get_seq_length() - prefilled)
-    hidden = captured[-1][0][0] if captured[-1][0] else captured[-1][1]["hidden_states"]
-    hidden = hidden[:, -1].clone()  # [B, H]: what the head reads after the last layer
-    generator = torch.Generator().manual_seed(seed)
-    candidates = torch.randint(lens.vocab_size, (batch, shortlist), generator=generator)
-    candidates = candidates.to(device)
-
-    def forward(k: int):
-        return lambda: model(**inputs[k], cache=cache, use_cache=True)
-
-    def layers():
-        for layer, (args, kwargs) in zip(parts.layers, captured):
-            layer(*args, **kwargs)
-
-    runners = {
-        "step": forward(1),
-        "layers": layers,
-        "head": lambda: lens(hidden),
-        "shortlist": lambda: lens(hidden, ids=candidates),
-        **{f"verify{k}": forward(k) for k in verify},
-    }
-    names = list(runners)
-
-    def once(name: str) -> float:
-        _sync()
-        t0 = time.perf_counter()
-        runners[name]()
-        _sync()
-        elapsed = time.perf_counter() - t0
-        _crop(cache, cache.get_seq_length() - prefilled)
-        return elapsed
-
+    pieces = _StepPieces(model, tokenizer, prompts, verify, shortlist, seed)
     reps = {}
-    for name in names:  # warm-up, and the calls per sample
-        once(name)
-        warm = float(np.median([once(name) for _ in range(3)]))
+    for name in pieces.runners:  # warm-up, and the calls per sample
+        pieces.once(name)
+        warm = float(np.median([pieces.once(name) for _ in range(3)]))
         reps[name] = max(1, int(np.ceil(min_sample_s / max(warm, 1e-7))))
-    seconds = {name: np.zeros(repeats) for name in names}
-    for r in progress(range(repeats)):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            seconds[name][r] = sum(once(name) for _ in range(reps[name])) / reps[name]
-    if cache.get_seq_length() != prefilled:
-        raise RuntimeError("the KV cache was not cropped back to the prompt")
 
-    layer = seconds["step"] / num_layers  # the decoder-layer unit: step / L, per sample
-    ratios = {
-        "layers_steps": _stats(seconds["layers"] / seconds["step"]),
-        "head_layers": _stats(seconds["head"] / layer),
-        "shortlist_layers": _stats(seconds["shortlist"] / layer),
-        "head_layer_calls": _stats(seconds["head"] / (seconds["layers"] / num_layers)),
-        "shortlist_layer_calls": _stats(seconds["shortlist"] / (seconds["layers"] / num_layers)),
-        **{f"verify{k}_steps": _stats(seconds[f"verify{k}"] / seconds["step"]) for k in verify},
-    }
+    def sample(name):
+        return lambda i: (sum(pieces.once(name) for _ in range(reps[name])) / reps[name], None)
+
+    runners = {name: sample(name) for name in pieces.runners}
+    seconds, _ = interleaved(runners, repeats, warmup_batches=0, progress=progress)
+    seconds = {name: s[0] for name, s in seconds.items()}
+    if pieces.cache.get_seq_length() != pieces.prefilled:
+        raise RuntimeError("the KV cache was not cropped back to the prompt")
+    num_layers = find_parts(model).num_layers
     return {
-        "batch_size": batch,
-        "prompt_tokens": int(prefilled),
+        "batch_size": pieces.batch,
+        "prompt_tokens": int(pieces.prefilled),
         "num_layers": num_layers,
         "repeats": repeats,
         "reps": reps,
@@ -452,15 +425,23 @@ def decode_costs(
         "verify": list(verify),
         "seconds": {name: _stats(s) for name, s in seconds.items()},
         "samples": {name: s.tolist() for name, s in seconds.items()},  # per sample, in order
-        "layer_s": _stats(layer),
+        "layer_s": _stats(seconds["step"] / num_layers),
         "layer_call_s": _stats(seconds["layers"] / num_layers),
-        "ratios": ratios,
+        "ratios": _cost_ratios(seconds, num_layers, verify),
     }
 
 
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+def _cost_ratios(seconds: dict, num_layers: int, verify: Sequence[int]) -> dict:
+    layer = seconds["step"] / num_layers  # the decoder-layer unit: step / L, per sample
+    call = seconds["layers"] / num_layers  # one layer called alone
+    return {
+        "layers_steps": _stats(seconds["layers"] / seconds["step"]),
+        "head_layers": _stats(seconds["head"] / layer),
+        "shortlist_layers": _stats(seconds["shortlist"] / layer),
+        "head_layer_calls": _stats(seconds["head"] / call),
+        "shortlist_layer_calls": _stats(seconds["shortlist"] / call),
+        **{f"verify{k}_steps": _stats(seconds[f"verify{k}"] / seconds["step"]) for k in verify},
+    }
 
 
 # --------------------------------------------------------------------------- the bounds

@@ -40,7 +40,7 @@ from .files import write_json
 from .generation import Chooser, SelfSpeculativeDecoder, _Output, _Rows
 from .lens import LogitLens
 from .schema import DictOf, Int, ListOf, Number, Optional, Record, check
-from .stepper import CACHE_ARGS, LayerOutput, LayerStepper
+from .stepper import CACHE_ARGS, LayerOutput, LayerStepper, teacher_forced
 from .timing import interleaved, timed
 
 FORMAT = "adainfer-token-exits/1"
@@ -131,35 +131,15 @@ def trace_exits(
     return ExitTrace(vocab.numpy(), *cat)
 
 
-def teacher_forced(tokenizer, prompts: Sequence[str], generated: Sequence[Sequence[int]]):
-    """Model inputs that read each row's generated tokens after its prompt (left-padded), and
-    the number of positions, at the end, that predict them: generated token t is predicted at
-    input position P - 1 + t."""
-    width = max(len(g) for g in generated)
-    if width == 0:
-        raise ValueError("no generated token to read")
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    gen = torch.full((len(prompts), width), pad, dtype=torch.long)
-    for b, g in enumerate(generated):
-        gen[b, : len(g)] = torch.as_tensor(list(g), dtype=torch.long)
-    ids = torch.cat([enc["input_ids"], gen[:, :-1]], dim=1)
-    mask = torch.cat([enc["attention_mask"], torch.ones_like(gen[:, :-1])], dim=1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}, width
-
-
 @torch.inference_mode()
 def changed_tokens(model, tokenizer, prompts: Sequence[str], outputs, *, batch_size: int = 8):
     """Per row, which generated tokens the full model would not have chosen greedily after
     the same prefix (teacher-forced on the row's own output): the per-token risk a lossy
     generation actually ran, beyond the first difference from plain greedy."""
     changed = []
-    device = model.get_input_embeddings().weight.device
     for s in range(0, len(prompts), batch_size):
         rows = outputs[s : s + batch_size]
-        inputs, width = teacher_forced(tokenizer, prompts[s : s + batch_size], rows)
-        inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs, width = teacher_forced(model, tokenizer, prompts[s : s + batch_size], rows)
         full = model(**inputs, logits_to_keep=width).logits.argmax(-1).cpu()
         changed += [(full[r, : len(o)] != torch.as_tensor(o)).tolist() for r, o in enumerate(rows)]
     return changed
@@ -169,9 +149,7 @@ def _trace_batch(decoder, signal: ExitSignal, prompts, generated, offset):
     """One teacher-forced forward over prompt + generated tokens through the stepper."""
     parts, lens = decoder.parts, decoder.lens
     lengths = [len(g) for g in generated]
-    inputs, width = teacher_forced(decoder.tokenizer, prompts, generated)
-    device = parts.model.get_input_embeddings().weight.device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs, width = teacher_forced(parts.model, decoder.tokenizer, prompts, generated)
     B, L = len(prompts), parts.num_layers
     feats = torch.zeros(B, width, L, 3)
     top1 = torch.zeros(B, width, L, dtype=torch.long)
@@ -203,7 +181,6 @@ def measure_exit_costs(model, tokenizer, prompts, vocab, *, samples: int = 30) -
     it, the full LM head, one exit check and one layer's state propagation on the same rows
     (`timing.interleaved`); each as the median of its times over the step's median."""
     decoder = SelfSpeculativeDecoder(model, tokenizer)
-    decoder.chooser = Chooser()
     rows, _ = decoder._prefill(list(prompts), 1)
     parts, L = decoder.parts, decoder.parts.num_layers
     signal = ExitSignal(decoder.lens, torch.as_tensor(vocab), tokenizer(list(prompts))["input_ids"])
@@ -573,10 +550,10 @@ class EarlyExitDecoder(SelfSpeculativeDecoder):
         self.vocab = torch.as_tensor(policy.vocab_)
         self.propagation = StatePropagation(self.parts)
 
-    def _prefill(self, prompts, max_new_tokens: int):
+    def _prefill(self, prompts, max_new_tokens: int, chooser=None):
         ids = self.tokenizer(list(prompts))["input_ids"]
-        self.signal = ExitSignal(self.lens, self.vocab, ids)
-        return super()._prefill(prompts, max_new_tokens)
+        self.signal = ExitSignal(self.lens, self.vocab, ids)  # this batch's shortlist
+        return super()._prefill(prompts, max_new_tokens, chooser)
 
     def _advance(self, rows: _Rows, out: _Output) -> None:
         """One decode step in which every row leaves at its own layer."""
@@ -584,19 +561,23 @@ class EarlyExitDecoder(SelfSpeculativeDecoder):
         step = _Step(len(rows.index), self.parts.num_layers)
         with self.propagation.recording():
             self.stepper.run(
-                inputs, self._client(step), watch=self.checks, cache=rows.cache, use_cache=True
+                inputs,
+                self._client(step, rows.chooser),
+                watch=self.checks,
+                cache=rows.cache,
+                use_cache=True,
             )
         self.propagation.fill(rows.cache, step.layer, step.state)
         late = step.token < 0  # reached the last layer without passing: the full head
         if bool(late.any()):
             logits = self.lens(step.state[late.to(step.state.device)])
-            step.token[late] = self.chooser.pick(logits).cpu()
+            step.token[late] = rows.chooser.pick(logits).cpu()
         rows.position = rows.position + 1
         rows.pending = step.token.to(rows.pending.device)
         count = torch.ones_like(rows.pending)
         rows.keep(out.add(rows.index, rows.pending[:, None], count, layers=step.layer))
 
-    def _client(self, step: _Step):
+    def _client(self, step: _Step, chooser: Chooser):
         L = self.parts.num_layers
 
         def client(seen: LayerOutput):
@@ -611,7 +592,7 @@ class EarlyExitDecoder(SelfSpeculativeDecoder):
                 ).cpu()
             gone = seen.rows[leave]
             if len(gone):
-                picked = self.chooser.pick(logits[leave.to(logits.device)])
+                picked = chooser.pick(logits[leave.to(logits.device)])
                 step.token[gone] = self.signal.vocab[picked].cpu()
             stop = torch.ones_like(leave) if seen.layer == L else leave
             step.state[seen.rows[stop]] = hidden[stop.to(hidden.device)]

@@ -21,7 +21,7 @@ from . import features as F
 from .arch import ModelParts, find_parts
 from .lens import LogitLens
 from .policies import Step, planned_checks
-from .stepper import LayerOutput, LayerStepper
+from .stepper import LayerOutput, LayerStepper, encode
 from .timing import plain_forward, synchronize
 
 
@@ -175,32 +175,7 @@ class AdaptiveEngine:
 
     # ---------------------------------------------------------------- tokenization
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, not one string")
-        if len(prompts) == 0:  # the tokenizer would give an empty batch, then an IndexError
-            raise ValueError("no prompts given")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
-        lengths = enc["attention_mask"].sum(-1)
-        limit = context_length(self.model.config)
-        if limit is not None and int(lengths.max()) > limit:
-            i = int(lengths.argmax())
-            raise ValueError(
-                f"prompt {i} has {int(lengths[i])} tokens but the model's context is {limit}; "
-                "shorten it or use fewer demonstrations"
-            )
-        device = self.model.get_input_embeddings().weight.device
-        mask = enc["attention_mask"].to(device)
-        # positions from the mask, as generate() does: left padding must not shift absolute
-        # positions (GPT-2, OPT) and makes every row equal to itself run alone.
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return {
-            "input_ids": enc["input_ids"].to(device),
-            "attention_mask": mask,
-            "position_ids": positions,
-        }
+        return encode(self.model, self.tokenizer, prompts)
 
     # ---------------------------------------------------------------- the run
     @torch.inference_mode()
@@ -490,14 +465,6 @@ class _Scorer:
             gold=None if out.gold is None else out.gold[rows].numpy(),
         )
         return torch.as_tensor(np.asarray(self.policy.decide(step), dtype=bool))
-
-
-def context_length(config) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def plain_last_logits(engine: AdaptiveEngine, prompts: Sequence[str]) -> torch.Tensor:

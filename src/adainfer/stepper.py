@@ -16,12 +16,12 @@ model's own, computed once. The stepper hooks the decoder layers:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from .arch import ModelParts
+from .arch import ModelParts, context_length
 
 # Arguments a decoder layer receives, by the name its forward gives them.
 CACHE_ARGS = frozenset({"cache", "past_key_values", "past_key_value", "layer_past"})
@@ -297,3 +297,53 @@ class _RowCache:
 
     def __getattr__(self, name):
         return getattr(self._cache, name)
+
+
+def encode(model, tokenizer, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """A batch of prompts as every engine client feeds it: left-padded, on the model's device,
+    with position ids from the mask as `generate` computes them (left padding must not shift
+    absolute positions, GPT-2 and OPT, and each row then equals itself run alone)."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string")
+    if not len(prompts):
+        raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+    lengths = enc["attention_mask"].sum(-1)
+    limit = context_length(model.config)
+    if limit is not None and int(lengths.max()) > limit:
+        i = int(lengths.argmax())
+        raise ValueError(
+            f"prompt {i} has {int(lengths[i])} tokens but the model's context is {limit}; "
+            "shorten it or use fewer demonstrations"
+        )
+    device = model.get_input_embeddings().weight.device
+    mask = enc["attention_mask"].to(device)
+    return {
+        "input_ids": enc["input_ids"].to(device),
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+    }
+
+
+def teacher_forced(model, tokenizer, prompts: Sequence[str], generated: Sequence[Sequence[int]]):
+    """Model inputs that read each row's generated tokens after its prompt, in one forward,
+    and the number of positions, at the end, that predict them: generated token t is
+    predicted at input position P - 1 + t. What follows a shorter row's end is padding that no
+    earlier position sees."""
+    width = max(len(g) for g in generated)
+    if width == 0:
+        raise ValueError("no generated token to read")
+    enc = encode(model, tokenizer, prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    gen = torch.full((len(prompts), width - 1), pad, dtype=torch.long)
+    for b, g in enumerate(generated):
+        fed = list(g)[:-1]  # a row's last token is only predicted, never read
+        gen[b, : len(fed)] = torch.as_tensor(fed, dtype=torch.long)
+    gen = gen.to(enc["input_ids"].device)
+    ids = torch.cat([enc["input_ids"], gen], dim=1)
+    mask = torch.cat([enc["attention_mask"], torch.ones_like(gen)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}, width
