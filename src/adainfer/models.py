@@ -29,6 +29,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .autodtype import choose
+
 __all__ = [
     "ALIASES",
     "DEFAULT_MODEL",
@@ -140,7 +142,8 @@ def cache_root() -> Path:
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
-    """'float32'/'fp32', 'bfloat16'/'bf16', 'float16'/'fp16', 'auto' or a torch.dtype."""
+    """'float32'/'fp32', 'bfloat16'/'bf16', 'float16'/'fp16', 'auto' (measured: see
+    `load`) or a torch.dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
@@ -157,6 +160,7 @@ def load(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     cache_dir: str | os.PathLike | None = None,
+    work: str = "prefill",
     **from_pretrained_kwargs,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` ready for inference.
@@ -166,8 +170,14 @@ def load(
     (``device_map``, ``attn_implementation``, ``revision``...) go to
     ``AutoModelForCausalLM.from_pretrained``. ``cache_dir`` overrides ``cache_root()``.
     The model gets ``model.adainfer_id``: a canonical id recorded as provenance.
+    ``dtype="auto"``: bfloat16 or float32, whichever runs ``work`` ("prefill" or "decode")
+    faster on this machine (``adainfer.autodtype``: measured once per machine and model, cached
+    next to the converted models).
     """
     torch_dtype = parse_dtype(dtype)
+    auto = torch_dtype == "auto"
+    if auto:
+        torch_dtype = torch.float32  # measured from fp32, then cast
     if from_pretrained_kwargs.get("device_map", "") is None:  # callers may pass it through unset
         del from_pretrained_kwargs["device_map"]
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
@@ -204,6 +214,9 @@ def load(
     if "device_map" not in from_pretrained_kwargs:  # accelerate already placed the weights
         model.to(device)
     model.eval()
+    if auto:
+        chosen = choose(model, work, model_id=canonical, cache_file=root / "dtype-choices.json")
+        model.to(chosen)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = (
             tokenizer.eos_token

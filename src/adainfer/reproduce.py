@@ -116,7 +116,7 @@ def run_reproduce(
     seed: int = 0,
     batch_size: int = 8,
     max_batch_tokens: int | None = MAX_BATCH_TOKENS,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str = "cpu",
     device_map=None,
     data_dir: str | Path | None = None,
@@ -154,6 +154,8 @@ def run_reproduce(
     if world > 1 and device.startswith("cuda") and ":" not in device:  # one GPU per rank
         device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
     lm, tok = load(model, dtype=dtype, device=device, device_map=device_map)
+    config.update(dtype=str(lm.dtype).removeprefix("torch."))  # what "auto" chose here
+    _check_resumable(out, config)
     engine = AdaptiveEngine(lm, tok)
     train, test = _queries(tok, config, data_dir)
     config.update(world_size=world)
@@ -240,7 +242,7 @@ def _check_resumable(out: Path, config: dict) -> None:
     changed = [
         f"--{k.replace('_', '-')} {old[k]} (now {config[k]})"
         for k in FIXED_ON_RESUME
-        if k in old and old[k] != config[k]
+        if k in old and old[k] != config[k] and config[k] != "auto"  # auto: checked once known
     ]
     if changed:
         raise ValueError(
