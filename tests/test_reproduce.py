@@ -123,7 +123,7 @@ def test_two_processes_give_the_same_results_as_one(model_dir, tmp_path):
         port,
         "-m",
         "adainfer.cli",
-        *args(model_dir, two),
+        *args(model_dir, two, "--dtype", "float32"),  # as the pinned in-process run
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

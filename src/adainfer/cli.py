@@ -69,7 +69,7 @@ def _check_cost(text: str) -> float | dict[int, float]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _model_args(p):
+def _model_args(p, work: str = "prefill"):
     p.add_argument(
         "--model",
         default="smollm2-135m",
@@ -78,10 +78,12 @@ def _model_args(p):
     )
     p.add_argument(
         "--dtype",
-        default="float32",
-        help="float32 (exact) or bfloat16 (1-2.4x faster on CPUs with bf16 support, measured in "
-        "results/bench) (default: %(default)s)",
+        default="auto",
+        help="float32 (exact), bfloat16, or auto: whichever runs this command's work "
+        f"({work}) faster on this machine, measured once per model and cached; bf16 can be "
+        "several times slower on CPUs without native bf16 (default: %(default)s)",
     )
+    p.set_defaults(work=work)
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument(
         "--device-map",
@@ -95,7 +97,13 @@ def _load(args):
     """Load the model the way the command line asked for."""
     from .models import load
 
-    return load(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map)
+    return load(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        device_map=args.device_map,
+        work=args.work,
+    )
 
 
 def _task_args(p, n_train: bool):
@@ -597,7 +605,7 @@ def _generate_parser(sub):
         "next layer: greedy output is the plain model's token for token, and sampled output "
         "follows its distribution. Without it, plain decoding. A single prompt streams.",
     )
-    _model_args(p)
+    _model_args(p, "decode")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
     p.add_argument("--prompts-file", default=None, help=PROMPTS_FILE_HELP)
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
@@ -649,7 +657,7 @@ def _calibrate_exits_parser(sub):
         "differ from the full model's stays at or below --risk (measured teacher-forced on "
         "half the prompts). Use the file with `adainfer generate --exits`.",
     )
-    _model_args(p)
+    _model_args(p, "decode")
     p.add_argument("--prompts-file", default=None, help=PROMPTS_FILE_HELP)
     p.add_argument(
         "--python-prompts",
@@ -716,7 +724,7 @@ def _plan_drafts_parser(sub):
         "setting with the most tokens per second, or plain decoding where nothing beats it by "
         "--margin. Use the plan with `adainfer generate --draft-plan`.",
     )
-    _model_args(p)
+    _model_args(p, "decode")
     p.add_argument("--prompts-file", required=True, help=PROMPTS_FILE_HELP)
     p.add_argument("--batch-size", type=_int_at_least(1), default=1, help="(default: 1)")
     p.add_argument(

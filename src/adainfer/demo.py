@@ -37,7 +37,7 @@ def run_demo(
     n_train: int = 40,
     n_test: int = 40,
     batch_size: int = 8,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str = "cpu",
     device_map=None,
     seed: int = 0,
@@ -74,7 +74,7 @@ def run_demo(
         layer_acc = layer_accuracy(engine, test, batch_size=batch_size, progress=progress)
         summary.update(
             model=getattr(lm, "adainfer_id", model),
-            dtype=dtype,
+            dtype=str(lm.dtype).removeprefix("torch."),
             tasks=list(tasks),
             shots=shots,
             n_train_per_task=n_train,

@@ -30,6 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .autodtype import choose
 from .files import read_json
 
 __all__ = [
@@ -146,7 +147,8 @@ def cache_root() -> Path:
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
-    """'float32'/'fp32', 'bfloat16'/'bf16', 'float16'/'fp16', 'auto' or a torch.dtype."""
+    """'float32'/'fp32', 'bfloat16'/'bf16', 'float16'/'fp16', 'auto' (measured: see
+    `load`) or a torch.dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
@@ -164,6 +166,7 @@ def load(
     device: str | torch.device = "cpu",
     cache_dir: str | os.PathLike | None = None,
     verify: bool | None = None,
+    work: str = "prefill",
     **from_pretrained_kwargs,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` ready for inference.
@@ -175,8 +178,14 @@ def load(
     The model gets ``model.adainfer_id``: a canonical id recorded as provenance.
     A converted (cached) model is checked against the manifest written at conversion: every
     file's size always, its sha256 too with ``verify=True`` (default: ``$ADAINFER_VERIFY=1``).
+    ``dtype="auto"``: bfloat16 or float32, whichever runs ``work`` ("prefill" or "decode")
+    faster on this machine (``adainfer.autodtype``: measured once per machine and model, cached
+    next to the converted models).
     """
     torch_dtype = parse_dtype(dtype)
+    auto = torch_dtype == "auto"
+    if auto:
+        torch_dtype = torch.float32  # measured from fp32, then cast
     if from_pretrained_kwargs.get("device_map", "") is None:  # callers may pass it through unset
         del from_pretrained_kwargs["device_map"]
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
@@ -224,6 +233,9 @@ def load(
     if "device_map" not in from_pretrained_kwargs:  # accelerate already placed the weights
         model.to(device)
     model.eval()
+    if auto:
+        chosen = choose(model, work, model_id=canonical, cache_file=root / "dtype-choices.json")
+        model.to(chosen)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = (
             tokenizer.eos_token

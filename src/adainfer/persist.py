@@ -241,8 +241,22 @@ _PLAN = Record(
         "held_out": bool,
         "expected_agreement": Number(finite=False, nan=True),
         "threshold": Optional(float),
+        # the risk the plan controls (checks.CheckPlan; absent in files from before it)
+        "risk": Optional(OneOf("consistency", "accuracy")),
+        "epsilon": Optional(Number(low=0, high=1)),
+        "delta": Optional(Number(low=0, high=1)),
+        "tested_on": Int(0),
+        "p_value": Optional(Number(low=0, high=1)),
     },
-    optional=("expected_agreement", "threshold"),
+    optional=(
+        "expected_agreement",
+        "threshold",
+        "risk",
+        "epsilon",
+        "delta",
+        "tested_on",
+        "p_value",
+    ),
     extra=False,
 )
 _DIGEST = Record(

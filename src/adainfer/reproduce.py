@@ -100,6 +100,17 @@ def _barrier(world):
         dist.barrier()
 
 
+def _same_dtype(dtype, world):
+    """Rank 0's dtype on every rank (one run must not mix bf16 and fp32 traces)."""
+    if world == 1:
+        return dtype
+    import torch.distributed as dist
+
+    chosen = [dtype]
+    dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]
+
+
 # ----------------------------------------------------------------------------- the run
 def run_reproduce(
     model: str = "smollm2-135m",
@@ -115,7 +126,7 @@ def run_reproduce(
     seed: int = 0,
     batch_size: int = 8,
     max_batch_tokens: int | None = MAX_BATCH_TOKENS,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str = "cpu",
     device_map=None,
     data_dir: str | Path | None = None,
@@ -156,6 +167,9 @@ def run_reproduce(
     # one run per folder: a second would number the same parts and overwrite this one's
     with OutputLock(out, rank=rank):
         lm, tok = load(model, dtype=dtype, device=device, device_map=device_map)
+        lm.to(_same_dtype(lm.dtype, world))  # "auto" measures per process: rank 0 decides
+        config.update(dtype=str(lm.dtype).removeprefix("torch."))
+        _check_resumable(out, config)
         engine = AdaptiveEngine(lm, tok)
         train, test = _queries(tok, config, data_dir)
         config.update(world_size=world)
@@ -242,7 +256,7 @@ def _check_resumable(out: Path, config: dict) -> None:
     changed = [
         f"--{k.replace('_', '-')} {old[k]} (now {config[k]})"
         for k in FIXED_ON_RESUME
-        if k in old and old[k] != config[k]
+        if k in old and old[k] != config[k] and config[k] != "auto"  # auto: checked once known
     ]
     if changed:
         raise ValueError(
