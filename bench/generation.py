@@ -45,8 +45,10 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import functools
 import gc
+import hashlib
 import json
 import os
 import re
@@ -67,7 +69,7 @@ import adainfer
 from adainfer import headroom as H
 from adainfer import timing
 from adainfer.arch import find_parts
-from adainfer.files import write_json, write_text_atomic
+from adainfer.files import write_atomic, write_json, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
@@ -390,7 +392,8 @@ def calibrate_exits(ctx, job: Job, *, risk: float) -> dict:
     for half, others in enumerate((prompts[split:], prompts[:split])):
         path = ctx.path.parent.parent / "exits" / f"{stem}-half{half}.json"
         if not path.is_file():
-            trace, costs = _exit_trace(ctx.model, ctx.tokenizer, tuple(others), job.batch)
+            traces = ctx.path.parent.parent / "exits" / ".traces"  # git-ignored, MBs each
+            trace, costs = _exit_trace(ctx.model, ctx.tokenizer, tuple(others), job.batch, traces)
             policy = TokenExitPolicy(risk=risk, cost_batch_size=job.batch)
             policy.model_ = getattr(ctx.model, "adainfer_id", job.name)
             policy.fit_trace(trace, costs).save(path)
@@ -406,13 +409,27 @@ def crossfit_split(n: int, batch: int) -> int:
 
 
 @functools.lru_cache(maxsize=2)
-def _exit_trace(model, tokenizer, prompts: tuple[str, ...], batch: int):
-    """A half's calibration trace and cost table, shared by the cell's risk levels."""
-    from adainfer.lossy import measure_exit_costs, trace_exits
+def _exit_trace(model, tokenizer, prompts: tuple[str, ...], batch: int, folder: Path):
+    """A half's calibration trace (kept in `folder`, so a restarted run does not decode the
+    prompts again) and its cost table at this batch size, shared by the cell's risk levels."""
+    from adainfer.lossy import ExitTrace, measure_exit_costs, trace_exits
 
-    trace = trace_exits(model, tokenizer, prompts, batch_size=8)
+    key = f"{getattr(model, 'adainfer_id', '')}|{model.dtype}|" + "\0".join(prompts)
+    path = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    if path.is_file():
+        with np.load(path) as stored:
+            trace = ExitTrace(**{name: stored[name] for name in stored.files})
+    else:
+        trace = trace_exits(model, tokenizer, prompts, batch_size=8)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, functools.partial(_save_npz, arrays=dataclasses.asdict(trace)))
     rows = [prompts[i % len(prompts)] for i in range(batch)]
     return trace, measure_exit_costs(model, tokenizer, rows, trace.vocab)
+
+
+def _save_npz(path, arrays: dict) -> None:
+    with open(path, "wb") as f:  # a file object: given a name, numpy would append .npz
+        np.savez(f, **arrays)
 
 
 def run_lossy(model, tokenizer, prompts, job: Job) -> Gen:

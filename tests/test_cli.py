@@ -386,3 +386,8 @@ def test_calibrate_exits_then_generate_lossy(model_dir, tmp_path, capsys):
     assert len(data["exit_layers"][0]) == len(data["tokens"][0])
     assert main(calibrate[:3] + ["--out", str(policy)]) == 2  # no prompts: one clear line
     assert "--python-prompts" in capsys.readouterr().err
+    strict = calibrate[:5] + ["--epsilon", "0.01", "--max-new-tokens", "4", "--batch-size", "2"]
+    assert main(strict + ["--out", str(policy)]) == 0  # a few tokens certify nothing at 1%
+    assert "needs at least 299 held-out tokens" in capsys.readouterr().out
+    assert main(strict + ["--delta", "0", "--out", str(policy)]) == 2
+    assert "delta is a probability" in capsys.readouterr().err

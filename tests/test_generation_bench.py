@@ -293,3 +293,11 @@ def test_crossfit_serves_each_half_a_policy_calibrated_on_the_other(bench, tmp_p
     assert data["settings"]["exit_calibration"] == "crossfit"
     with pytest.raises(SystemExit, match="at least 2 batches"):
         bench.crossfit_split(3, 2)
+    assert len(list((tmp_path / "exits" / ".traces").glob("*.npz"))) == 2
+    for f in (tmp_path / "exits").glob("*.json"):  # refit from the kept traces: no decoding
+        f.unlink()
+    (tmp_path / "bench" / "tiny-float32-b1.json").unlink()
+    bench._exit_trace.cache_clear()
+    traced.clear()
+    bench.main(argv, loader=_loader, tasks=tasks)
+    assert traced == [] and len(list((tmp_path / "exits").glob("*.json"))) == 2

@@ -135,10 +135,33 @@ def test_threshold_holds_the_held_out_risk(risk):
     loose = TokenExitPolicy(risk=0.3, min_agreement=0.3, max_checks=6).fit_trace(trace)
     assert loose.calibration_["mean_exit_layer"] <= report["mean_exit_layer"]
     assert policy.risk == risk and policy.max_checks == 6  # fit keeps the parameters
-    assert report["changed_share"] <= report["changed_bound"] <= risk
-    point = TokenExitPolicy(risk=risk, min_agreement=0.3, max_checks=6, confidence=None)
+    if policy.layers_:  # accepted by Learn-then-Test: its p-value is within delta
+        assert report["p_value"] <= policy.delta and report["accepted"] >= 1
+    point = TokenExitPolicy(risk=risk, min_agreement=0.3, max_checks=6, delta=None)
     point.fit_trace(trace)
     assert point.calibration_["mean_exit_layer"] <= report["mean_exit_layer"]
+
+
+def test_too_few_held_out_tokens_certify_nothing():
+    """With n held-out tokens no plan passes at risk epsilon unless (1 - epsilon)^n <= delta."""
+    from adainfer.risk import min_queries
+
+    trace = synthetic_trace(n=200)
+    held = int((trace.prompt % 2 == 1).sum())
+    assert held < min_queries(0.01, 0.05)
+    policy = TokenExitPolicy(risk=0.01, delta=0.05, min_agreement=0.3).fit_trace(trace)
+    assert policy.layers_ == [] and policy.calibration_["accepted"] == 0
+
+
+def test_files_from_before_learn_then_test_still_load(tmp_path):
+    policy = TokenExitPolicy(risk=0.2, min_agreement=0.3).fit_trace(synthetic_trace())
+    policy.save(tmp_path / "p.json")
+    data = json.loads((tmp_path / "p.json").read_text())
+    del data["params"]["delta"]
+    data["params"]["confidence"] = 0.9
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = TokenExitPolicy.load(tmp_path / "old.json")
+    assert old.delta == pytest.approx(0.1) and old.layers_ == policy.layers_
 
 
 def test_the_plan_weighs_measured_costs():
@@ -171,7 +194,8 @@ def test_fit_on_a_tiny_model_and_round_trip(tmp_path):
     assert set(measured.costs_) == {"layer", "head", "check", "propagate"}
     assert measured.calibration_["step_cost"] <= 1.0  # never planned slower than plain
     trace = trace_exits(model, tok, prompts, vocab_size=40, max_new_tokens=8, batch_size=2)
-    policy = TokenExitPolicy(risk=0.5, min_agreement=0.0, vocab_size=40).fit_trace(trace)
+    policy = TokenExitPolicy(risk=0.5, min_agreement=0.0, vocab_size=40, delta=None)
+    policy.fit_trace(trace)  # a few tokens certify nothing: the point estimate decides
     assert len(policy.vocab_) <= 40 and policy.layers_  # free checks: some layer pays
     path = tmp_path / "exits.json"
     policy.save(path)

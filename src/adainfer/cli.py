@@ -649,13 +649,16 @@ PROMPTS_FILE_HELP = (
 
 
 def _calibrate_exits_parser(sub):
+    from .risk import DELTA
+
     p = sub.add_parser(
         "calibrate-exits",
         help="calibrate lossy generation's per-token exits on unlabeled prompts",
         description="Greedy-decode the prompts with the full model, read every generated token "
         "at every layer, and fit where tokens may leave so that the share of tokens that "
-        "differ from the full model's stays at or below --risk (measured teacher-forced on "
-        "half the prompts). Use the file with `adainfer generate --exits`.",
+        "differ from the full model's (teacher-forced) is at most --epsilon, except with "
+        "probability --delta (Learn-then-Test on half the prompts; tokens are treated as "
+        "exchangeable). Use the file with `adainfer generate --exits`.",
     )
     _model_args(p, "decode")
     p.add_argument("--prompts-file", default=None, help=PROMPTS_FILE_HELP)
@@ -666,7 +669,19 @@ def _calibrate_exits_parser(sub):
         help="calibrate on this many code prompts built from the Python standard library's "
         "documented functions (label-free, no download; for code models)",
     )
-    p.add_argument("--risk", type=float, default=0.01, help="(default: %(default)s)")
+    p.add_argument(
+        "--epsilon",
+        "--risk",
+        type=float,
+        default=0.01,
+        help="share of tokens allowed to differ from the full model's (default: %(default)s)",
+    )
+    p.add_argument(
+        "--delta",
+        type=float,
+        default=DELTA,
+        help="chance that the calibrated share is above --epsilon after all (default: %(default)s)",
+    )
     p.add_argument(
         "--vocab-size",
         type=_int_at_least(2),
@@ -684,19 +699,20 @@ def cmd_calibrate_exits(args):
     from tqdm.auto import tqdm
 
     from .lossy import TokenExitPolicy
+    from .risk import check_level, min_queries
     from .taskdata import python_prompts, read_prompts
 
     if (args.prompts_file is None) == (args.python_prompts is None):
         raise ValueError("give either --prompts-file or --python-prompts N")
-    if not 0 <= args.risk < 1:
-        raise ValueError(f"--risk must be in [0, 1), got {args.risk}")
+    check_level(args.epsilon, args.delta)
     prompts = (
         read_prompts(args.prompts_file)
         if args.prompts_file
         else python_prompts(args.python_prompts)
     )
     model, tokenizer = _load(args)
-    policy = TokenExitPolicy(risk=args.risk, vocab_size=args.vocab_size).fit(
+    policy = TokenExitPolicy(args.epsilon, delta=args.delta, vocab_size=args.vocab_size)
+    policy.fit(
         model,
         tokenizer,
         prompts,
@@ -706,6 +722,13 @@ def cmd_calibrate_exits(args):
     )
     policy.save(args.out)
     c = policy.calibration_
+    if not policy.layers_:
+        print(
+            f"no exit plan passed the test on {c['tokens']} held-out tokens "
+            f"({c['accepted']} of {c['candidates']} candidates accepted, or none pays): the "
+            f"file decodes plainly. Certifying epsilon {args.epsilon} at delta {args.delta} "
+            f"needs at least {min_queries(args.epsilon, args.delta)} held-out tokens"
+        )
     print(
         f"wrote {args.out}: checks at layers {policy.layers_} of {policy.num_layers_}; on "
         f"{c['tokens']} held-out tokens {c['changed_share']:.2%} changed, mean exit layer "

@@ -15,11 +15,15 @@ cache.
 
 `TokenExitPolicy.fit` calibrates on unlabeled prompts: it greedy-decodes them with the full
 model, reads every generated token at every candidate layer (teacher-forced), trains the
-probes on half the prompts and picks the threshold on the other half so that the share of
-tokens whose exit-layer token differs from the full model's stays at or below `risk`. That
-share is measured teacher-forced; in free generation a changed token changes what follows,
-and propagated states are not the skipped layers' own, so the benchmark measures the real
-rate (the risk-control issue turns this estimate into a guarantee).
+probes on half the prompts and picks the check layers and threshold by Learn-then-Test
+(`adainfer.risk`) on the other half: every candidate (a subset of the check layers and a
+threshold) is ordered by its changed-token share on the probes' half, safest first, and
+tested in that order on the other half with an exact binomial p-value; the cheapest of the
+candidates accepted before the first that is not keeps P(changed share > `risk`) <= `delta`.
+The share is per token, teacher-forced, and the test treats tokens as exchangeable draws
+(tokens of one prompt are not independent, so the level is nominal); in free generation a
+changed token changes what follows, and propagated states are not the skipped layers' own, so
+the benchmark measures the real rate.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from .arch import UnsupportedModel
 from .files import write_json
 from .generation import Chooser, SelfSpeculativeDecoder, _Output, _Rows
 from .lens import LogitLens
+from .risk import DELTA, learn_then_test, order_by_risk, p_value
 from .schema import DictOf, Int, ListOf, Number, Optional, Record, check
 from .stepper import CACHE_ARGS, LayerOutput, LayerStepper, teacher_forced
 from .timing import interleaved, timed
@@ -224,11 +229,11 @@ class TokenExitPolicy:
 
     Parameters
     ----------
-    risk : the share of tokens allowed to differ from the full model's (teacher-forced, on
-        the held-out half of the calibration prompts).
-    confidence : the one-sided Clopper-Pearson upper bound on that share, at this level,
-        must stay within `risk` (None: the share itself); a margin for the held-out sample's
-        size, not for prompts unlike the calibration ones.
+    risk : epsilon, the share of tokens allowed to differ from the full model's
+        (teacher-forced, on prompts like the calibration ones).
+    delta : the chance, over the draw of the calibration prompts, that the plan's share is
+        above `risk` after all (Learn-then-Test on the held-out half; None: the held-out
+        share itself must be <= risk, no guarantee). Not a margin for other prompts.
     vocab_size : size of the shortlist the signal reads (the most frequent calibration tokens).
     min_agreement : a layer is a candidate only where the shortlist top-1 is the full
         model's token for at least this share of training tokens (earlier layers would cost
@@ -248,13 +253,13 @@ class TokenExitPolicy:
         min_agreement: float = 0.5,
         max_checks: int = 4,
         cost_batch_size: int = 1,
-        confidence: float | None = 0.9,
+        delta: float | None = DELTA,
         C: float = 1.0,
         seed: int = 0,
     ):
         self.risk, self.vocab_size = risk, vocab_size
         self.min_agreement, self.max_checks = min_agreement, max_checks
-        self.cost_batch_size, self.confidence = cost_batch_size, confidence
+        self.cost_batch_size, self.delta = cost_batch_size, delta
         self.C, self.seed = C, seed
 
     # -------------------------------------------------------------- fitting
@@ -288,19 +293,14 @@ class TokenExitPolicy:
         self.coef_ = np.array([w for w, _ in probes]).reshape(len(chosen), 3)
         self.intercept_ = np.array([b for _, b in probes])
         self.layers_ = [i + 1 for i in chosen]
-        scores = self._scores(trace.features[held][:, chosen])  # [N, C] logits
-        agree = trace.agree[held][:, chosen]
-        bound = _upper_bound(len(scores), self.confidence)
+        halves = [
+            _Half(self._scores(trace.features[m][:, chosen]), trace.agree[m][:, chosen])
+            for m in (train, held)
+        ]
         layers, self.threshold_, self.calibration_ = _plan(
-            scores,
-            agree,
-            self.layers_,
-            trace.num_layers,
-            self.risk,
-            trace.settled[held],
-            costs,
-            bound,
+            *halves, self.layers_, trace.num_layers, self.risk, self.delta, costs
         )
+        self.calibration_.update(_report(trace.settled[held], self.calibration_, trace.num_layers))
         keep = [self.layers_.index(x) for x in layers]
         self.layers_, self.coef_, self.intercept_ = layers, self.coef_[keep], self.intercept_[keep]
         return self
@@ -353,7 +353,7 @@ class TokenExitPolicy:
     def save(self, path) -> None:
         data = {
             "format": FORMAT,
-            "params": {k: getattr(self, k) for k in _PARAM_SPECS},
+            "params": {k: getattr(self, k) for k in _PARAM_SPECS if k != "confidence"},
             "model": self.model_,
             "num_layers": self.num_layers_,
             "layers": self.layers_,
@@ -381,7 +381,11 @@ class TokenExitPolicy:
                 f"{path} is not a readable adainfer token-exit policy ({err}); make one with "
                 "`adainfer calibrate-exits`"
             ) from None
-        policy = cls(**data["params"])
+        params = dict(data["params"])
+        if "confidence" in params:  # a file from before Learn-then-Test: its test's level
+            confidence = params.pop("confidence")
+            params.setdefault("delta", None if confidence is None else 1 - confidence)
+        policy = cls(**params)
         policy.model_, policy.layers_ = data["model"], list(data["layers"])
         policy.num_layers_ = data["num_layers"]
         policy.coef_ = np.asarray(data["coef"], dtype=np.float64).reshape(-1, 3)
@@ -415,7 +419,8 @@ _PARAM_SPECS = {
     "min_agreement": Number(low=0, high=1),
     "max_checks": Int(0),
     "cost_batch_size": Int(1),
-    "confidence": Optional(Number(low=0, high=1)),
+    "delta": Optional(Number(low=0, high=1)),
+    "confidence": Optional(Number(low=0, high=1)),  # files before Learn-then-Test
     "C": Number(low=0),
     "seed": int,
 }
@@ -464,44 +469,73 @@ class ExitCosts:
         )
 
 
-def _upper_bound(n: int, confidence: float | None) -> Callable[[int], float]:
-    """k changed tokens of n -> the bound held against the risk."""
-    if confidence is None:
-        return lambda k: k / n
-    from scipy.stats import beta
+@dataclass
+class _Half:
+    """One half of the calibration tokens: probe logits and whether each candidate layer's
+    shortlist top-1 is the full model's token, [N, C] each."""
 
-    return lambda k: 1.0 if k >= n else float(beta.ppf(confidence, k + 1, n - k))
+    scores: np.ndarray
+    agree: np.ndarray
+
+    def replay(self, subset, threshold, layers, num_layers, costs: ExitCosts):
+        """(changed [N], exit depth [N], passed [N], step cost [N]) of one candidate."""
+        sub, size = list(subset), len(subset)
+        exit_at = _first_pass(self.scores[:, sub], threshold)
+        changed = _changed(exit_at, self.agree[:, sub])
+        passed = exit_at < size
+        at = np.asarray([layers[c] for c in sub])
+        depth = np.where(passed, at[np.minimum(exit_at, size - 1)], num_layers)
+        checks = np.where(passed, exit_at + 1, size)
+        return changed, depth, passed, costs.step(depth, checks, passed, num_layers)
 
 
-def _plan(scores, agree, layers, num_layers, risk, settled, costs: ExitCosts, bound, grid=200):
-    """The check layers (a subset of the candidates) and the one probe threshold that make a
-    step cheapest on the held-out tokens while their changed-token count's `bound` stays <=
-    risk; no checks at all (plain decoding) when nothing beats it."""
-    plain = np.full(len(scores), num_layers)
-    best = (1.0, [], float("inf"), plain, np.zeros(len(scores), bool), np.zeros(len(scores), bool))
+def _plan(train: _Half, held: _Half, layers, num_layers, epsilon, delta, costs, grid=100):
+    """The check layers (a subset of the candidates) and probe threshold that make a step
+    cheapest on the held-out tokens among the candidates Learn-then-Test accepts there, in the
+    order of their changed share on the training tokens (see the module doc); no checks at all
+    (plain decoding) when none is accepted or none beats a plain step."""
+    candidates, estimated, later = [], [], []
     for size in range(1, len(layers) + 1):
         for subset in combinations(range(len(layers)), size):
-            sub, ok = scores[:, subset], agree[:, subset]
-            at = np.asarray([layers[c] for c in subset])
-            for t in np.unique(np.quantile(sub, np.linspace(0, 1, grid)))[::-1]:  # strict first
-                exit_at = _first_pass(sub, t)
-                changed = _changed(exit_at, ok)
-                if bound(int(changed.sum())) > risk:
-                    break
-                passed = exit_at < size
-                depth = np.where(passed, at[np.minimum(exit_at, size - 1)], num_layers)
-                checks = np.where(passed, exit_at + 1, size)
-                cost = costs.step(depth, checks, passed, num_layers).mean()
-                if cost < best[0]:
-                    best = (cost, [layers[c] for c in subset], float(t), depth, changed, passed)
-    cost, chosen, threshold, depth, changed, passed = best
-    report = _report(depth, changed, settled, num_layers)
-    report.update(
-        head_skipped_share=float(passed.mean()),
-        changed_bound=bound(int(changed.sum())),
-        step_cost=float(cost),
-    )
-    return chosen, threshold, report
+            scores = train.scores[:, list(subset)]
+            for t in np.unique(np.quantile(scores, np.linspace(0, 1, grid))):
+                changed, depth, _, _ = train.replay(subset, t, layers, num_layers, costs)
+                candidates.append((subset, float(t)))
+                estimated.append(changed.mean())
+                later.append(depth.mean())
+    n = len(held.scores)
+    replays = [held.replay(c, t, layers, num_layers, costs) for c, t in candidates]
+    losses = np.array([r[0].sum() for r in replays])
+    if epsilon <= 0 or not candidates:
+        accepted = np.array([], dtype=int)
+    elif delta is None:
+        accepted = np.flatnonzero(losses <= epsilon * n)
+    else:
+        order = order_by_risk(estimated, later)
+        accepted = learn_then_test(losses, n, order, epsilon, delta)
+    step = {i: float(replays[i][3].mean()) for i in accepted}
+    best = min(step, key=step.get, default=None)
+    report = {"candidates": len(candidates), "accepted": int(len(accepted)), "tokens": n}
+    if best is None or step[best] >= 1.0:  # a plain step costs 1
+        plain = np.full(n, num_layers)
+        none = np.zeros(n, dtype=bool)
+        return [], float("inf"), {**report, **_outcome(plain, none, none, 1.0, num_layers)}
+    subset, threshold = candidates[best]
+    changed, depth, passed, _ = replays[best]
+    p = None if delta is None else float(p_value(losses[best], n, epsilon))
+    outcome = _outcome(depth, changed, passed, step[best], num_layers)
+    return [layers[c] for c in subset], threshold, {**report, **outcome, "p_value": p}
+
+
+def _outcome(depth, changed, passed, step_cost, num_layers: int) -> dict:
+    """What a plan does on the held-out tokens (step cost in plain steps)."""
+    return {
+        "changed_share": float(np.mean(changed)) if len(changed) else 0.0,
+        "mean_exit_layer": float(depth.mean()) if len(depth) else float(num_layers),
+        "exited_share": float((depth < num_layers).mean()) if len(depth) else 0.0,
+        "head_skipped_share": float(passed.mean()) if len(passed) else 0.0,
+        "step_cost": float(step_cost),
+    }
 
 
 def _first_pass(scores: np.ndarray, threshold: float) -> np.ndarray:
@@ -516,15 +550,11 @@ def _changed(exit_at: np.ndarray, agree: np.ndarray) -> np.ndarray:
     return left & ~got.astype(bool)
 
 
-def _report(depth, changed, settled, L: int) -> dict:
-    """What the threshold does on the held-out tokens, next to the per-token oracle."""
+def _report(settled, outcome: dict, L: int) -> dict:
+    """The plan's layer saving next to the per-token oracle's (free checks, known answers)."""
     oracle = float((L - settled).mean())
-    saved = float((L - depth).mean())
+    saved = L - outcome["mean_exit_layer"]
     return {
-        "tokens": int(len(depth)),
-        "changed_share": float(np.mean(changed)) if len(changed) else 0.0,
-        "mean_exit_layer": float(depth.mean()),
-        "exited_share": float((depth < L).mean()),
         "oracle_mean_settled": float(settled.mean()),
         "share_of_oracle_saving": saved / oracle if oracle > 0 else float("nan"),
     }
