@@ -50,6 +50,7 @@ import functools
 import gc
 import hashlib
 import json
+import math
 import os
 import re
 import string
@@ -402,10 +403,13 @@ def calibrate_exits(ctx, job: Job, *, risk: float) -> dict:
 
 
 def crossfit_split(n: int, batch: int) -> int:
-    """Where the evaluated prompts are cut in two: near the middle, at a batch boundary."""
-    if n < 2 * batch:
+    """Where the evaluated prompts are cut in two: near the middle, at a batch boundary, and
+    where there are enough at a multiple of 8 too, so the cells of batch sizes 1 to 8 share
+    the cut and its calibration traces."""
+    unit = math.lcm(batch, 8) if n >= 2 * math.lcm(batch, 8) else batch
+    if n < 2 * unit:
         raise SystemExit(f"crossfit calibration needs at least 2 batches of prompts, got {n}")
-    return n // 2 // batch * batch
+    return n // 2 // unit * unit
 
 
 @functools.lru_cache(maxsize=2)

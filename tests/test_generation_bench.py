@@ -293,6 +293,7 @@ def test_crossfit_serves_each_half_a_policy_calibrated_on_the_other(bench, tmp_p
     assert data["settings"]["exit_calibration"] == "crossfit"
     with pytest.raises(SystemExit, match="at least 2 batches"):
         bench.crossfit_split(3, 2)
+    assert bench.crossfit_split(164, 1) == bench.crossfit_split(164, 8) == 80
     assert len(list((tmp_path / "exits" / ".traces").glob("*.npz"))) == 2
     for f in (tmp_path / "exits").glob("*.json"):  # refit from the kept traces: no decoding
         f.unlink()
