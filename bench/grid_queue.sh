@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The generation grid of issue 15 (results/generation/grid), cell after cell, 1 torch thread a
+# cell. Two lanes share the cells so that two cores each run one; every cell resumes where it
+# stopped, so after an interruption rerun the same lanes:
+#   nohup bench/grid_queue.sh a > grid-a.log 2>&1 &
+#   nohup bench/grid_queue.sh b > grid-b.log 2>&1 &
+# Lane b waits until lane a's first cell has written the crossfit calibration (the same cut and
+# traces serve batch 1 and 8), rather than decoding the same prompts twice at once.
+# WARNING: --execute runs model-written code (HumanEval's harness); see bench/generation.py.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-results/generation/grid}
+METHODS=plain,hf-early-exit,lossless-planned,lossy@1%,lossy@5%
+cell() {  # model dtype batch-sizes [extra flags]
+    local model=$1 dtype=$2 batches=$3
+    shift 3
+    OMP_NUM_THREADS=1 PYTHONPATH=src $PY bench/generation.py --models "$model" --dtypes "$dtype" \
+        --batch-sizes "$batches" --methods "$METHODS" --threads 1 --execute --out-dir "$OUT" "$@"
+}
+case ${1:-} in
+a)
+    cell qwen2.5-0.5b bfloat16 8
+    cell smollm2-135m bfloat16 1,8
+    cell qwen2.5-0.5b float32 1,8 --limit 40
+    ;;
+b)
+    until [ "$(ls "$OUT"/exits/qwen2.5-0.5b-bfloat16-b8-risk*-half*.json 2>/dev/null | wc -l)" -ge 4 ]; do
+        sleep 60
+    done
+    cell qwen2.5-0.5b bfloat16 1
+    cell gemma3-270m bfloat16 1,8
+    cell qwen2.5-1.5b bfloat16 1,8 --limit 40
+    ;;
+*)
+    echo "usage: $0 a|b" >&2
+    exit 2
+    ;;
+esac
