@@ -168,13 +168,20 @@ class AdaptiveEngine:
         return tuple(range(self.min_layer, self.num_layers + 1, self.stride))
 
     # ---------------------------------------------------------------- tokenization
-    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    def encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Left-padded model inputs for prompts given as strings or as token ids (lists of
+        ints, already tokenized: lm-eval scores continuations token by token)."""
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, not one string")
         for i, p in enumerate(prompts):
-            if not isinstance(p, str) or not p.strip():
+            if not (p.strip() if isinstance(p, str) else len(p)):
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+        if all(isinstance(p, str) for p in prompts):
+            enc = self.tokenizer(
+                list(prompts), return_tensors="pt", padding=True, padding_side="left"
+            )
+        else:
+            enc = _left_padded(prompts, self.tokenizer.pad_token_id)
         lengths = enc["attention_mask"].sum(-1)
         limit = context_length(self.model.config)
         if limit is not None and int(lengths.max()) > limit:
@@ -207,7 +214,8 @@ class AdaptiveEngine:
         choices: Sequence[Sequence[int]] | None = None,
         fast_path: bool = True,
     ) -> ExitResult:
-        """One batch. `features` defaults to what the policy needs; `gold` feeds the oracle;
+        """One batch of prompts (strings, or token-id lists: `encode`). `features` defaults to
+        what the policy needs; `gold` feeds the oracle;
         `choices` (token ids per row, empty for open answers) records the best choice at every
         checked layer. With no check to make, the plain forward runs (`fast_path=False` keeps
         the hooked path, to measure its overhead)."""
@@ -354,6 +362,19 @@ class _Outputs:
             shortlist_size=engine.shortlist or 0,
             num_confirms=self.num_confirms.numpy(),
         )
+
+
+def _left_padded(ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Token-id rows padded on the left, as the tokenizer pads text for the engine."""
+    if any(isinstance(p, str) for p in ids):
+        raise TypeError("prompts must be all strings or all token-id lists, not a mix")
+    width = max(len(p) for p in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, p in enumerate(ids):
+        input_ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
 
 
 def _choice_ids(choices, size: int) -> torch.Tensor | None:
