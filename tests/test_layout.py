@@ -130,6 +130,7 @@ FLOORS = [
             "pipeline",
             "demo",
             "headroom",
+            "lmeval",
         },
     ),
     ("command line and package", {"cli", "adainfer"}),
