@@ -4,6 +4,7 @@ losslessly, reporting its costs, and the shipped task configs reading the local 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -196,6 +197,20 @@ def test_shipped_configs_render_adainfer_evals_prompts(task, benchmark):
         choices = loaded.doc_to_choice(doc) if loaded.OUTPUT_TYPE == "multiple_choice" else None
         assert prompt in gold, prompt
         assert (choices[target] if choices else target) == gold[prompt]
+
+
+@needs_data
+@pytest.mark.parametrize("task", ["adainfer_sst2", "adainfer_sst2_top1"])
+def test_few_shot_prompts_follow_the_papers_template(task):
+    """Demonstrations read `Q: {x}\nA: {y}\n\n`, one space after `A:`, in both scorings."""
+    manager = TaskManager(include_path=str(task_dir(SHARED_DATA)), include_defaults=False)
+    loaded = manager.load([task])["tasks"][task]
+    loaded.set_config(key="num_fewshot", value=3)
+    loaded.set_fewshot_seed(seed=0)
+    doc = next(iter(loaded.eval_docs))
+    context = loaded.fewshot_context(doc, num_fewshot=3)
+    shot = r"Q: [^\n]+\nA: (negative|positive)\n\n"
+    assert re.fullmatch(f"({shot}){{3}}Q: [^\n]+\nA:", context), context
 
 
 @needs_data
