@@ -230,6 +230,17 @@ def test_command_line_runs_lm_eval_and_prints_the_report(saved_tiny, tmp_path, c
     assert np.isfinite(saved["config"]["adainfer"]["loglikelihood"]["time_vs_plain"])
 
 
+def test_command_line_help_shows_ours_then_lm_evals(capsys):
+    from adainfer.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["lm-eval", "--help"])
+    assert e.value.code == 0
+    shown = capsys.readouterr()
+    assert "--model adainfer" in shown.out and "usage: lm-eval run" in shown.out
+    assert "not adding" not in shown.err  # no data dir needed to read the help
+
+
 def test_never_exit_is_the_default_policy():
     model, tok = tiny_model("llama")
     assert isinstance(AdaInferLM(pretrained=model, tokenizer=tok, policy="none").policy, NeverExit)

@@ -729,11 +729,12 @@ def cmd_lm_eval(args):
     import lm_eval.__main__ as harness
 
     rest = list(args.rest)
-    if "-h" in rest or "--help" in rest:
+    asked_help = "-h" in rest or "--help" in rest
+    if asked_help:
         print(LM_EVAL_HELP)
     if not _given(rest, "--model", "-M"):
         rest = ["--model", "adainfer", *rest]
-    if not _given(rest, "--include_path"):
+    if not _given(rest, "--include_path") and not asked_help:
         try:
             rest += ["--include_path", str(task_dir(args.data_dir))]
         except FileNotFoundError as e:  # lm-eval's own tasks need no data dir
