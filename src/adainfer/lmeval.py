@@ -159,14 +159,17 @@ class AdaInferLM(TemplateLM):
         if not requests:
             return []
         tasks = self._tasks if len(self._tasks) == len(requests) else ["?"] * len(requests)
-        inputs = {}  # model input (context + continuation[:-1]) -> continuation length, tasks
-        keyed = []
+        inputs, keyed = {}, []  # model input (context + continuation[:-1]) -> _Input
         for (_, context, continuation), task in zip(requests, tasks):
             whole = (context + continuation)[-(self.max_length + 1) :]
             key = tuple(whole[:-1])
-            n, seen = inputs.get(key, (0, set()))
-            inputs[key] = (max(n, len(continuation)), seen | {task})
+            found = inputs.setdefault(key, _Input())
+            found.n, found.tasks = max(found.n, len(continuation)), found.tasks | {task}
             keyed.append((key, continuation))
+        for key, continuation in keyed:  # the tokens asked of each scored position
+            found = inputs[key]
+            for j, token in enumerate(continuation, found.n - len(continuation)):
+                found.wanted.setdefault(j, set()).add(token)
         batches = list(
             Collator(list(inputs), sort_fn=lambda k: -len(k)).get_batched(self.batch_size)
         )
@@ -215,11 +218,11 @@ class AdaInferLM(TemplateLM):
         inputs that share a prefix (choices of one question) share its prefill."""
         prefixes = {}  # row -> (input, position among its last n)
         for key in batch:
-            n = inputs[key][0]
+            n = inputs[key].n
             for j in range(n):
                 prefixes.setdefault(key[: len(key) - n + 1 + j], []).append((key, j))
         order = sorted(prefixes, key=len, reverse=True)
-        found = {key: [None] * inputs[key][0] for key in batch}
+        found = {key: [None] * inputs[key].n for key in batch}
         unique, seconds = [], 0.0
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
@@ -228,13 +231,16 @@ class AdaInferLM(TemplateLM):
             flops = result_ratios(result, self.engine.parts, self.policy)
             logprobs = torch.log_softmax(result.logits, dim=-1)
             for r, prefix in enumerate(chunk):
+                # only the tokens asked of this row: a whole-vocabulary row per prefill would
+                # hold gigabytes over a large task
+                asked = set().union(*(inputs[key].wanted.get(j, ()) for key, j in prefixes[prefix]))
                 row = _Row(
-                    logprob=logprobs[r].numpy(),
+                    logprob={t: float(logprobs[r, t]) for t in asked},
                     top1=int(result.top1[r]),
                     exit_layer=int(result.exit_layer[r]),
                     flops_ratio=float(flops["flops_ratio"][r]),
                     true_flops_ratio=float(flops["true_flops_ratio"][r]),
-                    tasks=set().union(*(inputs[key][1] for key, _ in prefixes[prefix])),
+                    tasks=set().union(*(inputs[key].tasks for key, _ in prefixes[prefix])),
                 )
                 unique.append(row)
                 for key, j in prefixes[prefix]:
@@ -246,13 +252,13 @@ class AdaInferLM(TemplateLM):
         """(seconds, {input: plain top-1 per scored position}): one plain forward per input,
         reading only the positions scored (lm-eval's `hf` model reads them all)."""
         enc = self.engine.encode([list(k) for k in batch])
-        keep = max(inputs[k][0] for k in batch)
+        keep = max(inputs[k].n for k in batch)
         start = time.perf_counter()
         logits = self.model(**enc, use_cache=False, logits_to_keep=keep).logits
         synchronize()
         seconds = time.perf_counter() - start
         top1 = logits.argmax(-1).cpu()
-        return seconds, {k: top1[i, keep - inputs[k][0] :].tolist() for i, k in enumerate(batch)}
+        return seconds, {k: top1[i, keep - inputs[k].n :].tolist() for i, k in enumerate(batch)}
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         raise NotImplementedError(
@@ -371,6 +377,14 @@ class AdaInferLM(TemplateLM):
 
 
 # ---------------------------------------------------------------------------- one row's outcome
+class _Input:
+    """A model input to score: its last `n` positions, the tokens asked of each (`wanted`,
+    by position among them) and the lm-eval tasks asking."""
+
+    def __init__(self):
+        self.n, self.tasks, self.wanted = 0, set(), {}
+
+
 class _Row:
     """One early-exit prefill: its next-token log-probabilities and what it cost."""
 
