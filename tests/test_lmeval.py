@@ -13,6 +13,7 @@ import pytest
 import torch
 from tokenizers import AddedToken
 
+import adainfer
 from adainfer.policies import GapThreshold, NeverExit
 from conftest import SHARED_DATA, char_tokenizer, tiny_model
 
@@ -92,6 +93,24 @@ def test_generation_is_the_plain_models_greedy_text():
     assert gen["agreement_with_plain"] == 1.0 and gen["mean_exit_layer"] == 4
     assert gen["flops_ratio"] == gen["true_flops_ratio"] == 1.0  # plain decoding: the model's own
     assert list(gen["per_task"]) == ["t"]
+
+
+def test_lossy_generation_reports_each_tokens_exit():
+    from test_lossy import forced
+
+    model, tok = tiny_model("qwen2")
+    exits = forced(model, 3)  # every generated token after the first leaves at layer 3
+    lm = AdaInferLM(pretrained=model, tokenizer=tok, mode="lossy", exits=exits, batch_size=2)
+    settings = {"until": ["zz"], "max_gen_toks": 5, "do_sample": False}
+    args = [(p, settings) for p in ["Q: abc\nA:", "hello", "x y z"]]
+    texts = lm.generate_until(requests("generate_until", args))
+    expected = adainfer.generate(model, tok, [a[0] for a in args], exits=exits, max_new_tokens=5)
+    assert texts == expected.texts
+    gen = lm.report()["generate_until"]
+    assert gen["mean_exit_layer"] == pytest.approx(expected.mean_exit_layer)
+    assert gen["mean_exit_layer"] < 4 and gen["flops_ratio"] < 1
+    assert gen["true_flops_ratio"] is None  # the lossy decoder does not count its checks
+    assert gen["tokens"] == sum(len(t) for t in expected.tokens)
 
 
 def test_bad_model_arguments_say_what_to_fix():

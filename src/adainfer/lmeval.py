@@ -107,7 +107,7 @@ class AdaInferLM(TemplateLM):
             dtype=str(self.model.dtype).removeprefix("torch."),
             policy=None if _none(policy) else str(policy),
             mode=self.mode,
-            exits=None if exits is None else str(exits),
+            exits=None if exits is None else str(exits) if _is_path(exits) else "given",
             draft_plan=None if draft_plan is None else str(draft_plan),
             batch_size=self.batch_size,
         )
@@ -543,6 +543,10 @@ def _none(value) -> bool:
     return value is None or (isinstance(value, str) and value.lower() in ("", "none", "plain"))
 
 
+def _is_path(value) -> bool:
+    return isinstance(value, (str, os.PathLike))
+
+
 def _flag(value) -> bool:
     if isinstance(value, str):
         return value.lower() in ("1", "true", "yes")
@@ -580,7 +584,9 @@ def _decoding(mode, exits, draft_plan):
             )
         from .lossy import TokenExitPolicy
 
-        return mode, TokenExitPolicy.load(exits), None
+        if _is_path(exits):
+            exits = TokenExitPolicy.load(exits)
+        return mode, exits, None
     if exits is not None:
         raise ValueError("exits= makes generation lossy: pass mode=lossy to mean it")
     if draft_plan is None:
