@@ -64,7 +64,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, StoppingCriteriaList
 
 import adainfer
 from adainfer import headroom as H
@@ -230,22 +230,6 @@ class Unsupported(Exception):
     """A method cannot run in this cell (e.g. HF's assisted generation at batch > 1)."""
 
 
-class StopInText(StoppingCriteria):
-    """Stops a row once its new text holds a stop string anywhere. HF's own `stop_strings`
-    does not do for assisted decoding: it reaches the early-exit assistant's `generate`
-    without a tokenizer and raises, and it looks only at the end of the text, so a stop string
-    completed inside an accepted block is missed and decoding runs on to max_new_tokens
-    (huggingface/transformers#48039). Both HF methods use this one, so they stop alike."""
-
-    def __init__(self, tokenizer, stops: Sequence[str], prompt_length: int):
-        self.tokenizer, self.stops, self.start = tokenizer, tuple(stops), prompt_length
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
-        done = [any(s in t for s in self.stops) for t in texts]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
 def _hf_generate(model, tokenizer, prompts, job: Job, **extra) -> Gen:
     """Greedy `model.generate` (whatever the model's generation config says), left-padded, the
     stop strings checked by `StopInText`."""
@@ -262,7 +246,9 @@ def _hf_generate(model, tokenizer, prompts, job: Job, **extra) -> Gen:
         **extra,
     )
     length = enc["input_ids"].shape[1]
-    stopping = StoppingCriteriaList([StopInText(tokenizer, job.stops, length)] if job.stops else [])
+    stopping = StoppingCriteriaList(
+        [H.StopInText(tokenizer, job.stops, length)] if job.stops else []
+    )
     out = model.generate(
         input_ids=enc["input_ids"],
         attention_mask=enc["attention_mask"],

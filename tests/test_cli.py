@@ -20,6 +20,14 @@ def test_every_command_explains_itself(command, capsys):
     assert len(capsys.readouterr().out) > 300
 
 
+def test_unknown_options_are_refused_except_lm_evals(capsys):
+    # main() parses known arguments only, so that `lm-eval` can pass its options on
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--task", "capitalize", "--policy", "gap", "--out", "x", "--bogus", "1"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --bogus 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -124,7 +124,20 @@ def test_min_layer_and_stride_limit_checks():
     assert np.flatnonzero(checked).tolist() == [1, 3, 5]
 
 
-@pytest.mark.parametrize("bad", [[""], ["ok", "   "]])
+def test_token_id_prompts_run_as_their_text():
+    model, tok = tiny_model("gpt2")
+    engine = AdaptiveEngine(model, tok)
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    policy = GapThreshold(0.0025)  # stops two rows at layer 1: the exit layers must agree too
+    text, tokens = engine.run(PROMPTS, policy), engine.run(ids, policy)
+    assert tokens.exit_layer.tolist() == text.exit_layer.tolist() == [1, 1, 4, 4]
+    assert tokens.top1.tolist() == text.top1.tolist()
+    torch.testing.assert_close(tokens.logits, text.logits)
+    with pytest.raises(TypeError, match="not a mix"):
+        engine.run([PROMPTS[0], ids[1]], policy)
+
+
+@pytest.mark.parametrize("bad", [[""], ["ok", "   "], [[]]])
 def test_empty_prompt_is_a_clear_error(bad):
     engine = AdaptiveEngine(*tiny_model("llama"))
     with pytest.raises(ValueError, match="empty"):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from tokenizers import decoders
 
+from adainfer.headroom import StopInText
 from conftest import char_tokenizer, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,8 +196,8 @@ def test_hf_stop_criterion_finds_a_stop_anywhere_in_the_new_text(bench):
     tok = char_tokenizer()
     tok.backend_tokenizer.decoder = decoders.Fuse()
     rows = torch.tensor([tok("xx|defab")["input_ids"], tok("|dexxxxx")["input_ids"]])
-    assert bench.StopInText(tok, ["|def"], 0)(rows, None).tolist() == [True, False]
-    assert bench.StopInText(tok, ["xx"], 2)(rows, None).tolist() == [False, True]  # new text only
+    assert StopInText(tok, ["|def"], 0)(rows, None).tolist() == [True, False]
+    assert StopInText(tok, ["xx"], 2)(rows, None).tolist() == [False, True]  # new text only
 
 
 def test_scores_f1_and_executes_only_when_asked(bench, monkeypatch):

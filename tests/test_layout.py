@@ -133,6 +133,7 @@ FLOORS = [
             "pipeline",
             "demo",
             "headroom",
+            "lmeval",
         },
     ),
     ("command line and package", {"cli", "adainfer"}),

@@ -11,7 +11,8 @@ The modules stand on floors; each imports only from its own floor or below:
   lossy (token by token, every token leaving at its own layer; TokenExitPolicy);
   drafting (DraftPlanner: whether and how to draft, measured);
 - evaluate, bench, reproduce: collect, summary, evaluate, bench, reproduce, report,
-  pipeline, demo, headroom;
+  pipeline, demo, headroom, lmeval (the lm-evaluation-harness model; imports lm_eval, so
+  nothing here imports it);
 - the command line: cli.
 """
 

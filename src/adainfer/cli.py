@@ -305,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         _generate_parser,
         _calibrate_exits_parser,
         _plan_drafts_parser,
+        _lm_eval_parser,
     ):
         add_parser(sub)
     return parser
@@ -763,6 +764,75 @@ def _plan_drafts_parser(sub):
     p.add_argument("--out", required=True, help="the plan file to write (JSON)")
 
 
+LM_EVAL_HELP = """\
+Everything after `lm-eval` goes to lm-evaluation-harness's own command line (`lm-eval run`;
+its options follow below), with the adainfer model registered and these defaults:
+  --model adainfer       unless --model is given
+  --include_path DIR     the task configs shipped with adainfer, reading --data-dir, unless
+                         --include_path is given: adainfer_sst2, adainfer_sst2_top1 (the
+                         paper's whole-vocabulary top-1), adainfer_mmlu (4 subjects),
+                         adainfer_commonsense_qa, adainfer_squad (generation); tag `adainfer`
+adainfer's own option:
+  --data-dir DIR         local benchmark data (layout of shared/data); default
+                         $ADAINFER_DATA_DIR, else ../shared/data from the current directory
+Model args (--model_args key=value,...): pretrained (alias, folder, .gguf or hub id), policy
+(a policy file from `adainfer fit`; none: the plain model), mode (lossless|lossy, for
+generation), exits (for lossy), draft_plan, dtype, device, compare_plain, allow_other_model.
+After lm-eval's tables it prints adainfer's: mean exit layer, FLOPs ratios, time and answers
+against the plain Hugging Face model on the same requests (also saved in the results JSON
+under config.adainfer).
+
+Example (offline, the bundled SmolLM2):
+  adainfer lm-eval --model_args pretrained=smollm2-135m,policy=svm.safetensors \\
+      --tasks adainfer_sst2_top1 --num_fewshot 5 --limit 50 --batch_size 8
+"""
+
+
+def _lm_eval_parser(sub):
+    # add_help=False: --help and every other unknown option go on to lm-eval's parser
+    p = sub.add_parser(
+        "lm-eval",
+        add_help=False,
+        help="lm-evaluation-harness with the adainfer model and offline task configs "
+        "(`adainfer lm-eval --help`)",
+    )
+    p.add_argument("--data-dir", default=None)
+
+
+def cmd_lm_eval(args):
+    try:
+        from .lmeval import REPORTS, report_table, task_dir
+    except ImportError as e:
+        raise ValueError(
+            f"lm-eval is not installed ({e}): pip install 'adainfer[lmeval]'"
+        ) from None
+    import lm_eval.__main__ as harness
+
+    rest = list(args.rest)
+    asked_help = "-h" in rest or "--help" in rest
+    if asked_help:
+        print(LM_EVAL_HELP)
+    if not _given(rest, "--model", "-M"):
+        rest = ["--model", "adainfer", *rest]
+    if not _given(rest, "--include_path") and not asked_help:
+        try:
+            rest += ["--include_path", str(task_dir(args.data_dir))]
+        except FileNotFoundError as e:  # lm-eval's own tasks need no data dir
+            print(f"adainfer lm-eval: not adding the shipped task configs: {e}", file=sys.stderr)
+    done = len(REPORTS)
+    argv, sys.argv = sys.argv, ["lm-eval", *rest]
+    try:
+        harness.cli_evaluate()  # reads sys.argv, as the `lm-eval` command does
+    finally:
+        sys.argv = argv
+    for report in REPORTS[done:]:
+        print(f"\n{report_table(report)}")
+
+
+def _given(args: list[str], *names: str) -> bool:
+    return any(a in names or a.startswith(tuple(f"{n}=" for n in names)) for a in args)
+
+
 def cmd_plan_drafts(args):
     import torch
     from tqdm.auto import tqdm
@@ -1063,13 +1133,19 @@ COMMANDS = {
     "eval": cmd_eval,
     "demo": cmd_demo,
     "reproduce": cmd_reproduce,
+    "lm-eval": cmd_lm_eval,
 }
 
 
 def main(argv=None) -> int:
     from .models import ModelNotAvailable
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "lm-eval":  # its options are lm-eval's, passed on as they are
+        args.rest = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
     )

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import DynamicCache, GenerationConfig
+from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from .arch import ModelParts, find_parts
 from .generation import eos_ids
@@ -55,6 +55,7 @@ from .stepper import LayerOutput, LayerStepper, encode, teacher_forced
 from .timing import interleaved, synchronize
 
 __all__ = [
+    "StopInText",
     "TokenTrace",
     "acceptance_by_depth",
     "decode_costs",
@@ -123,11 +124,30 @@ class TokenTrace:
         )
 
 
+class StopInText(StoppingCriteria):
+    """Stops a row once its new text holds a stop string anywhere, as adainfer's decoder does.
+    Hugging Face's own `stop_strings` needs a tokenizer whose vocabulary it can parse (a
+    character-level one makes it raise), reaches an assisted generation's early-exit assistant
+    without a tokenizer, and reads only the end of the text, so a stop string completed inside
+    an accepted block is missed (huggingface/transformers#48039)."""
+
+    def __init__(self, tokenizer, stops: Sequence[str], prompt_length: int):
+        self.tokenizer, self.stops, self.start = tokenizer, tuple(stops), prompt_length
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
+        done = [any(s in t for s in self.stops) for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.inference_mode()
-def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int):
+def greedy_generate(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int, stop_strings: Sequence[str] = ()
+):
     """Plain greedy decoding by `model.generate` (no sampling, no repetition penalty, whatever
-    the model's generation config says), left-padded. Returns the encoded prompts and, per
-    prompt, its generated token ids up to and including the first EOS."""
+    the model's generation config says), left-padded; a row also stops once its new text holds
+    one of `stop_strings`. Returns the encoded prompts and, per prompt, its generated token ids
+    up to and including the first EOS."""
     enc = encode(model, tokenizer, prompts)
     eos = eos_ids(model, tokenizer=tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
@@ -141,7 +161,11 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
         pad_token_id=pad,
     )
     inputs = {k: v for k, v in enc.items() if k != "position_ids"}  # generate derives them
-    out = model.generate(**inputs, generation_config=config)
+    length = enc["input_ids"].shape[1]
+    stop = [StopInText(tokenizer, stop_strings, length)] if stop_strings else []
+    out = model.generate(
+        **inputs, generation_config=config, stopping_criteria=StoppingCriteriaList(stop)
+    )
     new = out[:, enc["input_ids"].shape[1] :].cpu().tolist()
     generated = []
     for ids in new:

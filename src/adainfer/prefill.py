@@ -174,7 +174,9 @@ class AdaptiveEngine:
         return tuple(range(self.min_layer, self.num_layers + 1, self.stride))
 
     # ---------------------------------------------------------------- tokenization
-    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    def encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Left-padded model inputs for prompts given as strings or as token ids (lm-eval
+        scores continuations token by token, already tokenized)."""
         return encode(self.model, self.tokenizer, prompts)
 
     # ---------------------------------------------------------------- the run
@@ -190,7 +192,8 @@ class AdaptiveEngine:
         choices: Sequence[Sequence[int]] | None = None,
         fast_path: bool = True,
     ) -> ExitResult:
-        """One batch. `features` defaults to what the policy needs; `gold` feeds the oracle;
+        """One batch of prompts (strings, or token-id lists: `encode`). `features` defaults to
+        what the policy needs; `gold` feeds the oracle;
         `choices` (token ids per row, empty for open answers) records the best choice at every
         checked layer. With no check to make, the plain forward runs (`fast_path=False` keeps
         the hooked path, to measure its overhead)."""

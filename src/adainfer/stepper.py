@@ -299,18 +299,22 @@ class _RowCache:
         return getattr(self._cache, name)
 
 
-def encode(model, tokenizer, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+def encode(model, tokenizer, prompts) -> dict[str, torch.Tensor]:
     """A batch of prompts as every engine client feeds it: left-padded, on the model's device,
     with position ids from the mask as `generate` computes them (left padding must not shift
-    absolute positions, GPT-2 and OPT, and each row then equals itself run alone)."""
+    absolute positions, GPT-2 and OPT, and each row then equals itself run alone). Prompts are
+    strings, or token-id lists already tokenized."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, not one string")
     if not len(prompts):
         raise ValueError("no prompts given")
     for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
+        if not (p.strip() if isinstance(p, str) else len(p)):
             raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+    if all(isinstance(p, str) for p in prompts):
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+    else:
+        enc = _left_padded(prompts, tokenizer.pad_token_id)
     lengths = enc["attention_mask"].sum(-1)
     limit = context_length(model.config)
     if limit is not None and int(lengths.max()) > limit:
@@ -347,3 +351,16 @@ def teacher_forced(model, tokenizer, prompts: Sequence[str], generated: Sequence
     mask = torch.cat([enc["attention_mask"], torch.ones_like(gen)], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}, width
+
+
+def _left_padded(ids, pad_id: int) -> dict[str, torch.Tensor]:
+    """Token-id rows padded on the left, as the tokenizer pads text."""
+    if any(isinstance(p, str) for p in ids):
+        raise TypeError("prompts must be all strings or all token-id lists, not a mix")
+    width = max(len(p) for p in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, p in enumerate(ids):
+        input_ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
