@@ -131,7 +131,7 @@ def test_threshold_holds_the_held_out_risk(risk):
     policy = TokenExitPolicy(risk=risk, min_agreement=0.3, max_checks=6).fit_trace(trace)
     report = policy.calibration_
     assert report["changed_share"] <= risk
-    assert report["tokens"] == int((trace.prompt % 2 == 1).sum())
+    assert report["tokens"] == int((trace.prompt % 4 == 3).sum())  # tested on a quarter
     loose = TokenExitPolicy(risk=0.3, min_agreement=0.3, max_checks=6).fit_trace(trace)
     assert loose.calibration_["mean_exit_layer"] <= report["mean_exit_layer"]
     assert policy.risk == risk and policy.max_checks == 6  # fit keeps the parameters

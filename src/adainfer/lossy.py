@@ -276,7 +276,10 @@ class TokenExitPolicy:
 
     def fit_trace(self, trace: ExitTrace, costs: ExitCosts | None = None) -> TokenExitPolicy:
         """Probes on the even prompts' tokens; the check layers and threshold on the odd
-        prompts' tokens, planned against `costs` (None: only layers count, checks are free)."""
+        prompts' tokens, planned against `costs` (None: only layers count, checks are free):
+        the candidates ordered on half of the odd prompts, tested on the other half. (The
+        probes' own tokens cannot order them: the shortlist was built from those prompts, so
+        it never misses their tokens, while it misses some of any new prompt's.)"""
         if not 0 <= self.risk < 1:
             raise ValueError(f"risk must be in [0, 1), got {self.risk}")
         train, held = trace.prompt % 2 == 0, trace.prompt % 2 == 1
@@ -293,14 +296,17 @@ class TokenExitPolicy:
         self.coef_ = np.array([w for w, _ in probes]).reshape(len(chosen), 3)
         self.intercept_ = np.array([b for _, b in probes])
         self.layers_ = [i + 1 for i in chosen]
+        order, test = held & (trace.prompt % 4 == 1), held & (trace.prompt % 4 == 3)
+        if not test.any():
+            order = test = held  # too few prompts to split: the order is no longer fixed
         halves = [
             _Half(self._scores(trace.features[m][:, chosen]), trace.agree[m][:, chosen])
-            for m in (train, held)
+            for m in (train, order, test)
         ]
         layers, self.threshold_, self.calibration_ = _plan(
             *halves, self.layers_, trace.num_layers, self.risk, self.delta, costs
         )
-        self.calibration_.update(_report(trace.settled[held], self.calibration_, trace.num_layers))
+        self.calibration_.update(_report(trace.settled[test], self.calibration_, trace.num_layers))
         keep = [self.layers_.index(x) for x in layers]
         self.layers_, self.coef_, self.intercept_ = layers, self.coef_[keep], self.intercept_[keep]
         return self
@@ -489,17 +495,18 @@ class _Half:
         return changed, depth, passed, costs.step(depth, checks, passed, num_layers)
 
 
-def _plan(train: _Half, held: _Half, layers, num_layers, epsilon, delta, costs, grid=100):
+def _plan(train, order: _Half, held: _Half, layers, num_layers, epsilon, delta, costs, grid=100):
     """The check layers (a subset of the candidates) and probe threshold that make a step
-    cheapest on the held-out tokens among the candidates Learn-then-Test accepts there, in the
-    order of their changed share on the training tokens (see the module doc); no checks at all
-    (plain decoding) when none is accepted or none beats a plain step."""
+    cheapest on the `held` tokens among the candidates Learn-then-Test accepts there, tested
+    in the order of their changed share on the `order` tokens (thresholds from the `train`
+    tokens' scores; see the module doc); no checks at all (plain decoding) when none is
+    accepted or none beats a plain step."""
     candidates, estimated, later = [], [], []
     for size in range(1, len(layers) + 1):
         for subset in combinations(range(len(layers)), size):
             scores = train.scores[:, list(subset)]
             for t in np.unique(np.quantile(scores, np.linspace(0, 1, grid))):
-                changed, depth, _, _ = train.replay(subset, t, layers, num_layers, costs)
+                changed, depth, _, _ = order.replay(subset, t, layers, num_layers, costs)
                 candidates.append((subset, float(t)))
                 estimated.append(changed.mean())
                 later.append(depth.mean())
