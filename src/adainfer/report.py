@@ -92,9 +92,16 @@ def _cell(rows, family, policy, **where) -> str:
 
 
 def markdown_table(header, rows) -> str:
-    """A GitHub markdown table: `header` names the columns, each row is a list of cells."""
+    """A GitHub markdown table: `header` names the columns, each row is a list of cells.
+
+    A row of another width, or a cell holding "|", is a ValueError: rendered, it would shift
+    the row's cells under the wrong column names and drop the last (a reader sees no error)."""
+    rows = [[str(c) for c in row] for row in rows]
+    for row in [list(header), *rows]:
+        if len(row) != len(header) or any("|" in c for c in row):
+            raise ValueError(f"a table row of {len(row)} cells under {len(header)} columns: {row}")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
