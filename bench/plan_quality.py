@@ -65,7 +65,7 @@ MODES = (
 
 POLICIES = {  # short name for --only: (description, classifier, labels, thresholds tried)
     "svm": (
-        "paper: SVM on gap, top prob, depth; gold labels",
+        "SVM (the paper's classifier) on gap, top prob and depth (depth is ours); gold labels",
         lambda: SVMExit(features=("gap", "top_prob", "layer_frac")),
         "gold",
         None,
@@ -387,7 +387,8 @@ def _row(name, mode, bs, cost, got, calibrate_on, L, full, oracle) -> dict:
 
 def _table_line(row: dict, got, L: int) -> list:
     """`row` as a line of the markdown table, with each split's plan."""
-    plans = " | ".join(
+    # one cell for all splits' plans: joined by "|" they became extra columns
+    plans = "; ".join(
         f"{format_layers(p.check_layers)} @ {p.threshold if p.threshold is not None else '-'}"
         for p, _ in got
     )

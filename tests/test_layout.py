@@ -130,6 +130,7 @@ FLOORS = [
             "bench",
             "reproduce",
             "report",
+            "claims",
             "pipeline",
             "demo",
             "headroom",

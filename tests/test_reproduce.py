@@ -288,9 +288,13 @@ def test_report_fills_every_table_when_classifiers_can_learn(tmp_path):
         assert r["mean_exit_layer"] < L - 1 and r["flops_ratio"] < 0.95
         assert r["accuracy"] == pytest.approx(full[r["task"], r["shots"]]["accuracy"], abs=0.05)
     assert {p for p in results["families"]["generalization"]} == {
-        "intra-task (train: sentiment)",
-        "inter-task (train: question answering)",
-        "inter-model (train: toy-b)",
+        f"{classifier}: {setting}"
+        for classifier in ("svm", "crf")  # the paper's Table 6 has both classifiers
+        for setting in (
+            "intra-task (train: sentiment)",
+            "inter-task (train: question answering)",
+            "inter-model (train: toy-b)",
+        )
     }
     for family in ("factor", "generalization"):
         for p in results["families"][family]:
@@ -301,9 +305,14 @@ def test_report_fills_every_table_when_classifiers_can_learn(tmp_path):
     assert all(r["choice_accuracy"] >= r["accuracy"] for r in mmlu)
     tables = (tmp_path / "here" / "tables.md").read_text()
     assert (
-        "| inter-model (train: toy-b) |" in tables
+        "| inter-model (train: toy-b) | crf |" in tables
         and "choice-restricted accuracy, zero-shot" in tables
     )
+    for title in ("Table 1: model statistics", "Observation 1", "Figure 1 in numbers", "Per k:"):
+        assert title in tables
+    layer_acc = {(c["task"], c["shots"]): c["accuracy"] for c in results["layer_accuracy"]}
+    assert len(layer_acc) == len(tasks) * 2 and all(len(a) == L for a in layer_acc.values())
+    assert layer_acc["sst2", 5][-1] == pytest.approx(full["sst2", 5]["accuracy"])
     svm_line = next(line for line in tables.splitlines() if line.startswith("| sst2 |"))
     assert " - " not in svm_line  # a number in every cell
     assert (

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .features import ALL_FEATURES
-from .files import FolderInUse, OutputLock
+from .files import FolderInUse, OutputLock, write_text_atomic
 from .policies import POLICIES
 
 
@@ -301,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         _eval_parser,
         _demo_parser,
         _reproduce_parser,
+        _claims_parser,
         _bench_parser,
         _generate_parser,
         _calibrate_exits_parser,
@@ -519,6 +520,23 @@ def _reproduce_parser(sub):
         "--report-only",
         action="store_true",
         help="rebuild tables and figures from the traces already in --out-dir (no model run)",
+    )
+
+
+def _claims_parser(sub):
+    p = sub.add_parser(
+        "claims",
+        help="the paper's claims, model by model, from reproduce folders' results.json",
+        description="Set every claim of the paper against each reproduce folder (holds / does "
+        "not hold / cannot be tested here, with the number that decides it), with Table 1 "
+        "(model statistics) and a scale table across the models. Reads results.json only.",
+    )
+    p.add_argument("folders", nargs="+", help="reproduce output folders, in the order shown")
+    p.add_argument("--out", default=None, help="write the markdown here (default: print it)")
+    p.add_argument(
+        "--readme",
+        default=None,
+        help="also replace the block between the adainfer-claims markers in this markdown file",
     )
 
 
@@ -1021,6 +1039,18 @@ def cmd_reproduce(args):
         print(f"wrote {args.out_dir}/results.json, tables.md and figures")
 
 
+def cmd_claims(args):
+    from .claims import claims_report, splice
+
+    block = claims_report(args.folders)
+    if args.out:
+        write_text_atomic(args.out, block)
+    else:
+        print(block)
+    if args.readme:
+        write_text_atomic(args.readme, splice(Path(args.readme).read_text(), block))
+
+
 def cmd_bench(args):
     from .bench import run_bench, write_report
 
@@ -1134,6 +1164,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "reproduce": cmd_reproduce,
     "lm-eval": cmd_lm_eval,
+    "claims": cmd_claims,
 }
 
 

@@ -69,16 +69,40 @@ def plot_accuracy_vs_layers(
 
 
 # ----------------------------------------------------------------------------- adainfer reproduce
-def _avg(rows, key, **where):
-    """n-weighted mean of `key` over rows matching `where` (a value, or a callable test)."""
-    sel = [
-        r
-        for r in rows
-        if all((v(r[k]) if callable(v) else r[k] == v) for k, v in where.items())
-        and r.get(key) is not None
+def matching(rows, **where) -> list[dict]:
+    """The rows whose fields match `where` (each a value, or a callable test of the field)."""
+    return [
+        r for r in rows if all((v(r[k]) if callable(v) else r[k] == v) for k, v in where.items())
     ]
+
+
+def row_mean(rows, key, **where):
+    """n-weighted mean of `key` over rows matching `where` (a value, or a callable test)."""
+    sel = [r for r in matching(rows, **where) if r.get(key) is not None]
     n = sum(r["n"] for r in sel)
     return sum(r[key] * r["n"] for r in sel) / n if n else None
+
+
+def exit_moments(rows, **where) -> tuple[float, float] | tuple[None, None]:
+    """(mean, variance) of the exit layer over every query of the matching rows, from their
+    exit-layer histograms (the paper's Observation 1 reports both)."""
+    hists = [r["exit_layer_histogram"] for r in matching(rows, **where)]
+    if not hists:
+        return None, None
+    hist = np.sum(hists, axis=0)
+    layers = np.arange(1, len(hist) + 1)
+    mean = float((hist * layers).sum() / hist.sum())
+    return mean, float((hist * (layers - mean) ** 2).sum() / hist.sum())
+
+
+def paper_tasks(tasks) -> list[str]:
+    """The tasks the paper singles out in its figures and Table 7: sentiment (SST-2) and an
+    MMLU subject (here MMLU, or its first subject group); else the first two tasks."""
+    mmlu = [t for t in tasks if t.startswith("mmlu")][:1]
+    return ([t for t in tasks if t == "sst2"] + mmlu) or list(tasks[:2])
+
+
+FEW_SHOT, ZERO_SHOT = (lambda k: k > 0), (lambda k: k == 0)
 
 
 def _pct(x):
@@ -87,14 +111,24 @@ def _pct(x):
 
 def _cell(rows, family, policy, **where) -> str:
     """'accuracy / FLOPs' of one policy over the matching rows."""
-    acc = _avg(rows, "accuracy", family=family, policy=policy, **where)
-    return f"{_pct(acc)} / {_pct(_avg(rows, 'flops_ratio', family=family, policy=policy, **where))}"
+    acc, flops = (
+        row_mean(rows, key, family=family, policy=policy, **where)
+        for key in ("accuracy", "flops_ratio")
+    )
+    return f"{_pct(acc)} / {_pct(flops)}"
 
 
 def markdown_table(header, rows) -> str:
-    """A GitHub markdown table: `header` names the columns, each row is a list of cells."""
+    """A GitHub markdown table: `header` names the columns, each row is a list of cells.
+
+    A row of another width, or a cell holding "|", is a ValueError: rendered, it would shift
+    the row's cells under the wrong column names and drop the last (a reader sees no error)."""
+    rows = [[str(c) for c in row] for row in rows]
+    for row in [list(header), *rows]:
+        if len(row) != len(header) or any("|" in c for c in row):
+            raise ValueError(f"a table row of {len(row)} cells under {len(header)} columns: {row}")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -301,13 +335,15 @@ def bench_targets(rows) -> str:
 def reproduce_tables(results: dict) -> str:
     """tables.md of `adainfer reproduce`: the paper's tables, from results.json's numbers."""
     settings = _shot_settings(results["config"]["shots"])
-    out = _reproduce_header(results["config"])
+    out = _reproduce_header(results["config"]) + _table_1(results)
     for title, cond in settings:
         out += _full_vs_svm_table(results, title, cond)
         out += _policies_table(results, title, cond)
         out += _choice_table(results, title, cond)
     out += _generalization_table(results)
     out += _factor_table(results)
+    out += _observation_1_table(results, settings)
+    out += _layer_accuracy_table(results, settings)
     out += _oracle_tables(results, settings)
     if results.get("notes"):
         out += ["", "## Notes", ""] + [f"- {k}: {v}" for k, v in results["notes"].items()]
@@ -317,10 +353,10 @@ def reproduce_tables(results: dict) -> str:
 def _shot_settings(shots) -> list:
     """[(title, test of k)]: zero-shot and few-shot (its k averaged), where the run has them."""
     few = [k for k in shots if k > 0]
-    settings = [("zero-shot", lambda k: k == 0)] if 0 in shots else []
+    settings = [("zero-shot", ZERO_SHOT)] if 0 in shots else []
     if few:
         averaged = ", averaged" if len(few) > 1 else ""
-        settings.append((f"few-shot (k = {', '.join(map(str, few))}{averaged})", lambda k: k > 0))
+        settings.append((f"few-shot (k = {', '.join(map(str, few))}{averaged})", FEW_SHOT))
     return settings
 
 
@@ -350,7 +386,7 @@ def _full_vs_svm_table(results, title, cond) -> list[str]:
     groups = list(dict.fromkeys(r["group"] for r in rows))
 
     def pct(key, policy, scope):
-        return _pct(_avg(rows, key, family="main", policy=policy, shots=cond, **scope))
+        return _pct(row_mean(rows, key, family="main", policy=policy, shots=cond, **scope))
 
     body = [
         [
@@ -377,7 +413,7 @@ def _policies_table(results, title, cond) -> list[str]:
 
     def cell(policy, task):
         return " / ".join(
-            _pct(_avg(rows, key, family="main", policy=policy, shots=cond, task=task))
+            _pct(row_mean(rows, key, family="main", policy=policy, shots=cond, task=task))
             for key in ("accuracy", "flops_ratio", "true_flops_ratio")
         )
 
@@ -392,14 +428,14 @@ def _choice_table(results, title, cond) -> list[str]:
     tasks = [
         t
         for t in results["config"]["tasks"]
-        if _avg(rows, "choice_accuracy", family="main", policy="full", task=t) is not None
+        if row_mean(rows, "choice_accuracy", family="main", policy="full", task=t) is not None
     ]
     if not tasks:
         return []
     body = [
         [t]
         + [
-            _pct(_avg(rows, m, family="main", policy=p, shots=cond, task=t))
+            _pct(row_mean(rows, m, family="main", policy=p, shots=cond, task=t))
             for p in ("full", "svm")
             for m in ("accuracy", "choice_accuracy")
         ]
@@ -411,38 +447,121 @@ def _choice_table(results, title, cond) -> list[str]:
 
 
 def _generalization_table(results) -> list[str]:
-    """Table 6: the SVM trained on other tasks or another model, tested on SST-2 and on all."""
-    rows, few_shot, scopes = results["rows"], (lambda k: k > 0), ({"task": "sst2"}, {})
-    body = [
-        ["full model", *(_cell(rows, "main", "full", shots=few_shot, **s) for s in scopes)],
-        [
-            "in-distribution (train: random task subset)",
-            *(_cell(rows, "main", "svm", shots=few_shot, **s) for s in scopes),
-        ],
-    ]
+    """Table 6: the SVM and the CRF trained on other tasks or another model, tested on SST-2
+    and on all tasks (few-shot), with the mean and variance of the exit layer."""
+    rows, scopes = results["rows"], ({"task": "sst2"}, {})
+    body = [_generalization_row(rows, "full model", "-", "main", "full")]
     body += [
-        [g, *(_cell(rows, "generalization", g, shots=few_shot, **s) for s in scopes)]
-        for g in results["families"]["generalization"]
+        _generalization_row(rows, "in-distribution (train: random task subset)", c, "main", c)
+        for c in ("svm", "crf")
+        if c in results["families"]["main"]
     ]
-    header = ["classifier", "tested on sst2", "tested on all tasks"]
-    title = "## Table 6: generalization of the SVM (few-shot; accuracy / FLOPs)"
+    for name in results["families"]["generalization"]:
+        classifier, _, setting = name.partition(": ")
+        body.append(_generalization_row(rows, setting, classifier, "generalization", name))
+    header = [
+        "trained on",
+        "classifier",
+        *(f"tested on {s.get('task', 'all tasks')}: acc / FLOPs" for s in scopes),
+        "layers (mean exit, all tasks)",
+        "variance (exit layer)",
+    ]
+    title = "## Table 6: generalization (few-shot; accuracy / FLOPs in %)"
     return ["", title, "", markdown_table(header, body)]
+
+
+def _generalization_row(rows, setting, classifier, family, policy) -> list:
+    mean, var = exit_moments(rows, family=family, policy=policy, shots=FEW_SHOT)
+    return [
+        setting,
+        classifier,
+        _cell(rows, family, policy, shots=FEW_SHOT, task="sst2"),
+        _cell(rows, family, policy, shots=FEW_SHOT),
+        "-" if mean is None else f"{mean:.2f}",
+        "-" if var is None else f"{var:.2f}",
+    ]
 
 
 def _factor_table(results) -> list[str]:
-    """Table 7: the SVM with each feature set, over all tasks and k."""
-    rows = results["rows"]
-    body = [
-        [f]
-        + [
-            _pct(_avg(rows, key, family="factor", policy=f))
-            for key in ("accuracy", "flops_ratio", "true_flops_ratio")
-        ]
-        for f in results["families"]["factor"]
+    """Table 7: the SVM on each feature set, few-shot on sentiment and MMLU (the paper's
+    columns) and on all tasks, zero-shot on all tasks; then per k over all tasks."""
+    rows, names, tasks = results["rows"], results["families"]["factor"], results["config"]["tasks"]
+    columns = [(f"{t}, few-shot", {"task": t, "shots": FEW_SHOT}) for t in paper_tasks(tasks)]
+    columns += [
+        ("all tasks, few-shot", {"shots": FEW_SHOT}),
+        ("all tasks, 0-shot", {"shots": ZERO_SHOT}),
     ]
-    header = ["features", "accuracy", "FLOPs", "true FLOPs"]
-    title = "## Table 7: feature factor study (SVM, all tasks, all k)"
+    columns = [(c, w) for c, w in columns if matching(rows, family="factor", **w)]
+
+    def cell(f, **where):
+        keys = ("accuracy", "flops_ratio", "true_flops_ratio")
+        return " / ".join(_pct(row_mean(rows, k, family="factor", policy=f, **where)) for k in keys)
+
+    body = [[f, *(cell(f, **w) for _, w in columns)] for f in names]
+    title = "## Table 7: feature factor study (SVM; accuracy / FLOPs / true FLOPs)"
+    out = ["", title, "", markdown_table(["features", *(c for c, _ in columns)], body)]
+    shots = results["config"]["shots"]
+    per_k = [[f, *(cell(f, shots=k) for k in shots)] for f in names]
+    header = ["features", *(f"all tasks, {k}-shot" for k in shots)]
+    return out + ["", "Per k:", "", markdown_table(header, per_k)]
+
+
+def _observation_1_table(results, settings) -> list[str]:
+    """Observation 1: where queries exit, as the mean and variance of the exit layer of every
+    main policy over all tasks, per setting."""
+    rows, L = results["rows"], results["model"]["num_layers"]
+    body = []
+    for p in results["families"]["main"]:
+        line = [p]
+        for _, cond in settings:
+            mean, var = exit_moments(rows, family="main", policy=p, shots=cond)
+            line.append("-" if mean is None else f"{mean:.2f} / {var:.2f}")
+        body.append(line)
+    header = ["policy", *(f"{title}: mean / variance" for title, _ in settings)]
+    title = f"## Observation 1: exit layer (of L = {L}) over all tasks, mean and variance"
     return ["", title, "", markdown_table(header, body)]
+
+
+def layer_curve(results, task, cond) -> np.ndarray | None:
+    """Top-1 accuracy at each layer for one task over the matching k (n-weighted)."""
+    cells = matching(results.get("layer_accuracy", []), task=task, shots=cond)
+    if not cells:
+        return None
+    n = np.array([c["n"] for c in cells], float)
+    return (n[:, None] * np.array([c["accuracy"] for c in cells])).sum(0) / n.sum()
+
+
+def _layer_accuracy_table(results, settings) -> list[str]:
+    """Figure 1 in numbers: accuracy at each layer for sentiment and MMLU, per setting."""
+    columns = [
+        (f"{t}, {title}", curve)
+        for t in paper_tasks(results["config"]["tasks"])
+        for title, cond in settings
+        if (curve := layer_curve(results, t, cond)) is not None
+    ]
+    if not columns:
+        return []
+    L = results["model"]["num_layers"]
+    body = [[l, *(_pct(c[l - 1]) for _, c in columns)] for l in range(1, L + 1)]
+    title = "## Figure 1 in numbers: top-1 accuracy (%) if every query stopped at layer l"
+    return ["", title, "", markdown_table(["layer", *(n for n, _ in columns)], body)]
+
+
+def _table_1(results) -> list[str]:
+    """Table 1: the model's statistics, as the traces record them."""
+    m, cfg = results["model"], results["config"]
+    body = [
+        [
+            m["model_id"],
+            m["model_type"],
+            m["num_layers"],
+            m["hidden_size"],
+            m["vocab_size"],
+            cfg["dtype"],
+        ]
+    ]
+    header = ["model", "type", "layers", "hidden size", "vocabulary", "dtype"]
+    return ["", "## Table 1: model statistics", "", markdown_table(header, body)]
 
 
 ORACLE_NOTE = (
@@ -480,11 +599,11 @@ def _oracle_row(rows, task, cond, bounds, policies) -> list:
     L = bounds[0]["num_layers"]
     first = np.mean([x["first_correct_layer"] for x in bounds])
     settled = np.mean([x["settled_layer"] for x in bounds])
-    full_acc = _avg(rows, "accuracy", family="main", policy="full", task=task, shots=cond)
+    full_acc = row_mean(rows, "accuracy", family="main", policy="full", task=task, shots=cond)
     shares = []
     for p in policies:
-        e = _avg(rows, "mean_exit_layer", family="main", policy=p, task=task, shots=cond)
-        acc = _avg(rows, "accuracy", family="main", policy=p, task=task, shots=cond)
+        e = row_mean(rows, "mean_exit_layer", family="main", policy=p, task=task, shots=cond)
+        acc = row_mean(rows, "accuracy", family="main", policy=p, task=task, shots=cond)
         if e is None or L - first < 0.5:
             shares.append("-")
         elif acc < full_acc - 0.01:  # saving by answering wrong is no share of the saving
@@ -506,11 +625,25 @@ def reproduce_figures(results: dict, traces, out_dir) -> list[Path]:
     ]
 
 
+def _integer_layers(ax, L: int) -> None:
+    """Layer axis 1..L with whole-number ticks only (a layer 7.5 does not exist)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlim(1, L)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _legend_below(fig, ax, ncol: int) -> None:
+    """One legend for the figure, under the panels, so it covers no data."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+
+
 def _figure_1(plt, cfg, traces, path: Path) -> Path:
     """Top-1 accuracy at each layer, one line per k, for SST-2 and MMLU (else the first tasks)."""
-    L, tasks, shots_of = traces.num_layers, cfg["tasks"], traces.shots
-    shown = [t for t in tasks if t in ("sst2",) or t.startswith("mmlu")][:2] or tasks[:2]
-    fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4), squeeze=False)
+    L, shots_of = traces.num_layers, traces.shots
+    shown = paper_tasks(cfg["tasks"])
+    fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4.4), squeeze=False)
     for ax, t in zip(axes[0], shown):
         for k in cfg["shots"]:
             m = (traces.task == t) & (shots_of == k)
@@ -522,67 +655,90 @@ def _figure_1(plt, cfg, traces, path: Path) -> Path:
                     ms=2.5,
                     label=f"{k}-shot",
                 )
-        ax.set(
-            title=f"{t}: top-1 accuracy at each layer",
-            xlabel="layer",
-            ylabel="accuracy (%)",
-            xlim=(1, L),
-        )
+        ax.set(title=f"{t}: top-1 accuracy at each layer", xlabel="layer", ylabel="accuracy (%)")
+        _integer_layers(ax, L)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"Figure 1 - {cfg['model']}")
-    fig.tight_layout()
+    _legend_below(fig, axes[0][0], ncol=len(cfg["shots"]))
+    fig.suptitle(f"Figure 1 - {cfg['model']} (one line per k)")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     _save(fig, path, dpi=110)
     plt.close(fig)
     return path
 
 
 def _figure_3(plt, cfg, traces, path: Path) -> Path:
-    """The mean of each feature by layer, over all tasks and k."""
+    """The mean of each feature by layer, few-shot (zero-shot where the run has no k > 0),
+    one panel per task the paper contrasts (sentiment, MMLU)."""
     L, names = traces.num_layers, traces.feature_names
     shown = [n for n in ("gap", "top_prob", "cos_attn", "cos_mlp", "cos_hidden") if n in names]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for n in shown:
-        v = traces.features[:, :, names.index(n)]
-        ax.plot(np.arange(1, L + 1), np.nanmean(v, 0), label=n)
-    ax.set(
-        title=f"Figure 3 - mean features by layer\n{cfg['model']}, all tasks and k",
-        xlabel="layer",
-        ylabel="mean value",
-        xlim=(1, L),
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    tasks = paper_tasks(cfg["tasks"])
+    few = traces.shots > 0 if (traces.shots > 0).any() else np.ones(len(traces), bool)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.4), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        m = few & (traces.task == t)
+        for n in shown:
+            v = traces.features[m][:, :, names.index(n)]
+            ax.plot(
+                np.arange(1, L + 1), np.nanmean(v, 0) if m.any() else np.full(L, np.nan), label=n
+            )
+        ax.set(title=f"{t}, few-shot ({int(m.sum())} queries)", xlabel="layer", ylabel="mean value")
+        _integer_layers(ax, L)
+        ax.grid(alpha=0.3)
+    _legend_below(fig, axes[0][0], ncol=len(shown))
+    fig.suptitle(f"Figure 3 - mean features by layer, {cfg['model']}")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     _save(fig, path, dpi=110)
     plt.close(fig)
     return path
 
 
 def _exit_histograms(plt, results, traces, path: Path) -> Path:
-    """Where the oracle and the main policies exit, one panel per task."""
+    """Where the oracle and every classifier exit: one panel per task and setting (zero-shot
+    and few-shot apart), as the share of the setting's queries at each layer."""
     L, tasks, model = traces.num_layers, results["config"]["tasks"], results["config"]["model"]
     rows = [r for r in results["rows"] if r["family"] == "main"]
-    shown = [
-        p for p in ("oracle", "svm", "svm+layer", "gap") if any(r["policy"] == p for r in rows)
-    ]
+    shown = [p for p in results["families"]["main"] if p != "full"]
+    settings = _shot_settings(results["config"]["shots"])
     cols = 4
-    nrows = -(-len(tasks) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 2.8 * nrows), squeeze=False)
-    for ax, t in zip(axes.flat, tasks):
-        for p in shown:
-            hist = np.sum(
-                [r["exit_layer_histogram"] for r in rows if r["task"] == t and r["policy"] == p],
-                axis=0,
-            )
-            ax.step(np.arange(1, L + 1), hist / max(hist.sum(), 1), where="mid", label=p)
-        ax.set(title=t, xlabel="exit layer", xlim=(1, L))
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(tasks) :]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"Exit-layer distribution per task ({model}, all k)")
-    fig.tight_layout()
+    per = -(-len(tasks) // cols)  # rows of panels per setting
+    fig, axes = plt.subplots(
+        per * len(settings),
+        cols,
+        figsize=(4 * cols, 2.9 * per * len(settings) + 0.8),
+        squeeze=False,
+    )
+    for i, (title, cond) in enumerate(settings):
+        panels = list(axes[i * per : (i + 1) * per].flat)
+        for ax, t in zip(panels, tasks):
+            _histogram_panel(ax, rows, shown, t, cond, L)
+            ax.set_title(f"{t}, {title.split(' (')[0]}", fontsize=9)
+        for ax in panels[len(tasks) :]:
+            ax.axis("off")
+    _legend_below(fig, axes[0][0], ncol=len(shown))
+    fig.suptitle(f"Exit-layer distribution per task and setting ({model}); {settings[-1][0]}")
+    fig.tight_layout(rect=(0, 0.03, 1, 0.98))
     _save(fig, path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _histogram_panel(ax, rows, shown, task, cond, L) -> None:
+    # policies that never stop share the last layer's bar: styles and widths keep each visible
+    styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 2))]
+    for i, p in enumerate(shown):
+        hist = np.sum(
+            [r["exit_layer_histogram"] for r in matching(rows, task=task, policy=p, shots=cond)]
+            or [np.zeros(L)],
+            axis=0,
+        )
+        ax.step(
+            np.arange(1, L + 1),
+            hist / max(hist.sum(), 1),
+            where="mid",
+            label=p,
+            linestyle=styles[i % len(styles)],
+            linewidth=2.6 - 0.35 * (i % len(styles)),
+        )
+    ax.set(xlabel="exit layer", ylabel="share of queries")
+    _integer_layers(ax, L)
+    ax.grid(alpha=0.3)

@@ -33,7 +33,7 @@ from .features import ALL_FEATURES, PAPER_FEATURES
 from .files import OutputLock, read_json, write_json, write_text_atomic
 from .flops import ratios
 from .offline import Traces, oracle_bounds, simulate
-from .policies import NeverExit, OracleExit, SVMExit, standard_policies
+from .policies import CRFExit, NeverExit, OracleExit, SVMExit, standard_policies
 from .report import reproduce_figures, reproduce_tables
 from .summary import FIELDS, summarise
 from .taskdata import TaskError
@@ -333,6 +333,7 @@ def report(out: Path, config: dict, *, hidden: int, vocab: int) -> dict:
         "notes": notes,
         "rows": rows,
         "oracle_bounds": _oracle_bound_rows(test, config),
+        "layer_accuracy": _layer_accuracy_rows(test, config),
     }
     write_json(out / "results.json", results)
     write_text_atomic(out / "tables.md", reproduce_tables(results))
@@ -350,27 +351,33 @@ def _fit_families(train_table, config: dict, notes: dict) -> dict[str, dict]:
         n: _fit(SVMExit(features=f), subset, f"svm {n}", notes) for n, f in FACTOR_STUDY.items()
     }
     qa_tasks = [t for t in config["tasks"] if task_group(t) == "question answering"]
-    general = {
-        "intra-task (train: sentiment)": _fit(
-            SVMExit(), select_tasks(train_table, [SENTIMENT]), "intra", notes
-        ),
-        "inter-task (train: question answering)": _fit(
-            SVMExit(), select_tasks(train_table, qa_tasks), "inter-task", notes
-        ),
+    sources = {
+        "intra-task (train: sentiment)": select_tasks(train_table, [SENTIMENT]),
+        "inter-task (train: question answering)": select_tasks(train_table, qa_tasks),
     }
     if config.get("transfer_from"):
         other, other_meta = load_collected(Path(config["transfer_from"]) / "traces" / "train")
         # the other model's traces of the same training tasks: like for like with the
         # in-distribution row
-        other = select_tasks(other, config["train_tasks"])
-        general[f"inter-model (train: {other_meta['model']['model_id']})"] = _fit(
-            SVMExit(), other, "inter-model", notes
+        sources[f"inter-model (train: {other_meta['model']['model_id']})"] = select_tasks(
+            other, config["train_tasks"]
         )
+    # the paper's Table 6 has both of its classifiers in every setting
+    general = {
+        generalization_name(setting, name): _fit(make(), table, f"{name} {setting}", notes)
+        for setting, table in sources.items()
+        for name, make in (("svm", SVMExit), ("crf", CRFExit))
+    }
     return {
         "main": {"full": NeverExit(), "oracle": OracleExit(), **main},
         "factor": factor,
         "generalization": general,
     }
+
+
+def generalization_name(setting: str, classifier: str) -> str:
+    """A generalization row's name in results.json: 'svm: inter-task (train: ...)'."""
+    return f"{classifier}: {setting}"
 
 
 def _cells(test: Traces, config: dict):
@@ -397,4 +404,18 @@ def _oracle_bound_rows(test: Traces, config: dict) -> list[dict]:
         for task in config["tasks"]
         for k in config["shots"]
         if (m := (test.task == task) & (shots == k)).any()
+    ]
+
+
+def _layer_accuracy_rows(test: Traces, config: dict) -> list[dict]:
+    """Per cell: top-1 accuracy if every query stopped at layer l, for l = 1..L (Figure 1's
+    curve as numbers, so tables and claims need no traces)."""
+    return [
+        {
+            "task": task,
+            "shots": int(k),
+            "n": len(traces),
+            "accuracy": [float(a) for a in (traces.top1 == traces.gold[:, None]).mean(0)],
+        }
+        for task, k, traces in _cells(test, config)
     ]
