@@ -309,7 +309,10 @@ def test_fit_learns_final_targets_and_a_threshold(model_dir, tmp_path, capsys):
     assert "layer_frac" in load_policy(out).features
 
 
-def test_demo_runs_end_to_end_on_a_tiny_model(saved_tiny, tmp_path, monkeypatch):
+@pytest.fixture
+def answered_by_the_model(saved_tiny, monkeypatch):
+    """The demo on the tiny llama, whose own answers are the gold: a random model is never
+    right, and the policies need both labels."""
     from dataclasses import replace
 
     from adainfer import demo, models
@@ -319,21 +322,24 @@ def test_demo_runs_end_to_end_on_a_tiny_model(saved_tiny, tmp_path, monkeypatch)
     engine = AdaptiveEngine(*models.load(path))
     real = demo.task_queries
 
-    def answered_by_the_model(
-        tok, *a, **k
-    ):  # a random model is never right: its own answer is the gold
-        return [
-            [
-                replace(q, gold=int(g))
-                for q, g in zip(s, plain_last_logits(engine, [q.prompt for q in s]).argmax(-1))
-            ]
-            for s in real(tok, *a, **k)
-        ]
+    def own_answers(qs):
+        answers = plain_last_logits(engine, [q.prompt for q in qs]).argmax(-1) if qs else []
+        return [replace(q, gold=int(g)) for q, g in zip(qs, answers)]
 
-    monkeypatch.setattr(demo, "task_queries", answered_by_the_model)
+    def queries(tok, *a, **k):
+        return [own_answers(qs) for qs in real(tok, *a, **k)]
+
+    monkeypatch.setattr(demo, "task_queries", queries)
+    return path
+
+
+def test_demo_smoke_runs_end_to_end_on_a_tiny_model(answered_by_the_model, tmp_path):
+    from adainfer import demo
+
     s = demo.run_demo(
-        path,
+        answered_by_the_model,
         tmp_path,
+        smoke=True,
         tasks=("capitalize", "first_item"),
         shots=1,
         n_train=6,
@@ -357,6 +363,89 @@ def test_demo_runs_end_to_end_on_a_tiny_model(saved_tiny, tmp_path, monkeypatch)
     )
     assert len(list((tmp_path / "policies").glob("*.safetensors"))) == 6
     assert (tmp_path / "accuracy_vs_layers.png").stat().st_size > 10_000
+
+
+def test_demo_default_times_the_plan_and_ends_with_its_verdict(answered_by_the_model, tmp_path):
+    from adainfer import demo
+
+    s = demo.run_demo(
+        answered_by_the_model,
+        tmp_path,
+        tasks=("capitalize",),
+        shots=1,
+        n_train=12,
+        n_test=4,
+        batch_size=4,
+        progress=False,
+    )
+    assert set(s["policies"]) == {"full", "planned"} and s["planned_policy"] == "planned"
+    assert s["calibration_queries"] == 12 and s["num_queries"] == 4
+    # the plot's curve comes from the calibration traces: every query is right at the last layer
+    assert len(s["layer_accuracy"]) == 4 and s["layer_accuracy"][-1] == 1.0
+    assert s["verdict"] == demo.verdict(s, "capitalize")
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["verdict"] == s["verdict"] and (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+def test_demo_calibrates_on_held_out_examples_the_test_queries_never_share():
+    from dataclasses import replace
+
+    from adainfer.demo import PRESETS, demo_queries
+    from conftest import char_tokenizer
+
+    preset = replace(
+        PRESETS["smoke"], tasks=("capitalize", "last_item"), shots=2, n_train=9, n_test=5
+    )
+    calibration, test = demo_queries(char_tokenizer(), preset)
+    assert len(calibration) == 18 and len(test) == 10
+    for task in preset.tasks:
+        cal = {q.prompt.rsplit("Q: ", 1)[1] for q in calibration if q.task == task}
+        held = {q.prompt.rsplit("Q: ", 1)[1] for q in test if q.task == task}
+        assert len(cal) == 9 and len(held) == 5 and not cal & held
+
+
+def _summary(time_vs_plain, plan_acc, checks=(20, 22)):
+    return {
+        "num_queries": 96,
+        "calibration_queries": 320,
+        "planned_policy": "planned",
+        "planned_check_layers": list(checks),
+        "policies": {
+            "full": {"accuracy": 0.6875, "time_vs_plain": 1.01},
+            "planned": {"accuracy": plan_acc, "time_vs_plain": time_vs_plain},
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "summary, line",
+    [
+        (
+            _summary(0.88, 0.6875),
+            "12% less time than the plain model at equal accuracy (68.8% vs 68.8%) on 96 "
+            "held-out SST-2 queries",
+        ),
+        (
+            _summary(0.9, 0.677),
+            "10% less time than the plain model at lower accuracy (67.7% vs 68.8%) on 96 "
+            "held-out SST-2 queries",
+        ),
+        (
+            _summary(1.03, 0.6875),
+            "3% more time than the plain model at equal accuracy (68.8% vs 68.8%) on 96 "
+            "held-out SST-2 queries",
+        ),
+        (
+            _summary(1.0, 0.6875, checks=()),
+            "no plan passed the risk test on 320 calibration queries: the plain model runs "
+            "(96 held-out SST-2 queries)",
+        ),
+    ],
+)
+def test_the_demo_verdict_is_computed_from_the_summary(summary, line):
+    from adainfer.demo import verdict
+
+    assert verdict(summary, "SST-2") == line
 
 
 def test_generate_streams_one_prompt_and_prints_a_batch_as_json(model_dir, capsys):

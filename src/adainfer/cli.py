@@ -69,19 +69,19 @@ def _check_cost(text: str) -> float | dict[int, float]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _model_args(p, work: str = "prefill"):
+def _model_args(p, work="prefill", model="smollm2-135m", default_help="", dtype_help=""):
     p.add_argument(
         "--model",
-        default="smollm2-135m",
+        default=model,
         help="bundled alias (smollm2-135m, gemma3-270m, qwen2.5-0.5b, qwen2.5-1.5b), local HF "
-        "folder, .gguf file or hub id (default: %(default)s)",
+        f"folder, .gguf file or hub id (default: {default_help or '%(default)s'})",
     )
     p.add_argument(
         "--dtype",
         default="auto",
         help="float32 (exact), bfloat16, or auto: whichever runs this command's work "
         f"({work}) faster on this machine, measured once per model and cached; bf16 can be "
-        "several times slower on CPUs without native bf16 (default: %(default)s)",
+        f"several times slower on CPUs without native bf16 (default: {dtype_help or 'auto'})",
     )
     p.set_defaults(work=work)
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
@@ -435,26 +435,55 @@ def _eval_parser(sub):
 def _demo_parser(sub):
     p = sub.add_parser(
         "demo",
-        help="collect, fit and evaluate on built-in rule tasks with the bundled model, offline",
-        description="The whole method in one command on the bundled SmolLM2-135M (or --model): "
-        "prints a table and writes a plot.",
+        help="calibrate an exit plan and time it against the plain model, offline (~10 min)",
+        description="Qwen2.5-0.5B on SST-2 5-shot (the bundled model; SST-2 from --data-dir): "
+        "collect calibration traces, plan exit checks by Learn-then-Test, time the plan next to "
+        "the plain model on held-out queries; prints a table and one verdict line and writes a "
+        "plot. --smoke runs SmolLM2-135M on built-in rule tasks with the paper's policies "
+        "instead: no data needed, a few minutes, nothing to save on that model.",
     )
-    _model_args(p)
+    _model_args(
+        p,
+        model=None,
+        default_help="qwen2.5-0.5b, with --smoke smollm2-135m",
+        dtype_help="bfloat16 on CPUs with native bf16, else auto",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the small pipeline check: SmolLM2-135M, four rule tasks, 40 + 40 queries each",
+    )
     p.add_argument(
         "--out-dir",
         default="runs/demo",
         help="where to write data, policies, summary.json, table.md and the plot "
         "(default: %(default)s)",
     )
-    _shots_arg(p)
-    _n_train_arg(p)
+    p.add_argument(
+        "--task", action="append", help="task (repeat); default: sst2, or the rule tasks"
+    )
+    p.add_argument("--shots", type=_int_at_least(0), default=None, help="default: 5")
+    p.add_argument(
+        "--n-train",
+        type=_int_at_least(1),
+        default=None,
+        help="calibration queries per task (default: 320, smoke 40)",
+    )
     p.add_argument(
         "--n-test",
         type=_int_at_least(1),
-        default=40,
-        help="held-out queries per task (default: %(default)s)",
+        default=None,
+        help="held-out queries per task (default: 96, smoke 40)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_int_at_least(1),
+        default=1,
+        help="torch threads (default: %(default)s: the time ratios are steadier, and on a "
+        "machine shared with another job two threads wait on each other)",
     )
     _batch_size_arg(p)
+    _data_dir_arg(p)
 
 
 def _reproduce_parser(sub):
@@ -984,11 +1013,16 @@ def _eval(args):
 
 
 def cmd_demo(args):
+    import torch
+
     from .demo import run_demo
 
+    torch.set_num_threads(args.threads)
     s = run_demo(
         args.model,
         args.out_dir,
+        smoke=args.smoke,
+        tasks=tuple(args.task) if args.task else None,
         shots=args.shots,
         n_train=args.n_train,
         n_test=args.n_test,
@@ -996,11 +1030,14 @@ def cmd_demo(args):
         dtype=args.dtype,
         device=args.device,
         device_map=args.device_map,
+        data_dir=args.data_dir,
     )
     print(
-        f"\n{s['model']} ({s['dtype']}), {s['shots']}-shot, tasks {', '.join(s['tasks'])}, "
-        f"{s['num_queries']} held-out queries; "
-        "oracle = earliest layer whose top-1 is the gold token\n"
+        f"\n{s['model']} ({s['dtype']}, {args.threads} thread(s)), {s['shots']}-shot, tasks "
+        f"{', '.join(s['tasks'])}: {s['calibration_queries']} calibration queries, "
+        f"{s['num_queries']} held-out queries; full = every layer through the engine's hooks"
+        + ("; oracle = earliest layer whose top-1 is the gold token" if args.smoke else "")
+        + "\n"
     )
     print(s["table"])
     planned = s["planned_check_layers"]
@@ -1011,6 +1048,7 @@ def cmd_demo(args):
     )
     print(s["plan_promise"])
     print(f"\nwrote {args.out_dir}/summary.json, {args.out_dir}/table.md and {s['plot']}")
+    print(f"\nverdict: {s['verdict']}")
 
 
 def cmd_reproduce(args):

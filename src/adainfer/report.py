@@ -68,6 +68,50 @@ def plot_accuracy_vs_layers(
     return path
 
 
+def plot_demo(summary: dict, layer_acc: np.ndarray, path: str | Path, title: str = "") -> Path:
+    """The default demo for a newcomer. Left: accuracy if every query stopped at layer l, with
+    the layers where the plan checks. Right: measured time against the plain model's, with each
+    row's accuracy."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    L = summary["num_layers"]
+    left.plot(np.arange(1, L + 1), 100 * layer_acc, marker="o", ms=3, label="stop every query here")
+    for i, layer in enumerate(summary["planned_check_layers"]):
+        left.axvline(
+            layer, color="tab:green", ls="--", label="the plan checks here" if not i else None
+        )
+    left.set(xlabel="layer l", ylabel="top-1 accuracy at layer l (%)", xlim=(1, L))
+    left.set_title("Where the answer appears (calibration queries)")
+    left.legend(fontsize=8, loc="upper left")
+    left.grid(alpha=0.3)
+    _time_bars(right, summary)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    _save(fig, path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _time_bars(ax, summary: dict) -> None:
+    """One bar per row (the plain model first, at 1.0), labelled with its accuracy."""
+    full = summary["policies"]["full"]
+    rows = [("plain model", 1.0, full["accuracy"])]  # its answers are the full engine's
+    rows += [(n, s["time_vs_plain"], s["accuracy"]) for n, s in summary["policies"].items()]
+    names, times, accs = zip(*rows)
+    y = np.arange(len(rows))[::-1]
+    bars = ax.barh(y, times, color=["tab:gray", *["tab:blue"] * (len(rows) - 1)])
+    for bar, acc in zip(bars, accs):
+        x, mid = bar.get_width(), bar.get_y() + bar.get_height() / 2
+        ax.text(x + 0.01, mid, f"{x:.2f}x, accuracy {100 * acc:.1f}%", va="center", fontsize=9)
+    ax.axvline(1.0, color="black", lw=0.8)
+    right = max(1.6, max(times) + 0.6)  # room for the labels
+    ax.set(yticks=y, yticklabels=names, xlim=(0, right), xlabel="time relative to the plain model")
+    ax.set_title(f"Measured side by side on {summary['num_queries']} held-out queries")
+    ax.grid(alpha=0.3, axis="x")
+
+
 # ----------------------------------------------------------------------------- adainfer reproduce
 def matching(rows, **where) -> list[dict]:
     """The rows whose fields match `where` (each a value, or a callable test of the field)."""
