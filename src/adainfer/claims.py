@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .files import read_json
-from .report import FEW_SHOT, ZERO_SHOT, exit_moments, layer_curve, markdown_table, row_mean
+from .report import (
+    FEW_SHOT,
+    ZERO_SHOT,
+    exit_moments,
+    layer_curve,
+    markdown_table,
+    model_statistics,
+    row_mean,
+)
 
 HOLDS, FAILS, UNTESTABLE = "holds", "does not hold", "cannot be tested here"
 POINT = 0.01  # one accuracy point: the paper's "< 1%" loss, and what "neutral" allows
@@ -253,22 +261,10 @@ def table_1(models: list[dict]) -> str:
     """Table 1: the models' statistics, as their traces and runs record them."""
     body = []
     for r in models:
-        m, cfg = r["model"], r["config"]
+        cfg = r["config"]
         test = sum(x["n"] for x in r["rows"] if x["family"] == "main" and x["policy"] == "full")
-        body.append(
-            [
-                r["folder"],
-                m["model_id"],
-                m["model_type"],
-                m["num_layers"],
-                m["hidden_size"],
-                m["vocab_size"],
-                cfg["dtype"],
-                len(cfg["tasks"]),
-                ", ".join(map(str, cfg["shots"])),
-                test,
-            ]
-        )
+        runs = [len(cfg["tasks"]), ", ".join(map(str, cfg["shots"])), test]
+        body.append([r["folder"], *model_statistics(r), *runs])
     header = ["folder", "model", "type", "layers", "hidden", "vocabulary", "dtype", "tasks", "k"]
     return markdown_table([*header, "test queries"], body)
 

@@ -591,19 +591,17 @@ def _layer_accuracy_table(results, settings) -> list[str]:
     return ["", title, "", markdown_table(["layer", *(n for n, _ in columns)], body)]
 
 
+def model_statistics(results) -> list:
+    """Model id, type, layers, hidden size, vocabulary and dtype, as a run's results record
+    them (the columns of Table 1)."""
+    m, cfg = results["model"], results["config"]
+    keys = ("model_id", "model_type", "num_layers", "hidden_size", "vocab_size")
+    return [*(m[k] for k in keys), cfg["dtype"]]
+
+
 def _table_1(results) -> list[str]:
     """Table 1: the model's statistics, as the traces record them."""
-    m, cfg = results["model"], results["config"]
-    body = [
-        [
-            m["model_id"],
-            m["model_type"],
-            m["num_layers"],
-            m["hidden_size"],
-            m["vocab_size"],
-            cfg["dtype"],
-        ]
-    ]
+    body = [model_statistics(results)]
     header = ["model", "type", "layers", "hidden size", "vocabulary", "dtype"]
     return ["", "## Table 1: model statistics", "", markdown_table(header, body)]
 
