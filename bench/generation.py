@@ -70,7 +70,7 @@ import adainfer
 from adainfer import headroom as H
 from adainfer import timing
 from adainfer.arch import find_parts
-from adainfer.files import write_atomic, write_json, write_text_atomic
+from adainfer.files import OutputLock, write_atomic, write_json, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
@@ -754,7 +754,13 @@ class Ctx:
 
 def measure_cell(model, tokenizer, task: Task, *, batch, names, settings, path, head, execute):
     """One cell, resumable: support check, calibration, warm-up and memory, then each batch
-    not yet in the file (the file rewritten after each)."""
+    not yet in the file (the file rewritten after each). Cells of one out dir may run side by
+    side (the grid's lanes), one cell by one run: a second would redo and overwrite batches."""
+    with OutputLock(path, folder=False):
+        return _measure_cell(model, tokenizer, task, batch, names, settings, path, head, execute)
+
+
+def _measure_cell(model, tokenizer, task, batch, names, settings, path, head, execute):
     data = open_cell(path, head)
     job = base_job(tokenizer, model, task).but(name=head["model"], dtype=head["dtype"], batch=batch)
     ctx = Ctx(model, tokenizer, task, batch, settings, path, data, job)

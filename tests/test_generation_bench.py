@@ -131,6 +131,21 @@ def test_a_killed_cell_resumes_at_its_batch(bench, tmp_path, monkeypatch):
         bench.main([*argv, "--calib-tokens", "5"], loader=_loader, tasks=tasks)
 
 
+def test_a_cell_has_one_writer_while_other_cells_of_the_folder_run(bench, tmp_path):
+    from adainfer.files import FolderInUse, OutputLock
+
+    tasks = lambda name, tok, limit: _toy_task(bench, limit)  # noqa: E731
+    argv = _argv(tmp_path, "--methods", "plain")
+    argv[argv.index("--batch-sizes") + 1] = "1"
+    cell = tmp_path / "bench" / "tiny-float32-b1.json"
+    with OutputLock(cell, folder=False), pytest.raises(FolderInUse, match="in use"):
+        bench.main(argv, loader=_loader, tasks=tasks)
+    assert not cell.exists()
+    with OutputLock(tmp_path / "bench" / "tiny-float32-b2.json", folder=False):
+        bench.main(argv, loader=_loader, tasks=tasks)  # another lane's cell: no conflict
+    assert len(json.loads(cell.read_text())["batches"]) == len(PROMPTS)
+
+
 def _run(seconds, tokens, **extra):
     return {"seconds": seconds, "tokens": tokens, "texts": [""] * len(tokens), "stats": {}, **extra}
 
