@@ -297,6 +297,11 @@ def _adainfer(model, tokenizer, prompts, job: Job, **how) -> Gen:
     return Gen(r.texts, r.tokens, stats)
 
 
+def run_engine_plain(model, tokenizer, prompts, job: Job) -> Gen:
+    """adainfer's own decoding with nothing skipped: the base of the lossy saving."""
+    return _adainfer(model, tokenizer, prompts, job)
+
+
 def run_lossless(model, tokenizer, prompts, job: Job) -> Gen:
     how = {k: job.params[k] for k in ("draft_layer", "draft_tokens")}
     return _adainfer(model, tokenizer, prompts, job, **how)
@@ -317,6 +322,7 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "plain": Method(run_plain),
+    "adainfer-plain": Method(run_engine_plain),
     "hf-early-exit": Method(
         run_hf_early_exit,
         candidates=lambda L: [
@@ -866,7 +872,15 @@ def summarise_method(data: dict, name: str) -> dict:
 
 
 # =========================================================================== the table
-ORDER = ["plain", "hf-early-exit", "lossless", "lossless-planned", "lossy@1%", "lossy@5%"]
+ORDER = [
+    "plain",
+    "adainfer-plain",
+    "hf-early-exit",
+    "lossless",
+    "lossless-planned",
+    "lossy@1%",
+    "lossy@5%",
+]
 COLUMNS = [
     "model",
     "dtype",
@@ -953,6 +967,8 @@ def cell_notes(data: dict) -> list[str]:
                 f"{_setting(t['params'])}: {t['ratio']['median']:.2f}x" for t in entry["sweep"]
             )
             notes.append(f"- {name} calibration (tokens/s vs plain, median): {tried}")
+    notes += [_oracle_note(data, name) for name in data["methods"] if name.startswith("lossy")]
+    notes = [n for n in notes if n]
     spent = []
     for name in data["methods"]:
         batches = [b for b in data["batches"].values() if name in b["runs"]]
@@ -976,9 +992,54 @@ def cell_notes(data: dict) -> list[str]:
     return notes + [""]
 
 
+def engine_base(data: dict) -> str | None:
+    """The run of adainfer's own decoder with nothing skipped: `adainfer-plain`, or
+    `lossless-planned` where its plan drafted nothing in any batch (then it is the same)."""
+    runs = [b["runs"] for b in data["batches"].values()]
+    if any("adainfer-plain" in r for r in runs):
+        return "adainfer-plain"
+    planned = [r["lossless-planned"]["stats"] for r in runs if "lossless-planned" in r]
+    if planned and not any(sum(s.get("drafted") or [0]) for s in planned):
+        return "lossless-planned"
+    return None
+
+
+def _oracle_note(data: dict, name: str) -> str | None:
+    """A lossy method's measured saving over adainfer's own plain decoding, as a share of the
+    per-token oracle's (every token at the layer where the lens settles, checks free), which
+    `load_cells` takes from the cell's calibration files."""
+    base, oracle = engine_base(data), data.get("oracle_speedup")
+    batches = [b for b in data["batches"].values() if base and {name, base} <= set(b["runs"])]
+    if not batches or not oracle:
+        return None
+    r = quartiles(paired_ratios(batches, name, base=base))
+    share = (1 - 1 / r["median"]) / (1 - 1 / oracle)
+    return (
+        f"- {name}: {r['median']:.2f}x ({r['q1']:.2f}-{r['q3']:.2f}) the tokens/s of adainfer's "
+        f"plain decoding ({base}), paired over {r['n']} batches; the per-token oracle (each token "
+        f"at its settled layer, free checks; calibration traces and costs) gives {oracle:.2f}x: "
+        f"{share:.0%} of its saving"
+    )
+
+
+def oracle_speedup(out_dir: Path, data: dict) -> float | None:
+    """1 / the oracle's step cost (plain step = 1) in this cell's lossy calibration files:
+    a token leaving at its settled layer skips (L - settled) layers and still reads the head."""
+    key = f"{data['model']}-{data['dtype']}-b{data['batch_size']}-risk*-half*.json"
+    steps = []
+    for path in sorted((out_dir / "exits").glob(key)):
+        policy = json.loads(path.read_text())
+        c, L = policy["calibration"], policy["num_layers"]
+        if c.get("oracle_mean_settled") is not None:
+            steps.append(1 - (L - c["oracle_mean_settled"]) * policy["costs"]["layer"])
+    return 1 / float(np.mean(steps)) if steps else None
+
+
 def load_cells(out_dir: Path) -> list[dict]:
     order = list(TASK_OF)
     cells = [json.loads(p.read_text()) for p in sorted((out_dir / "bench").glob("*.json"))]
+    for data in cells:
+        data["oracle_speedup"] = oracle_speedup(out_dir, data)
     return sorted(
         cells,
         key=lambda c: (

@@ -11,26 +11,30 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-results/generation/grid}
-METHODS=plain,hf-early-exit,lossless-planned,lossy@1%,lossy@5%
-cell() {  # model dtype batch-sizes [extra flags]
-    local model=$1 dtype=$2 batches=$3
-    shift 3
+# adainfer-plain (adainfer's decoder skipping nothing) is the base of the lossy saving; the
+# first two Qwen cells were started without it (lossless-planned stands in where it drafts
+# nothing), and a cell's method list is fixed once it has batches
+FIRST=plain,hf-early-exit,lossless-planned,lossy@1%,lossy@5%
+METHODS=plain,adainfer-plain,hf-early-exit,lossless-planned,lossy@1%,lossy@5%
+cell() {  # methods model dtype batch-sizes [extra flags]
+    local methods=$1 model=$2 dtype=$3 batches=$4
+    shift 4
     OMP_NUM_THREADS=1 PYTHONPATH=src $PY bench/generation.py --models "$model" --dtypes "$dtype" \
-        --batch-sizes "$batches" --methods "$METHODS" --threads 1 --execute --out-dir "$OUT" "$@"
+        --batch-sizes "$batches" --methods "$methods" --threads 1 --execute --out-dir "$OUT" "$@"
 }
 case ${1:-} in
 a)
-    cell qwen2.5-0.5b bfloat16 8
-    cell smollm2-135m bfloat16 1,8
-    cell qwen2.5-0.5b float32 1,8 --limit 40
+    cell $FIRST qwen2.5-0.5b bfloat16 8
+    cell $METHODS smollm2-135m bfloat16 1,8
+    cell $METHODS qwen2.5-0.5b float32 1,8 --limit 40
     ;;
 b)
     until [ "$(ls "$OUT"/exits/qwen2.5-0.5b-bfloat16-b8-risk*-half*.json 2>/dev/null | wc -l)" -ge 4 ]; do
         sleep 60
     done
-    cell qwen2.5-0.5b bfloat16 1
-    cell gemma3-270m bfloat16 1,8
-    cell qwen2.5-1.5b bfloat16 1,8 --limit 40
+    cell $FIRST qwen2.5-0.5b bfloat16 1
+    cell $METHODS gemma3-270m bfloat16 1,8
+    cell $METHODS qwen2.5-1.5b bfloat16 1,8 --limit 40
     ;;
 *)
     echo "usage: $0 a|b" >&2

@@ -167,6 +167,32 @@ def test_paired_ratios_on_injected_timings(bench):
     assert bench.summarise_method(data, "plain")["ratio"]["median"] == 1.0
 
 
+def test_the_lossy_saving_is_set_against_the_oracle_of_its_calibration_files(bench, tmp_path):
+    # adainfer-plain 10 tokens in 2 s; lossy@1% in 1.6 s: 1.25x, a saving of 20% of the time
+    runs = {"adainfer-plain": _run(2.0, [list(range(10))]), "lossy@1%": _run(1.6, [[1] * 10])}
+    data = {"model": "m", "dtype": "bfloat16", "batch_size": 1, "batches": {"0": {"runs": runs}}}
+    data["methods"] = {"adainfer-plain": {}, "lossy@1%": {}}
+    exits = tmp_path / "exits"
+    exits.mkdir()
+    for half, settled in enumerate((16.0, 20.0)):  # oracle steps 1 - 6 * 0.05, 1 - 2 * 0.05
+        policy = {"num_layers": 22, "costs": {"layer": 0.05}}
+        policy["calibration"] = {"oracle_mean_settled": settled}
+        (exits / f"m-bfloat16-b1-risk0.01-half{half}.json").write_text(json.dumps(policy))
+    oracle = bench.oracle_speedup(tmp_path, data)
+    assert oracle == pytest.approx(1 / 0.8)  # a 20% saving
+    assert bench.oracle_speedup(tmp_path, {**data, "batch_size": 8}) is None
+    note = bench._oracle_note({**data, "oracle_speedup": oracle}, "lossy@1%")
+    assert "1.25x" in note and "100% of its saving" in note
+    # without adainfer-plain, lossless-planned stands in only where it never drafted
+    planned = _run(2.0, [list(range(10))], stats={"drafted": [0]})
+    runs["lossless-planned"] = planned
+    del runs["adainfer-plain"]
+    assert bench.engine_base(data) == "lossless-planned"
+    planned["stats"]["drafted"] = [3]
+    assert bench.engine_base(data) is None
+    assert bench._oracle_note({**data, "oracle_speedup": oracle}, "lossy@1%") is None
+
+
 def test_a_method_that_changes_outputs_scores_below_one(bench, tmp_path, monkeypatch):
     plain = bench.METHODS["plain"]
 
@@ -258,10 +284,11 @@ def test_a_lossy_cell_records_exit_layers(bench, tmp_path, monkeypatch):
     lossy = bench.Method(bench.run_lossy, prepare=calibrate)
     monkeypatch.setitem(bench.METHODS, "lossy@5%", lossy)
     tasks = lambda name, tok, limit: _toy_task(bench, limit)  # noqa: E731
-    argv = _argv(tmp_path, "--methods", "plain,lossy@5%")
+    argv = _argv(tmp_path, "--methods", "plain,adainfer-plain,lossy@5%")
     argv[argv.index("--batch-sizes") + 1] = "2"
     bench.main(argv, loader=_loader, tasks=tasks)
     data = json.loads((tmp_path / "bench" / "tiny-float32-b2.json").read_text())
+    assert bench.summarise_method(data, "adainfer-plain")["exact"]["rows"] == 1.0
     s = bench.summarise_method(data, "lossy@5%")
     assert 1 <= s["exit_layer"] <= 4 and s["ratio"]["n"] == len(data["batches"])
     changed = s["changed"]
