@@ -15,6 +15,7 @@ from adainfer.lossy import (
     ExitCosts,
     ExitTrace,
     TokenExitPolicy,
+    _decode_steps,
     frequent_tokens,
     trace_exits,
 )
@@ -177,6 +178,40 @@ def test_the_plan_weighs_measured_costs():
     assert 6 in skip.layers_ and skip.calibration_["head_skipped_share"] > 0
 
 
+def test_batched_costs_reduce_to_per_token_ones_when_every_part_is_per_row():
+    N, L = 64, 6
+    steps = _decode_steps(np.repeat(np.arange(8), 8), rows=4)
+    assert len(np.unique(steps)) == 2 * 8  # 2 batches of 4 prompts, 8 tokens each
+    # checks at layers 3 and 6: a token passing at 3 was checked once, the others twice
+    depth = np.where(np.random.default_rng(0).random(N) < 0.5, 3, L)
+    passed, checks = depth == 3, np.where(depth == 3, 1, 2)
+    parts = dict(layer=0.1, head=0.3, check=0.02, propagate=0.01)
+    expected = ExitCosts(**parts).step(depth, checks, passed, L).mean()
+    got = ExitCosts(**parts, rows=4).step(depth, checks, passed, L, steps, at=[3, 6])
+    assert got == pytest.approx(np.full(N, expected))
+
+
+def test_at_batch_size_a_row_that_leaves_saves_only_the_per_row_share():
+    L, parts = 6, dict(layer=0.1, head=0.4, check=0.0, propagate=0.0, rows=2)
+    step = np.array([0, 0])  # one decode step of two rows
+
+    def cost(fixed, depth):
+        depth = np.asarray(depth)
+        return ExitCosts(**parts, fixed=fixed).step(depth, 1, depth < L, L, step, [3])[0]
+
+    weights = {"body": 1.0, "head": 1.0}  # every part's time is reading its weights
+    assert cost(weights, [3, L]) == pytest.approx(1)  # the other row still runs them all
+    assert cost(weights, [3, 3]) == pytest.approx(1 - 3 * 0.1 - 0.4)  # both left: no 4-6, head
+    per_row = {"body": 0.0, "head": 0.0}
+    assert cost(per_row, [3, L]) == pytest.approx(1 - (3 * 0.1 + 0.4) / 2)
+
+
+def test_decode_steps_follow_prompts_and_positions():
+    prompt = np.array([0, 0, 0, 1, 1, 2, 3, 3, 3, 3])
+    assert _decode_steps(prompt, 1).tolist() == [0, 1, 2, 4, 5, 8, 12, 13, 14, 15]
+    assert _decode_steps(prompt, 2).tolist() == [0, 1, 2, 0, 1, 4, 4, 5, 6, 7]
+
+
 def test_candidate_layers_follow_agreement():
     trace = synthetic_trace()
     policy = TokenExitPolicy(min_agreement=0.6, max_checks=2).fit_trace(trace)
@@ -189,10 +224,15 @@ def test_candidate_layers_follow_agreement():
 def test_fit_on_a_tiny_model_and_round_trip(tmp_path):
     model, tok = tiny_model("llama")
     prompts = PROMPTS + ["abc", "zzz"]
-    measured = TokenExitPolicy(risk=0.5, min_agreement=0.0, vocab_size=40)
+    measured = TokenExitPolicy(risk=0.5, min_agreement=0.0, vocab_size=40, cost_batch_size=2)
     measured.fit(model, tok, prompts, max_new_tokens=8, batch_size=2)
-    assert set(measured.costs_) == {"layer", "head", "check", "propagate"}
+    costs = measured.costs_
+    assert costs["rows"] == 2 and set(costs["fixed"]) == {"body", "head", "check", "propagate"}
+    assert all(0 <= f <= 1 for f in costs["fixed"].values())
     assert measured.calibration_["step_cost"] <= 1.0  # never planned slower than plain
+    assert 0 < measured.calibration_["oracle_step_cost"] <= 1.0
+    measured.save(tmp_path / "batched.json")
+    assert TokenExitPolicy.load(tmp_path / "batched.json").costs_ == costs
     trace = trace_exits(model, tok, prompts, vocab_size=40, max_new_tokens=8, batch_size=2)
     policy = TokenExitPolicy(risk=0.5, min_agreement=0.0, vocab_size=40, delta=None)
     policy.fit_trace(trace)  # a few tokens certify nothing: the point estimate decides

@@ -32,7 +32,7 @@ import inspect
 import json
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
 
@@ -184,12 +184,46 @@ def _trace_batch(decoder, signal: ExitSignal, prompts, generated, offset):
 def measure_exit_costs(model, tokenizer, prompts, vocab, *, samples: int = 30) -> ExitCosts:
     """Time a plain KV-cached decode step of `prompts` (one row each) and, back to back with
     it, the full LM head, one exit check and one layer's state propagation on the same rows
-    (`timing.interleaved`); each as the median of its times over the step's median."""
+    (`timing.interleaved`); each as the median of its times over the step's median. With
+    more than one prompt, the same parts on one row too: what of each does not shrink with
+    fewer rows (`ExitCosts.fixed`)."""
     decoder = SelfSpeculativeDecoder(model, tokenizer)
-    rows, _ = decoder._prefill(list(prompts), 1)
     parts, L = decoder.parts, decoder.parts.num_layers
     signal = ExitSignal(decoder.lens, torch.as_tensor(vocab), tokenizer(list(prompts))["input_ids"])
     propagation = StatePropagation(parts) if parts.spec.attn_norm else None
+    B = len(prompts)
+    runners = _cost_parts(decoder, signal, propagation, list(prompts))
+    if B > 1:
+        one = _cost_parts(decoder, signal, propagation, list(prompts[:1]))
+        runners.update({f"{name}@1": fn for name, fn in one.items()})
+    runners = {name: (lambda i, fn=fn: timed(fn)) for name, fn in runners.items()}
+    seconds, _ = interleaved(runners, samples, warmup_batches=3)
+    median = {name: float(np.median(s)) for name, s in seconds.items()}
+    share = {name: median[name] / median["step"] for name in median}
+    fixed = {}
+    if B > 1:
+        median["body"], median["body@1"] = (
+            median["step"] - median["head"],
+            median["step@1"] - median["head@1"],
+        )
+        for name in ("body", "head", "check", "propagate"):
+            if name in median:
+                ratio = median[f"{name}@1"] / median[name]  # 1/B if all per row, 1 if none
+                fixed[name] = float(np.clip((ratio - 1 / B) / (1 - 1 / B), 0.0, 1.0))
+    return ExitCosts(
+        layer=(1 - share["head"]) / L,  # the rest of a step is mostly its layers
+        head=share["head"],
+        check=share["check"],
+        propagate=share.get("propagate", 0.0),
+        rows=B,
+        fixed=fixed,
+    )
+
+
+def _cost_parts(decoder, signal, propagation, prompts) -> dict[str, Callable[[], object]]:
+    """The parts of a decode step of `prompts`, each a call to time."""
+    rows, _ = decoder._prefill(prompts, 1)
+    model, L = decoder.parts.model, decoder.parts.num_layers
     inputs = decoder._feed(rows, rows.pending[:, None])
     hidden = torch.randn(len(prompts), model.config.hidden_size, dtype=model.dtype)
     hidden = hidden.to(rows.mask.device)
@@ -200,23 +234,14 @@ def measure_exit_costs(model, tokenizer, prompts, vocab, *, samples: int = 30) -
             model(**inputs, cache=rows.cache, use_cache=True, logits_to_keep=1)
         rows.cache.crop(-1)
 
-    parts_ = {
+    out = {
         "step": step,
         "head": lambda: decoder.lens(hidden),
         "check": lambda: signal(hidden, hidden),
     }
     if propagation is not None:
-        parts_["propagate"] = lambda: propagation.keys_values(L, hidden, index)
-    runners = {name: (lambda i, fn=fn: timed(fn)) for name, fn in parts_.items()}
-    seconds, _ = interleaved(runners, samples, warmup_batches=3)
-    median = {name: float(np.median(s)) for name, s in seconds.items()}
-    share = {name: median[name] / median["step"] for name in median}
-    return ExitCosts(
-        layer=(1 - share["head"]) / L,  # the rest of a step is mostly its layers
-        head=share["head"],
-        check=share["check"],
-        propagate=share.get("propagate", 0.0),
-    )
+        out["propagate"] = lambda: propagation.keys_values(L, hidden, index)
+    return out
 
 
 # ------------------------------------------------------------------ the policy
@@ -241,7 +266,9 @@ class TokenExitPolicy:
     max_checks : at most this many candidate layers, the deepest that qualify; the plan
         keeps the subset of them that makes a step cheapest (none: plain decoding).
     cost_batch_size : the decode batch size at which `fit` measures what a layer, the head,
-        a check and a propagation cost (the plan depends on it).
+        a check and a propagation cost, and how much of each a row that leaves saves (the
+        plan depends on it: at batch 8 a layer skipped by some rows of a step is still read
+        for the others; see `ExitCosts`).
     C : inverse L2 strength of each layer's logistic-regression probe.
     """
 
@@ -300,13 +327,19 @@ class TokenExitPolicy:
         if not test.any():
             order = test = held  # too few prompts to split: the order is no longer fixed
         halves = [
-            _Half(self._scores(trace.features[m][:, chosen]), trace.agree[m][:, chosen])
+            _Half(
+                self._scores(trace.features[m][:, chosen]),
+                trace.agree[m][:, chosen],
+                _decode_steps(trace.prompt[m], costs.rows),
+            )
             for m in (train, order, test)
         ]
         layers, self.threshold_, self.calibration_ = _plan(
             *halves, self.layers_, trace.num_layers, self.risk, self.delta, costs
         )
-        self.calibration_.update(_report(trace.settled[test], self.calibration_, trace.num_layers))
+        self.calibration_.update(
+            _report(trace.settled[test], self.calibration_, trace.num_layers, costs, halves[2])
+        )
         keep = [self.layers_.index(x) for x in layers]
         self.layers_, self.coef_, self.intercept_ = layers, self.coef_[keep], self.intercept_[keep]
         return self
@@ -441,7 +474,14 @@ _FILE = Record(
         "intercept": ListOf(float),
         "threshold": Number(finite=False),  # inf: no token passes (plain decoding)
         "calibration": DictOf(Optional(Number(finite=False, nan=True))),
-        "costs": Record({k: Number(low=0) for k in ("layer", "head", "check", "propagate")}),
+        "costs": Record(
+            {
+                **{k: Number(low=0) for k in ("layer", "head", "check", "propagate")},
+                "rows": Int(1),
+                "fixed": DictOf(Number(low=0, high=1)),
+            },
+            optional=("rows", "fixed"),  # files from before batch-aware costs
+        ),
         "vocab": ListOf(Int(0)),
     }
 )
@@ -449,21 +489,35 @@ _FILE = Record(
 
 @dataclass
 class ExitCosts:
-    """What the parts of a decode step cost, as shares of one plain decode step."""
+    """What the parts of a decode step of `rows` rows cost, as shares of one plain step.
+
+    At `rows` > 1 a part run on fewer rows (rows that left skip the layers above) is cheaper
+    only by its per-row share: its weights are read once whatever the rows (on this CPU a
+    layer at batch 8 takes about 1.3x its batch-1 time, not 8x). `fixed` holds per part
+    ("body": the layers and the rest of a step, "head", "check", "propagate") the share that
+    does not shrink: the part on n of `rows` rows costs cost * (f + (1 - f) * n / rows), and
+    nothing when no row runs it."""
 
     layer: float  # one decoder layer
     head: float  # the full LM head read
     check: float  # one exit check (shortlist read and probe)
     propagate: float  # one skipped layer's keys and values from the exit state
+    rows: int = 1  # the batch size these were timed at
+    fixed: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def layers_only(cls, num_layers: int) -> ExitCosts:
         """Free checks and head: only layers count (what the per-token oracle counts)."""
         return cls(layer=1 / num_layers, head=0.0, check=0.0, propagate=0.0)
 
-    def step(self, exit_layer, checks, passed, num_layers: int) -> np.ndarray:
+    def step(self, exit_layer, checks, passed, num_layers: int, steps=None, at=()) -> np.ndarray:
         """[N] cost of each token's step: the layers it ran and the ones it filled, its checks,
-        the full head unless a check passed, and the rest of a plain step."""
+        the full head unless a check passed, and the rest of a plain step. With `steps` (the
+        decode step of each token) and `rows` > 1, the parts are costed per step on the rows
+        that ran them, with the check layers `at`; each token then carries the ratio of the
+        steps' total cost to plain steps'."""
+        if self.rows > 1 and steps is not None:
+            return self._batched(np.asarray(exit_layer), passed, steps, at, num_layers)
         rest = 1 - num_layers * self.layer - self.head
         skipped = num_layers - exit_layer
         return (
@@ -474,6 +528,31 @@ class ExitCosts:
             + np.where(passed, 0.0, self.head)
         )
 
+    def _part(self, name: str, n: np.ndarray, num_layers: int) -> np.ndarray:
+        """What part `name` costs on n rows of a step (n an array)."""
+        fixed = self.fixed.get("body" if name in ("layer", "rest") else name, 0.0)
+        cost = 1 - num_layers * self.layer - self.head if name == "rest" else getattr(self, name)
+        return np.where(n > 0, cost * (fixed + (1 - fixed) * n / self.rows), 0.0)
+
+    def _batched(self, depth, passed, steps, at, L: int) -> np.ndarray:
+        _, g = np.unique(steps, return_inverse=True)
+        G = int(g.max()) + 1 if len(g) else 0
+        n = np.bincount(g, minlength=G)
+        hist = np.zeros((G, L + 2))
+        np.add.at(hist, (g, depth), 1)
+        active = hist[:, ::-1].cumsum(1)[:, ::-1]  # [:, l]: rows still running at layer l
+        ran = active[:, 1 : L + 1]
+        late = np.bincount(g, weights=~np.asarray(passed, dtype=bool), minlength=G)
+        cost = (
+            self._part("rest", n, L)
+            + self._part("layer", ran, L).sum(1)
+            + self._part("propagate", n[:, None] - ran, L).sum(1)
+            + self._part("check", active[:, list(at)], L).sum(1)
+            + self._part("head", late, L)
+        )
+        plain = self._part("rest", n, L) + L * self._part("layer", n, L) + self._part("head", n, L)
+        return np.full(len(depth), cost.sum() / plain.sum() if G else 1.0)
+
 
 @dataclass
 class _Half:
@@ -482,6 +561,7 @@ class _Half:
 
     scores: np.ndarray
     agree: np.ndarray
+    steps: np.ndarray | None = None  # [N] the decode step of each token (see `_decode_steps`)
 
     def replay(self, subset, threshold, layers, num_layers, costs: ExitCosts):
         """(changed [N], exit depth [N], passed [N], step cost [N]) of one candidate."""
@@ -492,7 +572,21 @@ class _Half:
         at = np.asarray([layers[c] for c in sub])
         depth = np.where(passed, at[np.minimum(exit_at, size - 1)], num_layers)
         checks = np.where(passed, exit_at + 1, size)
-        return changed, depth, passed, costs.step(depth, checks, passed, num_layers)
+        cost = costs.step(depth, checks, passed, num_layers, self.steps, at)
+        return changed, depth, passed, cost
+
+
+def _decode_steps(prompt: np.ndarray, rows: int) -> np.ndarray:
+    """[N] which decode step each token is in, were the prompts (their tokens in a row, in
+    order) decoded `rows` at a time: the batch's rank times the longest output, plus the
+    token's position in its prompt's output."""
+    if not len(prompt):
+        return np.zeros(0, dtype=np.int64)
+    new = np.r_[True, prompt[1:] != prompt[:-1]]
+    starts = np.flatnonzero(new)
+    position = np.arange(len(prompt)) - np.repeat(starts, np.diff(np.r_[starts, len(prompt)]))
+    rank = np.cumsum(new) - 1
+    return rank // rows * (int(position.max()) + 1) + position
 
 
 def _plan(train, order: _Half, held: _Half, layers, num_layers, epsilon, delta, costs, grid=100):
@@ -557,13 +651,17 @@ def _changed(exit_at: np.ndarray, agree: np.ndarray) -> np.ndarray:
     return left & ~got.astype(bool)
 
 
-def _report(settled, outcome: dict, L: int) -> dict:
-    """The plan's layer saving next to the per-token oracle's (free checks, known answers)."""
+def _report(settled, outcome: dict, L: int, costs: ExitCosts, held: _Half) -> dict:
+    """The plan's layer saving next to the per-token oracle's (free checks, known answers),
+    and the oracle's step cost: each token at its settled layer, read by the full head."""
     oracle = float((L - settled).mean())
     saved = L - outcome["mean_exit_layer"]
+    none = np.zeros(len(settled), dtype=bool)
+    step = costs.step(settled, 0, none, L, held.steps) if len(settled) else np.ones(1)
     return {
         "oracle_mean_settled": float(settled.mean()),
         "share_of_oracle_saving": saved / oracle if oracle > 0 else float("nan"),
+        "oracle_step_cost": float(step.mean()),
     }
 
 
