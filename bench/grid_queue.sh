@@ -27,6 +27,8 @@ a)
     cell $FIRST qwen2.5-0.5b bfloat16 8
     cell $METHODS smollm2-135m bfloat16 1,8
     cell $METHODS qwen2.5-0.5b float32 1,8 --limit 40
+    cell $METHODS smollm2-135m float32 1,8
+    cell $METHODS qwen2.5-1.5b float32 1,8 --limit 40
     ;;
 b)
     until [ "$(ls "$OUT"/exits/qwen2.5-0.5b-bfloat16-b8-risk*-half*.json 2>/dev/null | wc -l)" -ge 4 ]; do
@@ -35,6 +37,7 @@ b)
     cell $FIRST qwen2.5-0.5b bfloat16 1
     cell $METHODS gemma3-270m bfloat16 1,8
     cell $METHODS qwen2.5-1.5b bfloat16 1,8 --limit 40
+    cell $METHODS gemma3-270m float32 1,8
     ;;
 *)
     echo "usage: $0 a|b" >&2
