@@ -732,11 +732,20 @@ def changed_counts(model, tokenizer, prompts, tokens: Sequence[list[int]]) -> li
 
 
 def score_all(ctx, execute: bool, cache: dict) -> None:
-    """Scores every batch in the file still lacks (a run with --execute after one without)."""
+    """Scores every batch in the file still lacks (a run with --execute after one without),
+    and where lossy runs count changed tokens, the same count for plain's own tokens: the
+    floor of that count, as a teacher-forced forward rounds differently from decoding step
+    by step (in bf16 near-ties fall either way)."""
     by_id = {it.id: it for it in ctx.task.items}
     for record in ctx.data["batches"].values():
         if all(i in by_id for i in record["ids"]):
             score(record, [by_id[i] for i in record["ids"]], ctx.task, execute, cache)
+            runs, plain = record["runs"], record["runs"].get("plain")
+            if plain and "changed" not in plain and any("changed" in r for r in runs.values()):
+                prompts = [by_id[i].prompt for i in record["ids"]]
+                plain["changed"] = changed_counts(
+                    ctx.model, ctx.tokenizer, prompts, plain["tokens"]
+                )
     ctx.save()
 
 

@@ -289,6 +289,7 @@ def test_a_lossy_cell_records_exit_layers(bench, tmp_path, monkeypatch):
     bench.main(argv, loader=_loader, tasks=tasks)
     data = json.loads((tmp_path / "bench" / "tiny-float32-b2.json").read_text())
     assert bench.summarise_method(data, "adainfer-plain")["exact"]["rows"] == 1.0
+    assert bench.summarise_method(data, "plain")["changed"] == 0.0  # the floor: fp32, exact
     s = bench.summarise_method(data, "lossy@5%")
     assert 1 <= s["exit_layer"] <= 4 and s["ratio"]["n"] == len(data["batches"])
     changed = s["changed"]
