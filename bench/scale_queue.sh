@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Issue 19, part 1: Qwen2.5-1.5B (28 layers) through the paper's protocol, the prefill bench
+# grid and plan quality, as the smaller models were (results/README.md has each command's
+# reading). Every step resumes where it stopped, so after an interruption rerun the script;
+# about 775k prompt tokens for reproduce (k = 0 and 5, measured on Qwen2.5-0.5B's traces), the
+# bulk of the work on 2 CPU cores. Run it alone: the bench step times on both cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+AI=${AI:-.venv/bin/adainfer}
+DATA=${DATA:-../shared/data}
+M=qwen2.5-1.5b
+$AI reproduce --model $M --dtype bfloat16 --shots 0,5 --n-queries 200 --n-train 40 \
+    --data-dir "$DATA" --out-dir results/$M --transfer-from results/qwen2.5-0.5b
+$AI bench --model $M --task sst2 --task capitalize --batch-sizes 1,8,32 --dtypes bfloat16,float32 \
+    --n-queries 32 --n-train 200 --repeats 3 --data-dir "$DATA" --out-dir results/bench
+$AI collect --model $M --dtype bfloat16 --task sst2 --shots 5 --n-test 872 --n-train 0 \
+    --held-out --data-dir "$DATA" --out results/$M-sst2-872
+# plan quality needs the check costs the bench measured for this model (layers per check at
+# batch 1 / 8 / 32, bf16, SST-2: the "check" column of results/bench/bench.md)
+echo "then: python bench/plan_quality.py results/$M --test-traces results/$M-sst2-872 --task sst2 \\"
+echo "    --shots 5 --check-cost 1:<b1>,8:<b8>,32:<b32> --out results/plan-quality/$M-sst2-872"
+echo "and: adainfer claims results/smollm2-135m results/gemma3-270m results/qwen2.5-0.5b results/$M \\"
+echo "    --readme results/README.md"
