@@ -977,6 +977,7 @@ def cell_notes(data: dict) -> list[str]:
             )
             notes.append(f"- {name} calibration (tokens/s vs plain, median): {tried}")
     notes += [_oracle_note(data, name) for name in data["methods"] if name.startswith("lossy")]
+    notes += [_pass_note(data, name) for name in data["methods"] if name != "plain"]
     notes = [n for n in notes if n]
     spent = []
     for name in data["methods"]:
@@ -1029,6 +1030,22 @@ def _oracle_note(data: dict, name: str) -> str | None:
         f"at its settled layer, free checks, every row's saving in full; calibration traces and "
         f"costs) gives {oracle:.2f}x: {share:.0%} of its saving"
     )
+
+
+def _pass_note(data: dict, name: str) -> str | None:
+    """Problems a method fails that plain passes and the reverse, with the exact McNemar
+    p-value: whether a pass@1 difference is more than which problems happened to flip."""
+    from scipy.stats import binomtest
+
+    lost = gained = 0
+    for b in data["batches"].values():
+        mine, plain = b["runs"].get(name, {}).get("passed"), b["runs"]["plain"].get("passed")
+        for x, y in zip(plain or [], mine or []):
+            lost, gained = lost + (x and not y), gained + (y and not x)
+    if not lost + gained:
+        return None
+    p = binomtest(lost, lost + gained).pvalue
+    return f"- {name} against plain: {lost} problems lost, {gained} gained (McNemar p = {p:.3f})"
 
 
 def oracle_speedup(out_dir: Path, data: dict) -> float | None:

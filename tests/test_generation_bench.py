@@ -193,6 +193,20 @@ def test_the_lossy_saving_is_set_against_the_oracle_of_its_calibration_files(ben
     assert bench._oracle_note({**data, "oracle_speedup": oracle}, "lossy@1%") is None
 
 
+def test_problems_lost_and_gained_are_counted_pairwise(bench):
+    runs = [({"passed": [True, True]}, {"passed": [False, True]}), ({"passed": [False]}, {})]
+    data = {"batches": {str(i): {"runs": {"plain": p, "m": m}} for i, (p, m) in enumerate(runs)}}
+    assert (
+        bench._pass_note(data, "m")
+        == "- m against plain: 1 problems lost, 0 gained (McNemar p = 1.000)"
+    )
+    data["batches"]["1"]["runs"]["m"] = {"passed": [True]}
+    assert "1 problems lost, 1 gained" in bench._pass_note(data, "m")
+    data["batches"]["0"]["runs"]["m"] = {"passed": [True, True]}
+    data["batches"]["1"]["runs"]["m"] = {"passed": [False]}
+    assert bench._pass_note(data, "m") is None  # same problems passed
+
+
 def test_a_method_that_changes_outputs_scores_below_one(bench, tmp_path, monkeypatch):
     plain = bench.METHODS["plain"]
 
