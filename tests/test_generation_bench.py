@@ -360,3 +360,27 @@ def test_crossfit_serves_each_half_a_policy_calibrated_on_the_other(bench, tmp_p
     traced.clear()
     bench.main(argv, loader=_loader, tasks=tasks)
     assert traced == [] and len(list((tmp_path / "exits").glob("*.json"))) == 2
+
+
+def _ties():
+    spec = importlib.util.spec_from_file_location("bench_ties", ROOT / "bench" / "ties.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ties_reads_the_top_two_logits_where_a_lossless_row_differs():
+    ties = _ties()
+    model, tok = tiny_model("llama")
+    plain, other = [5, 6, 7, 8], [5, 6, 9]
+    runs = {"plain": {"tokens": [plain, plain]}, "lossless-planned": {"tokens": [other, plain]}}
+    data = {"model": "tiny", "dtype": "float32", "batch_size": 2}
+    data["batches"] = {"0": {"ids": ["a", "b"], "runs": runs}}
+    rows = ties.differing_rows(data)
+    assert [(r["id"], r["at"]) for r in rows] == [("a", 2)]  # row b is identical
+    (row,) = ties.cell_ties(data, model, tok, {"a": "hello", "b": "world"})
+    ids, values = ties.top_two(model, tok, "hello", plain[:3])
+    assert row["top2"] == ids and row["gap"] == pytest.approx(values[0] - values[1])
+    assert row["token"] == 2 and row["of"] == 4 and row["cell"] == "tiny-fp32-b2"
+    table = ties.table([row])
+    assert "| tiny-fp32-b2 | lossless-planned | a | 3 of 4 |" in table
