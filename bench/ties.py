@@ -90,7 +90,9 @@ def _head(data: dict, row: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    header = "| cell | method | problem | first differing token | top two logits there | gap | reading |"
+    header = (
+        "| cell | method | problem | first differing token | top two logits there | gap | reading |"
+    )
     lines = [header, "|---|---|---|---|---|---|---|"]
     for r in rows:
         logits = " / ".join(f"{v:.3f}" for v in r.get("logits", [])) or "-"
