@@ -70,7 +70,7 @@ import adainfer
 from adainfer import headroom as H
 from adainfer import timing
 from adainfer.arch import find_parts
-from adainfer.files import OutputLock, write_atomic, write_json, write_text_atomic
+from adainfer.files import OutputLock, read_json, write_atomic, write_json, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
@@ -561,6 +561,11 @@ def cell_key(model: str, dtype: str, batch: int) -> str:
     return f"{model}-{dtype}-b{batch}"
 
 
+def cell_name(data: dict) -> str:
+    """A cell record's key, with the short dtype name (the name the report shows)."""
+    return cell_key(data["model"], SHORT.get(data["dtype"], data["dtype"]), data["batch_size"])
+
+
 def open_cell(path: Path, head: dict) -> dict:
     """The cell's record: resumed from its file when that was made with the same settings
     (other settings would mix two experiments in one row: refused)."""
@@ -801,16 +806,21 @@ def _rows(batches: Sequence[dict], name: str, key: str) -> list:
     return [x for b in batches for x in b["runs"][name].get(key) or []]
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def exact_match(plain: Sequence[list[int]], other: Sequence[list[int]]) -> dict:
     """Share of rows whose tokens are the plain model's, and share of the plain model's tokens
     matched up to each row's first difference."""
     same, prefix = 0, 0
     for p, o in zip(plain, other):
         same += p == o
-        n = 0
-        while n < min(len(p), len(o)) and p[n] == o[n]:
-            n += 1
-        prefix += n
+        prefix += common_prefix(p, o)
     total = sum(len(p) for p in plain)
     return {"rows": same / len(plain), "tokens": prefix / total if total else 1.0}
 
@@ -961,7 +971,7 @@ def report(cells: Sequence[dict]) -> str:
 
 
 def cell_notes(data: dict) -> list[str]:
-    key = cell_key(data["model"], SHORT.get(data["dtype"], data["dtype"]), data["batch_size"])
+    key = cell_name(data)
     plain = summarise_method(data, "plain")
     notes = [f"**{key}**"]
     if data["model"] in PUBLISHED_PASS1 and "pass@1" in plain:
@@ -1057,7 +1067,7 @@ def oracle_speedup(out_dir: Path, data: dict) -> float | None:
     key = f"{data['model']}-{data['dtype']}-b{data['batch_size']}-risk*-half*.json"
     steps = []
     for path in sorted((out_dir / "exits").glob(key)):
-        policy = json.loads(path.read_text())
+        policy = read_json(path, "token-exit policy")
         c, L = policy["calibration"], policy["num_layers"]
         if c.get("oracle_mean_settled") is not None:
             steps.append(1 - (L - c["oracle_mean_settled"]) * policy["costs"]["layer"])

@@ -39,7 +39,8 @@ def differing_rows(data: dict) -> list[dict]:
             mine = record["runs"].get(name, {}).get("tokens")
             for i, (p, m) in enumerate(zip(plain, mine or [])):
                 if p != m:
-                    at = next((t for t in range(min(len(p), len(m))) if p[t] != m[t]), None)
+                    n = G.common_prefix(p, m)
+                    at = n if n < min(len(p), len(m)) else None  # None: one is a prefix
                     out.append(
                         {"id": record["ids"][i], "method": name, "at": at, "plain": p, "mine": m}
                     )
@@ -79,9 +80,7 @@ def cell_ties(data: dict, model, tokenizer, prompts: dict[str, str]) -> list[dic
 
 def _head(data: dict, row: dict) -> dict:
     return {
-        "cell": G.cell_key(
-            data["model"], G.SHORT.get(data["dtype"], data["dtype"]), data["batch_size"]
-        ),
+        "cell": G.cell_name(data),
         "method": row["method"],
         "id": row["id"],
         "token": row["at"],

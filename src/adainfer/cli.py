@@ -739,12 +739,7 @@ def _calibrate_exits_parser(sub):
     p.add_argument(
         "--max-new-tokens", type=_int_at_least(1), default=64, help="(default: %(default)s)"
     )
-    p.add_argument(
-        "--batch-size",
-        type=_int_at_least(1),
-        default=8,
-        help="prompts decoded at once while calibrating (default: %(default)s)",
-    )
+    _batch_size_arg(p)
     p.add_argument(
         "--plan-batch-size",
         type=_int_at_least(1),
