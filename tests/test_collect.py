@@ -1,5 +1,7 @@
 """Collect: per-layer labels, incremental parquet parts, resume after a kill, training arrays."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -122,6 +124,21 @@ def test_collect_folder_of_another_model_is_refused(setup, tmp_path):
     other = AdaptiveEngine(*tiny_model("llama", layers=6))
     with pytest.raises(ValueError, match="another model"):
         collect(other, queries, tmp_path, progress=False)
+
+
+def test_a_folder_from_before_the_parameter_count_gets_it_on_resume(setup, tmp_path):
+    engine, queries = setup
+    collect(engine, queries[:2], tmp_path, batch_size=2, progress=False)
+    meta_path = tmp_path / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["parameters"] == sum(p.numel() for p in engine.model.parameters())
+    old = {k: v for k, v in meta.items() if k != "parameters"}
+    meta_path.write_text(json.dumps(old))  # as collect wrote it before the count
+    collect(engine, queries[:2], tmp_path, batch_size=2, progress=False)
+    assert json.loads(meta_path.read_text()) == meta
+    meta_path.write_text(json.dumps({**meta, "parameters": meta["parameters"] + 1}))
+    with pytest.raises(ValueError, match="another model"):  # a recorded count must match
+        collect(engine, queries[:2], tmp_path, batch_size=2, progress=False)
 
 
 def test_training_arrays_and_fit(setup, tmp_path):

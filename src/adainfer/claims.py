@@ -265,7 +265,8 @@ def table_1(models: list[dict]) -> str:
         test = sum(x["n"] for x in r["rows"] if x["family"] == "main" and x["policy"] == "full")
         runs = [len(cfg["tasks"]), ", ".join(map(str, cfg["shots"])), test]
         body.append([r["folder"], *model_statistics(r), *runs])
-    header = ["folder", "model", "type", "layers", "hidden", "vocabulary", "dtype", "tasks", "k"]
+    header = ["folder", "model", "type", "parameters", "layers", "hidden", "vocabulary", "dtype"]
+    header += ["tasks", "k"]
     return markdown_table([*header, "test queries"], body)
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .features import ALL_FEATURES
 from .files import OutputLock, read_json, write_atomic, write_text_atomic
-from .persist import model_signature
+from .persist import model_signature, parameter_count
 from .policies import NeverExit
 from .prefill import AdaptiveEngine
 from .tasks import Query
@@ -124,21 +124,26 @@ def _collect(
 def _check_folder(out: Path, engine, features, queries) -> dict:
     """The fingerprints of the queries `out` already holds, after checking that they came from
     this model and feature set, and that no id now names another prompt; a new folder gets its
-    meta.json."""
+    meta.json, and one written before meta.json recorded the parameter count gets it."""
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": model_signature(engine.model), "features": list(features)}
+    meta = {
+        "model": model_signature(engine.model),
+        "features": list(features),
+        "parameters": parameter_count(engine.model),
+    }
     meta_path = out / "meta.json"
-    if meta_path.exists():
-        old = read_json(meta_path, "collect folder's meta.json")
-        if old != meta:
-            model = old.get("model") if isinstance(old, dict) else None
-            model_id = model.get("model_id") if isinstance(model, dict) else model
-            features = old.get("features") if isinstance(old, dict) else None
-            raise ValueError(
-                f"{out} already holds data collected with another model or feature set "
-                f"({model_id}, {features}); use a new --out folder"
-            )
-    else:
+    old = read_json(meta_path, "collect folder's meta.json") if meta_path.exists() else None
+    # a folder from before meta.json recorded the parameter count matches without it
+    upgraded = {"parameters": meta["parameters"], **old} if isinstance(old, dict) else old
+    if old is not None and upgraded != meta:
+        model = old.get("model") if isinstance(old, dict) else None
+        model_id = model.get("model_id") if isinstance(model, dict) else model
+        features = old.get("features") if isinstance(old, dict) else None
+        raise ValueError(
+            f"{out} already holds data collected with another model or feature set "
+            f"({model_id}, {features}); use a new --out folder"
+        )
+    if old != meta:
         write_text_atomic(meta_path, json.dumps(meta, indent=2))
     done = collected_fingerprints(out)
     changed = [q.id for q in queries if done.get(q.id) not in (None, fingerprint(q))]

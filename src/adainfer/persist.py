@@ -56,6 +56,11 @@ def model_signature(model) -> dict:
     }
 
 
+def parameter_count(model) -> int:
+    """The model's parameters, a tied embedding and head counted once (Table 1's size)."""
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a shared one once
+
+
 def save_policy(policy: ExitPolicy, path, model=None, **extra) -> Path:
     """One file: the policy's arrays, and a JSON header with its kind, parameters and features;
     for a `PlannedPolicy`, its plans, stop threshold, training target and model. `model` (a

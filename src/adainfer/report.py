@@ -591,18 +591,26 @@ def _layer_accuracy_table(results, settings) -> list[str]:
     return ["", title, "", markdown_table(["layer", *(n for n, _ in columns)], body)]
 
 
+def _size(n) -> str:
+    """A parameter count as people quote it (135M, 1.54B); "-" where the traces lack it."""
+    if n is None:
+        return "-"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
 def model_statistics(results) -> list:
-    """Model id, type, layers, hidden size, vocabulary and dtype, as a run's results record
-    them (the columns of Table 1)."""
-    m, cfg = results["model"], results["config"]
-    keys = ("model_id", "model_type", "num_layers", "hidden_size", "vocab_size")
-    return [*(m[k] for k in keys), cfg["dtype"]]
+    """Model id, type, parameters, layers, hidden size, vocabulary and dtype, as a run's
+    results record them (the columns of Table 1)."""
+    m = results["model"]
+    size = _size(m.get("parameters"))
+    shape = [m["num_layers"], m["hidden_size"], m["vocab_size"]]
+    return [m["model_id"], m["model_type"], size, *shape, results["config"]["dtype"]]
 
 
 def _table_1(results) -> list[str]:
     """Table 1: the model's statistics, as the traces record them."""
     body = [model_statistics(results)]
-    header = ["model", "type", "layers", "hidden size", "vocabulary", "dtype"]
+    header = ["model", "type", "parameters", "layers", "hidden size", "vocabulary", "dtype"]
     return ["", "## Table 1: model statistics", "", markdown_table(header, body)]
 
 

@@ -328,7 +328,7 @@ def report(out: Path, config: dict, *, hidden: int, vocab: int) -> dict:
     ]
     results = {
         "config": config,
-        "model": meta["model"],
+        "model": {**meta["model"], **{k: meta[k] for k in ("parameters",) if k in meta}},
         "families": {family: list(policies) for family, policies in families.items()},
         "notes": notes,
         "rows": rows,
