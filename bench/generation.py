@@ -11,8 +11,9 @@ time on a batch pairs with the plain model's time on that batch:
 - `lossless`: `adainfer.generate(draft_layer=d, draft_tokens=k)`, a fixed draft setting;
 - `lossless-planned`: `adainfer.generate(plan=...)`, the cell's `DraftPlanner` plan (plain
   decoding where drafting does not pay);
-- `lossy@1%`, `lossy@5%`: `adainfer.generate(exits=...)`, a `TokenExitPolicy` calibrated
-  label-free on Python standard-library prompts at that risk.
+- `lossy@0.5%`, `lossy@1%`, `lossy@5%`: `adainfer.generate(exits=...)`, a `TokenExitPolicy`
+  calibrated label-free at that risk (`--exit-calibration`: on the other half of the evaluated
+  prompts, the default, or on Python standard-library prompts).
 
 Where a method has settings (E; d and k), they are picked per cell by a short sweep on
 calibration prompts disjoint from the evaluated ones (hand-written code prompts for
@@ -438,11 +439,14 @@ def run_lossy(model, tokenizer, prompts, job: Job) -> Gen:
     return _adainfer(model, tokenizer, prompts, job, exits=policies[int(job.rows[0] >= split)])
 
 
+RISKS = (0.005, 0.01, 0.05)  # lossy@0.5%: does a lower risk keep pass@1 within a point?
+METHODS["lossless-planned"] = Method(run_planned, prepare=fit_plan)
 METHODS.update(
     {
-        "lossless-planned": Method(run_planned, prepare=fit_plan),
-        "lossy@1%": Method(run_lossy, prepare=functools.partial(calibrate_exits, risk=0.01)),
-        "lossy@5%": Method(run_lossy, prepare=functools.partial(calibrate_exits, risk=0.05)),
+        f"lossy@{100 * risk:g}%": Method(
+            run_lossy, prepare=functools.partial(calibrate_exits, risk=risk)
+        )
+        for risk in RISKS
     }
 )
 PENDING: dict[str, str] = {}
@@ -897,8 +901,7 @@ ORDER = [
     "hf-early-exit",
     "lossless",
     "lossless-planned",
-    "lossy@1%",
-    "lossy@5%",
+    *(f"lossy@{100 * risk:g}%" for risk in RISKS),
 ]
 COLUMNS = [
     "model",

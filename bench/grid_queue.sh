@@ -24,6 +24,10 @@ cell() {  # methods model dtype batch-sizes [extra flags]
 }
 case ${1:-} in
 a)
+    # does a lower risk keep pass@1 within a point? (the 1% plan loses 3.7-4.3 points in bf16)
+    mkdir -p results/generation/lower-risk/exits
+    cp -n "$OUT"/exits/.traces -r results/generation/lower-risk/exits/ 2>/dev/null || true
+    OUT=results/generation/lower-risk cell plain,adainfer-plain,lossy@0.5% qwen2.5-0.5b bfloat16 8
     cell $FIRST qwen2.5-0.5b bfloat16 8
     cell $METHODS smollm2-135m bfloat16 1,8
     cell $METHODS qwen2.5-0.5b float32 1,8 --limit 40
