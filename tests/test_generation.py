@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from adainfer.generation import SelfSpeculativeDecoder
+from adainfer.generation import SelfSpeculativeDecoder, generate
 from conftest import ARCHS, _config, char_tokenizer, tiny_model
 
 PROMPTS = [
@@ -93,6 +93,13 @@ def test_bad_settings_are_clear_errors():
         SelfSpeculativeDecoder(model, tok, draft_layer=2, draft_tokens=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SelfSpeculativeDecoder(model, tok).generate(["hi"], max_new_tokens=0)
+    # 0 is a value, not "unset": each reaches its own check rather than a default
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1, got 0"):
+        generate(model, tok, ["hi"], max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature must be above 0 when sampling, got 0"):
+        generate(model, tok, ["hi"], do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        generate(model, tok, ["hi"], top_p=0)
     with pytest.raises(TypeError, match="list of strings"):
         SelfSpeculativeDecoder(model, tok).generate("hi")
     with pytest.raises(ValueError, match="no prompts"):
@@ -177,3 +184,33 @@ def test_generate_takes_generation_config_settings_and_stop_strings():
         adainfer.generate(model, tok, ["hi"], generation_config=GenerationConfig(num_beams=2))
     with pytest.raises(ValueError, match="repetition_penalty"):
         adainfer.generate(model, tok, ["hi"], repetition_penalty=1.2)
+
+
+@pytest.mark.parametrize("draft_layer", [None, 3])
+def test_the_streamed_text_is_the_result_text_cut_before_a_stop_string(draft_layer):
+    from adainfer.generation import TextStream
+
+    model, tok = _model("llama")
+    plain = generate(model, tok, PROMPTS[:1], max_new_tokens=16, eos_token_id=[])
+    full = plain.texts[0]
+    for stop in (full[6:9], full[-2:] + "never made"):  # a stop reached; one only begun
+        pieces = []
+        stream = TextStream(tok, [stop], write=pieces.append)
+        result = generate(
+            model,
+            tok,
+            PROMPTS[:1],
+            draft_layer=draft_layer,
+            stop_strings=[stop],
+            max_new_tokens=16,
+            eos_token_id=[],
+            on_tokens=stream,
+        )
+        before = "".join(pieces)
+        if stop in full:
+            assert before == result.texts[0]  # up to the stop, and nothing past it
+        else:  # the row ended on the stop's first characters: held back until the end
+            assert result.texts[0] == full and before == full[:-2]
+        stream.end()
+        assert "".join(pieces) == result.texts[0]
+        assert len(pieces) > 1  # it streamed

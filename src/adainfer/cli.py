@@ -647,11 +647,17 @@ def _bench_parser(sub):
 def _generate_parser(sub):
     p = sub.add_parser(
         "generate",
-        help="generate text, lossless, with drafts from an early layer; one prompt streams",
-        description="Continue each prompt. With --draft-layer, every round drafts "
-        "--draft-tokens tokens from that layer and the full model verifies them, starting at the "
-        "next layer: greedy output is the plain model's token for token, and sampled output "
-        "follows its distribution. Without it, plain decoding. A single prompt streams.",
+        help="generate text: lossless by default (plain decoding or planned drafts), lossy "
+        "with --exits; one prompt streams",
+        description="Continue each prompt. Lossless, the default: without drafting settings "
+        "plain decoding; with --draft-plan (from `adainfer plan-drafts`) or --draft-layer, "
+        "every round drafts up to --draft-tokens tokens from an early layer and the full model "
+        "verifies them from the next layer on, so greedy output is the plain model's token for "
+        "token and sampled output follows its distribution. Lossy, opt-in: --exits (a policy "
+        "from `adainfer calibrate-exits`) lets every token leave at its own layer; the share of "
+        "tokens that differ from plain greedy decoding is held to the risk the policy was "
+        "calibrated for, on prompts like its calibration prompts. The two modes do not combine. "
+        "A single prompt streams, cut before a stop string as the result is.",
     )
     _model_args(p, "decode")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
@@ -1136,7 +1142,7 @@ def cmd_generate(args):
     import json
 
     from .drafting import load_plan
-    from .generation import generate
+    from .generation import TextStream, generate
     from .lossy import TokenExitPolicy
     from .taskdata import read_prompts
 
@@ -1150,7 +1156,8 @@ def cmd_generate(args):
         raise ValueError("give --draft-plan or --draft-layer, not both")
     plan = load_plan(args.draft_plan) if args.draft_plan else None
     model, tokenizer = _load(args)
-    stream = _Stream(tokenizer) if len(prompts) == 1 and not args.json else None
+    one = len(prompts) == 1 and not args.json
+    stream = TextStream(tokenizer, args.stop or ()) if one else None
     result = generate(
         model,
         tokenizer,
@@ -1179,6 +1186,7 @@ def cmd_generate(args):
         for i, text in enumerate(result.texts):
             print(f"--- {i}\n{text}")
     else:
+        stream.end()
         print()
     tokens = sum(len(t) for t in result.tokens)
     drafts = "" if result.draft_layer is None else f", {result.acceptance:.0%} of drafts kept"
@@ -1190,20 +1198,6 @@ def cmd_generate(args):
         f"[{tokens} tokens in {result.wall_time_s:.1f} s{drafts}]",
         file=sys.stderr,
     )
-
-
-class _Stream:
-    """Prints one row's text as its tokens come (decoded whole, printed from where it was)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.tokens, self.shown = tokenizer, [], ""
-
-    def __call__(self, row: int, tokens: list[int]) -> None:
-        self.tokens += tokens
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        sys.stdout.write(text[len(self.shown) :])
-        sys.stdout.flush()
-        self.shown = text
 
 
 COMMANDS = {

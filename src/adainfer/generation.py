@@ -25,6 +25,7 @@ dtype, batch size and machine by `adainfer.drafting.DraftPlanner`.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -552,6 +553,50 @@ class _StopStrings:
         return text[: min(at)] if at else text
 
 
+class TextStream:
+    """An `on_tokens` callback that writes one row's text as it comes, and exactly the text
+    the result will hold: cut before a stop string, so a tail that may be the start of one
+    waits until the next tokens show it is not (as does a character still incomplete)."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = (), write=None):
+        self.stops = _StopStrings(tokenizer, stop_strings)
+        self.write = write or _write_stdout
+        self.tokens: list[int] = []
+        self.shown = ""
+
+    def __call__(self, row: int, tokens: list[int]) -> None:
+        self.tokens += tokens
+        full = self.stops.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        text = self.stops.cut(full)
+        if text == full:  # no stop yet: hold back what a stop or a character may still take
+            text = text.rstrip("\ufffd")
+            text = text[: len(text) - self._maybe_stop(text)]
+        self._show(text)
+
+    def end(self) -> None:
+        """Write what was held back: the row has ended, so it is the result's text."""
+        self._show(
+            self.stops.cut(self.stops.tokenizer.decode(self.tokens, skip_special_tokens=True))
+        )
+
+    def _show(self, text: str) -> None:
+        if len(text) > len(self.shown) and text.startswith(self.shown):
+            self.write(text[len(self.shown) :])
+            self.shown = text
+
+    def _maybe_stop(self, text: str) -> int:
+        """The length of the longest end of `text` that begins some stop string."""
+        return max(
+            (n for s in self.stops.strings for n in range(1, len(s)) if text.endswith(s[:n])),
+            default=0,
+        )
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def eos_ids(model, eos_token_id=None, *, tokenizer=None) -> list[int]:
     """The tokens that end a row: `eos_token_id` if given, else those of the model's
     generation config (where `model.generate` stops), and the tokenizer's EOS if given."""
@@ -615,16 +660,20 @@ def generate(
             )
             for p in prompts
         ]
+
+    def setting(name, default):  # unset is None; 0 is a value, checked where it is used
+        return default if config.get(name) is None else config[name]
+
     chooser = Chooser(
         do_sample=bool(config.get("do_sample")),
-        temperature=config.get("temperature") or 1.0,
-        top_k=config.get("top_k") or 0,
-        top_p=config.get("top_p") or 1.0,
+        temperature=setting("temperature", 1.0),
+        top_k=setting("top_k", 0),
+        top_p=setting("top_p", 1.0),
         generator=None if seed is None else torch.Generator().manual_seed(seed),
     )
     return decoder.generate(
         prompts,
-        max_new_tokens=config.get("max_new_tokens") or 64,
+        max_new_tokens=setting("max_new_tokens", 64),
         eos_token_id=config.get("eos_token_id"),
         chooser=chooser,
         stop_strings=stop_strings,
