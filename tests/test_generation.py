@@ -47,15 +47,42 @@ def _plain_greedy(model, tok, prompts, max_new_tokens, eos=None):
     return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
 
 
+def _eos_stopping_a_row(model, tok, prompts, max_new_tokens):
+    """(an EOS token, the plain model's greedy rows with it): a token some row first makes at
+    its 3rd step or later, so that row stops there, early (others may too)."""
+    free = _plain_greedy(model, tok, prompts, max_new_tokens)
+    row, at = next(
+        (r, i)
+        for r in range(len(prompts))
+        for i in range(2, max_new_tokens)
+        if free[r][i] not in free[r][:i]
+    )
+    expected = _plain_greedy(model, tok, prompts, max_new_tokens, eos=free[row][at])
+    assert len(expected[row]) == at + 1 < max_new_tokens
+    return free[row][at], expected
+
+
+def _fresh_row(model, tok, max_new_tokens) -> int:
+    """The first of PROMPTS whose greedy row makes a new token at its 3rd step or later."""
+    free = _plain_greedy(model, tok, PROMPTS, max_new_tokens)
+    return next(
+        r for r, row in enumerate(free) if any(row[i] not in row[:i] for i in range(2, len(row)))
+    )
+
+
+@pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_lossless_equals_plain_greedy_on_every_architecture(arch):
+def test_lossless_equals_plain_greedy_on_every_architecture(arch, batch):
+    """Batch 1, and 8 prompts of different lengths, a row stopping early at EOS."""
     model, tok = _model(arch)
-    expected = _plain_greedy(model, tok, PROMPTS[:4], 12)
+    # batch 1: the first prompt whose row does not repeat one token (tiny random models may)
+    prompts = PROMPTS[:batch] if batch > 1 else [PROMPTS[_fresh_row(model, tok, 12)]]
+    eos, expected = _eos_stopping_a_row(model, tok, prompts, 12)
     for draft_layer, draft_tokens in [(None, 4), (1, 2), (3, 4), (5, 3)]:
         decoder = SelfSpeculativeDecoder(
             model, tok, draft_layer=draft_layer, draft_tokens=draft_tokens
         )
-        result = decoder.generate(PROMPTS[:4], max_new_tokens=12, eos_token_id=[])
+        result = decoder.generate(prompts, max_new_tokens=12, eos_token_id=eos)
         assert result.tokens == expected, (draft_layer, draft_tokens)
         if draft_layer is not None:
             assert 0 <= result.acceptance <= 1
@@ -66,18 +93,12 @@ def test_lossless_equals_plain_greedy_on_every_architecture(arch):
 def test_batches_with_a_row_stopping_early_at_eos(batch):
     model, tok = _model("llama")
     prompts = PROMPTS[:batch]
-    free = _plain_greedy(model, tok, prompts, 24)
-    # a token some row first makes at its 3rd step or later: that row stops there (others may too)
-    row, at = next(
-        (r, i) for r in range(batch) for i in range(2, 24) if free[r][i] not in free[r][:i]
-    )
-    expected = _plain_greedy(model, tok, prompts, 24, eos=free[row][at])
-    assert len(expected[row]) == at + 1 < 24
+    eos, expected = _eos_stopping_a_row(model, tok, prompts, 24)
     streamed = {i: [] for i in range(batch)}
     result = SelfSpeculativeDecoder(model, tok, draft_layer=4, draft_tokens=3).generate(
         prompts,
         max_new_tokens=24,
-        eos_token_id=free[row][at],
+        eos_token_id=eos,
         on_tokens=lambda row, tokens: streamed[row].extend(tokens),
     )
     assert result.tokens == expected

@@ -79,9 +79,10 @@ def test_collect_fit_save_load_evaluate(engine, queries, tmp_path):
     assert p["oracle"]["mean_checks"] >= 1  # every check it made is charged to it
 
 
-def test_lossless_generation_equals_plain_greedy(engine):
-    """Drafts from layer 24 of 30, verified from layer 25: the plain model's greedy tokens,
-    batch of 3 prompts of different lengths."""
+@pytest.mark.parametrize("batch", [1, 8])
+def test_lossless_generation_equals_plain_greedy(engine, batch):
+    """Drafts from layer 24 of 30, verified from layer 25: the plain model's greedy tokens, at
+    batch 1 and on 8 prompts of different lengths with a row that stops early at EOS."""
     from adainfer.generation import SelfSpeculativeDecoder
 
     model, tok = engine.model, engine.tokenizer
@@ -89,12 +90,23 @@ def test_lossless_generation_equals_plain_greedy(engine):
         "The capital of France is",
         "def add(a, b):\n",
         "Once upon a time, in a land far away,",
-    ]
+        "1, 2, 3, 4,",
+        "Translate to French: cheese",
+        "The three primary colours are",
+        "import numpy as np\n\n",
+        "Q: What is the boiling point of water?\nA:",
+    ][:batch]
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
     with torch.inference_mode():
-        plain = model.generate(**enc, max_new_tokens=20, do_sample=False, eos_token_id=None)
-    expected = plain[:, enc["input_ids"].shape[1] :].tolist()
+        out = model.generate(**enc, max_new_tokens=20, do_sample=False, eos_token_id=None)
+    free = out[:, enc["input_ids"].shape[1] :].tolist()
+    # EOS: a token the last row first makes at its 4th step or later, so that row stops early;
+    # a row that stops leaves the others' greedy tokens as they were
+    last = free[-1]
+    eos = next(t for i, t in enumerate(last) if i >= 3 and t not in last[:i])
+    expected = [r[: r.index(eos) + 1] if eos in r else r for r in free]
+    assert len(expected[-1]) < 20
     decoder = SelfSpeculativeDecoder(model, tok, draft_layer=24, draft_tokens=4)
-    result = decoder.generate(prompts, max_new_tokens=20, eos_token_id=[])
+    result = decoder.generate(prompts, max_new_tokens=20, eos_token_id=eos)
     assert result.tokens == expected
     assert result.accepted.sum() > 0  # the drafts are not all rejected on a real model
