@@ -45,6 +45,7 @@ every batch, so a killed run resumes at the batch it was on) and `<out-dir>/benc
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
 import dataclasses
 import functools
@@ -970,7 +971,83 @@ def report(cells: Sequence[dict]) -> str:
             if s:
                 lines.append("| " + " | ".join(table_row(data, name, s)) + " |")
         notes += cell_notes(data)
-    return "\n".join(lines + [""] + notes) + "\n"
+    return "\n".join(lines + [""] + notes + [targets(cells), ""])
+
+
+TARGETS = [
+    "lossless = plain greedy, every row",
+    "lossless >= 0.97x plain",
+    "lossless faster than HF early exit (batch 1)",
+    "lossy >= 60% of the oracle's saving at <= 1% changed, within 1 point",
+    "moonshot: lossy >= 1.10x plain within 1 point (Qwen HumanEval)",
+]
+
+
+def targets(cells: Sequence[dict]) -> str:
+    """Issue 15's targets, judged per cell from the same summaries as the table."""
+    body = []
+    for data in cells:
+        s = {name: summarise_method(data, name) for name in data["methods"]}
+        s = {name: x for name, x in s.items() if x and "unsupported" not in x}
+        if "plain" not in s:
+            continue
+        body.append([f"{cell_name(data)} ({s['plain']['rows']} rows)", *_judge(data, s)])
+    header = ["cell", *TARGETS]
+    rows = ["| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *body]]
+    return "\n".join(["**Targets** (issue 15; 'point': pass@1 or F1 against plain)", "", *rows])
+
+
+def _judge(data: dict, s: dict) -> list[str]:
+    def verdict(ok: bool, why: str) -> str:
+        return f"{'met' if ok else 'not met'}: {why}"
+
+    def quality(x):
+        return x.get("pass@1", x.get("f1"))
+
+    def lost(x):  # points of pass@1 or F1 given up against plain
+        q, base = quality(x), quality(s["plain"])
+        return None if q is None or base is None else 100 * (base - q)
+
+    lossless = next((n for n in ("lossless-planned", "lossless") if n in s), None)
+    out = ["-"] * 3
+    if lossless:
+        x = s[lossless]
+        differ = round((1 - x["exact"]["rows"]) * x["rows"])
+        ties = data.get("ties", {}).get(lossless, 0)
+        read = f"; ties.md reads {ties} as bf16 ties" if ties else ""
+        out[0] = verdict(not differ, f"{differ} of {x['rows']} rows differ{read}")
+        out[1] = verdict(x["ratio"]["median"] >= 0.97, f"{x['ratio']['median']:.2f}x")
+        if "hf-early-exit" in s:
+            hf = s["hf-early-exit"]["ratio"]["median"]
+            ok = x["ratio"]["median"] > hf
+            out[2] = verdict(ok, f"{x['ratio']['median']:.2f}x against {hf:.2f}x")
+    lossy = [n for n in s if n.startswith("lossy") and s[n].get("changed") is not None]
+    within = [n for n in lossy if s[n]["changed"] <= 0.01]
+    if not lossy:
+        out.append("-")
+    elif not within:
+        out.append("not met: no lossy method changes <= 1% of tokens")
+    else:
+        said = []
+        for n in within:
+            share = oracle_share(data, n)
+            pts = lost(s[n])
+            ok = share is not None and share[1] >= 0.6 and pts is not None and pts <= 1
+            got = "no base to share against" if share is None else f"{share[1]:.0%} of the oracle"
+            points = "-" if pts is None else f"{0.0 - pts:+.1f}"  # 0.0 - 0.0: never "-0.0"
+            said.append(verdict(ok, f"{n} {got}, {s[n]['changed']:.1%} changed, {points} points"))
+        out.append("; ".join(said))
+    if data["settings"]["task"] != "humaneval" or not lossy:
+        out.append("-")
+    else:
+        keep = [n for n in lossy if lost(s[n]) is not None and lost(s[n]) <= 1]
+        best = max(keep, key=lambda n: s[n]["ratio"]["median"], default=None)
+        out.append(
+            verdict(s[best]["ratio"]["median"] >= 1.10, f"{best} {s[best]['ratio']['median']:.2f}x")
+            if best
+            else "not met: every lossy method loses more than 1 point"
+        )
+    return out
 
 
 def cell_notes(data: dict) -> list[str]:
@@ -1006,12 +1083,13 @@ def cell_notes(data: dict) -> list[str]:
         )
     m = data.get("machine", {})
     flags = [f for f, on in (m.get("cpu_flags") or {}).items() if on]
-    notes.append(
-        f"- machine: {m.get('cpu_model')}, {m.get('cores')} cores, torch "
-        f"{m.get('torch')} with {m.get('torch_threads')} thread(s), {'+'.join(flags) or '-'}; "
-        f"{plain.get('tokens_per_s', 0):.1f} plain tokens/s; "
-        f"batches' wall time {plain.get('wall_s', 0) / 60:.1f} min"
-    )
+    if plain:  # nothing timed yet: no speed or time to give
+        notes.append(
+            f"- machine: {m.get('cpu_model')}, {m.get('cores')} cores, torch "
+            f"{m.get('torch')} with {m.get('torch_threads')} thread(s), {'+'.join(flags) or '-'}; "
+            f"{plain.get('tokens_per_s', 0):.1f} plain tokens/s; "
+            f"batches' wall time {plain.get('wall_s', 0) / 60:.1f} min"
+        )
     return notes + [""]
 
 
@@ -1027,16 +1105,23 @@ def engine_base(data: dict) -> str | None:
     return None
 
 
-def _oracle_note(data: dict, name: str) -> str | None:
-    """A lossy method's measured saving over adainfer's own plain decoding, as a share of the
-    per-token oracle's (every token at the layer where the lens settles, checks free), which
-    `load_cells` takes from the cell's calibration files."""
+def oracle_share(data: dict, name: str) -> tuple[dict, float, str] | None:
+    """(a lossy method's tokens/s over adainfer's own plain decoding, that saving as a share
+    of the per-token oracle's, the base method): the oracle puts every token at the layer
+    where the lens settles, checks free; `load_cells` takes it from the calibration files."""
     base, oracle = engine_base(data), data.get("oracle_speedup")
     batches = [b for b in data["batches"].values() if base and {name, base} <= set(b["runs"])]
     if not batches or not oracle:
         return None
     r = quartiles(paired_ratios(batches, name, base=base))
-    share = (1 - 1 / r["median"]) / (1 - 1 / oracle)
+    return r, (1 - 1 / r["median"]) / (1 - 1 / oracle), base
+
+
+def _oracle_note(data: dict, name: str) -> str | None:
+    measured = oracle_share(data, name)
+    if measured is None:
+        return None
+    (r, share, base), oracle = measured, data["oracle_speedup"]
     return (
         f"- {name}: {r['median']:.2f}x ({r['q1']:.2f}-{r['q3']:.2f}) the tokens/s of adainfer's "
         f"plain decoding ({base}), paired over {r['n']} batches; the per-token oracle (each token "
@@ -1080,8 +1165,12 @@ def oracle_speedup(out_dir: Path, data: dict) -> float | None:
 def load_cells(out_dir: Path) -> list[dict]:
     order = list(TASK_OF)
     cells = [json.loads(p.read_text()) for p in sorted((out_dir / "bench").glob("*.json"))]
+    ties = read_json(out_dir / "ties.json", "ties") if (out_dir / "ties.json").is_file() else []
     for data in cells:
         data["oracle_speedup"] = oracle_speedup(out_dir, data)
+        data["ties"] = collections.Counter(
+            t["method"] for t in ties if t["cell"] == cell_name(data)
+        )
     return sorted(
         cells,
         key=lambda c: (

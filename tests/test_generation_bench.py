@@ -88,9 +88,12 @@ def test_a_tiny_grid_end_to_end_then_resumes(bench, tmp_path, monkeypatch):
     assert "batch_size = 1" in b2["methods"]["hf-early-exit"]["unsupported"]
     assert all(set(b["runs"]) == {"plain", "lossless"} for b in b2["batches"].values())
     table = (tmp_path / "bench.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| tiny")]
+    rows = [line for line in table.splitlines() if line.startswith("| tiny |")]
     assert len(rows) == 3 + 3  # b1: three methods; b2: plain, the refusal, lossless
     assert all(r.count("|") == table.splitlines()[0].count("|") for r in rows)
+    judged = [line for line in table.splitlines() if line.startswith("| tiny-fp32-b")]
+    assert len(judged) == 2 and all("| met: 0 of 5 rows differ |" in r for r in judged)
+    assert "met: " in judged[0].split(" | ")[3] and judged[1].split(" | ")[3] == "-"  # HF at b1
     assert not list(tmp_path.rglob(".*.tmp"))
     # run again: every batch is there, nothing generates
     calls = _counting(bench, monkeypatch)
