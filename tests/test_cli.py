@@ -482,6 +482,11 @@ def test_calibrate_exits_then_generate_lossy(model_dir, tmp_path, capsys):
     assert main(args + ["--prompt", "hello", "--exits", str(policy)]) == 0
     data = json.loads(capsys.readouterr().out)
     assert len(data["exit_layers"][0]) == len(data["tokens"][0])
+    # the same policy drafting, lossless: the plain model's greedy tokens
+    assert main(args + ["--prompt", "hello", "--draft-exits", str(policy)]) == 0
+    drafted = json.loads(capsys.readouterr().out)
+    assert main(args + ["--prompt", "hello"]) == 0
+    assert drafted["tokens"] == json.loads(capsys.readouterr().out)["tokens"]
     assert main(calibrate[:3] + ["--out", str(policy)]) == 2  # no prompts: one clear line
     assert "--python-prompts" in capsys.readouterr().err
     strict = calibrate[:5] + ["--epsilon", "0.01", "--max-new-tokens", "4", "--batch-size", "2"]

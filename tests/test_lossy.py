@@ -285,3 +285,110 @@ def test_changed_tokens_reads_each_token_after_its_own_prefix():
     outputs[1][3] = (outputs[1][3] + 1) % 50
     changed = changed_tokens(model, tok, PROMPTS, outputs, batch_size=2)
     assert changed[1][3] and not any(changed[1][:3]) and not any(changed[0])
+
+
+class CoinFlips(TokenExitPolicy):
+    """A fitted policy whose probe passes at random (seeded) at layers 2 and 3: drafts of one
+    round leave at different depths, which losslessness must survive whatever the probe."""
+
+    def decision_function(self, layer, features):
+        return torch.randn(len(features), generator=self.coins)
+
+
+def coin_flips(model) -> CoinFlips:
+    policy = CoinFlips()
+    policy.__dict__.update(forced(model, 2).__dict__)
+    policy.layers_, policy.coef_, policy.intercept_ = [2, 3], np.zeros((2, 3)), np.zeros(2)
+    policy.coins = torch.Generator().manual_seed(0)
+    return policy
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("arch", PROPAGATES)
+def test_drafts_that_leave_at_their_own_layer_keep_plain_greedy(arch, batch):
+    """Batch 1, and 8 prompts of different lengths with a row stopping early at EOS."""
+    from test_generation import PROMPTS as PROMPTS_8
+    from test_generation import _eos_stopping_a_row, _fresh_row, _model
+
+    model, tok = _model(arch)  # 6 layers; Gemma's sliding window wide enough to draft
+    L = model.config.num_hidden_layers
+    prompts = PROMPTS_8[:batch] if batch > 1 else [PROMPTS_8[_fresh_row(model, tok, 12)]]
+    eos, expected = _eos_stopping_a_row(model, tok, prompts, 12)
+    for policy in (coin_flips(model), forced(model, 3, -20.0)):
+        got = adainfer.generate(
+            model,
+            tok,
+            prompts,
+            draft_exits=policy,
+            draft_tokens=3,
+            max_new_tokens=12,
+            eos_token_id=eos,
+        )
+        assert got.tokens == expected
+        depths = {d for row in got.draft_layers for d in row}
+        assert depths <= {2, 3, L} and len(got.draft_layers[0]) == got.drafted[0]
+        assert (got.accepted <= got.drafted).all()
+    assert depths == {L}  # a probe that never passes drafts at full depth, one a round
+    assert got.acceptance == 1.0
+
+
+def test_drafts_by_exits_mix_depths_and_stop_a_round_no_check_let_go():
+    from test_generation import PROMPTS as PROMPTS_8
+
+    model, tok = tiny_model("llama")
+    got = adainfer.generate(
+        model, tok, PROMPTS_8, draft_exits=coin_flips(model), draft_tokens=4, max_new_tokens=16
+    )
+    depths = [d for row in got.draft_layers for d in row]
+    assert {2, 3, 4} <= set(depths)  # one policy, every depth, per token
+    never = adainfer.generate(
+        model,
+        tok,
+        PROMPTS_8[:2],
+        draft_exits=forced(model, 2, -20.0),
+        draft_tokens=4,
+        max_new_tokens=9,
+        eos_token_id=[],
+    )
+    assert never.rounds == 8  # no draft left early: one draft a round, then the verifier
+    certified_none = forced(model, 2)
+    certified_none.layers_ = []  # what calibration gives where no exit passed the risk test
+    got = adainfer.generate(model, tok, PROMPTS_8[:2], draft_exits=certified_none)
+    assert got.tokens == adainfer.generate(model, tok, PROMPTS_8[:2]).tokens
+    assert got.draft_layers is None and got.drafted.sum() == 0  # plain decoding
+    with pytest.raises(ValueError, match="not both exits and draft_exits"):
+        adainfer.generate(model, tok, ["hi"], exits=forced(model, 2), draft_exits=forced(model, 2))
+    with pytest.raises(ValueError, match="not both draft_exits and draft settings"):
+        adainfer.generate(model, tok, ["hi"], draft_exits=forced(model, 2), draft_layer=2)
+
+
+def test_sampled_drafts_by_exits_keep_the_model_distribution():
+    """2000 rows sample two tokens at temperature 0.1; the second is drafted where a coin
+    flip lets it leave (layer 2, 3 or the full head) and accepted or resampled: its
+    frequencies fit the full model's own marginal (chi-square)."""
+    from scipy.stats import chisquare
+
+    from adainfer.generation import Chooser
+
+    model, tok = tiny_model("llama")
+    n, temperature = 2000, 0.1
+    chooser = Chooser(
+        do_sample=True, temperature=temperature, generator=torch.Generator().manual_seed(0)
+    )
+    decoder = coin_flips(model).draft_decoder(model, tok, draft_tokens=1)
+    result = decoder.generate(["hello"] * n, max_new_tokens=2, eos_token_id=[], chooser=chooser)
+    assert result.drafted.sum() == n
+    assert len({d for row in result.draft_layers for d in row}) == 3
+    second = torch.tensor([row[1] for row in result.tokens])
+    ids = tok(["hello"], return_tensors="pt")["input_ids"]
+    V = model.config.vocab_size
+    with torch.inference_mode():
+        first = (model(ids).logits[0, -1] / temperature).softmax(-1)  # p(t0)
+        both = torch.cat([ids.repeat(V, 1), torch.arange(V)[:, None]], 1)
+        full = (model(both).logits[:, -1] / temperature).softmax(-1)  # p(t1 | t0), every t0
+    expected = (first[:, None] * full).sum(0) * n
+    counts = torch.bincount(second, minlength=V).double()
+    big = expected >= 5  # chi-square needs expected counts of 5 or more: pool the rest
+    observed = torch.cat([counts[big], counts[~big].sum()[None]])
+    fit = torch.cat([expected[big], expected[~big].sum()[None]]).double()
+    assert chisquare(observed.numpy(), fit.numpy() * n / fit.sum().item()).pvalue > 1e-3

@@ -651,8 +651,9 @@ def _generate_parser(sub):
         "with --exits; one prompt streams",
         description="Continue each prompt. Lossless, the default: without drafting settings "
         "plain decoding; with --draft-plan (from `adainfer plan-drafts`) or --draft-layer, "
-        "every round drafts up to --draft-tokens tokens from an early layer and the full model "
-        "verifies them from the next layer on, so greedy output is the plain model's token for "
+        "every round drafts up to --draft-tokens tokens from an early layer (with --draft-exits, "
+        "each from the layer a token-exit policy picks for it) and the full model verifies them "
+        "from the next layer on, so greedy output is the plain model's token for "
         "token and sampled output follows its distribution. Lossy, opt-in: --exits (a policy "
         "from `adainfer calibrate-exits`) lets every token leave at its own layer; the share of "
         "tokens that differ from plain greedy decoding is held to the risk the policy was "
@@ -668,6 +669,12 @@ def _generate_parser(sub):
         default=None,
         help="lossy mode: a token-exit policy file from `adainfer calibrate-exits`; every "
         "token leaves at its own layer",
+    )
+    p.add_argument(
+        "--draft-exits",
+        default=None,
+        help="lossless drafts by a token-exit policy file: each draft leaves where the policy "
+        "says, up to --draft-tokens a round, and the full model verifies them",
     )
     p.add_argument(
         "--max-new-tokens", type=_int_at_least(1), default=64, help="(default: %(default)s)"
@@ -1141,6 +1148,8 @@ def cmd_bench(args):
 def cmd_generate(args):
     import json
 
+    import numpy as np
+
     from .drafting import load_plan
     from .generation import TextStream, generate
     from .lossy import TokenExitPolicy
@@ -1152,6 +1161,7 @@ def cmd_generate(args):
     if not prompts:
         raise ValueError("give a --prompt (repeat it for a batch) or a --prompts-file")
     exits = TokenExitPolicy.load(args.exits) if args.exits else None
+    draft_exits = TokenExitPolicy.load(args.draft_exits) if args.draft_exits else None
     if args.draft_plan and args.draft_layer is not None:
         raise ValueError("give --draft-plan or --draft-layer, not both")
     plan = load_plan(args.draft_plan) if args.draft_plan else None
@@ -1165,6 +1175,7 @@ def cmd_generate(args):
         draft_layer=args.draft_layer,
         draft_tokens=args.draft_tokens,
         exits=exits,
+        draft_exits=draft_exits,
         plan=plan,
         chat=args.chat,
         stop_strings=args.stop,
@@ -1178,6 +1189,7 @@ def cmd_generate(args):
     )
     if args.json:
         fields = ("texts", "tokens", "draft_layer", "rounds", "wall_time_s", "exit_layers")
+        fields += ("draft_layers",)
         data = {f: getattr(result, f) for f in fields}
         data.update(drafted=result.drafted.tolist(), accepted=result.accepted.tolist())
         print(json.dumps(data, indent=2))
@@ -1190,6 +1202,9 @@ def cmd_generate(args):
         print()
     tokens = sum(len(t) for t in result.tokens)
     drafts = "" if result.draft_layer is None else f", {result.acceptance:.0%} of drafts kept"
+    if result.draft_layers is not None:
+        depth = np.mean([d for row in result.draft_layers for d in row])
+        drafts += f", mean draft layer {depth:.2f} of {model.config.num_hidden_layers}"
     if result.exit_layers is not None:
         drafts = (
             f", mean exit layer {result.mean_exit_layer:.2f} of {model.config.num_hidden_layers}"

@@ -59,6 +59,7 @@ class GenerationResult:
     rounds: int = 0  # draft-and-verify rounds (plain decoding: steps)
     wall_time_s: float = 0.0
     exit_layers: list[list[int]] | None = None  # lossy mode: the layer each token left at
+    draft_layers: list[list[int]] | None = None  # drafts by exits: the depth of each draft
 
     @property
     def mean_exit_layer(self) -> float:
@@ -333,6 +334,7 @@ class SelfSpeculativeDecoder:
             rounds=out.rounds,
             wall_time_s=time.perf_counter() - start,
             exit_layers=out.exit_layers,
+            draft_layers=out.draft_layers,
         )
 
     # ---------------------------------------------------------------- steps
@@ -409,6 +411,11 @@ class SelfSpeculativeDecoder:
             fed.append(token)
             if not sure:
                 break
+        self._settle(rows, out, fed, drafts, states, probs)
+
+    def _settle(self, rows: _Rows, out: _Output, fed, drafts, states, probs) -> None:
+        """Verify a round's drafts (`fed`: the pending token and the drafts; `states`: their
+        layer-d states) and keep each row's verified prefix and the full model's next token."""
         k = len(drafts)  # a round that stopped early verifies what it drafted
         logits = self._verify(rows, torch.stack(fed[:k], 1), torch.cat(states, 1))  # [A, k, V]
         drafts = torch.stack(drafts, 1)
@@ -505,8 +512,16 @@ class _Output:
         self.drafted = np.zeros(size, dtype=np.int64)
         self.accepted = np.zeros(size, dtype=np.int64)
         self.exit_layers: list[list[int]] | None = None  # per token, where exits are tracked
+        self.draft_layers: list[list[int]] | None = None  # per draft, where it was drafted
         self.full_depth = 0
         self.rounds = 0
+
+    def add_draft_layers(self, index: torch.Tensor, depths: torch.Tensor) -> None:
+        """Record the depth [A, k] of each row's drafts in a round."""
+        if self.draft_layers is None:
+            self.draft_layers = [[] for _ in self.tokens]
+        for i, row in zip(index.tolist(), depths.tolist()):
+            self.draft_layers[i] += row
 
     def most_left(self, index: torch.Tensor) -> int:
         return max(self.max_new_tokens - len(self.tokens[i]) for i in index.tolist())
@@ -620,6 +635,7 @@ def generate(
     draft_layer: int | None = None,
     draft_tokens: int = 4,
     exits=None,
+    draft_exits=None,
     draft_vocab: Sequence[int] | None = None,
     draft_prompt_tokens: bool = False,
     draft_confidence: float = 0.0,
@@ -643,7 +659,9 @@ def generate(
     sets all of them for this model, or plain decoding where it found that drafting does not
     pay; nothing is measured here. `exits`: a fitted `adainfer.TokenExitPolicy` turns on the
     lossy mode, in which every token leaves at its own layer (the result's `exit_layers`);
-    it cannot be combined with drafting."""
+    it cannot be combined with drafting. `draft_exits`: a fitted `TokenExitPolicy` that drafts
+    instead, lossless: each draft leaves where the policy says (the result's `draft_layers`),
+    up to `draft_tokens` a round, and the full model verifies them."""
     config = _settings(generation_config, settings)
     drafting = dict(
         draft_layer=draft_layer,
@@ -652,7 +670,7 @@ def generate(
         draft_prompt_tokens=draft_prompt_tokens,
         draft_confidence=draft_confidence,
     )
-    decoder = _decoder(model, tokenizer, drafting, plan, exits)
+    decoder = _decoder(model, tokenizer, drafting, plan, exits, draft_exits)
     if chat:
         prompts = [
             tokenizer.apply_chat_template(
@@ -681,16 +699,22 @@ def generate(
     )
 
 
-def _decoder(model, tokenizer, drafting: dict, plan, exits) -> SelfSpeculativeDecoder:
+def _decoder(model, tokenizer, drafting: dict, plan, exits, draft_exits) -> SelfSpeculativeDecoder:
     """The decoder the arguments ask for: lossy with `exits`; else lossless, drafting as the
-    plan or the draft settings say (plain decoding without either)."""
+    exit policy, the plan or the draft settings say (plain decoding without any)."""
     asked = drafting["draft_layer"] is not None or drafting["draft_vocab"] is not None
+    given = [("exits", exits), ("draft_exits", draft_exits), ("plan", plan)]
+    chosen = [name for name, x in given if x is not None]
+    if len(chosen) > 1 or (chosen and chosen != ["plan"] and asked):
+        got = " and ".join(chosen + ["draft settings"] * asked)
+        raise ValueError(
+            "choose one of: lossy exits, drafts by an exit policy (draft_exits), a plan, "
+            f"draft settings (draft_layer, draft_vocab); not both {got}"
+        )
     if exits is not None:
-        if asked or plan is not None:
-            raise ValueError(
-                "choose lossless drafting (draft_layer, plan) or lossy exits, not both"
-            )
         return exits.decoder(model, tokenizer)
+    if draft_exits is not None:
+        return draft_exits.draft_decoder(model, tokenizer, drafting["draft_tokens"])
     if plan is not None:
         if asked:
             raise ValueError("give either a plan or draft settings, not both")

@@ -24,6 +24,11 @@ The share is per token, teacher-forced, and the test treats tokens as exchangeab
 (tokens of one prompt are not independent, so the level is nominal); in free generation a
 changed token changes what follows, and propagated states are not the skipped layers' own, so
 the benchmark measures the real rate.
+
+The same policy can draft instead (`ExitDraftDecoder`, `adainfer.generate(draft_exits=...)`):
+each draft token leaves where the probe lets it, a round stops after a draft no check let go,
+and the full model verifies the round from the policy's first check layer on, so the output
+is the plain model's (lossless) and the policy only sets how deep each draft goes.
 """
 
 from __future__ import annotations
@@ -388,6 +393,15 @@ class TokenExitPolicy:
         """The lossy decoder that generates with this policy (`adainfer.generate(exits=...)`)."""
         return EarlyExitDecoder(model, tokenizer, self)
 
+    def draft_decoder(self, model, tokenizer, draft_tokens: int = 4) -> SelfSpeculativeDecoder:
+        """The lossless decoder whose drafts leave where this policy says
+        (`adainfer.generate(draft_exits=...)`); plain decoding where the calibration
+        certified no exit (no check layer), so nothing could leave early to draft."""
+        if not self.layers_:
+            self.check_model(model)
+            return SelfSpeculativeDecoder(model, tokenizer)
+        return ExitDraftDecoder(model, tokenizer, self, draft_tokens)
+
     # -------------------------------------------------------------- files
     def save(self, path) -> None:
         data = {
@@ -692,25 +706,41 @@ class EarlyExitDecoder(SelfSpeculativeDecoder):
 
     def _advance(self, rows: _Rows, out: _Output) -> None:
         """One decode step in which every row leaves at its own layer."""
-        inputs = self._feed(rows, rows.pending[:, None])
-        step = _Step(len(rows.index), self.parts.num_layers)
-        with self.propagation.recording():
-            self.stepper.run(
-                inputs,
-                self._client(step, rows.chooser),
-                watch=self.checks,
-                cache=rows.cache,
-                use_cache=True,
-            )
-        self.propagation.fill(rows.cache, step.layer, step.state)
-        late = step.token < 0  # reached the last layer without passing: the full head
-        if bool(late.any()):
-            logits = self.lens(step.state[late.to(step.state.device)])
-            step.token[late] = rows.chooser.pick(logits).cpu()
+        step = self._exit_step(rows, rows.pending, 0)
         rows.position = rows.position + 1
         rows.pending = step.token.to(rows.pending.device)
         count = torch.ones_like(rows.pending)
         rows.keep(out.add(rows.index, rows.pending[:, None], count, layers=step.layer))
+
+    def _exit_step(self, rows: _Rows, token: torch.Tensor, j: int, client=None) -> _Step:
+        """Feed `token` [A] at `j` positions past the pending one; each row leaves at its own
+        layer, the layers it skipped get its keys and values from its exit state. `client`
+        also sees every watched layer (before the exit decision)."""
+        inputs = self._feed(rows, token[:, None])
+        inputs["position_ids"] = inputs["position_ids"] + j
+        step = _Step(len(rows.index), self.parts.num_layers)
+        if rows.chooser.do_sample and client is not None:  # a draft: its q is needed
+            step.probs = torch.zeros(len(rows.index), self.parts.head.weight.shape[0])
+        exits = self._client(step, rows.chooser)
+
+        def both(seen: LayerOutput):
+            if client is not None:
+                client(seen)
+            return exits(seen)
+
+        with self.propagation.recording():
+            self.stepper.run(inputs, both, watch=self.checks, cache=rows.cache, use_cache=True)
+        self.propagation.fill(rows.cache, step.layer, step.state)
+        late = step.token < 0  # reached the last layer without passing: the full head
+        if bool(late.any()):
+            logits = self.lens(step.state[late.to(step.state.device)])
+            if step.probs is None:
+                step.token[late] = rows.chooser.pick(logits).cpu()
+            else:
+                q = rows.chooser.probs(logits)
+                step.token[late] = rows.chooser.sample(q).cpu()
+                step.probs[late] = q.to(step.probs.dtype).cpu()
+        return step
 
     def _client(self, step: _Step, chooser: Chooser):
         L = self.parts.num_layers
@@ -727,7 +757,15 @@ class EarlyExitDecoder(SelfSpeculativeDecoder):
                 ).cpu()
             gone = seen.rows[leave]
             if len(gone):
-                picked = chooser.pick(logits[leave.to(logits.device)])
+                mine = logits[leave.to(logits.device)]
+                if step.probs is None:
+                    picked = chooser.pick(mine)
+                else:  # a sampled draft: keep its distribution over the whole vocabulary
+                    q = chooser.probs(mine)
+                    picked = chooser.sample(q)
+                    step.probs[gone.to(step.probs.device)] = q.new_zeros(
+                        len(q), step.probs.shape[1]
+                    ).index_copy_(1, self.signal.vocab, q)
                 step.token[gone] = self.signal.vocab[picked].cpu()
             stop = torch.ones_like(leave) if seen.layer == L else leave
             step.state[seen.rows[stop]] = hidden[stop.to(hidden.device)]
@@ -735,6 +773,50 @@ class EarlyExitDecoder(SelfSpeculativeDecoder):
             return None if not bool(leave.any()) else ~leave
 
         return client
+
+
+class ExitDraftDecoder(EarlyExitDecoder):
+    """Lossless generation in which the exit policy drafts: every drafted token leaves at its
+    own layer, where the policy's probe passes (CALM's exits as LayerSkip's drafter), and a
+    round stops drafting after a token that no check let leave early. The full model then
+    verifies every row's drafts in one forward from the policy's first check layer on, which
+    every draft passed through exactly; keys and values the drafts left above it (computed,
+    or propagated from exit states) are dropped first, so the verified cache is the model's
+    own. Greedy output is the plain model's; sampled output follows its distribution."""
+
+    tracks_exits = False
+
+    def __init__(self, model, tokenizer, policy: TokenExitPolicy, draft_tokens: int = 4):
+        super().__init__(model, tokenizer, policy)
+        if draft_tokens < 1:
+            raise ValueError(f"draft_tokens must be at least 1, got {draft_tokens}")
+        self.draft_layer, self.draft_tokens = min(self.checks), draft_tokens
+
+    def _advance(self, rows: _Rows, out: _Output) -> None:
+        """Draft up to k tokens per row, each from its own exit layer, then verify them."""
+        L, d = self.parts.num_layers, self.draft_layer
+        k = min(self.draft_tokens, out.most_left(rows.index))
+        fed, drafts, states, probs, depths = [rows.pending], [], [], [], []
+        for j in range(k):
+            seen = {}
+
+            def keep_state(layer_out: LayerOutput, seen=seen):
+                if layer_out.layer == d:  # no row leaves below it: every row is here
+                    seen["state"] = layer_out.hidden
+
+            step = self._exit_step(rows, fed[-1], j, client=keep_state)
+            states.append(seen["state"])
+            drafts.append(step.token.to(rows.pending.device))
+            depths.append(step.layer)
+            if step.probs is not None:
+                probs.append(step.probs.to(rows.pending.device))
+            fed.append(drafts[-1])
+            if not bool((step.layer < L).any()):
+                break  # no row's draft left early: the policy is sure of none
+        for c in rows.cache.layers[d:]:  # the verifier writes these layers' own keys and values
+            c.crop(-len(drafts))
+        out.add_draft_layers(rows.index, torch.stack(depths, 1))
+        self._settle(rows, out, fed, drafts, states, probs)
 
 
 @dataclass
@@ -745,6 +827,7 @@ class _Step:
     size: int
     num_layers: int
     state: torch.Tensor | None = None
+    probs: torch.Tensor | None = None  # [A, V] what each token was sampled from (drafts only)
 
     def __post_init__(self):
         self.layer = torch.full((self.size,), self.num_layers, dtype=torch.long)
