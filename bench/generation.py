@@ -11,6 +11,8 @@ time on a batch pairs with the plain model's time on that batch:
 - `lossless`: `adainfer.generate(draft_layer=d, draft_tokens=k)`, a fixed draft setting;
 - `lossless-planned`: `adainfer.generate(plan=...)`, the cell's `DraftPlanner` plan (plain
   decoding where drafting does not pay);
+- `lossless-exits@5%`: `adainfer.generate(draft_exits=..., draft_tokens=4)`, drafts whose depth
+  the cell's 5% exit policy picks per token, verified by the full model;
 - `lossy@0.5%`, `lossy@1%`, `lossy@5%`: `adainfer.generate(exits=...)`, a `TokenExitPolicy`
   calibrated label-free at that risk (`--exit-calibration`: on the other half of the evaluated
   prompts, the default, or on Python standard-library prompts).
@@ -295,6 +297,7 @@ def _adainfer(model, tokenizer, prompts, job: Job, **how) -> Gen:
         "accepted": r.accepted.tolist(),
         "rounds": r.rounds,
         "draft_layer": r.draft_layer,
+        **({"draft_layers": r.draft_layers} if r.draft_layers is not None else {}),
     }
     return Gen(r.texts, r.tokens, stats)
 
@@ -430,18 +433,31 @@ def _save_npz(path, arrays: dict) -> None:
         np.savez(f, **arrays)
 
 
-def run_lossy(model, tokenizer, prompts, job: Job) -> Gen:
-    """The lossy mode with the policy that serves this batch's half of the prompts."""
+def _policy(job: Job):
+    """The exit policy that serves this batch's half of the prompts."""
     split, policies = job.params["split"], job.params["exits"]
     if split is None or not job.rows:
-        return _adainfer(model, tokenizer, prompts, job, exits=policies[0])
+        return policies[0]
     if min(job.rows) < split <= max(job.rows):
         raise ValueError(f"batch of rows {job.rows} straddles the crossfit split at {split}")
-    return _adainfer(model, tokenizer, prompts, job, exits=policies[int(job.rows[0] >= split)])
+    return policies[int(job.rows[0] >= split)]
+
+
+def run_lossy(model, tokenizer, prompts, job: Job) -> Gen:
+    return _adainfer(model, tokenizer, prompts, job, exits=_policy(job))
+
+
+def run_exit_drafts(model, tokenizer, prompts, job: Job) -> Gen:
+    """Lossless: the exit policy picks each draft's depth, the full model verifies."""
+    return _adainfer(model, tokenizer, prompts, job, draft_exits=_policy(job), draft_tokens=4)
 
 
 RISKS = (0.005, 0.01, 0.05)  # lossy@0.5%: does a lower risk keep pass@1 within a point?
 METHODS["lossless-planned"] = Method(run_planned, prepare=fit_plan)
+# drafts as deep as the 5% policy lets each token go (misses cost a verification, not output)
+METHODS["lossless-exits@5%"] = Method(
+    run_exit_drafts, prepare=functools.partial(calibrate_exits, risk=0.05)
+)
 METHODS.update(
     {
         f"lossy@{100 * risk:g}%": Method(
@@ -902,6 +918,7 @@ ORDER = [
     "hf-early-exit",
     "lossless",
     "lossless-planned",
+    "lossless-exits@5%",
     *(f"lossy@{100 * risk:g}%" for risk in RISKS),
 ]
 COLUMNS = [
@@ -1008,19 +1025,20 @@ def _judge(data: dict, s: dict) -> list[str]:
         q, base = quality(x), quality(s["plain"])
         return None if q is None or base is None else 100 * (base - q)
 
-    lossless = next((n for n in ("lossless-planned", "lossless") if n in s), None)
-    out = ["-"] * 3
-    if lossless:
-        x = s[lossless]
+    lossless = [n for n in ("lossless-planned", "lossless-exits@5%", "lossless") if n in s]
+    said = [[], [], []]
+    for n in lossless:
+        x, name = s[n], f"{n} " if len(lossless) > 1 else ""
         differ = round((1 - x["exact"]["rows"]) * x["rows"])
-        ties = data.get("ties", {}).get(lossless, 0)
+        ties = data.get("ties", {}).get(n, 0)
         read = f"; ties.md reads {ties} as bf16 ties" if ties else ""
-        out[0] = verdict(not differ, f"{differ} of {x['rows']} rows differ{read}")
-        out[1] = verdict(x["ratio"]["median"] >= 0.97, f"{x['ratio']['median']:.2f}x")
+        said[0].append(verdict(not differ, f"{name}{differ} of {x['rows']} rows differ{read}"))
+        said[1].append(verdict(x["ratio"]["median"] >= 0.97, f"{name}{x['ratio']['median']:.2f}x"))
         if "hf-early-exit" in s:
             hf = s["hf-early-exit"]["ratio"]["median"]
             ok = x["ratio"]["median"] > hf
-            out[2] = verdict(ok, f"{x['ratio']['median']:.2f}x against {hf:.2f}x")
+            said[2].append(verdict(ok, f"{name}{x['ratio']['median']:.2f}x against {hf:.2f}x"))
+    out = ["; ".join(x) or "-" for x in said]
     lossy = [n for n in s if n.startswith("lossy") and s[n].get("changed") is not None]
     within = [n for n in lossy if s[n]["changed"] <= 0.01]
     if not lossy:
