@@ -28,6 +28,9 @@ a)
     mkdir -p results/generation/lower-risk/exits
     cp -n "$OUT"/exits/.traces -r results/generation/lower-risk/exits/ 2>/dev/null || true
     OUT=results/generation/lower-risk cell plain,adainfer-plain,lossy@0.5% qwen2.5-0.5b bfloat16 8
+    # drafts whose depth the exit policy picks per token (lossless), on the first 40 problems
+    OUT=results/generation/exit-drafts cell plain,adainfer-plain,lossless-exits@5% \
+        qwen2.5-0.5b bfloat16 1,8 --limit 40
     cell $FIRST qwen2.5-0.5b bfloat16 8
     cell $METHODS smollm2-135m bfloat16 1,8
     cell $METHODS qwen2.5-0.5b float32 1,8 --limit 40
