@@ -712,20 +712,21 @@ class EarlyExitDecoder(SelfSpeculativeDecoder):
         count = torch.ones_like(rows.pending)
         rows.keep(out.add(rows.index, rows.pending[:, None], count, layers=step.layer))
 
-    def _exit_step(self, rows: _Rows, token: torch.Tensor, j: int, client=None) -> _Step:
+    def _exit_step(self, rows: _Rows, token: torch.Tensor, j: int, draft_from=None) -> _Step:
         """Feed `token` [A] at `j` positions past the pending one; each row leaves at its own
-        layer, the layers it skipped get its keys and values from its exit state. `client`
-        also sees every watched layer (before the exit decision)."""
+        layer, the layers it skipped get its keys and values from its exit state. A draft
+        (`draft_from`: the layer its verification starts above) also keeps every row's state
+        at that layer and, when sampling, the distribution each token was drawn from."""
         inputs = self._feed(rows, token[:, None])
         inputs["position_ids"] = inputs["position_ids"] + j
         step = _Step(len(rows.index), self.parts.num_layers)
-        if rows.chooser.do_sample and client is not None:  # a draft: its q is needed
+        if rows.chooser.do_sample and draft_from is not None:
             step.probs = torch.zeros(len(rows.index), self.parts.head.weight.shape[0])
         exits = self._client(step, rows.chooser)
 
         def both(seen: LayerOutput):
-            if client is not None:
-                client(seen)
+            if seen.layer == draft_from:  # no row leaves below it: every row is here
+                step.start = seen.hidden
             return exits(seen)
 
         with self.propagation.recording():
@@ -798,14 +799,8 @@ class ExitDraftDecoder(EarlyExitDecoder):
         k = min(self.draft_tokens, out.most_left(rows.index))
         fed, drafts, states, probs, depths = [rows.pending], [], [], [], []
         for j in range(k):
-            seen = {}
-
-            def keep_state(layer_out: LayerOutput, seen=seen):
-                if layer_out.layer == d:  # no row leaves below it: every row is here
-                    seen["state"] = layer_out.hidden
-
-            step = self._exit_step(rows, fed[-1], j, client=keep_state)
-            states.append(seen["state"])
+            step = self._exit_step(rows, fed[-1], j, draft_from=d)
+            states.append(step.start)
             drafts.append(step.token.to(rows.pending.device))
             depths.append(step.layer)
             if step.probs is not None:
@@ -828,6 +823,7 @@ class _Step:
     num_layers: int
     state: torch.Tensor | None = None
     probs: torch.Tensor | None = None  # [A, V] what each token was sampled from (drafts only)
+    start: torch.Tensor | None = None  # [A, 1, H] every row's state where verification starts
 
     def __post_init__(self):
         self.layer = torch.full((self.size,), self.num_layers, dtype=torch.long)
