@@ -132,12 +132,32 @@ def test_bad_settings_are_clear_errors():
         SelfSpeculativeDecoder(gemma, gtok, draft_layer=2).generate(["hello"], max_new_tokens=8)
 
 
+def second_token_fit(model, tok, prompt: str, second: torch.Tensor, temperature: float):
+    """(chi-square p-value of the sampled second tokens against the full model's own marginal
+    p(t1) = sum over t0 of p(t0) p(t1 | t0), expected counts [V], hidden states of every
+    (prompt, t0) for a draft's marginal)."""
+    from scipy.stats import chisquare
+
+    n, V = len(second), model.config.vocab_size
+    ids = tok([prompt], return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        first = (model(ids).logits[0, -1] / temperature).softmax(-1)  # p(t0)
+        both = torch.cat([ids.repeat(V, 1), torch.arange(V)[:, None]], 1)
+        out = model(both, output_hidden_states=True)
+        full = (out.logits[:, -1] / temperature).softmax(-1)  # p(t1 | t0), every t0
+    expected = (first[:, None] * full).sum(0) * n
+    counts = torch.bincount(second, minlength=V).double()
+    big = expected >= 5  # chi-square needs expected counts of 5 or more: pool the rest
+    observed = torch.cat([counts[big], counts[~big].sum()[None]])
+    fit = torch.cat([expected[big], expected[~big].sum()[None]]).double()
+    p = chisquare(observed.numpy(), fit.numpy() * n / fit.sum().item()).pvalue
+    return p, expected, (first, out.hidden_states)
+
+
 def test_speculative_sampling_keeps_the_model_distribution():
     """3000 rows sample two tokens at temperature 0.1; the second is drafted from layer 2 and
     accepted or resampled: its frequencies fit the full model's own marginal (chi-square), and
     not the draft's."""
-    from scipy.stats import chisquare
-
     from adainfer.generation import Chooser
     from adainfer.lens import LogitLens
 
@@ -150,28 +170,12 @@ def test_speculative_sampling_keeps_the_model_distribution():
     result = decoder.generate(["hello"] * n, max_new_tokens=2, eos_token_id=[], chooser=chooser)
     assert result.drafted.sum() == n
     second = torch.tensor([row[1] for row in result.tokens])
-
-    ids = tok(["hello"], return_tensors="pt")["input_ids"]
-    V = model.config.vocab_size
+    p, expected, (first, hidden) = second_token_fit(model, tok, "hello", second, temperature)
+    assert p > 1e-3
     with torch.inference_mode():
-        first = (model(ids).logits[0, -1] / temperature).softmax(-1)  # p(t0)
-        both = torch.cat([ids.repeat(V, 1), torch.arange(V)[:, None]], 1)
-        out = model(both, output_hidden_states=True)
-        full = (out.logits[:, -1] / temperature).softmax(-1)  # p(t1 | t0), every t0
-        early = LogitLens(decoder.parts)(out.hidden_states[2][:, -1])
-        draft = (early / temperature).softmax(-1)
-    expected = (first[:, None] * full).sum(0) * n
+        draft = (LogitLens(decoder.parts)(hidden[2][:, -1]) / temperature).softmax(-1)
     drafted = (first[:, None] * draft).sum(0) * n
-    counts = torch.bincount(second, minlength=V).double()
-    big = expected >= 5  # chi-square needs expected counts of 5 or more: pool the rest
-    observed, fit = counts[big], expected[big].double()
-    if not big.all():
-        observed = torch.cat([observed, counts[~big].sum()[None]])
-        fit = torch.cat([fit, expected[~big].sum()[None].double()])
-    assert (
-        chisquare(observed.numpy(), fit.numpy() * observed.sum().item() / fit.sum().item()).pvalue
-        > 1e-3
-    )
+    counts = torch.bincount(second, minlength=model.config.vocab_size).double()
     tv_model = (counts / n - expected / n).abs().sum() / 2
     tv_draft = (counts / n - drafted / n).abs().sum() / 2
     assert tv_model < tv_draft

@@ -366,9 +366,8 @@ def test_sampled_drafts_by_exits_keep_the_model_distribution():
     """2000 rows sample two tokens at temperature 0.1; the second is drafted where a coin
     flip lets it leave (layer 2, 3 or the full head) and accepted or resampled: its
     frequencies fit the full model's own marginal (chi-square)."""
-    from scipy.stats import chisquare
-
     from adainfer.generation import Chooser
+    from test_generation import second_token_fit
 
     model, tok = tiny_model("llama")
     n, temperature = 2000, 0.1
@@ -380,15 +379,4 @@ def test_sampled_drafts_by_exits_keep_the_model_distribution():
     assert result.drafted.sum() == n
     assert len({d for row in result.draft_layers for d in row}) == 3
     second = torch.tensor([row[1] for row in result.tokens])
-    ids = tok(["hello"], return_tensors="pt")["input_ids"]
-    V = model.config.vocab_size
-    with torch.inference_mode():
-        first = (model(ids).logits[0, -1] / temperature).softmax(-1)  # p(t0)
-        both = torch.cat([ids.repeat(V, 1), torch.arange(V)[:, None]], 1)
-        full = (model(both).logits[:, -1] / temperature).softmax(-1)  # p(t1 | t0), every t0
-    expected = (first[:, None] * full).sum(0) * n
-    counts = torch.bincount(second, minlength=V).double()
-    big = expected >= 5  # chi-square needs expected counts of 5 or more: pool the rest
-    observed = torch.cat([counts[big], counts[~big].sum()[None]])
-    fit = torch.cat([expected[big], expected[~big].sum()[None]]).double()
-    assert chisquare(observed.numpy(), fit.numpy() * n / fit.sum().item()).pvalue > 1e-3
+    assert second_token_fit(model, tok, "hello", second, temperature)[0] > 1e-3
