@@ -132,6 +132,20 @@ def test_bad_settings_are_clear_errors():
         SelfSpeculativeDecoder(gemma, gtok, draft_layer=2).generate(["hello"], max_new_tokens=8)
 
 
+def test_a_plan_decodes_plainly_where_a_sliding_window_blocks_drafting():
+    """An explicit draft layer is refused; a plan's is advice: a batch whose prompt and new
+    tokens would fill the window is decoded plainly, one that fits still drafts."""
+    from adainfer.drafting import DraftPlan
+
+    gemma, tok = tiny_model("gemma3")  # sliding window of 8
+    plan = DraftPlan(draft_layer=2, draft_tokens=2)
+    blocked = generate(gemma, tok, ["hello"], plan=plan, max_new_tokens=8, eos_token_id=[])
+    assert blocked.draft_layer is None and blocked.drafted.sum() == 0
+    assert blocked.tokens == generate(gemma, tok, ["hello"], max_new_tokens=8).tokens
+    fits = generate(gemma, tok, ["hi"], plan=plan, max_new_tokens=2, eos_token_id=[])
+    assert fits.draft_layer == 2 and fits.drafted.sum() > 0
+
+
 def second_token_fit(model, tok, prompt: str, second: torch.Tensor, temperature: float):
     """(chi-square p-value of the sampled second tokens against the full model's own marginal
     p(t1) = sum over t0 of p(t0) p(t1 | t0), expected counts [V], hidden states of every

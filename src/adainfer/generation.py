@@ -238,6 +238,7 @@ class _Rows:
     extra: torch.Tensor | None = None  # [A, p] each row's own draft candidates (prompt tokens)
     valid: torch.Tensor | None = None  # [A, p] which of them are real
     chooser: Chooser = field(default_factory=lambda: Chooser(), repr=False)  # picks tokens
+    drafting: bool = False  # whether this batch drafts (off: plain decoding)
 
     def keep(self, keep: torch.Tensor) -> None:
         if bool(keep.all()):
@@ -247,6 +248,10 @@ class _Rows:
         self.position, self.pending = self.position[keep], self.pending[keep]
         if self.extra is not None:
             self.extra, self.valid = self.extra[keep], self.valid[keep]
+
+
+class DraftingBlocked(ValueError):
+    """Drafting cannot serve this generation (a sliding-window cache would fill)."""
 
 
 class SelfSpeculativeDecoder:
@@ -262,6 +267,8 @@ class SelfSpeculativeDecoder:
     draft_prompt_tokens : each row may also draft its own prompt's tokens (with draft_vocab).
     draft_confidence : a round stops drafting after a draft whose top-1 probability (over
         the shortlist, if any) is below this in every row still going; 0: never stops early.
+    plain_if_blocked : decode plainly (rather than refuse) a batch that drafting cannot serve
+        because a sliding-window cache would fill (a plan's settings are advice, not orders).
     """
 
     tracks_exits = False  # whether tokens leave at their own layer (the lossy decoder)
@@ -276,8 +283,10 @@ class SelfSpeculativeDecoder:
         draft_vocab: Sequence[int] | torch.Tensor | None = None,
         draft_prompt_tokens: bool = False,
         draft_confidence: float = 0.0,
+        plain_if_blocked: bool = False,
     ):
         self.model, self.tokenizer = model, tokenizer
+        self.plain_if_blocked = plain_if_blocked
         self.parts = find_parts(model)
         self.lens = LogitLens(self.parts)
         self.stepper = LayerStepper(self.parts)
@@ -328,7 +337,7 @@ class SelfSpeculativeDecoder:
             texts=[
                 stops.cut(t) for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
             ],
-            draft_layer=self.draft_layer,
+            draft_layer=self.draft_layer if rows.drafting else None,
             drafted=out.drafted,
             accepted=out.accepted,
             rounds=out.rounds,
@@ -343,14 +352,21 @@ class SelfSpeculativeDecoder:
         enc = encode(self.model, self.tokenizer, prompts)
         mask, positions = enc["attention_mask"], enc["position_ids"]
         cache = DynamicCache(config=self.model.config)
-        if self.draft_layer is not None:
-            self._check_window(cache, mask.shape[1] + max_new_tokens + self.draft_tokens)
+        drafting = self.draft_layer is not None
+        if drafting:
+            try:
+                self._check_window(cache, mask.shape[1] + max_new_tokens + self.draft_tokens)
+            except DraftingBlocked:
+                if not self.plain_if_blocked:
+                    raise
+                drafting = False
         logits = self.model(**enc, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         chooser = chooser or Chooser()
         first = chooser.pick(logits)
         extra, valid = self.draft_head.extra_ids(enc["input_ids"], mask)
         index = torch.arange(len(prompts))
         rows = _Rows(index, mask, positions[:, -1] + 1, first, cache, extra, valid, chooser)
+        rows.drafting = drafting
         return rows, first
 
     @staticmethod
@@ -365,7 +381,7 @@ class SelfSpeculativeDecoder:
                 f"{sorted({type(c).__name__ for c in cache.layers})}. Use draft_layer=None."
             )
         if windows and longest >= min(windows):
-            raise ValueError(
+            raise DraftingBlocked(
                 f"this model attends within a sliding window of {min(windows)} tokens in some "
                 f"layers, and prompt + max_new_tokens + draft_tokens reach {longest}: drafting "
                 "cannot roll such a cache back. Generate fewer tokens or use draft_layer=None."
@@ -384,7 +400,7 @@ class SelfSpeculativeDecoder:
 
     def _advance(self, rows: _Rows, out: _Output) -> None:
         """One step (plain) or one draft-and-verify round for every row still going."""
-        if self.draft_layer is None:
+        if not rows.drafting:
             self._plain_step(rows, out)
         else:
             self._round(rows, out)
@@ -657,7 +673,8 @@ def generate(
     (no draft layer: plain decoding, the default). `plan`: a fitted
     `adainfer.drafting.DraftPlanner` or a `DraftPlan` (`adainfer.drafting.load_plan`) that
     sets all of them for this model, or plain decoding where it found that drafting does not
-    pay; nothing is measured here. `exits`: a fitted `adainfer.TokenExitPolicy` turns on the
+    pay (or where a sliding-window cache would fill during this batch); nothing is measured
+    here. `exits`: a fitted `adainfer.TokenExitPolicy` turns on the
     lossy mode, in which every token leaves at its own layer (the result's `exit_layers`);
     it cannot be combined with drafting. `draft_exits`: a fitted `TokenExitPolicy` that drafts
     instead, lossless: each draft leaves where the policy says (the result's `draft_layers`),
@@ -718,7 +735,7 @@ def _decoder(model, tokenizer, drafting: dict, plan, exits, draft_exits) -> Self
     if plan is not None:
         if asked:
             raise ValueError("give either a plan or draft settings, not both")
-        drafting = plan.decoder_settings(model)
+        drafting = {**plan.decoder_settings(model), "plain_if_blocked": True}
     return SelfSpeculativeDecoder(model, tokenizer, **drafting)
 
 
