@@ -1060,11 +1060,13 @@ def _judge(data: dict, s: dict) -> list[str]:
     else:
         keep = [n for n in lossy if lost(s[n]) is not None and lost(s[n]) <= 1]
         best = max(keep, key=lambda n: s[n]["ratio"]["median"], default=None)
-        out.append(
-            verdict(s[best]["ratio"]["median"] >= 1.10, f"{best} {s[best]['ratio']['median']:.2f}x")
-            if best
-            else "not met: every lossy method loses more than 1 point"
-        )
+        if best is None:
+            out.append("not met: every lossy method loses more than 1 point")
+        else:
+            own = oracle_share(data, best)  # how much of it the exits bring
+            over = "" if own is None else f" ({own[0]['median']:.2f}x over {own[2]})"
+            ratio = s[best]["ratio"]["median"]
+            out.append(verdict(ratio >= 1.10, f"{best} {ratio:.2f}x{over}"))
     return out
 
 
