@@ -1033,7 +1033,7 @@ def _judge(data: dict, s: dict) -> list[str]:
         ties = data.get("ties", {}).get(n, 0)
         read = f"; ties.md reads {ties} as bf16 ties" if ties else ""
         said[0].append(verdict(not differ, f"{name}{differ} of {x['rows']} rows differ{read}"))
-        said[1].append(verdict(x["ratio"]["median"] >= 0.97, f"{name}{x['ratio']['median']:.2f}x"))
+        said[1].append(verdict(x["ratio"]["median"] >= 0.97, f"{name}{x['ratio']['median']:.3f}x"))
         if "hf-early-exit" in s:
             hf = s["hf-early-exit"]["ratio"]["median"]
             ok = x["ratio"]["median"] > hf
