@@ -253,3 +253,22 @@ def test_the_streamed_text_is_the_result_text_cut_before_a_stop_string(draft_lay
         stream.end()
         assert "".join(pieces) == result.texts[0]
         assert len(pieces) > 1  # it streamed
+
+
+def test_the_stream_goes_on_when_a_later_decode_rewrites_written_text():
+    """A tokenizer's space clean-up can turn 'a ' into 'a.' once '.' comes: what was written
+    stays, and the stream keeps up rather than stalling."""
+    from adainfer.generation import TextStream
+
+    class Tokenizer:
+        texts = {1: "a ", 2: "a.", 3: "a. b"}
+
+        def decode(self, tokens, skip_special_tokens=True):
+            return self.texts[len(tokens)]
+
+    pieces = []
+    stream = TextStream(Tokenizer(), write=pieces.append)
+    for t in (1, 2, 3):
+        stream(0, [t])
+    stream.end()
+    assert "".join(pieces) == "a  b" and len("".join(pieces)) == len("a. b")

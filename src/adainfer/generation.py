@@ -611,7 +611,9 @@ class TextStream:
         )
 
     def _show(self, text: str) -> None:
-        if len(text) > len(self.shown) and text.startswith(self.shown):
+        # written text cannot be taken back: should a later decode rewrite it (a tokenizer's
+        # space clean-up), go on from its length rather than stall the stream
+        if len(text) > len(self.shown):
             self.write(text[len(self.shown) :])
             self.shown = text
 
