@@ -1015,59 +1015,73 @@ def targets(cells: Sequence[dict]) -> str:
 
 
 def _judge(data: dict, s: dict) -> list[str]:
-    def verdict(ok: bool, why: str) -> str:
-        return f"{'met' if ok else 'not met'}: {why}"
+    """One cell's verdicts, in the order of TARGETS; `s`: its methods' summaries."""
+    return [*_judge_lossless(data, s), _judge_lossy(data, s), _judge_moonshot(data, s)]
 
-    def quality(x):
-        return x.get("pass@1", x.get("f1"))
 
-    def lost(x):  # points of pass@1 or F1 given up against plain
-        q, base = quality(x), quality(s["plain"])
-        return None if q is None or base is None else 100 * (base - q)
+def _verdict(ok: bool, why: str) -> str:
+    return f"{'met' if ok else 'not met'}: {why}"
 
+
+def _points_lost(s: dict, name: str) -> float | None:
+    """Points of pass@1 (or F1) a method gives up against plain."""
+    mine, plain = (s[n].get("pass@1", s[n].get("f1")) for n in (name, "plain"))
+    return None if mine is None or plain is None else 100 * (plain - mine)
+
+
+def _lossy(s: dict) -> list[str]:
+    return [n for n in s if n.startswith("lossy") and s[n].get("changed") is not None]
+
+
+def _judge_lossless(data: dict, s: dict) -> list[str]:
+    """Rows equal to plain, >= 0.97x, faster than HF early exit: per lossless method."""
     lossless = [n for n in ("lossless-planned", "lossless-exits@5%", "lossless") if n in s]
     said = [[], [], []]
     for n in lossless:
         x, name = s[n], f"{n} " if len(lossless) > 1 else ""
+        speed = x["ratio"]["median"]
         differ = round((1 - x["exact"]["rows"]) * x["rows"])
         ties = data.get("ties", {}).get(n, 0)
         read = f"; ties.md reads {ties} as bf16 ties" if ties else ""
-        said[0].append(verdict(not differ, f"{name}{differ} of {x['rows']} rows differ{read}"))
-        said[1].append(verdict(x["ratio"]["median"] >= 0.97, f"{name}{x['ratio']['median']:.3f}x"))
+        said[0].append(_verdict(not differ, f"{name}{differ} of {x['rows']} rows differ{read}"))
+        said[1].append(_verdict(speed >= 0.97, f"{name}{speed:.3f}x"))
         if "hf-early-exit" in s:
             hf = s["hf-early-exit"]["ratio"]["median"]
-            ok = x["ratio"]["median"] > hf
-            said[2].append(verdict(ok, f"{name}{x['ratio']['median']:.2f}x against {hf:.2f}x"))
-    out = ["; ".join(x) or "-" for x in said]
-    lossy = [n for n in s if n.startswith("lossy") and s[n].get("changed") is not None]
+            said[2].append(_verdict(speed > hf, f"{name}{speed:.2f}x against {hf:.2f}x"))
+    return ["; ".join(x) or "-" for x in said]
+
+
+def _judge_lossy(data: dict, s: dict) -> str:
+    """>= 60% of the oracle's saving at <= 1% changed tokens, within a point."""
+    lossy = _lossy(s)
     within = [n for n in lossy if s[n]["changed"] <= 0.01]
     if not lossy:
-        out.append("-")
-    elif not within:
-        out.append("not met: no lossy method changes <= 1% of tokens")
-    else:
-        said = []
-        for n in within:
-            share = oracle_share(data, n)
-            pts = lost(s[n])
-            ok = share is not None and share[1] >= 0.6 and pts is not None and pts <= 1
-            got = "no base to share against" if share is None else f"{share[1]:.0%} of the oracle"
-            points = "-" if pts is None else f"{0.0 - pts:+.1f}"  # 0.0 - 0.0: never "-0.0"
-            said.append(verdict(ok, f"{n} {got}, {s[n]['changed']:.1%} changed, {points} points"))
-        out.append("; ".join(said))
+        return "-"
+    if not within:
+        return "not met: no lossy method changes <= 1% of tokens"
+    said = []
+    for n in within:
+        share, pts = oracle_share(data, n), _points_lost(s, n)
+        ok = share is not None and share[1] >= 0.6 and pts is not None and pts <= 1
+        got = "no base to share against" if share is None else f"{share[1]:.0%} of the oracle"
+        points = "-" if pts is None else f"{0.0 - pts:+.1f}"  # 0.0 - 0.0: never "-0.0"
+        said.append(_verdict(ok, f"{n} {got}, {s[n]['changed']:.1%} changed, {points} points"))
+    return "; ".join(said)
+
+
+def _judge_moonshot(data: dict, s: dict) -> str:
+    """>= 1.10x plain within a point (Qwen HumanEval), and how much of it the exits bring."""
+    lossy = _lossy(s)
     if data["settings"]["task"] != "humaneval" or not lossy:
-        out.append("-")
-    else:
-        keep = [n for n in lossy if lost(s[n]) is not None and lost(s[n]) <= 1]
-        best = max(keep, key=lambda n: s[n]["ratio"]["median"], default=None)
-        if best is None:
-            out.append("not met: every lossy method loses more than 1 point")
-        else:
-            own = oracle_share(data, best)  # how much of it the exits bring
-            over = "" if own is None else f" ({own[0]['median']:.2f}x over {own[2]})"
-            ratio = s[best]["ratio"]["median"]
-            out.append(verdict(ratio >= 1.10, f"{best} {ratio:.2f}x{over}"))
-    return out
+        return "-"
+    keep = [n for n in lossy if (pts := _points_lost(s, n)) is not None and pts <= 1]
+    best = max(keep, key=lambda n: s[n]["ratio"]["median"], default=None)
+    if best is None:
+        return "not met: every lossy method loses more than 1 point"
+    own = oracle_share(data, best)
+    over = "" if own is None else f" ({own[0]['median']:.2f}x over {own[2]})"
+    ratio = s[best]["ratio"]["median"]
+    return _verdict(ratio >= 1.10, f"{best} {ratio:.2f}x{over}")
 
 
 def cell_notes(data: dict) -> list[str]:
@@ -1188,9 +1202,8 @@ def load_cells(out_dir: Path) -> list[dict]:
     ties = read_json(out_dir / "ties.json", "ties") if (out_dir / "ties.json").is_file() else []
     for data in cells:
         data["oracle_speedup"] = oracle_speedup(out_dir, data)
-        data["ties"] = collections.Counter(
-            t["method"] for t in ties if t["cell"] == cell_name(data)
-        )
+        name = cell_name(data)
+        data["ties"] = collections.Counter(t["method"] for t in ties if t["cell"] == name)
     return sorted(
         cells,
         key=lambda c: (

@@ -1188,8 +1188,8 @@ def cmd_generate(args):
         top_k=args.top_k,
     )
     if args.json:
-        fields = ("texts", "tokens", "draft_layer", "rounds", "wall_time_s", "exit_layers")
-        fields += ("draft_layers",)
+        fields = ("texts", "tokens", "draft_layer", "rounds", "wall_time_s")
+        fields += ("exit_layers", "draft_layers")
         data = {f: getattr(result, f) for f in fields}
         data.update(drafted=result.drafted.tolist(), accepted=result.accepted.tolist())
         print(json.dumps(data, indent=2))

@@ -606,9 +606,8 @@ class TextStream:
 
     def end(self) -> None:
         """Write what was held back: the row has ended, so it is the result's text."""
-        self._show(
-            self.stops.cut(self.stops.tokenizer.decode(self.tokens, skip_special_tokens=True))
-        )
+        decode = self.stops.tokenizer.decode
+        self._show(self.stops.cut(decode(self.tokens, skip_special_tokens=True)))
 
     def _show(self, text: str) -> None:
         # written text cannot be taken back: should a later decode rewrite it (a tokenizer's
@@ -724,7 +723,7 @@ def _decoder(model, tokenizer, drafting: dict, plan, exits, draft_exits) -> Self
     asked = drafting["draft_layer"] is not None or drafting["draft_vocab"] is not None
     given = [("exits", exits), ("draft_exits", draft_exits), ("plan", plan)]
     chosen = [name for name, x in given if x is not None]
-    if len(chosen) > 1 or (chosen and chosen != ["plan"] and asked):
+    if len(chosen) + asked > 1:
         got = " and ".join(chosen + ["draft settings"] * asked)
         raise ValueError(
             "choose one of: lossy exits, drafts by an exit policy (draft_exits), a plan, "
@@ -735,8 +734,6 @@ def _decoder(model, tokenizer, drafting: dict, plan, exits, draft_exits) -> Self
     if draft_exits is not None:
         return draft_exits.draft_decoder(model, tokenizer, drafting["draft_tokens"])
     if plan is not None:
-        if asked:
-            raise ValueError("give either a plan or draft settings, not both")
         drafting = {**plan.decoder_settings(model), "plain_if_blocked": True}
     return SelfSpeculativeDecoder(model, tokenizer, **drafting)
 
