@@ -289,7 +289,7 @@ def test_plan_files_round_trip_and_bad_files_are_clear_errors(tmp_path):
         adainfer.generate(other, tok, ["hi"], plan=load_plan(bad))
     with pytest.raises(ValueError, match="not fitted"):
         adainfer.generate(model, tok, ["hi"], plan=DraftPlanner())
-    with pytest.raises(ValueError, match="either a plan or draft settings"):
+    with pytest.raises(ValueError, match="not both plan and draft settings"):
         adainfer.generate(model, tok, ["hi"], plan=loaded, draft_layer=2)
 
 
