@@ -1,6 +1,7 @@
 """Lossy generation: tokens leave at their own layer, skipped layers' keys and values filled
 from the exit state, thresholds calibrated to a risk."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -33,6 +34,7 @@ def forced(model, layer: int, verdict: float = 20.0, vocab=None) -> TokenExitPol
     policy.vocab_ = np.arange(size) if vocab is None else np.asarray(vocab)
     policy.layers_, policy.coef_ = [layer], np.zeros((1, 3))
     policy.intercept_, policy.threshold_, policy.calibration_ = np.array([verdict]), 0.0, {}
+    policy.costs_ = dataclasses.asdict(ExitCosts.layers_only(policy.num_layers_))
     return policy
 
 

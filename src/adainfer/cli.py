@@ -821,7 +821,9 @@ def _plan_drafts_parser(sub):
         "each candidate depth and draft vocabulary agree with the full model, time the pieces "
         "of a drafting round against a plain decode step on this machine, and write the "
         "setting with the most tokens per second, or plain decoding where nothing beats it by "
-        "--margin. Use the plan with `adainfer generate --draft-plan`.",
+        "--margin. With --exits, plan drafts that leave where a token-exit policy says "
+        "instead: how many a round may make, or plain decoding. Use the plan with "
+        "`adainfer generate --draft-plan`.",
     )
     _model_args(p, "decode")
     p.add_argument("--prompts-file", required=True, help=PROMPTS_FILE_HELP)
@@ -836,6 +838,11 @@ def _plan_drafts_parser(sub):
         "--repeats", type=_int_at_least(1), default=15, help="timing samples (default: 15)"
     )
     p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch threads")
+    p.add_argument(
+        "--exits",
+        default=None,
+        help="a token-exit policy file (`adainfer calibrate-exits`) whose exits draft",
+    )
     p.add_argument("--out", required=True, help="the plan file to write (JSON)")
 
 
@@ -912,16 +919,17 @@ def cmd_plan_drafts(args):
     import torch
     from tqdm.auto import tqdm
 
-    from .drafting import DraftPlanner
+    from .drafting import DraftPlanner, ExitDraftPlanner
+    from .lossy import TokenExitPolicy
     from .taskdata import read_prompts
 
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = read_prompts(args.prompts_file)
+    policy = TokenExitPolicy.load(args.exits) if args.exits else None
     model, tokenizer = _load(args)
-    planner = DraftPlanner(
-        margin=args.margin, max_new_tokens=args.max_new_tokens, repeats=args.repeats
-    )
+    settings = dict(margin=args.margin, max_new_tokens=args.max_new_tokens, repeats=args.repeats)
+    planner = ExitDraftPlanner(policy, **settings) if policy else DraftPlanner(**settings)
     planner.fit(
         model,
         tokenizer,

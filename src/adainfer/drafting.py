@@ -44,12 +44,21 @@ from .arch import find_parts
 from .files import write_json
 from .generation import DraftHead, SelfSpeculativeDecoder
 from .lens import LogitLens
+from .lossy import (
+    ExitCosts,
+    ExitDraftDecoder,
+    ExitTrace,
+    TokenExitPolicy,
+    measure_exit_costs,
+    trace_exits,
+)
 from .schema import Int, ListOf, Number, Optional, Record, check
 from .stepper import encode, teacher_forced
 
 log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "adainfer.draft-plan", 1
+EXIT_FORMAT = "adainfer.exit-draft-plan"  # drafts that leave where an exit policy says
 _LENS_ELEMENTS = 1 << 24  # logits per exact-head read in the trace (positions x vocabulary)
 
 
@@ -96,6 +105,11 @@ class DraftPlan:
             "draft_confidence": self.draft_confidence,
         }
 
+    def decoder(self, model, tokenizer) -> SelfSpeculativeDecoder:
+        """The decoder this plan sets up (plain for a batch a sliding window would block)."""
+        settings = self.decoder_settings(model)
+        return SelfSpeculativeDecoder(model, tokenizer, **settings, plain_if_blocked=True)
+
     def describe(self) -> str:
         if self.plain:
             best = self.meta.get("best_drafting")
@@ -115,13 +129,16 @@ def save_plan(plan: DraftPlan, path, **extra) -> Path:
     return write_json(path, {"format": FORMAT, "version": VERSION, "plan": asdict(plan), **extra})
 
 
-def load_plan(path) -> DraftPlan:
-    """Read a plan that `save_plan` wrote; anything else is a clear error."""
+def load_plan(path) -> DraftPlan | ExitDraftPlan:
+    """Read a plan that `save_plan` or `ExitDraftPlanner.save` wrote; anything else is a
+    clear error."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not a draft plan: it is not JSON ({e})") from None
+    if isinstance(data, dict) and data.get("format") == EXIT_FORMAT:
+        return _load_exit_plan(path, data)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(
             f"{path} is not an adainfer draft plan (no format {FORMAT!r}); make one with "
@@ -732,6 +749,9 @@ class DraftPlanner:
     def decoder_settings(self, model) -> dict:
         return self._fitted().decoder_settings(model)
 
+    def decoder(self, model, tokenizer) -> SelfSpeculativeDecoder:
+        return self._fitted().decoder(model, tokenizer)
+
     def save(self, path) -> Path:
         """The plan with its estimates (the best 20) and measured costs, as JSON."""
         return save_plan(
@@ -747,3 +767,301 @@ class DraftPlanner:
 
 def _model_name(model) -> str | None:
     return getattr(model, "adainfer_id", None) or getattr(model.config, "_name_or_path", None)
+
+
+# --------------------------------------------------------------------------- exit drafts
+@dataclass
+class ExitDraftPlan:
+    """Drafts that leave where a token-exit policy says, up to `draft_tokens` a round, or
+    plain decoding (None) where that was estimated not to pay; `estimate` is the tokens/s
+    ratio against plain decoding at `batch_size`."""
+
+    policy: TokenExitPolicy
+    draft_tokens: int | None
+    estimate: float = 1.0
+    batch_size: int | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def plain(self) -> bool:
+        return self.draft_tokens is None
+
+    def decoder(self, model, tokenizer) -> SelfSpeculativeDecoder:
+        if self.plain:
+            self.policy.check_model(model)  # a plan for another model is refused either way
+            return SelfSpeculativeDecoder(model, tokenizer)
+        return ExitDraftDecoder(model, tokenizer, self.policy, self.draft_tokens)
+
+    def describe(self) -> str:
+        if self.plain:
+            best = self.meta.get("best_drafting")
+            why = f" (exit drafts estimated {best:.2f}x)" if best else ""
+            return f"plain decoding{why}"
+        return (
+            f"exit drafts at layers {self.policy.layers_} (threshold "
+            f"{self.policy.threshold_:.3g}), up to {self.draft_tokens} tokens a round: "
+            f"estimated {self.estimate:.2f}x plain"
+        )
+
+
+def simulate_exit_drafts(
+    agree: Sequence[np.ndarray],
+    depth: Sequence[np.ndarray],
+    step_cost: Callable[[np.ndarray], float],
+    verify_cost: Callable[[int], float],
+    *,
+    num_layers: int,
+    draft_tokens: int,
+    max_new_tokens: int,
+) -> dict:
+    """Rounds of one batch of exit drafts along its greedy paths (per row, [n] whether the
+    token drafted at each position is the full model's and the layer it left at), run as
+    `ExitDraftDecoder` runs them: each draft step costs `step_cost(token indexes [A, 2] of
+    the rows' drafts: row, position)`, a round stops after a step in which no row left before
+    the last layer (or after `draft_tokens`), then `verify_cost(n)`; every row keeps its
+    leading agreements plus the full model's token. Returns plain decode steps, the rounds'
+    cost in steps, drafts made and accepted, and the drafts' summed depth."""
+    lengths = np.array([len(a) for a in agree])
+    width = lengths.max() + draft_tokens
+    A = np.zeros((len(agree), width), dtype=bool)
+    D = np.full((len(agree), width), num_layers)  # past its end a row drafts at full depth
+    for r, (a, d) in enumerate(zip(agree, depth)):
+        A[r, : len(a)], D[r, : len(d)] = a, d
+    t = np.ones(len(agree), dtype=np.int64)  # the first token comes from the prefill
+    out = {"plain_steps": float(lengths.max() - 1), "cost": 0.0, "drafted": 0.0}
+    out |= {"accepted": 0.0, "depth": 0.0}
+    while (active := np.flatnonzero(t < lengths)).size:
+        k = int(min(draft_tokens, (max_new_tokens - t[active]).max()))
+        n = 0
+        while n < k:
+            cols = t[active] + n
+            out["cost"] += step_cost(np.stack([active, cols], 1))
+            out["depth"] += D[active, cols].sum()
+            n += 1
+            if not (D[active, cols] < num_layers).any():
+                break
+        a = A[active[:, None], t[active, None] + np.arange(n)]
+        lead = np.where(a.all(1), n, np.argmin(a, 1))
+        t[active] += np.minimum(np.minimum(lead + 1, n), lengths[active] - t[active])
+        out["cost"] += verify_cost(n)
+        out["drafted"] += n * len(active)
+        out["accepted"] += float(lead.sum())
+    return out
+
+
+class ExitDraftPlanner:
+    """Plans lossless drafting by a fitted `TokenExitPolicy` (a meta-estimator: it wraps the
+    policy and never changes it): how many exit drafts a round may make, or plain decoding
+    where none pays, measured for one model, dtype, batch size and machine.
+
+    `fit` traces the calibration prompts along their plain greedy paths and replays the
+    policy on every generated token (where it leaves, whether its token is the full
+    model's; only the odd prompts, which a policy calibrated on the same prompts set its
+    threshold on but never trained its probes or shortlist on), takes the cost of each draft
+    step from `ExitCosts` measured at the batch size (the layers run, checks, propagation,
+    the head where no check passed) and times verifying n tokens from the policy's first
+    check layer on against a plain step (`measure_costs`). Rounds are simulated as
+    `simulate_exit_drafts`; the estimate is plain steps over their cost.
+
+    Parameters: `policy`, a fitted TokenExitPolicy; `draft_tokens`, candidate most drafts a
+    round; `margin`, drafting is planned only if estimated at least this much faster than
+    plain; `max_new_tokens` per calibration prompt; `repeats` timing samples.
+    Fitted: `plan_` (an `ExitDraftPlan`), `estimates_` (per candidate, best first),
+    `costs_` ({"exit": ExitCosts fields, "verify": measure_costs' dict})."""
+
+    def __init__(
+        self,
+        policy: TokenExitPolicy,
+        draft_tokens: Sequence[int] = (1, 2, 3, 4),
+        margin: float = 1.03,
+        max_new_tokens: int = 64,
+        repeats: int = 15,
+    ):
+        self.policy = policy
+        self.draft_tokens = draft_tokens
+        self.margin = margin
+        self.max_new_tokens = max_new_tokens
+        self.repeats = repeats
+
+    def fit(
+        self,
+        model,
+        tokenizer,
+        prompts: Sequence[str],
+        *,
+        batch_size: int = 1,
+        progress: Callable[[Iterable], Iterable] = lambda it: it,
+    ) -> ExitDraftPlanner:
+        if isinstance(prompts, str) or len(prompts) < max(2, batch_size):
+            raise ValueError(f"give at least {max(2, batch_size)} calibration prompts")
+        self.policy.check_model(model)
+        trace = trace_exits(
+            model,
+            tokenizer,
+            prompts,
+            vocab=self.policy.vocab_,
+            max_new_tokens=self.max_new_tokens,
+            progress=progress,
+        )
+        rows = [prompts[i % len(prompts)] for i in range(batch_size)]
+        exit_costs = measure_exit_costs(model, tokenizer, rows, self.policy.vocab_)
+        verify = None
+        if self.policy.layers_:
+            verify = measure_costs(
+                SelfSpeculativeDecoder(model, tokenizer),
+                rows,
+                [min(self.policy.layers_)],
+                range(1, max(self.draft_tokens) + 1),
+                {},
+                repeats=self.repeats,
+                progress=progress,
+            )
+        meta = {
+            "batch_size": batch_size,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "machine": timing.machine(),
+        }
+        return self.fit_measured(trace, exit_costs, verify, meta)
+
+    def fit_measured(
+        self, trace: ExitTrace, exit_costs: ExitCosts, verify: dict | None, meta: dict
+    ) -> ExitDraftPlanner:
+        """Plan from a trace (`trace_exits` with the policy's vocabulary), the draft steps'
+        costs and the verification costs (`measure_costs`, None where the policy has no
+        check layer) measured elsewhere; `meta` holds batch_size at least."""
+        policy, L = self.policy, trace.num_layers
+        self.costs_ = {"exit": asdict(exit_costs), "verify": verify}
+        if not policy.layers_:  # no token may leave early: nothing to draft
+            self.estimates_ = []
+            self.plan_ = self._choose(meta)
+            return self
+        exits = policy.replay(trace)
+        held = trace.prompt % 2 == 1
+        if not held.any():
+            raise ValueError("planning needs tokens from at least 2 prompts")
+        prompts = np.unique(trace.prompt[held])
+        rows = [np.flatnonzero(trace.prompt == p) for p in prompts]
+        d = min(policy.layers_)
+        sizes = range(1, max(self.draft_tokens) + 1)
+        verify_steps = {n: verify["steps"][f"verify{n}@{d}"]["median"] for n in sizes}
+        B = meta["batch_size"]
+        self.estimates_ = []
+        for k in self.draft_tokens:
+            total = dict.fromkeys(("plain_steps", "cost", "drafted", "accepted", "depth"), 0.0)
+            for s in range(0, len(rows), B):
+                batch = rows[s : s + B]
+
+                def step_cost(at, batch=batch):  # [A, 2] (row, position): one draft step
+                    idx = [batch[r][p] if p < len(batch[r]) else -1 for r, p in at]
+                    return _draft_step_cost(exits, idx, exit_costs, L, policy.layers_)
+
+                sim = simulate_exit_drafts(
+                    [~exits["changed"][i] for i in batch],
+                    [exits["depth"][i] for i in batch],
+                    step_cost,
+                    verify_steps.get,
+                    num_layers=L,
+                    draft_tokens=k,
+                    max_new_tokens=self.max_new_tokens,
+                )
+                total = {key: total[key] + sim[key] for key in total}
+            self.estimates_.append(
+                {
+                    "draft_tokens": k,
+                    "speedup": total["plain_steps"] / total["cost"] if total["cost"] else 0.0,
+                    "acceptance": total["accepted"] / max(total["drafted"], 1),
+                    "mean_depth": total["depth"] / max(total["drafted"], 1),
+                }
+            )
+        self.estimates_.sort(key=lambda r: -r["speedup"])
+        self.plan_ = self._choose(meta)
+        log.info("exit-draft plan: %s", self.plan_.describe())
+        return self
+
+    def _choose(self, meta: dict) -> ExitDraftPlan:
+        best = self.estimates_[0] if self.estimates_ else None
+        extra = {k: v for k, v in meta.items() if k != "batch_size"}
+        if best is None or best["speedup"] < self.margin:
+            extra["best_drafting"] = None if best is None else best["speedup"]
+            return ExitDraftPlan(self.policy, None, batch_size=meta["batch_size"], meta=extra)
+        return ExitDraftPlan(
+            self.policy,
+            best["draft_tokens"],
+            estimate=best["speedup"],
+            batch_size=meta["batch_size"],
+            meta=extra,
+        )
+
+    def _fitted(self) -> ExitDraftPlan:
+        if not hasattr(self, "plan_"):
+            raise ValueError("this ExitDraftPlanner is not fitted: call fit() first")
+        return self.plan_
+
+    def decoder(self, model, tokenizer) -> SelfSpeculativeDecoder:
+        return self._fitted().decoder(model, tokenizer)
+
+    def save(self, path) -> Path:
+        """The plan, its policy, estimates and measured costs, as JSON, atomically."""
+        plan = self._fitted()
+        return write_json(
+            path,
+            {
+                "format": EXIT_FORMAT,
+                "version": VERSION,
+                "plan": {
+                    "draft_tokens": plan.draft_tokens,
+                    "estimate": plan.estimate,
+                    "batch_size": plan.batch_size,
+                    "meta": plan.meta,
+                    "policy": plan.policy.to_dict(),
+                },
+                "params": {
+                    "draft_tokens": list(self.draft_tokens),
+                    "margin": self.margin,
+                    "max_new_tokens": self.max_new_tokens,
+                    "repeats": self.repeats,
+                },
+                "estimates": self.estimates_,
+                "costs": self.costs_,
+            },
+        )
+
+
+def _draft_step_cost(exits: dict, idx: list[int], costs: ExitCosts, L: int, at) -> float:
+    """One draft step of the rows whose tokens are `idx` (-1: a row past its end, which
+    runs the full model), in plain steps at the batch size `costs` were measured at."""
+    idx = np.asarray(idx)
+    real, pad = idx[idx >= 0], int((idx < 0).sum())
+    depth = np.r_[exits["depth"][real], np.full(pad, L)]
+    checks = np.r_[exits["checks"][real], np.full(pad, len(at))]
+    passed = np.r_[exits["passed"][real], np.zeros(pad, dtype=bool)]
+    # at batch size 1 each token's own cost; above, every entry holds the step's ratio
+    return float(costs.step(depth, checks, passed, L, np.zeros(len(idx), int), list(at)).mean())
+
+
+_EXIT_PLAN = Record(
+    {
+        "draft_tokens": Optional(Int(1)),
+        "estimate": Number(low=0),
+        "batch_size": Optional(Int(1)),
+        "meta": Record({}),
+        "policy": Record({}),
+    },
+    optional=("estimate", "batch_size", "meta"),
+    extra=False,
+)
+
+
+def _load_exit_plan(path: Path, data: dict) -> ExitDraftPlan:
+    try:
+        if data.get("version") != VERSION:
+            raise ValueError(f"version {data.get('version')}, this adainfer reads {VERSION}")
+        check(data, Record({"plan": _EXIT_PLAN}), "the file")
+        plan = dict(data["plan"])
+        plan["policy"] = TokenExitPolicy.from_dict(plan["policy"])
+    except ValueError as e:
+        raise ValueError(
+            f"{path} is a damaged exit-draft plan: {e}; make one with "
+            "`adainfer plan-drafts --exits POLICY`"
+        ) from None
+    return ExitDraftPlan(**plan)

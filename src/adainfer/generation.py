@@ -672,14 +672,16 @@ def generate(
     in the tokenizer's chat template as a user turn. `draft_layer`, `draft_tokens`,
     `draft_vocab`, `draft_prompt_tokens`, `draft_confidence`: see `SelfSpeculativeDecoder`
     (no draft layer: plain decoding, the default). `plan`: a fitted
-    `adainfer.drafting.DraftPlanner` or a `DraftPlan` (`adainfer.drafting.load_plan`) that
-    sets all of them for this model, or plain decoding where it found that drafting does not
-    pay (or where a sliding-window cache would fill during this batch); nothing is measured
-    here. `exits`: a fitted `adainfer.TokenExitPolicy` turns on the
-    lossy mode, in which every token leaves at its own layer (the result's `exit_layers`);
-    it cannot be combined with drafting. `draft_exits`: a fitted `TokenExitPolicy` that drafts
-    instead, lossless: each draft leaves where the policy says (the result's `draft_layers`),
-    up to `draft_tokens` a round, and the full model verifies them."""
+    `adainfer.drafting.DraftPlanner` or `ExitDraftPlanner`, or a plan file's plan
+    (`adainfer.drafting.load_plan`), that sets all of them for this model, or plain decoding
+    where it found that drafting does not pay (or where a sliding-window cache would fill
+    during this batch); nothing is measured here. `exits`: a fitted
+    `adainfer.TokenExitPolicy` turns on the lossy mode, in which every token leaves at its
+    own layer (the result's `exit_layers`); it cannot be combined with drafting.
+    `draft_exits`: a fitted `TokenExitPolicy` that drafts instead, lossless: each draft
+    leaves where the policy says (the result's `draft_layers`), up to `draft_tokens` a
+    round, and the full model verifies them (unplanned: an `ExitDraftPlanner` plan decides
+    whether that pays)."""
     config = _settings(generation_config, settings)
     drafting = dict(
         draft_layer=draft_layer,
@@ -734,7 +736,7 @@ def _decoder(model, tokenizer, drafting: dict, plan, exits, draft_exits) -> Self
     if draft_exits is not None:
         return draft_exits.draft_decoder(model, tokenizer, drafting["draft_tokens"])
     if plan is not None:
-        drafting = {**plan.decoder_settings(model), "plain_if_blocked": True}
+        return plan.decoder(model, tokenizer)
     return SelfSpeculativeDecoder(model, tokenizer, **drafting)
 
 

@@ -117,13 +117,15 @@ def trace_exits(
     prompts: Sequence[str],
     *,
     vocab_size: int = 4096,
+    vocab: Sequence[int] | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 8,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> ExitTrace:
     """Greedy-decode `prompts` with the full model, take the `vocab_size` most frequent
-    tokens of the even prompts and their outputs as the vocabulary, and read each generated
-    token at every layer (teacher-forced) on the vocabulary plus its batch's prompt tokens."""
+    tokens of the even prompts and their outputs as the vocabulary (or the given `vocab`, a
+    fitted policy's), and read each generated token at every layer (teacher-forced) on the
+    vocabulary plus its batch's prompt tokens."""
     decoder = SelfSpeculativeDecoder(model, tokenizer)
     starts = range(0, len(prompts), batch_size)
     batches = [list(prompts[s : s + batch_size]) for s in starts]
@@ -132,7 +134,9 @@ def trace_exits(
     generated = [t for out in outputs for t in out]
     # from the probes' half only, so the threshold's half meets tokens it lacks, as new
     # prompts will
-    vocab = frequent_tokens([*prompt_ids[::2], *generated[::2]], vocab_size)
+    if vocab is None:
+        vocab = frequent_tokens([*prompt_ids[::2], *generated[::2]], vocab_size)
+    vocab = torch.as_tensor(vocab, dtype=torch.long)
     traced = []
     for batch, out, start in zip(batches, outputs, starts):
         signal = ExitSignal(decoder.lens, vocab, prompt_ids[start : start + len(batch)])
@@ -366,6 +370,28 @@ class TokenExitPolicy:
         return np.einsum("ncf,cf->nc", features, self.coef_) + self.intercept_
 
     # -------------------------------------------------------------- use
+    def replay(self, trace: ExitTrace) -> dict[str, np.ndarray]:
+        """What the policy does to each traced token, teacher-forced: the layer it leaves at
+        ("depth"; num_layers where no check passed), the checks it ran, whether one passed
+        (its token then comes from the shortlist, not the full head) and whether its token
+        differs from the full model's ("changed")."""
+        L, C = trace.num_layers, len(self.layers_)
+        if not C:
+            none = np.zeros(len(trace.prompt), dtype=bool)
+            return {"depth": np.full(len(none), L), "checks": np.zeros(len(none), int)} | {
+                "passed": none,
+                "changed": none,
+            }
+        cols = [layer - 1 for layer in self.layers_]
+        first = _first_pass(self._scores(trace.features[:, cols]), self.threshold_)
+        passed = first < C
+        return {
+            "depth": np.where(passed, np.asarray(self.layers_)[np.minimum(first, C - 1)], L),
+            "checks": np.where(passed, first + 1, C),
+            "passed": passed,
+            "changed": _changed(first, trace.agree[:, cols]),
+        }
+
     def decision_function(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         """[A] probe logits at a candidate `layer` for ExitSignal features [A, 3]."""
         w, b = self._torch(features.device)
@@ -403,8 +429,9 @@ class TokenExitPolicy:
         return ExitDraftDecoder(model, tokenizer, self, draft_tokens)
 
     # -------------------------------------------------------------- files
-    def save(self, path) -> None:
-        data = {
+    def to_dict(self) -> dict:
+        """The fitted policy as JSON-ready data (what `save` writes)."""
+        return {
             "format": FORMAT,
             "params": {k: getattr(self, k) for k in _PARAM_SPECS if k != "confidence"},
             "model": self.model_,
@@ -417,23 +444,18 @@ class TokenExitPolicy:
             "costs": self.costs_,
             "vocab": self.vocab_.tolist(),
         }
-        write_json(path, data)
+
+    def save(self, path) -> None:
+        write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path) -> TokenExitPolicy:
-        """A policy that `save` wrote; a damaged or edited file is a ValueError naming it and
-        the field (its vocabulary indexes the LM head, its layers the decoder)."""
-        try:
-            data = json.loads(Path(path).read_text())
-            if not isinstance(data, dict) or data.get("format") != FORMAT:
-                raise ValueError(f"format {_get(data, 'format')!r}, expected {FORMAT!r}")
-            check(data, _FILE, "the file")
-            _check_layers(data)
-        except (OSError, ValueError) as err:
-            raise ValueError(
-                f"{path} is not a readable adainfer token-exit policy ({err}); make one with "
-                "`adainfer calibrate-exits`"
-            ) from None
+    def from_dict(cls, data) -> TokenExitPolicy:
+        """The policy `to_dict` gave; anything else is a ValueError naming the field (its
+        vocabulary indexes the LM head, its layers the decoder)."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"format {_get(data, 'format')!r}, expected {FORMAT!r}")
+        check(data, _FILE, "the file")
+        _check_layers(data)
         params = dict(data["params"])
         if "confidence" in params:  # a file from before Learn-then-Test: its test's level
             confidence = params.pop("confidence")
@@ -447,6 +469,17 @@ class TokenExitPolicy:
         policy.costs_ = dict(data["costs"])
         policy.threshold_, policy.calibration_ = float(data["threshold"]), data["calibration"]
         return policy
+
+    @classmethod
+    def load(cls, path) -> TokenExitPolicy:
+        """A policy that `save` wrote; a damaged or edited file is a ValueError naming it."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"{path} is not a readable adainfer token-exit policy ({err}); make one with "
+                "`adainfer calibrate-exits`"
+            ) from None
 
 
 def _get(data, key):
