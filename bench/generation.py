@@ -13,6 +13,8 @@ time on a batch pairs with the plain model's time on that batch:
   decoding where drafting does not pay);
 - `lossless-exits@5%`: `adainfer.generate(draft_exits=..., draft_tokens=4)`, drafts whose depth
   the cell's 5% exit policy picks per token, verified by the full model;
+- `lossless-exits-planned@5%`: `adainfer.generate(plan=...)`, the same drafts as an
+  `ExitDraftPlanner` plans them for the cell (how many a round, or plain decoding);
 - `lossy@0.5%`, `lossy@1%`, `lossy@5%`: `adainfer.generate(exits=...)`, a `TokenExitPolicy`
   calibrated label-free at that risk (`--exit-calibration`: on the other half of the evaluated
   prompts, the default, or on Python standard-library prompts).
@@ -452,11 +454,55 @@ def run_exit_drafts(model, tokenizer, prompts, job: Job) -> Gen:
     return _adainfer(model, tokenizer, prompts, job, draft_exits=_policy(job), draft_tokens=4)
 
 
+def plan_exit_drafts(ctx, job: Job, *, risk: float) -> dict:
+    """The cell's exit policies at `risk` (`calibrate_exits`), each wrapped in an
+    `ExitDraftPlanner` fitted on its own calibration trace (the same prompts, the odd ones),
+    with the draft-step costs measured for it and the verification timed here, at the cell's
+    batch size; plans kept in exits/draft-plans."""
+    from adainfer.drafting import ExitDraftPlanner, SelfSpeculativeDecoder, load_plan, measure_costs
+
+    fitted = calibrate_exits(ctx, job, risk=risk)
+    split, plans = fitted["split"], []
+    prompts = [it.prompt for it in ctx.task.items]
+    halves = (prompts[split:], prompts[:split]) if split is not None else (None,)
+    for half, (policy, others) in enumerate(zip(fitted["exits"], halves)):
+        stem = f"{job.name}-{job.dtype}-b{job.batch}-risk{risk}-half{half}"
+        path = ctx.path.parent.parent / "exits" / "draft-plans" / f"{stem}.json"
+        if not path.is_file():
+            if others is None:
+                raise SystemExit("planned exit drafts need the crossfit calibration")
+            traces = ctx.path.parent.parent / "exits" / ".traces"
+            trace, costs = _exit_trace(ctx.model, ctx.tokenizer, tuple(others), job.batch, traces)
+            rows = [others[i % len(others)] for i in range(job.batch)]
+            verify = None
+            if policy.layers_:
+                decoder = SelfSpeculativeDecoder(ctx.model, ctx.tokenizer)
+                verify = measure_costs(decoder, rows, [min(policy.layers_)], range(1, 5), {})
+            meta = {"batch_size": job.batch, "dtype": job.dtype, "machine": timing.machine()}
+            ExitDraftPlanner(policy).fit_measured(trace, costs, verify, meta).save(path)
+        plans.append(load_plan(path))
+    return {
+        "exits": plans,
+        "split": split,
+        "plans": [p.describe() for p in plans],
+        "estimates": [p.estimate for p in plans],
+    }
+
+
+def run_planned_exit_drafts(model, tokenizer, prompts, job: Job) -> Gen:
+    """Lossless: drafts by the exit policy where its plan says they pay, else plain."""
+    return _adainfer(model, tokenizer, prompts, job, plan=_policy(job))
+
+
 RISKS = (0.005, 0.01, 0.05)  # lossy@0.5%: does a lower risk keep pass@1 within a point?
 METHODS["lossless-planned"] = Method(run_planned, prepare=fit_plan)
 # drafts as deep as the 5% policy lets each token go (misses cost a verification, not output)
 METHODS["lossless-exits@5%"] = Method(
     run_exit_drafts, prepare=functools.partial(calibrate_exits, risk=0.05)
+)
+# the same drafts where the cell's ExitDraftPlanner estimates they pay, else plain decoding
+METHODS["lossless-exits-planned@5%"] = Method(
+    run_planned_exit_drafts, prepare=functools.partial(plan_exit_drafts, risk=0.05)
 )
 METHODS.update(
     {
@@ -919,6 +965,7 @@ ORDER = [
     "lossless",
     "lossless-planned",
     "lossless-exits@5%",
+    "lossless-exits-planned@5%",
     *(f"lossy@{100 * risk:g}%" for risk in RISKS),
 ]
 COLUMNS = [
@@ -1035,7 +1082,8 @@ def _lossy(s: dict) -> list[str]:
 
 def _judge_lossless(data: dict, s: dict) -> list[str]:
     """Rows equal to plain, >= 0.97x, faster than HF early exit: per lossless method."""
-    lossless = [n for n in ("lossless-planned", "lossless-exits@5%", "lossless") if n in s]
+    names = ("lossless-planned", "lossless-exits@5%", "lossless-exits-planned@5%", "lossless")
+    lossless = [n for n in names if n in s]
     said = [[], [], []]
     for n in lossless:
         x, name = s[n], f"{n} " if len(lossless) > 1 else ""
@@ -1222,6 +1270,11 @@ def default_loader(name: str, dtype: str):
     return load(name, dtype=dtype)
 
 
+def _uses_exits(method: str) -> bool:
+    """Whether a method runs an exit policy (lossy, or drafting by one)."""
+    return method.startswith("lossy") or "exits" in method
+
+
 def settings_of(task: Task, args, lossy: bool) -> dict:
     """What a cell's numbers depend on besides the model, dtype and batch size; `--limit`
     is not among them (a later run with a larger limit extends the cell)."""
@@ -1260,7 +1313,7 @@ def run(args, loader=None, tasks=None) -> list[dict]:
                     "model": name,
                     "dtype": dtype,
                     "batch_size": batch,
-                    "settings": settings_of(task, args, any("lossy" in m for m in names)),
+                    "settings": settings_of(task, args, any(map(_uses_exits, names))),
                     "command": " ".join(sys.argv),
                 }
                 path = out_dir / "bench" / f"{cell_key(name, dtype, batch)}.json"

@@ -4,6 +4,7 @@
 # stopped, so after an interruption rerun the same lanes:
 #   nohup bench/grid_queue.sh a > grid-a.log 2>&1 &
 #   nohup bench/grid_queue.sh b > grid-b.log 2>&1 &
+# `side` runs the side runs (each its own folder) on one core: questions the grid raised.
 # Lane b waits until lane a's first cell has written the crossfit calibration (the same cut and
 # traces serve batch 1 and 8), rather than decoding the same prompts twice at once.
 # WARNING: --execute runs model-written code (HumanEval's harness); see bench/generation.py.
@@ -23,14 +24,21 @@ cell() {  # methods model dtype batch-sizes [extra flags]
         --batch-sizes "$batches" --methods "$methods" --threads 1 --execute --out-dir "$OUT" "$@"
 }
 case ${1:-} in
-a)
+side)
     # does a lower risk keep pass@1 within a point? (the 1% plan loses 3.7-4.3 points in bf16)
     mkdir -p results/generation/lower-risk/exits
     cp -n "$OUT"/exits/.traces -r results/generation/lower-risk/exits/ 2>/dev/null || true
     OUT=results/generation/lower-risk cell plain,adainfer-plain,lossy@0.5% qwen2.5-0.5b bfloat16 8
-    # drafts whose depth the exit policy picks per token (lossless), on the first 40 problems
-    OUT=results/generation/exit-drafts cell plain,adainfer-plain,lossless-exits@5% \
+    # ../exit-drafts (done): drafts whose depth the 5% policy picks per token, with the stdlib
+    # policy (made before exit drafts read --exit-calibration; today's command for it is
+    # `cell plain,adainfer-plain,lossless-exits@5% qwen2.5-0.5b bfloat16 1,8 --limit 40
+    # --exit-calibration stdlib` into a fresh folder)
+    # the same drafts, cross-fitted, unplanned and as their ExitDraftPlanner plans them
+    OUT=results/generation/exit-drafts-planned \
+        cell plain,adainfer-plain,lossless-exits@5%,lossless-exits-planned@5% \
         qwen2.5-0.5b bfloat16 1,8 --limit 40
+    ;;
+a)
     cell $FIRST qwen2.5-0.5b bfloat16 8
     cell $METHODS smollm2-135m bfloat16 1,8
     cell $METHODS qwen2.5-0.5b float32 1,8 --limit 40
@@ -47,7 +55,7 @@ b)
     cell $METHODS gemma3-270m float32 1,8
     ;;
 *)
-    echo "usage: $0 a|b" >&2
+    echo "usage: $0 side|a|b" >&2
     exit 2
     ;;
 esac

@@ -27,7 +27,13 @@ import generation as G  # noqa: E402
 from adainfer.files import write_json, write_text_atomic  # noqa: E402
 from adainfer.stepper import teacher_forced  # noqa: E402
 
-LOSSLESS = ("lossless", "lossless-planned", "lossless-exits@5%", "adainfer-plain")
+LOSSLESS = (
+    "lossless",
+    "lossless-planned",
+    "lossless-exits@5%",
+    "lossless-exits-planned@5%",
+    "adainfer-plain",
+)
 
 
 def differing_rows(data: dict) -> list[dict]:

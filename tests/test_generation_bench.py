@@ -387,3 +387,22 @@ def test_ties_reads_the_top_two_logits_where_a_lossless_row_differs():
     assert row["token"] == 2 and row["of"] == 4 and row["cell"] == "tiny-fp32-b2"
     table = ties.table([row])
     assert "| tiny-fp32-b2 | lossless-planned | a | 3 of 4 |" in table
+
+
+def test_planned_exit_drafts_keep_plain_output_and_keep_their_plans(bench, tmp_path):
+    """Each crossfit half's exit policy wrapped in a plan fitted on its own calibration
+    trace; the plans are kept in exits/draft-plans, said in the cell, and the rows are the
+    plain model's (drafting or not)."""
+    bench._exit_trace.cache_clear()
+    tasks = lambda name, tok, limit: _toy_task(bench, limit)  # noqa: E731
+    argv = _argv(tmp_path, "--methods", "plain,adainfer-plain,lossless-exits-planned@5%")
+    argv[argv.index("--batch-sizes") + 1] = "1"
+    bench.main(argv, loader=_loader, tasks=tasks)
+    data = json.loads((tmp_path / "bench" / "tiny-float32-b1.json").read_text())
+    prepared = data["methods"]["lossless-exits-planned@5%"]["prepared"]
+    assert len(prepared["plans"]) == 2 and prepared["split"] == 2
+    assert all(isinstance(p, str) and p for p in prepared["plans"])
+    plans = sorted(p.name for p in (tmp_path / "exits" / "draft-plans").glob("*.json"))
+    assert plans == [f"tiny-float32-b1-risk0.05-half{h}.json" for h in (0, 1)]
+    s = bench.summarise_method(data, "lossless-exits-planned@5%")
+    assert s["exact"]["rows"] == 1.0 and s["rows"] == len(PROMPTS)
