@@ -107,6 +107,16 @@ class Chooser:
         _check_finite(logits)
         return self.sample(self.probs(logits)) if self.do_sample else logits.argmax(-1)
 
+    def draw(
+        self, logits: torch.Tensor, keep_probs: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(token, the distribution it was sampled from, or None): a sampled draft keeps its
+        distribution for the acceptance rule (`accept`); anything else is `pick`ed."""
+        if not keep_probs:
+            return self.pick(logits), None
+        q = self.probs(logits)
+        return self.sample(q), q
+
     def accept(self, drafts, draft_probs, logits) -> tuple[torch.Tensor, torch.Tensor]:
         """(leading drafts accepted [A], the token after them [A, k]: the full model's own
         choice at every position, and where it rejects a sampled draft a token from the

@@ -768,11 +768,9 @@ class EarlyExitDecoder(SelfSpeculativeDecoder):
         late = step.token < 0  # reached the last layer without passing: the full head
         if bool(late.any()):
             logits = self.lens(step.state[late.to(step.state.device)])
-            if step.probs is None:
-                step.token[late] = rows.chooser.pick(logits).cpu()
-            else:
-                q = rows.chooser.probs(logits)
-                step.token[late] = rows.chooser.sample(q).cpu()
+            token, q = rows.chooser.draw(logits, step.probs is not None)
+            step.token[late] = token.cpu()
+            if q is not None:
                 step.probs[late] = q.to(step.probs.dtype).cpu()
         return step
 
@@ -791,12 +789,8 @@ class EarlyExitDecoder(SelfSpeculativeDecoder):
                 ).cpu()
             gone = seen.rows[leave]
             if len(gone):
-                mine = logits[leave.to(logits.device)]
-                if step.probs is None:
-                    picked = chooser.pick(mine)
-                else:  # a sampled draft: keep its distribution over the whole vocabulary
-                    q = chooser.probs(mine)
-                    picked = chooser.sample(q)
+                picked, q = chooser.draw(logits[leave.to(logits.device)], step.probs is not None)
+                if q is not None:  # a sampled draft: its distribution over the whole vocabulary
                     step.probs[gone.to(step.probs.device)] = q.new_zeros(
                         len(q), step.probs.shape[1]
                     ).index_copy_(1, self.signal.vocab, q)
