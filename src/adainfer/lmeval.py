@@ -71,7 +71,8 @@ class AdaInferLM(TemplateLM):
     policy : a saved exit policy file (`adainfer fit`), or `gap`; none: the plain model.
     mode : lossless (default) or lossy, for generation; lossy needs `exits`.
     exits : a `TokenExitPolicy` file (`adainfer calibrate-exits`), for mode=lossy.
-    draft_plan : a draft plan file (`adainfer plan-drafts`), for lossless generation.
+    draft_plan : a draft plan file (`adainfer plan-drafts`, with or without `--exits`), for
+        lossless generation.
     dtype, device : how to load `pretrained` (float32, bfloat16; cpu, cuda).
     batch_size : prompts per forward (lm-eval's `--batch_size`; "auto" is not supported).
     compare_plain : also run the plain model on every request, to report time and agreement.
@@ -574,7 +575,7 @@ def _policy(policy, model, allow_other_model):
 
 
 def _decoding(mode, exits, draft_plan):
-    """(mode, TokenExitPolicy or None, DraftPlan or None) for generation."""
+    """(mode, TokenExitPolicy or None, a draft plan (either kind) or None) for generation."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "lossy":
