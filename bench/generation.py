@@ -459,7 +459,7 @@ def plan_exit_drafts(ctx, job: Job, *, risk: float) -> dict:
     `ExitDraftPlanner` fitted on its own calibration trace (the same prompts, the odd ones),
     with the draft-step costs measured for it and the verification timed here, at the cell's
     batch size; plans kept in exits/draft-plans."""
-    from adainfer.drafting import ExitDraftPlanner, SelfSpeculativeDecoder, load_plan, measure_costs
+    from adainfer.drafting import ExitDraftPlanner, load_plan
 
     fitted = calibrate_exits(ctx, job, risk=risk)
     split, plans = fitted["split"], []
@@ -474,12 +474,10 @@ def plan_exit_drafts(ctx, job: Job, *, risk: float) -> dict:
             traces = ctx.path.parent.parent / "exits" / ".traces"
             trace, costs = _exit_trace(ctx.model, ctx.tokenizer, tuple(others), job.batch, traces)
             rows = [others[i % len(others)] for i in range(job.batch)]
-            verify = None
-            if policy.layers_:
-                decoder = SelfSpeculativeDecoder(ctx.model, ctx.tokenizer)
-                verify = measure_costs(decoder, rows, [min(policy.layers_)], range(1, 5), {})
+            planner = ExitDraftPlanner(policy)
+            verify = planner.measure_verification(ctx.model, ctx.tokenizer, rows)
             meta = {"batch_size": job.batch, "dtype": job.dtype, "machine": timing.machine()}
-            ExitDraftPlanner(policy).fit_measured(trace, costs, verify, meta).save(path)
+            planner.fit_measured(trace, costs, verify, meta).save(path)
         plans.append(load_plan(path))
     return {
         "exits": plans,

@@ -43,13 +43,14 @@ def test_rounds_are_simulated_as_the_decoder_runs_them():
     }
 
 
-def _trace(agree_at_3: np.ndarray, prompts: int = 8) -> ExitTrace:
+def _trace(agree_at_3: np.ndarray, vocab: np.ndarray, prompts: int = 8) -> ExitTrace:
+    """Tokens whose shortlist top-1 at layer 3 agrees as given (every other layer agrees)."""
     n = len(agree_at_3)
     agree = np.ones((n, L), dtype=bool)
     agree[:, 2] = agree_at_3
     features = np.zeros((n, L, 3))
     return ExitTrace(
-        np.arange(20), features, agree, np.full(n, 3), np.repeat(np.arange(prompts), n // prompts)
+        vocab, features, agree, np.full(n, 3), np.repeat(np.arange(prompts), n // prompts)
     )
 
 
@@ -61,7 +62,7 @@ def test_the_plan_drafts_where_verification_is_cheap_and_decodes_plainly_where_n
     model, _ = _model("llama")
     policy = forced(model, 3)  # every draft leaves at layer 3
     free = ExitCosts.layers_only(L)  # a draft step costs its layers: half a step
-    trace = _trace(np.ones(104, dtype=bool))  # 12 drafts a prompt
+    trace = _trace(np.ones(104, dtype=bool), policy.vocab_)  # 12 drafts a prompt
     meta = {"batch_size": 1}
     cheap = ExitDraftPlanner(policy).fit_measured(trace, free, _verify(0.01), meta)
     best = cheap.estimates_[0]
@@ -72,7 +73,7 @@ def test_the_plan_drafts_where_verification_is_cheap_and_decodes_plainly_where_n
     assert "plain decoding" in dear.plan_.describe()
     # drafts that the full model rejects half the time pay less than ones it accepts
     half = ExitDraftPlanner(policy).fit_measured(
-        _trace(np.arange(104) % 2 == 0), free, _verify(0.01), meta
+        _trace(np.arange(104) % 2 == 0, policy.vocab_), free, _verify(0.01), meta
     )
     assert half.estimates_[0]["speedup"] < best["speedup"]
     assert half.estimates_[0]["acceptance"] < 1
@@ -133,3 +134,36 @@ def test_cli_plans_exit_drafts(saved_tiny, tmp_path, capsys):
     gen = ["generate", "--model", model_dir, "--max-new-tokens", "6", "--json"]
     assert main(gen + ["--prompt", "hello", "--draft-plan", str(plan)]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"]
+
+
+def test_an_exit_draft_plan_decodes_plainly_where_a_sliding_window_blocks_drafting():
+    """As a fixed-depth plan: unplanned exit drafts are refused, a plan's decode plainly."""
+    from adainfer.generation import DraftingBlocked
+    from conftest import tiny_model
+
+    gemma, tok = tiny_model("gemma3")  # sliding window of 8
+    policy = forced(gemma, 2)
+    plain = adainfer.generate(gemma, tok, ["hello"], max_new_tokens=8, eos_token_id=[])
+    blocked = adainfer.generate(
+        gemma, tok, ["hello"], plan=ExitDraftPlan(policy, 2), max_new_tokens=8, eos_token_id=[]
+    )
+    assert blocked.tokens == plain.tokens and blocked.drafted.sum() == 0
+    with pytest.raises(DraftingBlocked):
+        adainfer.generate(gemma, tok, ["hello"], draft_exits=policy, max_new_tokens=8)
+
+
+def test_the_planner_refuses_a_trace_of_another_shortlist_and_caps_long_rows():
+    model, _ = _model("llama")
+    policy = forced(model, 3)
+    trace = _trace(np.ones(104, dtype=bool), policy.vocab_)
+    free, meta = ExitCosts.layers_only(L), {"batch_size": 1}
+    other = ExitTrace(trace.vocab + 1, trace.features, trace.agree, trace.settled, trace.prompt)
+    with pytest.raises(ValueError, match="shortlist"):
+        ExitDraftPlanner(policy).fit_measured(other, free, _verify(0.01), meta)
+    # 13 traced tokens a prompt against 5 new tokens: each row is cut to what it may generate
+    short = ExitDraftPlanner(policy, max_new_tokens=5).fit_measured(
+        trace, free, _verify(0.01), meta
+    )
+    assert short.estimates_[0]["draft_tokens"] == 4 and short.estimates_[0]["speedup"] > 1
+    with pytest.raises(ValueError, match="at least 1"):
+        ExitDraftPlanner(policy, draft_tokens=(0, 2)).fit_measured(trace, free, _verify(0.01), meta)

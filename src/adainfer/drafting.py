@@ -58,7 +58,7 @@ from .stepper import encode, teacher_forced
 log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "adainfer.draft-plan", 1
-EXIT_FORMAT = "adainfer.exit-draft-plan"  # drafts that leave where an exit policy says
+EXIT_FORMAT, EXIT_VERSION = "adainfer.exit-draft-plan", 1  # drafts leaving where a policy says
 _LENS_ELEMENTS = 1 << 24  # logits per exact-head read in the trace (positions x vocabulary)
 
 
@@ -790,7 +790,9 @@ class ExitDraftPlan:
         if self.plain:
             self.policy.check_model(model)  # a plan for another model is refused either way
             return SelfSpeculativeDecoder(model, tokenizer)
-        return ExitDraftDecoder(model, tokenizer, self.policy, self.draft_tokens)
+        return ExitDraftDecoder(
+            model, tokenizer, self.policy, self.draft_tokens, plain_if_blocked=True
+        )
 
     def describe(self) -> str:
         if self.plain:
@@ -819,8 +821,11 @@ def simulate_exit_drafts(
     `ExitDraftDecoder` runs them: each draft step costs `step_cost(token indexes [A, 2] of
     the rows' drafts: row, position)`, a round stops after a step in which no row left before
     the last layer (or after `draft_tokens`), then `verify_cost(n)`; every row keeps its
-    leading agreements plus the full model's token. Returns plain decode steps, the rounds'
-    cost in steps, drafts made and accepted, and the drafts' summed depth."""
+    leading agreements plus the full model's token where it rejected one (n drafts verify n
+    positions: all accepted, no token beyond). Returns plain decode steps, the rounds' cost in
+    steps, drafts made and accepted, and the drafts' summed depth. Teacher-forced reads stand
+    in for the drafts' own states (a round's later drafts attend to propagated keys and
+    values), so acceptance is as the calibration saw it, not as drafting sees it."""
     lengths = np.array([len(a) for a in agree])
     width = lengths.max() + draft_tokens
     A = np.zeros((len(agree), width), dtype=bool)
@@ -892,8 +897,10 @@ class ExitDraftPlanner:
         batch_size: int = 1,
         progress: Callable[[Iterable], Iterable] = lambda it: it,
     ) -> ExitDraftPlanner:
-        if isinstance(prompts, str) or len(prompts) < max(2, batch_size):
-            raise ValueError(f"give at least {max(2, batch_size)} calibration prompts")
+        if isinstance(prompts, str) or len(prompts) < 2 * batch_size:
+            raise ValueError(  # the odd half is simulated, in batches of batch_size
+                f"give at least {2 * batch_size} calibration prompts (2 x the batch size)"
+            )
         self.policy.check_model(model)
         trace = trace_exits(
             model,
@@ -905,23 +912,23 @@ class ExitDraftPlanner:
         )
         rows = [prompts[i % len(prompts)] for i in range(batch_size)]
         exit_costs = measure_exit_costs(model, tokenizer, rows, self.policy.vocab_)
-        verify = None
-        if self.policy.layers_:
-            verify = measure_costs(
-                SelfSpeculativeDecoder(model, tokenizer),
-                rows,
-                [min(self.policy.layers_)],
-                range(1, max(self.draft_tokens) + 1),
-                {},
-                repeats=self.repeats,
-                progress=progress,
-            )
+        verify = self.measure_verification(model, tokenizer, rows, progress=progress)
         meta = {
             "batch_size": batch_size,
             "dtype": str(model.dtype).removeprefix("torch."),
             "machine": timing.machine(),
         }
         return self.fit_measured(trace, exit_costs, verify, meta)
+
+    def measure_verification(self, model, tokenizer, rows, **kw) -> dict | None:
+        """`measure_costs` of verifying 1..max(draft_tokens) tokens of `rows` from the
+        policy's first check layer on (None where it has none: nothing is ever drafted)."""
+        if not self.policy.layers_:
+            return None
+        decoder = SelfSpeculativeDecoder(model, tokenizer)
+        sizes = range(1, max(self.draft_tokens) + 1)
+        first = [min(self.policy.layers_)]
+        return measure_costs(decoder, rows, first, sizes, {}, repeats=self.repeats, **kw)
 
     def fit_measured(
         self, trace: ExitTrace, exit_costs: ExitCosts, verify: dict | None, meta: dict
@@ -930,6 +937,13 @@ class ExitDraftPlanner:
         costs and the verification costs (`measure_costs`, None where the policy has no
         check layer) measured elsewhere; `meta` holds batch_size at least."""
         policy, L = self.policy, trace.num_layers
+        if L != policy.num_layers_ or not np.array_equal(trace.vocab, policy.vocab_):
+            raise ValueError(
+                "the trace was not read with this policy's model and shortlist: trace it with "
+                "trace_exits(..., vocab=policy.vocab_) on the policy's model"
+            )
+        if min(self.draft_tokens, default=0) < 1:
+            raise ValueError(f"draft_tokens must all be at least 1, got {self.draft_tokens}")
         self.costs_ = {"exit": asdict(exit_costs), "verify": verify}
         if not policy.layers_:  # no token may leave early: nothing to draft
             self.estimates_ = []
@@ -940,7 +954,8 @@ class ExitDraftPlanner:
         if not held.any():
             raise ValueError("planning needs tokens from at least 2 prompts")
         prompts = np.unique(trace.prompt[held])
-        rows = [np.flatnonzero(trace.prompt == p) for p in prompts]
+        # a row generates at most max_new_tokens: a longer trace stands for a longer generation
+        rows = [np.flatnonzero(trace.prompt == p)[: self.max_new_tokens] for p in prompts]
         d = min(policy.layers_)
         sizes = range(1, max(self.draft_tokens) + 1)
         verify_steps = {n: verify["steps"][f"verify{n}@{d}"]["median"] for n in sizes}
@@ -1007,7 +1022,7 @@ class ExitDraftPlanner:
             path,
             {
                 "format": EXIT_FORMAT,
-                "version": VERSION,
+                "version": EXIT_VERSION,
                 "plan": {
                     "draft_tokens": plan.draft_tokens,
                     "estimate": plan.estimate,
@@ -1027,16 +1042,16 @@ class ExitDraftPlanner:
         )
 
 
-def _draft_step_cost(exits: dict, idx: list[int], costs: ExitCosts, L: int, at) -> float:
+def _draft_step_cost(exits: dict, idx: list[int], costs: ExitCosts, L: int, checks) -> float:
     """One draft step of the rows whose tokens are `idx` (-1: a row past its end, which
     runs the full model), in plain steps at the batch size `costs` were measured at."""
     idx = np.asarray(idx)
     real, pad = idx[idx >= 0], int((idx < 0).sum())
     depth = np.r_[exits["depth"][real], np.full(pad, L)]
-    checks = np.r_[exits["checks"][real], np.full(pad, len(at))]
+    ran = np.r_[exits["checks"][real], np.full(pad, len(checks))]
     passed = np.r_[exits["passed"][real], np.zeros(pad, dtype=bool)]
     # at batch size 1 each token's own cost; above, every entry holds the step's ratio
-    return float(costs.step(depth, checks, passed, L, np.zeros(len(idx), int), list(at)).mean())
+    return float(costs.step(depth, ran, passed, L, np.zeros(len(idx), int), list(checks)).mean())
 
 
 _EXIT_PLAN = Record(
@@ -1054,11 +1069,11 @@ _EXIT_PLAN = Record(
 
 def _load_exit_plan(path: Path, data: dict) -> ExitDraftPlan:
     try:
-        if data.get("version") != VERSION:
-            raise ValueError(f"version {data.get('version')}, this adainfer reads {VERSION}")
+        if data.get("version") != EXIT_VERSION:
+            raise ValueError(f"version {data.get('version')}, this adainfer reads {EXIT_VERSION}")
         check(data, Record({"plan": _EXIT_PLAN}), "the file")
         plan = dict(data["plan"])
-        plan["policy"] = TokenExitPolicy.from_dict(plan["policy"])
+        plan["policy"] = TokenExitPolicy.from_dict(plan["policy"], "the file's plan.policy")
     except ValueError as e:
         raise ValueError(
             f"{path} is a damaged exit-draft plan: {e}; make one with "

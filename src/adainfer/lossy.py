@@ -449,12 +449,12 @@ class TokenExitPolicy:
         write_json(path, self.to_dict())
 
     @classmethod
-    def from_dict(cls, data) -> TokenExitPolicy:
-        """The policy `to_dict` gave; anything else is a ValueError naming the field (its
-        vocabulary indexes the LM head, its layers the decoder)."""
+    def from_dict(cls, data, where: str = "the file") -> TokenExitPolicy:
+        """The policy `to_dict` gave; anything else is a ValueError naming the field under
+        `where` (its vocabulary indexes the LM head, its layers the decoder)."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"format {_get(data, 'format')!r}, expected {FORMAT!r}")
-        check(data, _FILE, "the file")
+        check(data, _FILE, where)
         _check_layers(data)
         params = dict(data["params"])
         if "confidence" in params:  # a file from before Learn-then-Test: its test's level
@@ -814,14 +814,25 @@ class ExitDraftDecoder(EarlyExitDecoder):
 
     tracks_exits = False
 
-    def __init__(self, model, tokenizer, policy: TokenExitPolicy, draft_tokens: int = 4):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        policy: TokenExitPolicy,
+        draft_tokens: int = 4,
+        *,
+        plain_if_blocked: bool = False,
+    ):
         super().__init__(model, tokenizer, policy)
         if draft_tokens < 1:
             raise ValueError(f"draft_tokens must be at least 1, got {draft_tokens}")
         self.draft_layer, self.draft_tokens = min(self.checks), draft_tokens
+        self.plain_if_blocked = plain_if_blocked  # see SelfSpeculativeDecoder
 
     def _advance(self, rows: _Rows, out: _Output) -> None:
         """Draft up to k tokens per row, each from its own exit layer, then verify them."""
+        if not rows.drafting:  # a sliding window would fill: plain steps (plain_if_blocked)
+            return self._plain_step(rows, out)
         L, d = self.parts.num_layers, self.draft_layer
         k = min(self.draft_tokens, out.most_left(rows.index))
         fed, drafts, states, probs, depths = [rows.pending], [], [], [], []
