@@ -833,7 +833,14 @@ class Ctx:
     job: Job
 
     def save(self) -> None:
-        self.data["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        """Write the cell, stamped, unless nothing but the stamp would change (a resumed
+        run of a finished cell leaves its file as it was)."""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        if self.path.is_file():
+            before = json.loads(self.path.read_text())
+            if {**before, "updated": stamp} == {**self.data, "updated": stamp}:
+                return
+        self.data["updated"] = stamp
         write_json(self.path, self.data)
 
 

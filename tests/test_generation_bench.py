@@ -95,10 +95,12 @@ def test_a_tiny_grid_end_to_end_then_resumes(bench, tmp_path, monkeypatch):
     assert len(judged) == 2 and all("| met: 0 of 5 rows differ |" in r for r in judged)
     assert "met: " in judged[0].split(" | ")[3] and judged[1].split(" | ")[3] == "-"  # HF at b1
     assert not list(tmp_path.rglob(".*.tmp"))
-    # run again: every batch is there, nothing generates
+    # run again: every batch is there, nothing generates, the files stay as they were
     calls = _counting(bench, monkeypatch)
+    written = {p: p.read_bytes() for p in (tmp_path / "bench").glob("*.json")}
     bench.main(_argv(tmp_path), loader=_loader, tasks=tasks)
     assert [c for c in calls if c[2] > 1] == []
+    assert all(p.read_bytes() == text for p, text in written.items())
     # --report-only rebuilds the same table without a model
     assert bench.main(["--report-only", "--out-dir", str(tmp_path)]) == table
 
