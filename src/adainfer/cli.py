@@ -698,7 +698,8 @@ def _generate_parser(sub):
         "--draft-plan",
         default=None,
         help="a plan from `adainfer plan-drafts` (how deep, how far and over which vocabulary "
-        "to draft, or plain decoding where drafting does not pay); replaces --draft-layer",
+        "to draft, or with --exits how many exit drafts a round; plain decoding where drafting "
+        "does not pay); replaces --draft-layer",
     )
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
 
