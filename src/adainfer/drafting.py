@@ -25,6 +25,11 @@ The estimate of a setting is plain decode steps over the simulated rounds' cost 
 its tokens-per-second ratio against plain decoding, leaving the shared prefill out. The best
 setting is the plan only if it beats plain by `margin`; otherwise the plan is plain decoding.
 Plans are JSON files (`save` / `load_plan`); `adainfer.generate(..., plan=)` applies one.
+
+`ExitDraftPlanner` plans the other kind of drafts, those whose depth a token-exit policy picks
+per token (`adainfer.lossy.ExitDraftDecoder`): the same question (does a round of them beat a
+plain step, and how many drafts a round) answered from the policy's replay on traced tokens,
+its measured step parts and a timed verification (see the class).
 """
 
 from __future__ import annotations
