@@ -964,35 +964,20 @@ class ExitDraftPlanner:
         d = min(policy.layers_)
         sizes = range(1, max(self.draft_tokens) + 1)
         verify_steps = {n: verify["steps"][f"verify{n}@{d}"]["median"] for n in sizes}
-        B = meta["batch_size"]
-        self.estimates_ = []
-        for k in self.draft_tokens:
-            total = dict.fromkeys(("plain_steps", "cost", "drafted", "accepted", "depth"), 0.0)
-            for s in range(0, len(rows), B):
-                batch = rows[s : s + B]
-
-                def step_cost(at, batch=batch):  # [A, 2] (row, position): one draft step
-                    idx = [batch[r][p] if p < len(batch[r]) else -1 for r, p in at]
-                    return _draft_step_cost(exits, idx, exit_costs, L, policy.layers_)
-
-                sim = simulate_exit_drafts(
-                    [~exits["changed"][i] for i in batch],
-                    [exits["depth"][i] for i in batch],
-                    step_cost,
-                    verify_steps.get,
-                    num_layers=L,
-                    draft_tokens=k,
-                    max_new_tokens=self.max_new_tokens,
-                )
-                total = {key: total[key] + sim[key] for key in total}
-            self.estimates_.append(
-                {
-                    "draft_tokens": k,
-                    "speedup": total["plain_steps"] / total["cost"] if total["cost"] else 0.0,
-                    "acceptance": total["accepted"] / max(total["drafted"], 1),
-                    "mean_depth": total["depth"] / max(total["drafted"], 1),
-                }
+        self.estimates_ = [
+            _estimate_exit_drafts(
+                exits,
+                rows,
+                exit_costs,
+                verify_steps,
+                policy.layers_,
+                num_layers=L,
+                batch_size=meta["batch_size"],
+                draft_tokens=k,
+                max_new_tokens=self.max_new_tokens,
             )
+            for k in self.draft_tokens
+        ]
         self.estimates_.sort(key=lambda r: -r["speedup"])
         self.plan_ = self._choose(meta)
         log.info("exit-draft plan: %s", self.plan_.describe())
@@ -1045,6 +1030,46 @@ class ExitDraftPlanner:
                 "costs": self.costs_,
             },
         )
+
+
+def _estimate_exit_drafts(
+    exits: dict,
+    rows: list[np.ndarray],
+    costs: ExitCosts,
+    verify_steps: dict[int, float],
+    checks: Sequence[int],
+    *,
+    num_layers: int,
+    batch_size: int,
+    draft_tokens: int,
+    max_new_tokens: int,
+) -> dict:
+    """One candidate's estimate: every batch of `rows` (each row's token indexes into the
+    `replay` arrays `exits`) simulated, summed; tokens/s against plain decoding."""
+    total = dict.fromkeys(("plain_steps", "cost", "drafted", "accepted", "depth"), 0.0)
+    for s in range(0, len(rows), batch_size):
+        batch = rows[s : s + batch_size]
+
+        def step_cost(at, batch=batch):  # [A, 2] (row, position): one draft step
+            idx = [batch[r][p] if p < len(batch[r]) else -1 for r, p in at]
+            return _draft_step_cost(exits, idx, costs, num_layers, checks)
+
+        sim = simulate_exit_drafts(
+            [~exits["changed"][i] for i in batch],
+            [exits["depth"][i] for i in batch],
+            step_cost,
+            verify_steps.get,
+            num_layers=num_layers,
+            draft_tokens=draft_tokens,
+            max_new_tokens=max_new_tokens,
+        )
+        total = {key: total[key] + sim[key] for key in total}
+    return {
+        "draft_tokens": draft_tokens,
+        "speedup": total["plain_steps"] / total["cost"] if total["cost"] else 0.0,
+        "acceptance": total["accepted"] / max(total["drafted"], 1),
+        "mean_depth": total["depth"] / max(total["drafted"], 1),
+    }
 
 
 def _draft_step_cost(exits: dict, idx: list[int], costs: ExitCosts, L: int, checks) -> float:
