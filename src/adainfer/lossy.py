@@ -375,22 +375,9 @@ class TokenExitPolicy:
         ("depth"; num_layers where no check passed), the checks it ran, whether one passed
         (its token then comes from the shortlist, not the full head) and whether its token
         differs from the full model's ("changed")."""
-        L, C = trace.num_layers, len(self.layers_)
-        if not C:
-            none = np.zeros(len(trace.prompt), dtype=bool)
-            return {"depth": np.full(len(none), L), "checks": np.zeros(len(none), int)} | {
-                "passed": none,
-                "changed": none,
-            }
         cols = [layer - 1 for layer in self.layers_]
-        first = _first_pass(self._scores(trace.features[:, cols]), self.threshold_)
-        passed = first < C
-        return {
-            "depth": np.where(passed, np.asarray(self.layers_)[np.minimum(first, C - 1)], L),
-            "checks": np.where(passed, first + 1, C),
-            "passed": passed,
-            "changed": _changed(first, trace.agree[:, cols]),
-        }
+        scores = self._scores(trace.features[:, cols])
+        return _left(scores, trace.agree[:, cols], self.threshold_, self.layers_, trace.num_layers)
 
     def decision_function(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         """[A] probe logits at a candidate `layer` for ExitSignal features [A, 3]."""
@@ -612,15 +599,11 @@ class _Half:
 
     def replay(self, subset, threshold, layers, num_layers, costs: ExitCosts):
         """(changed [N], exit depth [N], passed [N], step cost [N]) of one candidate."""
-        sub, size = list(subset), len(subset)
-        exit_at = _first_pass(self.scores[:, sub], threshold)
-        changed = _changed(exit_at, self.agree[:, sub])
-        passed = exit_at < size
-        at = np.asarray([layers[c] for c in sub])
-        depth = np.where(passed, at[np.minimum(exit_at, size - 1)], num_layers)
-        checks = np.where(passed, exit_at + 1, size)
-        cost = costs.step(depth, checks, passed, num_layers, self.steps, at)
-        return changed, depth, passed, cost
+        sub = list(subset)
+        at = [layers[c] for c in sub]
+        x = _left(self.scores[:, sub], self.agree[:, sub], threshold, at, num_layers)
+        cost = costs.step(x["depth"], x["checks"], x["passed"], num_layers, self.steps, at)
+        return x["changed"], x["depth"], x["passed"], cost
 
 
 def _decode_steps(prompt: np.ndarray, rows: int) -> np.ndarray:
@@ -683,6 +666,26 @@ def _outcome(depth, changed, passed, step_cost, num_layers: int) -> dict:
         "exited_share": float((depth < num_layers).mean()) if len(depth) else 0.0,
         "head_skipped_share": float(passed.mean()) if len(passed) else 0.0,
         "step_cost": float(step_cost),
+    }
+
+
+def _left(scores, agree, threshold: float, at: Sequence[int], num_layers: int) -> dict:
+    """Where each token leaves given its probe logits and shortlist agreement [N, C] at the
+    check layers `at`: "depth" (num_layers where no check passed), "checks" run, "passed"
+    (its token then comes from the shortlist, not the full head) and "changed" (its token
+    is not the full model's)."""
+    C = len(at)
+    if not C:
+        none = np.zeros(len(scores), dtype=bool)
+        return dict(depth=np.full(len(none), num_layers), checks=np.zeros(len(none), int),
+                    passed=none, changed=none)  # fmt: skip
+    first = _first_pass(scores, threshold)
+    passed = first < C
+    return {
+        "depth": np.where(passed, np.asarray(at)[np.minimum(first, C - 1)], num_layers),
+        "checks": np.where(passed, first + 1, C),
+        "passed": passed,
+        "changed": _changed(first, agree),
     }
 
 
