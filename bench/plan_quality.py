@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -193,8 +194,12 @@ def _splits(pool: Traces, test: Traces, calibrate_on: str, seed: int = 0):
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    costs = args.check_cost if isinstance(args.check_cost, dict) else {1: args.check_cost}
     pool, test, meta = _load_traces(args)
+    if args.check_cost_from:
+        run = json.loads((args.run / "traces" / "run.json").read_text())
+        costs = bench_check_costs(args.check_cost_from, run, args.task, args.shots)
+    else:
+        costs = args.check_cost if isinstance(args.check_cost, dict) else {1: args.check_cost}
     policies = {POLICIES[k][0]: POLICIES[k][1:] for k in dict.fromkeys(args.only or POLICIES)}
     splits = _splits(pool, test, args.calibrate_on)
     L = test.num_layers
@@ -231,6 +236,23 @@ def main(argv=None):
         _write(args, head, table, rows, bound, fronts)
 
 
+def bench_check_costs(path: Path, run: dict, task: str, shots: int) -> dict[int, float]:
+    """{batch size: decoder layers per check} that `adainfer bench` measured for the model
+    and dtype of `run` (a reproduce run.json) on `task` with `shots` (bench.md's "check")."""
+    rows = [
+        r
+        for r in json.loads(Path(path).read_text())["rows"]
+        if (r["model"], r["dtype"], r["task"], r["shots"])
+        == (run["model"], run["dtype"], task, shots)
+    ]
+    if not rows:
+        raise SystemExit(
+            f"{path} has no {run['model']} {run['dtype']} {task} {shots}-shot cell: run "
+            "`adainfer bench` for it first, or give --check-cost"
+        )
+    return {int(r["batch_size"]): float(r["check_cost_layers"]) for r in rows}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -247,6 +269,12 @@ def _parser() -> argparse.ArgumentParser:
         type=parse_check_cost,
         default={1: 1.0},
         help="decoder layers per check, or BATCH:COST pairs",
+    )
+    p.add_argument(
+        "--check-cost-from",
+        type=Path,
+        help="take the check costs from an `adainfer bench` bench.json (the run's model, "
+        "dtype, --task and --shots; every batch size it timed) instead of --check-cost",
     )
     p.add_argument("--tolerance", type=float, default=0.01)
     p.add_argument(

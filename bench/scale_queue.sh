@@ -35,9 +35,10 @@ for dtype in bfloat16 float32; do
 done
 $AI bench --model $M --task sst2 --task capitalize --batch-sizes 1,8,32 --dtypes bfloat16,float32 \
     --n-queries 32 --n-train 200 --repeats 3 --data-dir "$DATA" --out-dir results/bench
-# plan quality needs the check costs the bench measured for this model (layers per check at
-# batch 1 / 8 / 32, bf16, SST-2: the "check" column of results/bench/bench.md)
-echo "then: python bench/plan_quality.py results/$M --test-traces results/$M-sst2-872 --task sst2 \\"
-echo "    --shots 5 --check-cost 1:<b1>,8:<b8>,32:<b32> --out results/plan-quality/$M-sst2-872"
-echo "and: adainfer claims results/smollm2-135m results/gemma3-270m results/qwen2.5-0.5b results/$M \\"
-echo "    --readme results/README.md"
+# plan quality with the check costs this bench measured for the model (bench.md's "check"),
+# then the claim table over the four models
+${PY:-.venv/bin/python} bench/plan_quality.py results/$M --test-traces results/$M-sst2-872 \
+    --task sst2 --shots 5 --check-cost-from results/bench/bench.json \
+    --out results/plan-quality/$M-sst2-872
+$AI claims results/smollm2-135m results/gemma3-270m results/qwen2.5-0.5b results/$M \
+    --readme results/README.md
