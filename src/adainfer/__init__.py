@@ -9,7 +9,7 @@ The modules stand on floors; each imports only from its own floor or below:
   traces), checks (PlannedPolicy: where to check), persist (policy files);
 - engine clients: prefill (AdaptiveEngine), generation (token by token, lossless drafting),
   lossy (token by token, every token leaving at its own layer; TokenExitPolicy);
-  drafting (DraftPlanner: whether and how to draft, measured);
+  drafting (DraftPlanner, ExitDraftPlanner: whether and how to draft, measured);
 - evaluate, bench, reproduce: collect, summary, evaluate, bench, reproduce, report,
   pipeline, demo, headroom, lmeval (the lm-evaluation-harness model; imports lm_eval, so
   nothing here imports it);
