@@ -1213,8 +1213,21 @@ def _oracle_note(data: dict, name: str) -> str | None:
         f"- {name}: {r['median']:.2f}x ({r['q1']:.2f}-{r['q3']:.2f}) the tokens/s of adainfer's "
         f"plain decoding ({base}), paired over {r['n']} batches; the per-token oracle (each token "
         f"at its settled layer, free checks, every row's saving in full; calibration traces and "
-        f"costs) gives {oracle:.2f}x: {share:.0%} of its saving"
+        f"costs) gives {oracle:.2f}x: {share:.0%} of its saving{_exits_said(data, name)}"
     )
+
+
+def _exits_said(data: dict, name: str) -> str:
+    """The share of tokens that left before the last layer, against what the calibration's
+    held-out tokens planned: a plan's saving is only as good as that share holds up."""
+    calibrated = data.get("calibrated_exits", {}).get(name)
+    runs = [b["runs"][name] for b in data["batches"].values() if name in b["runs"]]
+    exits = [x for r in runs for row in r["stats"].get("exit_layers", []) for x in row]
+    if not calibrated or not exits:
+        return ""
+    left = float(np.mean(np.asarray(exits) < calibrated["num_layers"]))
+    planned = "/".join(f"{x:.0%}" for x in calibrated["shares"])
+    return f"; {left:.0%} of tokens left before the last layer (calibration, held out: {planned})"
 
 
 def _pass_note(data: dict, name: str) -> str | None:
@@ -1249,12 +1262,30 @@ def oracle_speedup(out_dir: Path, data: dict) -> float | None:
     return 1 / float(np.mean(steps)) if steps else None
 
 
+def calibrated_exits(out_dir: Path, data: dict) -> dict[str, dict]:
+    """{lossy method: (num_layers, the share of tokens its policies let leave before the last
+    layer on their calibration's held-out tokens, one per crossfit half)} from exits/."""
+    out = {}
+    for risk in RISKS:
+        key = f"{data['model']}-{data['dtype']}-b{data['batch_size']}-risk{risk}-half*.json"
+        policies = [
+            read_json(p, "token-exit policy") for p in sorted((out_dir / "exits").glob(key))
+        ]
+        if policies:
+            out[f"lossy@{100 * risk:g}%"] = {
+                "num_layers": policies[0]["num_layers"],
+                "shares": [p["calibration"]["exited_share"] for p in policies],
+            }
+    return out
+
+
 def load_cells(out_dir: Path) -> list[dict]:
     order = list(TASK_OF)
     cells = [json.loads(p.read_text()) for p in sorted((out_dir / "bench").glob("*.json"))]
     ties = read_json(out_dir / "ties.json", "ties") if (out_dir / "ties.json").is_file() else []
     for data in cells:
         data["oracle_speedup"] = oracle_speedup(out_dir, data)
+        data["calibrated_exits"] = calibrated_exits(out_dir, data)
         name = cell_name(data)
         data["ties"] = collections.Counter(t["method"] for t in ties if t["cell"] == name)
     return sorted(

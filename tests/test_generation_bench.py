@@ -408,3 +408,16 @@ def test_planned_exit_drafts_keep_plain_output_and_keep_their_plans(bench, tmp_p
     assert plans == [f"tiny-float32-b1-risk0.05-half{h}.json" for h in (0, 1)]
     s = bench.summarise_method(data, "lossless-exits-planned@5%")
     assert s["exact"]["rows"] == 1.0 and s["rows"] == len(PROMPTS)
+
+
+def test_the_oracle_note_sets_the_share_of_tokens_that_left_against_the_calibration(bench):
+    data = {
+        "calibrated_exits": {"lossy@1%": {"num_layers": 4, "shares": [0.5, 0.25]}},
+        "batches": {
+            "0": {"runs": {"lossy@1%": {"stats": {"exit_layers": [[2, 4, 4, 3]]}}}},
+            "1": {"runs": {"lossy@1%": {"stats": {"exit_layers": [[4, 4]]}}}},
+        },
+    }
+    said = bench._exits_said(data, "lossy@1%")
+    assert "33% of tokens left before the last layer" in said and "50%/25%" in said
+    assert bench._exits_said(data, "lossy@5%") == ""
