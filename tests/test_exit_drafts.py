@@ -87,8 +87,9 @@ def test_planned_exit_drafts_keep_plain_greedy_and_plan_files_round_trip(tmp_pat
     model, tok = _model("llama")
     policy = forced(model, 3)
     planner = ExitDraftPlanner(policy, draft_tokens=(1, 3), max_new_tokens=6, repeats=2)
+    params = planner.get_params()
     planner.fit(model, tok, PROMPTS[:4], batch_size=2)
-    assert planner.policy is policy and planner.draft_tokens == (1, 3)  # fit keeps them
+    assert planner.policy is policy and planner.get_params() == params  # fit keeps them
     assert {r["draft_tokens"] for r in planner.estimates_} == {1, 3}
     assert planner.costs_["exit"]["rows"] == 2 and "verify3@3" in planner.costs_["verify"]["steps"]
     expected = _plain_greedy(model, tok, PROMPTS[:3], 10)
@@ -101,6 +102,7 @@ def test_planned_exit_drafts_keep_plain_greedy_and_plan_files_round_trip(tmp_pat
     got = adainfer.generate(model, tok, PROMPTS[:3], plan=drafting, max_new_tokens=10)
     assert got.draft_layers and all(3 in layers for layers in got.draft_layers)
     path = planner.save(tmp_path / "plan.json")
+    assert json.loads(path.read_text())["params"]["draft_tokens"] == [1, 3]
     loaded = load_plan(path)
     assert loaded.draft_tokens == planner.plan_.draft_tokens
     assert loaded.policy.layers_ == [3] and loaded.batch_size == 2

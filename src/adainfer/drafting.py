@@ -893,6 +893,11 @@ class ExitDraftPlanner:
         self.max_new_tokens = max_new_tokens
         self.repeats = repeats
 
+    def get_params(self) -> dict:
+        """The parameters (the wrapped policy aside: it is saved with the plan)."""
+        names = ("draft_tokens", "margin", "max_new_tokens", "repeats")
+        return {n: getattr(self, n) for n in names}
+
     def fit(
         self,
         model,
@@ -1020,12 +1025,7 @@ class ExitDraftPlanner:
                     "meta": plan.meta,
                     "policy": plan.policy.to_dict(),
                 },
-                "params": {
-                    "draft_tokens": list(self.draft_tokens),
-                    "margin": self.margin,
-                    "max_new_tokens": self.max_new_tokens,
-                    "repeats": self.repeats,
-                },
+                "params": {**self.get_params(), "draft_tokens": list(self.draft_tokens)},
                 "estimates": self.estimates_,
                 "costs": self.costs_,
             },
