@@ -51,7 +51,6 @@ from .generation import DraftHead, SelfSpeculativeDecoder
 from .lens import LogitLens
 from .lossy import (
     ExitCosts,
-    ExitDraftDecoder,
     ExitTrace,
     TokenExitPolicy,
     measure_exit_costs,
@@ -493,8 +492,8 @@ def simulate(
         a, c = A[active[:, None], cols], C[active[:, None], cols]
         unsure = (c < confidence).all(0)
         n = int(np.argmax(unsure)) + 1 if confidence > 0 and unsure.any() else k
-        lead = np.where(a[:, :n].all(1), n, np.argmin(a[:, :n], 1))
-        t[active] += np.minimum(np.minimum(lead + 1, n), lengths[active] - t[active])
+        lead, kept = _verified(a[:, :n], lengths[active] - t[active])
+        t[active] += kept
         cost += round_cost(n)
         drafted += n * len(active)
         accepted += lead.sum()
@@ -504,6 +503,16 @@ def simulate(
         "drafted": drafted,
         "accepted": float(accepted),
     }
+
+
+def _verified(agree: np.ndarray, left: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(drafts accepted, tokens kept) per row of one verified round, as the decoder settles
+    it: the leading agreements of its n drafts ([A, n]), plus the full model's token where
+    it rejected one (n drafts verify n positions: all accepted, no token beyond), at most
+    the `left` tokens the row may still make."""
+    n = agree.shape[1]
+    lead = np.where(agree.all(1), n, np.argmin(agree, 1))
+    return lead, np.minimum(np.minimum(lead + 1, n), left)
 
 
 def estimate_grid(
@@ -795,9 +804,7 @@ class ExitDraftPlan:
         if self.plain:
             self.policy.check_model(model)  # a plan for another model is refused either way
             return SelfSpeculativeDecoder(model, tokenizer)
-        return ExitDraftDecoder(
-            model, tokenizer, self.policy, self.draft_tokens, plain_if_blocked=True
-        )
+        return self.policy.draft_decoder(model, tokenizer, self.draft_tokens, plain_if_blocked=True)
 
     def describe(self) -> str:
         if self.plain:
@@ -851,8 +858,8 @@ def simulate_exit_drafts(
             if not (D[active, cols] < num_layers).any():
                 break
         a = A[active[:, None], t[active, None] + np.arange(n)]
-        lead = np.where(a.all(1), n, np.argmin(a, 1))
-        t[active] += np.minimum(np.minimum(lead + 1, n), lengths[active] - t[active])
+        lead, kept = _verified(a, lengths[active] - t[active])
+        t[active] += kept
         out["cost"] += verify_cost(n)
         out["drafted"] += n * len(active)
         out["accepted"] += float(lead.sum())

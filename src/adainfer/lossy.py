@@ -406,14 +406,19 @@ class TokenExitPolicy:
         """The lossy decoder that generates with this policy (`adainfer.generate(exits=...)`)."""
         return EarlyExitDecoder(model, tokenizer, self)
 
-    def draft_decoder(self, model, tokenizer, draft_tokens: int = 4) -> SelfSpeculativeDecoder:
+    def draft_decoder(
+        self, model, tokenizer, draft_tokens: int = 4, *, plain_if_blocked: bool = False
+    ) -> SelfSpeculativeDecoder:
         """The lossless decoder whose drafts leave where this policy says
         (`adainfer.generate(draft_exits=...)`); plain decoding where the calibration
-        certified no exit (no check layer), so nothing could leave early to draft."""
+        certified no exit (no check layer), so nothing could leave early to draft.
+        `plain_if_blocked`: see `SelfSpeculativeDecoder` (a plan's drafts are advice)."""
         if not self.layers_:
             self.check_model(model)
             return SelfSpeculativeDecoder(model, tokenizer)
-        return ExitDraftDecoder(model, tokenizer, self, draft_tokens)
+        return ExitDraftDecoder(
+            model, tokenizer, self, draft_tokens, plain_if_blocked=plain_if_blocked
+        )
 
     # -------------------------------------------------------------- files
     def to_dict(self) -> dict:
