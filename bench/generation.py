@@ -1246,37 +1246,42 @@ def _pass_note(data: dict, name: str) -> str | None:
     return f"- {name} against plain: {lost} problems lost, {gained} gained (McNemar p = {p:.3f})"
 
 
-def oracle_speedup(out_dir: Path, data: dict) -> float | None:
-    """1 / the oracle's step cost (plain step = 1) in this cell's lossy calibration files:
-    a token leaving at its settled layer skips (L - settled) layers and still reads the head.
-    Every row's saving counts in full, as at batch 1: at larger batches, where rows share
-    the weights' reads, this bounds the oracle from above (the files' `oracle_step_cost`
-    costs it per step, but on the calibration's batch shapes, not the cell's)."""
+def cell_policies(out_dir: Path, data: dict) -> dict[str, list[dict]]:
+    """{lossy method: this cell's calibration files of its risk in exits/ (the token-exit
+    policies, one per crossfit half)}, read once for the notes that use them."""
     key = f"{data['model']}-{data['dtype']}-b{data['batch_size']}-risk*-half*.json"
-    steps = []
+    out = collections.defaultdict(list)
     for path in sorted((out_dir / "exits").glob(key)):
-        policy = read_json(path, "token-exit policy")
+        risk = float(re.search(r"-risk([0-9.]+)-half", path.name).group(1))
+        out[f"lossy@{100 * risk:g}%"].append(read_json(path, "token-exit policy"))
+    return dict(out)
+
+
+def oracle_speedup(policies: dict[str, list[dict]]) -> float | None:
+    """1 / the oracle's step cost (plain step = 1) in this cell's lossy calibration files
+    (`cell_policies`): a token leaving at its settled layer skips (L - settled) layers and
+    still reads the head. Every row's saving counts in full, as at batch 1: at larger
+    batches, where rows share the weights' reads, this bounds the oracle from above (the
+    files' `oracle_step_cost` costs it per step, but on the calibration's batch shapes, not
+    the cell's)."""
+    steps = []
+    for policy in (p for group in policies.values() for p in group):
         c, L = policy["calibration"], policy["num_layers"]
         if c.get("oracle_mean_settled") is not None:
             steps.append(1 - (L - c["oracle_mean_settled"]) * policy["costs"]["layer"])
     return 1 / float(np.mean(steps)) if steps else None
 
 
-def calibrated_exits(out_dir: Path, data: dict) -> dict[str, dict]:
+def calibrated_exits(policies: dict[str, list[dict]]) -> dict[str, dict]:
     """{lossy method: (num_layers, the share of tokens its policies let leave before the last
-    layer on their calibration's held-out tokens, one per crossfit half)} from exits/."""
-    out = {}
-    for risk in RISKS:
-        key = f"{data['model']}-{data['dtype']}-b{data['batch_size']}-risk{risk}-half*.json"
-        policies = [
-            read_json(p, "token-exit policy") for p in sorted((out_dir / "exits").glob(key))
-        ]
-        if policies:
-            out[f"lossy@{100 * risk:g}%"] = {
-                "num_layers": policies[0]["num_layers"],
-                "shares": [p["calibration"]["exited_share"] for p in policies],
-            }
-    return out
+    layer on their calibration's held-out tokens, one per crossfit half)}."""
+    return {
+        name: {
+            "num_layers": group[0]["num_layers"],
+            "shares": [p["calibration"]["exited_share"] for p in group],
+        }
+        for name, group in policies.items()
+    }
 
 
 def load_cells(out_dir: Path) -> list[dict]:
@@ -1284,8 +1289,9 @@ def load_cells(out_dir: Path) -> list[dict]:
     cells = [json.loads(p.read_text()) for p in sorted((out_dir / "bench").glob("*.json"))]
     ties = read_json(out_dir / "ties.json", "ties") if (out_dir / "ties.json").is_file() else []
     for data in cells:
-        data["oracle_speedup"] = oracle_speedup(out_dir, data)
-        data["calibrated_exits"] = calibrated_exits(out_dir, data)
+        policies = cell_policies(out_dir, data)
+        data["oracle_speedup"] = oracle_speedup(policies)
+        data["calibrated_exits"] = calibrated_exits(policies)
         name = cell_name(data)
         data["ties"] = collections.Counter(t["method"] for t in ties if t["cell"] == name)
     return sorted(

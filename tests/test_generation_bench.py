@@ -183,9 +183,9 @@ def test_the_lossy_saving_is_set_against_the_oracle_of_its_calibration_files(ben
         policy = {"num_layers": 22, "costs": {"layer": 0.05}}
         policy["calibration"] = {"oracle_mean_settled": settled}
         (exits / f"m-bfloat16-b1-risk0.01-half{half}.json").write_text(json.dumps(policy))
-    oracle = bench.oracle_speedup(tmp_path, data)
+    oracle = bench.oracle_speedup(bench.cell_policies(tmp_path, data))
     assert oracle == pytest.approx(1 / 0.8)  # a 20% saving
-    assert bench.oracle_speedup(tmp_path, {**data, "batch_size": 8}) is None
+    assert bench.oracle_speedup(bench.cell_policies(tmp_path, {**data, "batch_size": 8})) is None
     note = bench._oracle_note({**data, "oracle_speedup": oracle}, "lossy@1%")
     assert "1.25x" in note and "100% of its saving" in note
     # without adainfer-plain, lossless-planned stands in only where it never drafted
