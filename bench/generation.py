@@ -393,7 +393,10 @@ def calibrate_exits(ctx, job: Job, *, risk: float) -> dict:
         path = ctx.path.parent.parent / "exits" / f"{stem}-half{half}.json"
         if not path.is_file():
             traces = ctx.path.parent.parent / "exits" / ".traces"  # git-ignored, MBs each
-            trace, costs = _exit_trace(ctx.model, ctx.tokenizer, tuple(others), job.batch, traces)
+            misses = ctx.settings.get("training_misses", False)
+            trace, costs = _exit_trace(
+                ctx.model, ctx.tokenizer, tuple(others), job.batch, traces, misses
+            )
             policy = TokenExitPolicy(risk=risk, cost_batch_size=job.batch)
             policy.model_ = getattr(ctx.model, "adainfer_id", job.name)
             policy.fit_trace(trace, costs).save(path)
@@ -412,18 +415,22 @@ def crossfit_split(n: int, batch: int) -> int:
 
 
 @functools.lru_cache(maxsize=2)
-def _exit_trace(model, tokenizer, prompts: tuple[str, ...], batch: int, folder: Path):
+def _exit_trace(
+    model, tokenizer, prompts: tuple[str, ...], batch: int, folder: Path, misses: bool = False
+):
     """A half's calibration trace (kept in `folder`, so a restarted run does not decode the
-    prompts again) and its cost table at this batch size, shared by the cell's risk levels."""
+    prompts again) and its cost table at this batch size, shared by the cell's risk levels.
+    `misses`: `trace_exits(training_misses=)` (off in the runs made before it existed)."""
     from adainfer.lossy import ExitTrace, measure_exit_costs, trace_exits
 
     key = f"{getattr(model, 'adainfer_id', '')}|{model.dtype}|" + "\0".join(prompts)
+    key += "|training misses" if misses else ""  # the older traces keep their files
     path = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     if path.is_file():
         with np.load(path) as stored:
             trace = ExitTrace(**{name: stored[name] for name in stored.files})
     else:
-        trace = trace_exits(model, tokenizer, prompts, batch_size=8)
+        trace = trace_exits(model, tokenizer, prompts, batch_size=8, training_misses=misses)
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(path, functools.partial(_save_npz, arrays=dataclasses.asdict(trace)))
     rows = [prompts[i % len(prompts)] for i in range(batch)]
@@ -472,7 +479,10 @@ def plan_exit_drafts(ctx, job: Job, *, risk: float) -> dict:
             if others is None:
                 raise SystemExit("planned exit drafts need the crossfit calibration")
             traces = ctx.path.parent.parent / "exits" / ".traces"
-            trace, costs = _exit_trace(ctx.model, ctx.tokenizer, tuple(others), job.batch, traces)
+            misses = ctx.settings.get("training_misses", False)
+            trace, costs = _exit_trace(
+                ctx.model, ctx.tokenizer, tuple(others), job.batch, traces, misses
+            )
             rows = [others[i % len(others)] for i in range(job.batch)]
             planner = ExitDraftPlanner(policy)
             verify = planner.measure_verification(ctx.model, ctx.tokenizer, rows)
@@ -1328,6 +1338,8 @@ def settings_of(task: Task, args, lossy: bool) -> dict:
         "calib_tokens": args.calib_tokens,
         "torch_threads": torch.get_num_threads(),
         **({"exit_calibration": args.exit_calibration} if lossy else {}),
+        # absent in the runs made before trace_exits read the probes' tokens with misses
+        **({"training_misses": True} if lossy and args.training_misses else {}),
     }
 
 
@@ -1392,6 +1404,12 @@ def parser() -> argparse.ArgumentParser:
         default="crossfit",
         choices=["crossfit", "stdlib"],
         help="the lossy policies' prompts: the other half of the evaluated ones, or stdlib code",
+    )
+    p.add_argument(
+        "--training-misses",
+        action="store_true",
+        help="calibrate the lossy policies as trace_exits does by default: the probes' tokens "
+        "read on a shortlist that lacks some of them (off: as the committed grid was made)",
     )
     p.add_argument(
         "--execute",

@@ -323,11 +323,12 @@ def test_crossfit_serves_each_half_a_policy_calibrated_on_the_other(bench, tmp_p
     two policies are written to the out dir and reused by a resumed run."""
     import adainfer.lossy as lossy
 
-    traced, served = [], []
+    traced, served, misses = [], [], []
     real_trace, real_run = lossy.trace_exits, bench._adainfer
 
     def trace(model, tok, prompts, **kw):
         traced.append(list(prompts))
+        misses.append(kw["training_misses"])
         return real_trace(model, tok, prompts, **{**kw, "max_new_tokens": 4})
 
     def run(model, tok, prompts, job, **how):
@@ -365,6 +366,15 @@ def test_crossfit_serves_each_half_a_policy_calibrated_on_the_other(bench, tmp_p
     traced.clear()
     bench.main(argv, loader=_loader, tasks=tasks)
     assert traced == [] and len(list((tmp_path / "exits").glob("*.json"))) == 2
+    assert misses == [False, False] and "training_misses" not in data["settings"]  # as before
+    out = tmp_path / "misses"  # the probes trained on shortlist misses: its own traces
+    argv[argv.index("--out-dir") + 1] = str(out)
+    bench._exit_trace.cache_clear()
+    bench.main([*argv, "--training-misses"], loader=_loader, tasks=tasks)
+    assert misses[2:] == [True, True]
+    assert json.loads((out / "bench" / "tiny-float32-b1.json").read_text())["settings"][
+        "training_misses"
+    ]
 
 
 def _ties():

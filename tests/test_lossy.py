@@ -250,6 +250,29 @@ def test_fit_on_a_tiny_model_and_round_trip(tmp_path):
     assert a.tokens == b.tokens and a.exit_layers == b.exit_layers
 
 
+def test_probe_tokens_are_read_on_a_shortlist_that_misses_some():
+    """Read on the shortlist made from their own tokens, the probes' tokens never miss it; with
+    training misses each quarter is read on the other's, and the odd prompts as before."""
+    model, tok = tiny_model("llama")
+    prompts = [
+        f"{w} {i}" for i, w in enumerate("alpha beta gamma delta eps zeta eta theta".split())
+    ]
+    kw = dict(vocab_size=500, max_new_tokens=6, batch_size=8)  # odd rows: the same shortlist
+    own = trace_exits(model, tok, prompts, training_misses=False, **kw)
+    cross = trace_exits(model, tok, prompts, **kw)
+    even, odd = own.prompt % 2 == 0, own.prompt % 2 == 1
+    assert own.agree[even, -1].all()  # no miss: the last layer's probe would learn nothing
+    assert not cross.agree[even, -1].all()
+    np.testing.assert_array_equal(cross.prompt, own.prompt)
+    np.testing.assert_array_equal(cross.vocab, own.vocab)  # the shortlist used at run time
+    np.testing.assert_array_equal(cross.agree[odd], own.agree[odd])
+    np.testing.assert_allclose(cross.features[odd], own.features[odd], atol=1e-4)
+    np.testing.assert_array_equal(cross.settled, own.settled)
+    few = trace_exits(model, tok, prompts[:2], **kw)  # no second quarter to read on
+    as_before = trace_exits(model, tok, prompts[:2], training_misses=False, **kw)
+    np.testing.assert_array_equal(few.features, as_before.features)
+
+
 def test_corrupt_policy_files_say_what_to_do(tmp_path):
     bad = tmp_path / "bad.json"
     for text in ("not json", json.dumps({"format": "other"}), json.dumps({"format": 1})):

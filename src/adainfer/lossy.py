@@ -120,29 +120,81 @@ def trace_exits(
     vocab: Sequence[int] | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 8,
+    training_misses: bool = True,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> ExitTrace:
     """Greedy-decode `prompts` with the full model, take the `vocab_size` most frequent
     tokens of the even prompts and their outputs as the vocabulary (or the given `vocab`, a
     fitted policy's), and read each generated token at every layer (teacher-forced) on the
-    vocabulary plus its batch's prompt tokens."""
+    vocabulary plus its batch's prompt tokens.
+
+    The even prompts train the probes. Read on a shortlist made from their own tokens, none
+    of their tokens would ever miss it, so the probes would never learn what a miss looks like
+    (the last layer's probe, seeing agreement only, would pass every token, and the check
+    that skips the full head could never be planned). With `training_misses` (and no `vocab`
+    given) each half of them (prompts 0 and 2 mod 4) is read on a shortlist made from the
+    other half only, so some of their tokens miss it as a new prompt's do; the odd prompts,
+    which plan the threshold, are read on the full shortlist, as at run time."""
     decoder = SelfSpeculativeDecoder(model, tokenizer)
     starts = range(0, len(prompts), batch_size)
     batches = [list(prompts[s : s + batch_size]) for s in starts]
     outputs = [decoder.generate(b, max_new_tokens=max_new_tokens).tokens for b in progress(batches)]
-    prompt_ids = tokenizer(list(prompts))["input_ids"]
     generated = [t for out in outputs for t in out]
+    return read_exits(
+        decoder,
+        prompts,
+        generated,
+        vocab_size=vocab_size,
+        vocab=vocab,
+        batch_size=batch_size,
+        training_misses=training_misses,
+    )
+
+
+@torch.inference_mode()
+def read_exits(
+    decoder,
+    prompts: Sequence[str],
+    generated: Sequence[Sequence[int]],
+    *,
+    vocab_size: int = 4096,
+    vocab: Sequence[int] | None = None,
+    batch_size: int = 8,
+    training_misses: bool = True,
+) -> ExitTrace:
+    """`trace_exits` of outputs already generated (`generated[i]`: the full model's greedy
+    tokens after `prompts[i]`), read by `decoder` (a `SelfSpeculativeDecoder`)."""
+    prompt_ids = decoder.tokenizer(list(prompts))["input_ids"]
+
+    def made_from(rows):
+        return frequent_tokens(
+            [*(prompt_ids[i] for i in rows), *(generated[i] for i in rows)], vocab_size
+        )
+
     # from the probes' half only, so the threshold's half meets tokens it lacks, as new
     # prompts will
-    if vocab is None:
-        vocab = frequent_tokens([*prompt_ids[::2], *generated[::2]], vocab_size)
-    vocab = torch.as_tensor(vocab, dtype=torch.long)
+    full = made_from(range(0, len(prompts), 2)) if vocab is None else vocab
+    reads = [(range(len(prompts)), full)]  # (prompts, the shortlist they are read on)
+    quarters = [range(q, len(prompts), 4) for q in (0, 2)]
+    if vocab is None and training_misses and all(quarters):
+        odd = range(1, len(prompts), 2)
+        reads = [
+            (odd, full),
+            (quarters[0], made_from(quarters[1])),
+            (quarters[1], made_from(quarters[0])),
+        ]
     traced = []
-    for batch, out, start in zip(batches, outputs, starts):
-        signal = ExitSignal(decoder.lens, vocab, prompt_ids[start : start + len(batch)])
-        traced.append(_trace_batch(decoder, signal, batch, out, start))
-    cat = [np.concatenate(x) for x in zip(*traced)]
-    return ExitTrace(vocab.numpy(), *cat)
+    for rows, shortlist in reads:
+        shortlist = torch.as_tensor(shortlist, dtype=torch.long)
+        for s in range(0, len(rows), batch_size):
+            index = list(rows[s : s + batch_size])
+            signal = ExitSignal(decoder.lens, shortlist, [prompt_ids[i] for i in index])
+            batch, outs = [prompts[i] for i in index], [generated[i] for i in index]
+            traced.append(_trace_batch(decoder, signal, batch, outs, index))
+    features, agree, settled, prompt = (np.concatenate(x) for x in zip(*traced))
+    order = np.argsort(prompt, kind="stable")  # every prompt's tokens together, in order
+    full = torch.as_tensor(full, dtype=torch.long).numpy()
+    return ExitTrace(full, features[order], agree[order], settled[order], prompt[order])
 
 
 @torch.inference_mode()
@@ -159,8 +211,9 @@ def changed_tokens(model, tokenizer, prompts: Sequence[str], outputs, *, batch_s
     return changed
 
 
-def _trace_batch(decoder, signal: ExitSignal, prompts, generated, offset):
-    """One teacher-forced forward over prompt + generated tokens through the stepper."""
+def _trace_batch(decoder, signal: ExitSignal, prompts, generated, index: Sequence[int]):
+    """One teacher-forced forward over prompt + generated tokens through the stepper; `index`:
+    the prompts' places in the calibration set."""
     parts, lens = decoder.parts, decoder.lens
     lengths = [len(g) for g in generated]
     inputs, width = teacher_forced(parts.model, decoder.tokenizer, prompts, generated)
@@ -185,7 +238,7 @@ def _trace_batch(decoder, signal: ExitSignal, prompts, generated, offset):
     final = top1[:, -1:]
     stays = np.flip(np.cumprod(np.flip(top1 == final, 1), 1), 1)  # top-1 final from here on
     settled = L - stays.sum(1) + 1
-    prompt = np.repeat(np.arange(B) + offset, lengths)
+    prompt = np.repeat(np.asarray(index), lengths)
     return feats[keep].numpy(), short == final, settled, prompt
 
 
