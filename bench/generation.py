@@ -293,7 +293,7 @@ def _adainfer(model, tokenizer, prompts, job: Job, **how) -> Gen:
         **how,
     )
     if r.exit_layers is not None:
-        return Gen(r.texts, r.tokens, {"exit_layers": r.exit_layers})
+        return Gen(r.texts, r.tokens, {"exit_layers": r.exit_layers, "head_skips": r.head_skips})
     stats = {
         "drafted": r.drafted.tolist(),
         "accepted": r.accepted.tolist(),
@@ -1237,7 +1237,13 @@ def _exits_said(data: dict, name: str) -> str:
         return ""
     left = float(np.mean(np.asarray(exits) < calibrated["num_layers"]))
     planned = "/".join(f"{x:.0%}" for x in calibrated["shares"])
-    return f"; {left:.0%} of tokens left before the last layer (calibration, held out: {planned})"
+    said = f"; {left:.0%} of tokens left before the last layer (calibration, held out: {planned})"
+    skips = [x for r in runs for row in r["stats"].get("head_skips") or [] for x in row]
+    heads = calibrated.get("heads") or [None]
+    if skips and None not in heads:  # runs and files from before head skips were kept lack them
+        planned = "/".join(f"{x:.0%}" for x in heads)
+        said += f", {np.mean(skips):.0%} skipped the full LM head ({planned})"
+    return said
 
 
 def _pass_note(data: dict, name: str) -> str | None:
@@ -1284,11 +1290,13 @@ def oracle_speedup(policies: dict[str, list[dict]]) -> float | None:
 
 def calibrated_exits(policies: dict[str, list[dict]]) -> dict[str, dict]:
     """{lossy method: (num_layers, the share of tokens its policies let leave before the last
-    layer on their calibration's held-out tokens, one per crossfit half)}."""
+    layer and the share read on the shortlist, the head skipped, on their calibration's
+    held-out tokens, one per crossfit half)}."""
     return {
         name: {
             "num_layers": group[0]["num_layers"],
             "shares": [p["calibration"]["exited_share"] for p in group],
+            "heads": [p["calibration"].get("head_skipped_share") for p in group],
         }
         for name, group in policies.items()
     }

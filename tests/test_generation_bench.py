@@ -316,6 +316,9 @@ def test_a_lossy_cell_records_exit_layers(bench, tmp_path, monkeypatch):
         len(r["changed"]) == len(r["tokens"]) for b in data["batches"].values()
         for r in [b["runs"]["lossy@5%"]]
     )  # fmt: skip
+    for b in data["batches"].values():  # which tokens skipped the full head, token by token
+        run = b["runs"]["lossy@5%"]
+        assert [len(x) for x in run["stats"]["head_skips"]] == [len(t) for t in run["tokens"]]
 
 
 def test_crossfit_serves_each_half_a_policy_calibrated_on_the_other(bench, tmp_path, monkeypatch):

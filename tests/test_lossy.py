@@ -110,6 +110,12 @@ def test_generate_with_exits_and_the_checks():
     model, tok = tiny_model("qwen2")
     got = adainfer.generate(model, tok, PROMPTS, exits=forced(model, 3), max_new_tokens=6)
     assert got.exit_layers is not None and got.mean_exit_layer < 4
+    # every token after the prefill's first one read on the shortlist, none at a never-pass
+    assert [row[0] for row in got.head_skips] == [False] * len(PROMPTS)
+    assert all(all(row[1:]) for row in got.head_skips)
+    never = adainfer.generate(model, tok, PROMPTS, exits=forced(model, 4, -20.0), max_new_tokens=6)
+    assert not any(map(any, never.head_skips)) and never.mean_exit_layer == 4
+    assert [len(r) for r in never.head_skips] == [len(r) for r in never.tokens]
     with pytest.raises(ValueError, match="not both"):
         adainfer.generate(model, tok, PROMPTS, exits=forced(model, 3), draft_layer=2)
     other, _ = tiny_model("qwen2", layers=6)

@@ -1198,7 +1198,7 @@ def cmd_generate(args):
     )
     if args.json:
         fields = ("texts", "tokens", "draft_layer", "rounds", "wall_time_s")
-        fields += ("exit_layers", "draft_layers")
+        fields += ("exit_layers", "head_skips", "draft_layers")
         data = {f: getattr(result, f) for f in fields}
         data.update(drafted=result.drafted.tolist(), accepted=result.accepted.tolist())
         print(json.dumps(data, indent=2))
@@ -1215,8 +1215,10 @@ def cmd_generate(args):
         depth = np.mean([d for row in result.draft_layers for d in row])
         drafts += f", mean draft layer {depth:.2f} of {model.config.num_hidden_layers}"
     if result.exit_layers is not None:
+        skipped = np.mean([s for row in result.head_skips for s in row])
         drafts = (
             f", mean exit layer {result.mean_exit_layer:.2f} of {model.config.num_hidden_layers}"
+            f", {skipped:.0%} read on the shortlist (the full LM head skipped)"
         )
     print(
         f"[{tokens} tokens in {result.wall_time_s:.1f} s{drafts}]",

@@ -59,6 +59,7 @@ class GenerationResult:
     rounds: int = 0  # draft-and-verify rounds (plain decoding: steps)
     wall_time_s: float = 0.0
     exit_layers: list[list[int]] | None = None  # lossy mode: the layer each token left at
+    head_skips: list[list[bool]] | None = None  # lossy mode: read on the shortlist, not the head
     draft_layers: list[list[int]] | None = None  # drafts by exits: the depth of each draft
 
     @property
@@ -336,6 +337,7 @@ class SelfSpeculativeDecoder:
         out = _Output(len(prompts), max_new_tokens, eos, on_tokens, stops)
         if self.tracks_exits:  # the first token comes from the full prefill forward
             out.exit_layers = [[] for _ in prompts]
+            out.head_skips = [[] for _ in prompts]
             out.full_depth = self.parts.num_layers
         rows.keep(out.add(rows.index, first[:, None], torch.ones(len(first), dtype=torch.long)))
         while len(rows.index):
@@ -353,6 +355,7 @@ class SelfSpeculativeDecoder:
             rounds=out.rounds,
             wall_time_s=time.perf_counter() - start,
             exit_layers=out.exit_layers,
+            head_skips=out.head_skips,
             draft_layers=out.draft_layers,
         )
 
@@ -538,6 +541,7 @@ class _Output:
         self.drafted = np.zeros(size, dtype=np.int64)
         self.accepted = np.zeros(size, dtype=np.int64)
         self.exit_layers: list[list[int]] | None = None  # per token, where exits are tracked
+        self.head_skips: list[list[bool]] | None = None  # per token, with exit_layers
         self.draft_layers: list[list[int]] | None = None  # per draft, where it was drafted
         self.full_depth = 0
         self.rounds = 0
@@ -552,12 +556,14 @@ class _Output:
     def most_left(self, index: torch.Tensor) -> int:
         return max(self.max_new_tokens - len(self.tokens[i]) for i in index.tolist())
 
-    def add(self, index, new, count, layers: torch.Tensor | None = None) -> torch.Tensor:
-        """Append the first `count[r]` of `new[r]` to each row (left at `layers[r]`, else at
-        full depth, where exits are tracked); the mask of rows still going."""
+    def add(self, index, new, count, layers=None, skipped=None) -> torch.Tensor:
+        """Append the first `count[r]` of `new[r]` to each row (where exits are tracked: left
+        at `layers[r]`, else at full depth, and whether a check passed, `skipped[r]`, so the
+        full head was not read); the mask of rows still going."""
         going = []
         depth = [self.full_depth] * len(index) if layers is None else layers.tolist()
-        for i, row, n, d in zip(index.tolist(), new.tolist(), count.tolist(), depth):
+        passed = [False] * len(index) if skipped is None else skipped.tolist()
+        for i, row, n, d, p in zip(index.tolist(), new.tolist(), count.tolist(), depth, passed):
             added, stop = [], False
             for t in row[:n]:
                 added.append(t)
@@ -567,6 +573,7 @@ class _Output:
             self.tokens[i] += added
             if self.exit_layers is not None:
                 self.exit_layers[i] += [d] * len(added)
+                self.head_skips[i] += [p] * len(added)
             if self.on_tokens is not None and added:
                 self.on_tokens(i, added)
             going.append(not stop and not self.stops.found(self.tokens[i]))

@@ -804,7 +804,8 @@ class EarlyExitDecoder(SelfSpeculativeDecoder):
         rows.position = rows.position + 1
         rows.pending = step.token.to(rows.pending.device)
         count = torch.ones_like(rows.pending)
-        rows.keep(out.add(rows.index, rows.pending[:, None], count, layers=step.layer))
+        added = out.add(rows.index, rows.pending[:, None], count, step.layer, step.passed)
+        rows.keep(added)
 
     def _exit_step(self, rows: _Rows, token: torch.Tensor, j: int, draft_from=None) -> _Step:
         """Feed `token` [A] at `j` positions past the pending one; each row leaves at its own
@@ -827,6 +828,7 @@ class EarlyExitDecoder(SelfSpeculativeDecoder):
             self.stepper.run(inputs, both, watch=self.checks, cache=rows.cache, use_cache=True)
         self.propagation.fill(rows.cache, step.layer, step.state)
         late = step.token < 0  # reached the last layer without passing: the full head
+        step.passed = ~late
         if bool(late.any()):
             logits = self.lens(step.state[late.to(step.state.device)])
             token, q = rows.chooser.draw(logits, step.probs is not None)
@@ -923,6 +925,7 @@ class _Step:
     state: torch.Tensor | None = None
     probs: torch.Tensor | None = None  # [A, V] what each token was sampled from (drafts only)
     start: torch.Tensor | None = None  # [A, 1, H] every row's state where verification starts
+    passed: torch.Tensor | None = None  # [A] a check passed: the token is the shortlist's
 
     def __post_init__(self):
         self.layer = torch.full((self.size,), self.num_layers, dtype=torch.long)
