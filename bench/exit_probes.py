@@ -7,9 +7,10 @@ This plans both on the same calibration tokens, the way `TokenExitPolicy.fit_tra
 (probes on the even prompts, Learn-then-Test on the odd ones, the step costed by the cell's
 measured `ExitCosts`); the shortlist probes also as `trace_exits` now trains them, on tokens
 read on a shortlist that misses some of them (`training_misses`: read on their own shortlist,
-the probes' tokens never miss it, and the last layer's probe passes everything); and sets
-them against the perfect probe (a token leaves at the first
-candidate layer whose shortlist top-1 is already the full model's) and the per-token oracle.
+the probes' tokens never miss it, and the last layer's probe passes everything; the
+hidden-state probes are trained that way too); and sets them against the perfect probe (a
+token leaves at the first candidate layer whose shortlist top-1 is already the full model's)
+and the per-token oracle.
 
 The calibration is a grid cell's (results/generation/grid): the crossfit half's prompts,
 greedy-decoded 64 tokens each, read teacher-forced at every layer; with --check-trace the
@@ -101,6 +102,8 @@ def hidden_scores(trace: ExitTrace, hidden: np.ndarray, layers, C: float) -> np.
     from sklearn.linear_model import LogisticRegression
 
     train, L, deepest = trace.prompt % 2 == 0, trace.num_layers, hidden.shape[1]
+    if min(layers) <= L - deepest:  # the kept states would wrap round to another layer
+        raise SystemExit(f"candidate layers {layers}: rerun with --deepest {L - min(layers) + 1}")
     scores = np.zeros((len(trace.prompt), len(layers)))
     for j, layer in enumerate(layers):
         x = np.concatenate(
@@ -190,13 +193,13 @@ def main(argv=None) -> None:
             )
         for C in map(float, args.C.split(",")):
             for cand in (narrow, wide):
-                s = hidden_scores(trace, hidden, cand, C)
+                s = hidden_scores(missing, hidden, cand, C)  # trained as the default does
                 rows.append(
                     {
-                        "probe": f"hidden state + shortlist, C={C:g}",
+                        "probe": f"hidden state + shortlist, with misses, C={C:g}",
                         "candidates": cand,
                         "risk": risk,
-                        **plan(trace, s, cand, risk, costs),
+                        **plan(missing, s, cand, risk, costs),
                     }
                 )
         perfect = trace.agree[:, [x - 1 for x in wide]].astype(float) * 2 - 1

@@ -224,8 +224,8 @@ class Job:
 @dataclass
 class Gen:
     """What a method produced on one batch: per row its text and new tokens, and statistics
-    (lossless: drafted / accepted per row and the draft layer; lossy: exit_layers per row and
-    token)."""
+    (lossless: drafted / accepted per row and the draft layer; lossy: exit_layers and
+    head_skips per row and token)."""
 
     texts: list[str]
     tokens: list[list[int]]
@@ -380,20 +380,23 @@ def calibrate_exits(ctx, job: Job, *, risk: float) -> dict:
     from adainfer.taskdata import python_prompts
 
     stem = f"{job.name}-{job.dtype}-b{job.batch}-risk{risk}"
+    misses = ctx.settings.get("training_misses", False)
     if ctx.settings.get("exit_calibration", "stdlib") == "stdlib":
         path = RESULTS / "exits" / f"{stem}.json"
+        if path.is_file() and misses:
+            raise SystemExit(f"{path} was made without --training-misses: move it away to refit")
         if path.is_file():
             return {"exits": [TokenExitPolicy.load(path)], "split": None}
         policy = TokenExitPolicy(risk=risk, cost_batch_size=job.batch)
-        return {"exits": [policy.fit(ctx.model, ctx.tokenizer, python_prompts(64))], "split": None}
+        fitted = policy.fit(ctx.model, ctx.tokenizer, python_prompts(64), training_misses=misses)
+        return {"exits": [fitted], "split": None}
     split = crossfit_split(len(ctx.task.items), ctx.batch)
     prompts = [it.prompt for it in ctx.task.items]
     policies = []
     for half, others in enumerate((prompts[split:], prompts[:split])):
-        path = ctx.path.parent.parent / "exits" / f"{stem}-half{half}.json"
+        path = ctx.path.parent.parent / "exits" / f"{stem}-half{half}{_misses(ctx)}.json"
         if not path.is_file():
             traces = ctx.path.parent.parent / "exits" / ".traces"  # git-ignored, MBs each
-            misses = ctx.settings.get("training_misses", False)
             trace, costs = _exit_trace(
                 ctx.model, ctx.tokenizer, tuple(others), job.batch, traces, misses
             )
@@ -402,6 +405,12 @@ def calibrate_exits(ctx, job: Job, *, risk: float) -> dict:
             policy.fit_trace(trace, costs).save(path)
         policies.append(TokenExitPolicy.load(path))
     return {"exits": policies, "split": split}
+
+
+def _misses(ctx) -> str:
+    """The file-name mark of policies and plans trained with shortlist misses (a folder may
+    hold both kinds; a cell reads its own)."""
+    return "-misses" if ctx.settings.get("training_misses", False) else ""
 
 
 def crossfit_split(n: int, batch: int) -> int:
@@ -473,7 +482,7 @@ def plan_exit_drafts(ctx, job: Job, *, risk: float) -> dict:
     prompts = [it.prompt for it in ctx.task.items]
     halves = (prompts[split:], prompts[:split]) if split is not None else (None,)
     for half, (policy, others) in enumerate(zip(fitted["exits"], halves)):
-        stem = f"{job.name}-{job.dtype}-b{job.batch}-risk{risk}-half{half}"
+        stem = f"{job.name}-{job.dtype}-b{job.batch}-risk{risk}-half{half}{_misses(ctx)}"
         path = ctx.path.parent.parent / "exits" / "draft-plans" / f"{stem}.json"
         if not path.is_file():
             if others is None:
@@ -1238,9 +1247,10 @@ def _exits_said(data: dict, name: str) -> str:
     left = float(np.mean(np.asarray(exits) < calibrated["num_layers"]))
     planned = "/".join(f"{x:.0%}" for x in calibrated["shares"])
     said = f"; {left:.0%} of tokens left before the last layer (calibration, held out: {planned})"
-    skips = [x for r in runs for row in r["stats"].get("head_skips") or [] for x in row]
     heads = calibrated.get("heads") or [None]
-    if skips and None not in heads:  # runs and files from before head skips were kept lack them
+    # runs and files from before head skips were kept lack them: all or nothing
+    if all("head_skips" in r["stats"] for r in runs) and None not in heads:
+        skips = [x for r in runs for row in r["stats"]["head_skips"] for x in row]
         planned = "/".join(f"{x:.0%}" for x in heads)
         said += f", {np.mean(skips):.0%} skipped the full LM head ({planned})"
     return said
@@ -1266,8 +1276,11 @@ def cell_policies(out_dir: Path, data: dict) -> dict[str, list[dict]]:
     """{lossy method: this cell's calibration files of its risk in exits/ (the token-exit
     policies, one per crossfit half)}, read once for the notes that use them."""
     key = f"{data['model']}-{data['dtype']}-b{data['batch_size']}-risk*-half*.json"
+    misses = bool(data.get("settings", {}).get("training_misses"))  # see `_misses`
     out = collections.defaultdict(list)
     for path in sorted((out_dir / "exits").glob(key)):
+        if path.stem.endswith("-misses") != misses:
+            continue
         risk = float(re.search(r"-risk([0-9.]+)-half", path.name).group(1))
         out[f"lossy@{100 * risk:g}%"].append(read_json(path, "token-exit policy"))
     return dict(out)

@@ -481,7 +481,7 @@ def test_calibrate_exits_then_generate_lossy(model_dir, tmp_path, capsys):
     args = ["generate", "--model", model_dir, "--max-new-tokens", "4", "--json"]
     assert main(args + ["--prompt", "hello", "--exits", str(policy)]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert len(data["exit_layers"][0]) == len(data["tokens"][0])
+    assert len(data["exit_layers"][0]) == len(data["tokens"][0]) == len(data["head_skips"][0])
     # the same policy drafting, lossless: the plain model's greedy tokens
     assert main(args + ["--prompt", "hello", "--draft-exits", str(policy)]) == 0
     drafted = json.loads(capsys.readouterr().out)

@@ -375,6 +375,8 @@ def test_crossfit_serves_each_half_a_policy_calibrated_on_the_other(bench, tmp_p
     bench._exit_trace.cache_clear()
     bench.main([*argv, "--training-misses"], loader=_loader, tasks=tasks)
     assert misses[2:] == [True, True]
+    files = sorted(p.name for p in (out / "exits").glob("*.json"))
+    assert files == [f"tiny-float32-b1-risk0.05-half{h}-misses.json" for h in (0, 1)]
     assert json.loads((out / "bench" / "tiny-float32-b1.json").read_text())["settings"][
         "training_misses"
     ]
@@ -433,4 +435,10 @@ def test_the_oracle_note_sets_the_share_of_tokens_that_left_against_the_calibrat
     }
     said = bench._exits_said(data, "lossy@1%")
     assert "33% of tokens left before the last layer" in said and "50%/25%" in said
-    assert bench._exits_said(data, "lossy@5%") == ""
+    assert bench._exits_said(data, "lossy@5%") == "" and "LM head" not in said
+    data["calibrated_exits"]["lossy@1%"]["heads"] = [0.6, 0.3]
+    data["batches"]["0"]["runs"]["lossy@1%"]["stats"]["head_skips"] = [[1, 1, 0, 1]]
+    assert "LM head" not in bench._exits_said(data, "lossy@1%")  # a batch without: no share
+    data["batches"]["1"]["runs"]["lossy@1%"]["stats"]["head_skips"] = [[0, 1]]
+    said = bench._exits_said(data, "lossy@1%")
+    assert "67% skipped the full LM head (60%/30%)" in said

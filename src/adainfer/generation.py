@@ -59,8 +59,8 @@ class GenerationResult:
     rounds: int = 0  # draft-and-verify rounds (plain decoding: steps)
     wall_time_s: float = 0.0
     exit_layers: list[list[int]] | None = None  # lossy mode: the layer each token left at
-    head_skips: list[list[bool]] | None = None  # lossy mode: read on the shortlist, not the head
     draft_layers: list[list[int]] | None = None  # drafts by exits: the depth of each draft
+    head_skips: list[list[bool]] | None = None  # lossy mode: read on the shortlist, not the head
 
     @property
     def mean_exit_layer(self) -> float:
@@ -556,14 +556,21 @@ class _Output:
     def most_left(self, index: torch.Tensor) -> int:
         return max(self.max_new_tokens - len(self.tokens[i]) for i in index.tolist())
 
-    def add(self, index, new, count, layers=None, skipped=None) -> torch.Tensor:
+    def add(
+        self,
+        index: torch.Tensor,
+        new: torch.Tensor,
+        count: torch.Tensor,
+        layers: torch.Tensor | None = None,
+        skipped: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Append the first `count[r]` of `new[r]` to each row (where exits are tracked: left
         at `layers[r]`, else at full depth, and whether a check passed, `skipped[r]`, so the
         full head was not read); the mask of rows still going."""
         going = []
         depth = [self.full_depth] * len(index) if layers is None else layers.tolist()
-        passed = [False] * len(index) if skipped is None else skipped.tolist()
-        for i, row, n, d, p in zip(index.tolist(), new.tolist(), count.tolist(), depth, passed):
+        skips = [False] * len(index) if skipped is None else skipped.tolist()
+        for i, row, n, d, k in zip(index.tolist(), new.tolist(), count.tolist(), depth, skips):
             added, stop = [], False
             for t in row[:n]:
                 added.append(t)
@@ -573,7 +580,7 @@ class _Output:
             self.tokens[i] += added
             if self.exit_layers is not None:
                 self.exit_layers[i] += [d] * len(added)
-                self.head_skips[i] += [p] * len(added)
+                self.head_skips[i] += [k] * len(added)
             if self.on_tokens is not None and added:
                 self.on_tokens(i, added)
             going.append(not stop and not self.stops.found(self.tokens[i]))

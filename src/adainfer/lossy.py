@@ -99,7 +99,7 @@ def frequent_tokens(sequences: Iterable[Sequence[int]], size: int) -> torch.Tens
 class ExitTrace:
     """Teacher-forced reads of generated tokens at every layer."""
 
-    vocab: np.ndarray  # [K] the shortlist the signal reads
+    vocab: np.ndarray  # [K] the run-time shortlist (the odd prompts' were read on it)
     features: np.ndarray  # [N, L, 3] ExitSignal features per token and layer
     agree: np.ndarray  # [N, L] the shortlist top-1 there is the full model's token
     settled: np.ndarray  # [N] earliest layer from which the full lens top-1 stays final
@@ -132,9 +132,9 @@ def trace_exits(
     of their tokens would ever miss it, so the probes would never learn what a miss looks like
     (the last layer's probe, seeing agreement only, would pass every token, and the check
     that skips the full head could never be planned). With `training_misses` (and no `vocab`
-    given) each half of them (prompts 0 and 2 mod 4) is read on a shortlist made from the
-    other half only, so some of their tokens miss it as a new prompt's do; the odd prompts,
-    which plan the threshold, are read on the full shortlist, as at run time."""
+    given, and at least 3 prompts) each half of them (prompts 0 and 2 mod 4) is read on a
+    shortlist made from the other half only, so some of their tokens miss it as a new
+    prompt's do; the odd prompts, which plan the threshold, are read exactly as without it."""
     decoder = SelfSpeculativeDecoder(model, tokenizer)
     starts = range(0, len(prompts), batch_size)
     batches = [list(prompts[s : s + batch_size]) for s in starts]
@@ -171,26 +171,30 @@ def read_exits(
             [*(prompt_ids[i] for i in rows), *(generated[i] for i in rows)], vocab_size
         )
 
-    # from the probes' half only, so the threshold's half meets tokens it lacks, as new
-    # prompts will
-    full = made_from(range(0, len(prompts), 2)) if vocab is None else vocab
-    reads = [(range(len(prompts)), full)]  # (prompts, the shortlist they are read on)
-    quarters = [range(q, len(prompts), 4) for q in (0, 2)]
-    if vocab is None and training_misses and all(quarters):
-        odd = range(1, len(prompts), 2)
-        reads = [
-            (odd, full),
-            (quarters[0], made_from(quarters[1])),
-            (quarters[1], made_from(quarters[0])),
-        ]
-    traced = []
-    for rows, shortlist in reads:
-        shortlist = torch.as_tensor(shortlist, dtype=torch.long)
+    def read(rows, shortlist, keep=lambda i: True):
+        """Rows in batches, each on `shortlist` plus the batch's prompt tokens; the tokens of
+        the prompts `keep` passes."""
+        shortlist, out = torch.as_tensor(shortlist, dtype=torch.long), []
         for s in range(0, len(rows), batch_size):
             index = list(rows[s : s + batch_size])
             signal = ExitSignal(decoder.lens, shortlist, [prompt_ids[i] for i in index])
             batch, outs = [prompts[i] for i in index], [generated[i] for i in index]
-            traced.append(_trace_batch(decoder, signal, batch, outs, index))
+            x = _trace_batch(decoder, signal, batch, outs, index)
+            kept = np.array([keep(i) for i in x[3]], dtype=bool)
+            out.append(tuple(a[kept] for a in x))
+        return out
+
+    # from the probes' half only, so the threshold's half meets tokens it lacks, as new
+    # prompts will
+    full = made_from(range(0, len(prompts), 2)) if vocab is None else vocab
+    quarters = [range(q, len(prompts), 4) for q in (0, 2)]
+    if vocab is None and training_misses and all(quarters):
+        # the threshold's (odd) prompts in the same batches as without: the same reads
+        traced = read(range(len(prompts)), full, keep=lambda i: i % 2 == 1)
+        traced += read(quarters[0], made_from(quarters[1]))
+        traced += read(quarters[1], made_from(quarters[0]))
+    else:
+        traced = read(range(len(prompts)), full)
     features, agree, settled, prompt = (np.concatenate(x) for x in zip(*traced))
     order = np.argsort(prompt, kind="stable")  # every prompt's tokens together, in order
     full = torch.as_tensor(full, dtype=torch.long).numpy()
@@ -367,8 +371,8 @@ class TokenExitPolicy:
         """Probes on the even prompts' tokens; the check layers and threshold on the odd
         prompts' tokens, planned against `costs` (None: only layers count, checks are free):
         the candidates ordered on half of the odd prompts, tested on the other half. (The
-        probes' own tokens cannot order them: the shortlist was built from those prompts, so
-        it never misses their tokens, while it misses some of any new prompt's.)"""
+        probes' own tokens cannot order them: the probes were fitted on them, and the
+        shortlist was built from those prompts.)"""
         if not 0 <= self.risk < 1:
             raise ValueError(f"risk must be in [0, 1), got {self.risk}")
         train, held = trace.prompt % 2 == 0, trace.prompt % 2 == 1
