@@ -475,7 +475,8 @@ def test_calibrate_exits_then_generate_lossy(model_dir, tmp_path, capsys):
     calibrate = ["calibrate-exits", "--model", model_dir, "--prompts-file", str(prompts)]
     calibrate += ["--risk", "0.5", "--max-new-tokens", "4", "--batch-size", "2"]
     assert main(calibrate + ["--plan-batch-size", "2", "--out", str(policy)]) == 0
-    assert "held-out tokens" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "held-out tokens" in said and "read on the shortlist (the full LM head" in said
     written = json.loads(policy.read_text())
     assert written["format"] == "adainfer-token-exits/1" and written["costs"]["rows"] == 2
     args = ["generate", "--model", model_dir, "--max-new-tokens", "4", "--json"]

@@ -808,9 +808,10 @@ def cmd_calibrate_exits(args):
         f"wrote {args.out}: checks at layers {policy.layers_} of {policy.num_layers_}; on "
         f"{c['tokens']} held-out tokens {c['changed_share']:.2%} changed, mean exit layer "
         f"{c['mean_exit_layer']:.2f} (oracle {c['oracle_mean_settled']:.2f}), "
-        f"{c['share_of_oracle_saving']:.0%} of the oracle's layers; a step planned at "
-        f"{c['step_cost']:.2f} of a plain one at batch size {args.plan_batch_size} (the "
-        f"oracle's: {c['oracle_step_cost']:.2f})"
+        f"{c['share_of_oracle_saving']:.0%} of the oracle's layers, "
+        f"{c['head_skipped_share']:.0%} read on the shortlist (the full LM head skipped); a "
+        f"step planned at {c['step_cost']:.2f} of a plain one at batch size "
+        f"{args.plan_batch_size} (the oracle's: {c['oracle_step_cost']:.2f})"
     )
 
 
