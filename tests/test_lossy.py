@@ -18,6 +18,7 @@ from adainfer.lossy import (
     TokenExitPolicy,
     _decode_steps,
     frequent_tokens,
+    read_exits,
     trace_exits,
 )
 from conftest import ARCHS, tiny_model
@@ -273,6 +274,8 @@ def test_probe_tokens_are_read_on_a_shortlist_that_misses_some():
     np.testing.assert_array_equal(cross.agree[odd], own.agree[odd])
     np.testing.assert_array_equal(cross.features[odd], own.features[odd])  # the same batches
     np.testing.assert_array_equal(cross.settled, own.settled)
+    with pytest.raises(ValueError, match="one per prompt"):
+        read_exits(SelfSpeculativeDecoder(model, tok), prompts, [[1, 2]])
     few = trace_exits(model, tok, prompts[:2], **kw)  # no second quarter to read on
     as_before = trace_exits(model, tok, prompts[:2], training_misses=False, **kw)
     np.testing.assert_array_equal(few.features, as_before.features)

@@ -164,6 +164,10 @@ def read_exits(
 ) -> ExitTrace:
     """`trace_exits` of outputs already generated (`generated[i]`: the full model's greedy
     tokens after `prompts[i]`), read by `decoder` (a `SelfSpeculativeDecoder`)."""
+    if len(generated) != len(prompts):
+        raise ValueError(
+            f"{len(generated)} outputs for {len(prompts)} prompts: give one per prompt, in order"
+        )
     prompt_ids = decoder.tokenizer(list(prompts))["input_ids"]
 
     def made_from(rows):
