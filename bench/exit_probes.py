@@ -41,8 +41,7 @@ from adainfer.lossy import (  # noqa: E402
     ExitCosts,
     ExitTrace,
     TokenExitPolicy,
-    _decode_steps,
-    _Half,
+    _halves,
     _plan,
     read_exits,
 )
@@ -99,9 +98,8 @@ def same_as_grid(trace: ExitTrace, model, prompts) -> None:
 def hidden_scores(trace: ExitTrace, hidden: np.ndarray, layers, C: float) -> np.ndarray:
     """[N, C] logits of a logistic probe per layer on the standardised hidden state and the
     shortlist features, trained on the even prompts' tokens."""
-    from sklearn.linear_model import LogisticRegression
-
     train, L, deepest = trace.prompt % 2 == 0, trace.num_layers, hidden.shape[1]
+    probe = TokenExitPolicy(C=C)  # the library's probe, on more features
     if min(layers) <= L - deepest:  # the kept states would wrap round to another layer
         raise SystemExit(f"candidate layers {layers}: rerun with --deepest {L - min(layers) + 1}")
     scores = np.zeros((len(trace.prompt), len(layers)))
@@ -110,13 +108,8 @@ def hidden_scores(trace: ExitTrace, hidden: np.ndarray, layers, C: float) -> np.
             [trace.features[:, layer - 1], hidden[:, layer - 1 - (L - deepest)].astype(np.float32)],
             1,
         )
-        y = trace.agree[:, layer - 1]
-        if y[train].all() or not y[train].any():  # one class: a constant verdict
-            scores[:, j] = 20.0 if y[train].all() else -20.0
-            continue
-        mean, scale = x[train].mean(0), x[train].std(0) + 1e-6
-        clf = LogisticRegression(C=C, max_iter=3000).fit((x[train] - mean) / scale, y[train])
-        scores[:, j] = clf.decision_function((x - mean) / scale)
+        w, b = probe._probe(x[train], trace.agree[train, layer - 1])
+        scores[:, j] = x @ w + b
     return scores
 
 
@@ -128,12 +121,7 @@ def candidates(trace: ExitTrace) -> list[int]:
 
 def plan(trace: ExitTrace, scores, layers, risk: float, costs: ExitCosts) -> dict:
     """Learn-then-Test on `scores` exactly as `TokenExitPolicy.fit_trace` plans its own."""
-    p = trace.prompt
-    cols = [x - 1 for x in layers]
-    masks = (p % 2 == 0, p % 4 == 1, p % 4 == 3)
-    halves = [
-        _Half(scores[m], trace.agree[m][:, cols], _decode_steps(p[m], costs.rows)) for m in masks
-    ]
+    halves = _halves(trace, scores, [x - 1 for x in layers], costs.rows)
     chosen, _, cal = _plan(*halves, list(layers), trace.num_layers, risk, 0.05, costs)
     return {"layers": chosen, **{k: cal[k] for k in OUTCOME}}
 

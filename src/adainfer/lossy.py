@@ -393,20 +393,12 @@ class TokenExitPolicy:
         self.coef_ = np.array([w for w, _ in probes]).reshape(len(chosen), 3)
         self.intercept_ = np.array([b for _, b in probes])
         self.layers_ = [i + 1 for i in chosen]
-        order, test = held & (trace.prompt % 4 == 1), held & (trace.prompt % 4 == 3)
-        if not test.any():
-            order = test = held  # too few prompts to split: the order is no longer fixed
-        halves = [
-            _Half(
-                self._scores(trace.features[m][:, chosen]),
-                trace.agree[m][:, chosen],
-                _decode_steps(trace.prompt[m], costs.rows),
-            )
-            for m in (train, order, test)
-        ]
+        scores = self._scores(trace.features[:, chosen])
+        halves = _halves(trace, scores, chosen, costs.rows)
         layers, self.threshold_, self.calibration_ = _plan(
             *halves, self.layers_, trace.num_layers, self.risk, self.delta, costs
         )
+        test = _thirds(trace.prompt)[2]
         self.calibration_.update(
             _report(trace.settled[test], self.calibration_, trace.num_layers, costs, halves[2])
         )
@@ -670,6 +662,26 @@ class _Half:
         x = _left(self.scores[:, sub], self.agree[:, sub], threshold, at, num_layers)
         cost = costs.step(x["depth"], x["checks"], x["passed"], num_layers, self.steps, at)
         return x["changed"], x["depth"], x["passed"], cost
+
+
+def _thirds(prompt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token masks: the probes' (even prompts); the odd prompts that order the candidate
+    layers (1 mod 4) and those that test them (3 mod 4), both all the odd prompts when there
+    are too few to cut (the order is then no longer fixed in advance)."""
+    train, held = prompt % 2 == 0, prompt % 2 == 1
+    order, test = held & (prompt % 4 == 1), held & (prompt % 4 == 3)
+    if not test.any():
+        order = test = held
+    return train, order, test
+
+
+def _halves(trace: ExitTrace, scores: np.ndarray, cols, rows: int) -> list[_Half]:
+    """The three `_Half`s `_plan` takes, of probe logits `scores` [N, C] on the trace's
+    layers `cols` (0-based), decode steps counted for `rows` prompts at a time."""
+    return [
+        _Half(scores[m], trace.agree[m][:, list(cols)], _decode_steps(trace.prompt[m], rows))
+        for m in _thirds(trace.prompt)
+    ]
 
 
 def _decode_steps(prompt: np.ndarray, rows: int) -> np.ndarray:
