@@ -351,15 +351,20 @@ RESULTS = ROOT / "results" / "generation"
 
 def fit_plan(ctx, job: Job) -> dict:
     """The cell's committed draft plan (results/generation/plans, fitted by bench/drafting.py
-    on HumanEval prompts; a plan sets only the speed, never the output), else a `DraftPlanner`
-    fitted here on the calibration prompts."""
+    on HumanEval prompts; a plan sets only the speed, never the output), else the one kept in
+    the out dir's plans/ (a resumed cell keeps its plan: fitted again, its measured costs
+    would differ), else a `DraftPlanner` fitted here on the calibration prompts and kept."""
     from adainfer.drafting import DraftPlanner, load_plan
 
-    path = RESULTS / "plans" / f"{job.name}-{SHORT.get(job.dtype, job.dtype)}-b{job.batch}.json"
-    if path.is_file():
-        return {"plan": load_plan(path)}
-    prompts = list(ctx.task.calibration)
-    return {"plan": DraftPlanner().fit(ctx.model, ctx.tokenizer, prompts, batch_size=job.batch)}
+    name = f"{job.name}-{SHORT.get(job.dtype, job.dtype)}-b{job.batch}.json"
+    kept = ctx.path.parent.parent / "plans" / name  # one plan for every batch of the cell
+    path = next((p for p in (RESULTS / "plans" / name, kept) if p.is_file()), None)
+    if path is None:
+        prompts = list(ctx.task.calibration)
+        planner = DraftPlanner().fit(ctx.model, ctx.tokenizer, prompts, batch_size=job.batch)
+        path = planner.save(kept)
+    plan = load_plan(path)
+    return {"plan": plan, "described": plan.describe()}  # the text kept in the cell's file
 
 
 def run_planned(model, tokenizer, prompts, job: Job) -> Gen:
@@ -790,17 +795,27 @@ def pending(ctx, names) -> list[int]:
 
 
 def run_batch(ctx, i: int, names, params) -> dict:
-    """All methods on batch i, back to back in rotating order, each timed; then, untimed, the
-    tokens of each lossy run that the full model would not have chosen."""
+    """All methods on batch i, back to back in rotating order, each timed (with `--rounds`,
+    that many times, the order rotated again each round: a method's time is its median);
+    then, untimed, the tokens of each lossy run that the full model would not have chosen."""
     rows = range(i * ctx.batch, min((i + 1) * ctx.batch, len(ctx.task.items)))
     prompts, start = [ctx.task.items[r].prompt for r in rows], time.perf_counter()
     record = {"ids": [ctx.task.items[r].id for r in rows], "order": rotate(names, i)}
     record["loadavg"] = os.getloadavg()
     job = ctx.job.but(rows=tuple(rows))
-    record["runs"] = {
-        n: timed_run(METHODS[n], ctx.model, ctx.tokenizer, prompts, job.but(params=params[n]))
-        for n in record["order"]
-    }
+    runs, seconds = {}, collections.defaultdict(list)
+    for r in range(ctx.settings.get("rounds", 1)):
+        for n in rotate(record["order"], r):
+            run = timed_run(
+                METHODS[n], ctx.model, ctx.tokenizer, prompts, job.but(params=params[n])
+            )
+            runs.setdefault(n, run)  # greedy: every round makes the same tokens
+            seconds[n].append(run["seconds"])
+    for n, run in runs.items():
+        run["seconds"] = float(np.median(seconds[n]))
+        if len(seconds[n]) > 1:
+            run["seconds_rounds"] = seconds[n]
+    record["runs"] = runs
     record["loadavg_after"] = os.getloadavg()
     record["wall_s"] = time.perf_counter() - start
     for run in record["runs"].values():
@@ -1361,6 +1376,7 @@ def settings_of(task: Task, args, lossy: bool) -> dict:
         **({"exit_calibration": args.exit_calibration} if lossy else {}),
         # absent in the runs made before trace_exits read the probes' tokens with misses
         **({"training_misses": True} if lossy and args.training_misses else {}),
+        **({"rounds": args.rounds} if args.rounds > 1 else {}),  # absent: one round
     }
 
 
@@ -1431,6 +1447,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="calibrate the lossy policies as trace_exits does by default: the probes' tokens "
         "read on a shortlist that lacks some of them (off: as the committed grid was made)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="timing rounds per batch (a method's time is its median): more pairs where a "
+        "cell has few batches",
     )
     p.add_argument(
         "--execute",

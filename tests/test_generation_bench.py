@@ -442,3 +442,42 @@ def test_the_oracle_note_sets_the_share_of_tokens_that_left_against_the_calibrat
     data["batches"]["1"]["runs"]["lossy@1%"]["stats"]["head_skips"] = [[0, 1]]
     said = bench._exits_said(data, "lossy@1%")
     assert "67% skipped the full LM head (60%/30%)" in said
+
+
+def test_rounds_time_each_batch_again_and_a_cell_keeps_its_plan(bench, tmp_path, monkeypatch):
+    """--rounds 2: every method twice per batch, its time the median of the two; the plan
+    fitted for lossless-planned is kept in plans/ and a resumed cell reuses it."""
+    import functools
+
+    import adainfer.drafting as drafting
+
+    tasks = lambda name, tok, limit: _toy_task(bench, 2)  # noqa: E731
+    planner = drafting.DraftPlanner
+    monkeypatch.setattr(
+        drafting, "DraftPlanner", functools.partial(planner, repeats=2, max_new_tokens=8)
+    )
+    argv = _argv(tmp_path, "--methods", "plain,lossless-planned", "--rounds", "2")
+    argv[argv.index("--batch-sizes") + 1] = "1"
+    calls = _counting(bench, monkeypatch)
+    bench.main(argv, loader=_loader, tasks=tasks)
+    data = json.loads((tmp_path / "bench" / "tiny-float32-b1.json").read_text())
+    assert data["settings"]["rounds"] == 2
+    timed = 2 * 2 * 2  # batches x methods x rounds
+    assert len([c for c in calls if c[2] == 6]) == timed + 2  # + each method's memory run
+    for record in data["batches"].values():
+        for run in record["runs"].values():
+            assert len(run["seconds_rounds"]) == 2
+            assert run["seconds"] == pytest.approx(sum(run["seconds_rounds"]) / 2)
+    kept = tmp_path / "plans" / "tiny-fp32-b1.json"
+    assert kept.is_file()
+    assert data["methods"]["lossless-planned"]["prepared"]["described"]
+
+    def refit(*args, **kwargs):
+        raise AssertionError("the kept plan should serve the resumed cell")
+
+    monkeypatch.setattr(drafting, "DraftPlanner", refit)
+    (tmp_path / "bench" / "tiny-float32-b1.json").unlink()  # start the cell again
+    bench.main(argv, loader=_loader, tasks=tasks)
+    # an earlier grid's settings (one round) are refused, not mixed in
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.main(argv[:-2], loader=_loader, tasks=tasks)
