@@ -24,6 +24,7 @@ About 25 minutes on one thread (the decoding; a rerun reads the kept trace in ou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import sys
@@ -45,10 +46,10 @@ from adainfer.lossy import (  # noqa: E402
     _plan,
     read_exits,
 )
-from adainfer.stepper import LayerStepper, teacher_forced  # noqa: E402
 
 GRID = Path("results/generation/grid")
 OUTCOME = ("step_cost", "exited_share", "head_skipped_share", "changed_share")
+WIDE = {"max_checks": 6, "min_agreement": 0.0}  # the last six layers, whatever they agree
 
 
 @torch.inference_mode()
@@ -63,22 +64,11 @@ def trace_with_hidden(model, tokenizer, prompts, deepest: int, batch: int = 8):
         generated += decoder.generate(prompts[s : s + batch], max_new_tokens=64).tokens
         done = min(s + batch, len(prompts))
         print(f"decoded {done} of {len(prompts)} prompts", file=sys.stderr, flush=True)
-    trace = read_exits(decoder, prompts, generated, batch_size=batch, training_misses=False)
-    L, hidden = decoder.parts.num_layers, []
-    for s in starts:
-        rows, outs = prompts[s : s + batch], generated[s : s + batch]
-        inputs, width = teacher_forced(model, tokenizer, rows, outs)
-        states = {}
-
-        def keep(seen, states=states, width=width):
-            states[seen.layer] = seen.hidden[:, -width:].to(torch.float16).cpu()
-
-        watch = range(L - deepest + 1, L + 1)
-        LayerStepper(decoder.parts).run(inputs, keep, watch=watch, use_cache=False)
-        mask = torch.arange(width)[None] < torch.tensor([len(g) for g in outs])[:, None]
-        hidden.append(torch.stack([states[x][mask] for x in watch], 1).numpy())
+    trace = read_exits(
+        decoder, prompts, generated, batch_size=batch, training_misses=False, hidden_layers=deepest
+    )
     tokens = np.concatenate([np.asarray(g, dtype=np.int64) for g in generated])
-    return trace, np.concatenate(hidden), tokens
+    return dataclasses.replace(trace, hidden=None), trace.hidden, tokens
 
 
 def same_as_grid(trace: ExitTrace, model, prompts) -> None:
@@ -93,24 +83,6 @@ def same_as_grid(trace: ExitTrace, model, prompts) -> None:
         if not same or not np.allclose(z["features"], trace.features, atol=1e-3):
             raise SystemExit(f"the trace differs from the grid's {path}")
     print(f"the trace equals the grid's {path.name}", file=sys.stderr)
-
-
-def hidden_scores(trace: ExitTrace, hidden: np.ndarray, layers, C: float) -> np.ndarray:
-    """[N, C] logits of a logistic probe per layer on the standardised hidden state and the
-    shortlist features, trained on the even prompts' tokens."""
-    train, L, deepest = trace.prompt % 2 == 0, trace.num_layers, hidden.shape[1]
-    probe = TokenExitPolicy(C=C)  # the library's probe, on more features
-    if min(layers) <= L - deepest:  # the kept states would wrap round to another layer
-        raise SystemExit(f"candidate layers {layers}: rerun with --deepest {L - min(layers) + 1}")
-    scores = np.zeros((len(trace.prompt), len(layers)))
-    for j, layer in enumerate(layers):
-        x = np.concatenate(
-            [trace.features[:, layer - 1], hidden[:, layer - 1 - (L - deepest)].astype(np.float32)],
-            1,
-        )
-        w, b = probe._probe(x[train], trace.agree[train, layer - 1])
-        scores[:, j] = x @ w + b
-    return scores
 
 
 def candidates(trace: ExitTrace) -> list[int]:
@@ -160,8 +132,7 @@ def main(argv=None) -> None:
         same_as_grid(trace, model, others)
 
     L = trace.num_layers
-    narrow = candidates(trace)
-    wide = list(range(L - 5, L + 1))
+    wide = list(range(L - WIDE["max_checks"] + 1, L + 1))
     generated = np.split(tokens, np.cumsum(np.bincount(trace.prompt))[:-1])
     decoder = SelfSpeculativeDecoder(model, tokenizer)
     missing = read_exits(decoder, others, [g.tolist() for g in generated])  # training misses
@@ -179,15 +150,19 @@ def main(argv=None) -> None:
                     **{k: c[k] for k in OUTCOME},
                 }
             )
+        with_states = dataclasses.replace(missing, hidden=hidden)  # trained as the default
         for C in map(float, args.C.split(",")):
-            for cand in (narrow, wide):
-                s = hidden_scores(missing, hidden, cand, C)  # trained as the default does
+            for choice in ({}, WIDE):  # the default candidates, and the last six layers
+                fitted = TokenExitPolicy(
+                    risk=risk, cost_batch_size=1, C=C, hidden_state=True, **choice
+                ).fit_trace(with_states, costs)
                 rows.append(
                     {
-                        "probe": f"hidden state + shortlist, with misses, C={C:g}",
-                        "candidates": cand,
+                        "probe": f"hidden state + shortlist (adainfer), with misses, C={C:g}",
+                        "candidates": wide if choice else candidates(missing),
                         "risk": risk,
-                        **plan(missing, s, cand, risk, costs),
+                        "layers": fitted.layers_,
+                        **{k: fitted.calibration_[k] for k in OUTCOME},
                     }
                 )
         perfect = trace.agree[:, [x - 1 for x in wide]].astype(float) * 2 - 1

@@ -385,37 +385,59 @@ def calibrate_exits(ctx, job: Job, *, risk: float) -> dict:
     from adainfer.taskdata import python_prompts
 
     stem = f"{job.name}-{job.dtype}-b{job.batch}-risk{risk}"
-    misses = ctx.settings.get("training_misses", False)
+    kind = _trace_kind(ctx)
+    make = functools.partial(
+        TokenExitPolicy, risk=risk, cost_batch_size=job.batch, hidden_state=_hidden(ctx)
+    )
     if ctx.settings.get("exit_calibration", "stdlib") == "stdlib":
         path = RESULTS / "exits" / f"{stem}.json"
-        if path.is_file() and misses:
-            raise SystemExit(f"{path} was made without --training-misses: move it away to refit")
+        if path.is_file() and _mark(ctx):
+            raise SystemExit(f"{path} was made the default way, not {_mark(ctx)}: move it away")
         if path.is_file():
             return {"exits": [TokenExitPolicy.load(path)], "split": None}
-        policy = TokenExitPolicy(risk=risk, cost_batch_size=job.batch)
-        fitted = policy.fit(ctx.model, ctx.tokenizer, python_prompts(64), training_misses=misses)
+        misses = kind["misses"]
+        fitted = make().fit(ctx.model, ctx.tokenizer, python_prompts(64), training_misses=misses)
         return {"exits": [fitted], "split": None}
     split = crossfit_split(len(ctx.task.items), ctx.batch)
     prompts = [it.prompt for it in ctx.task.items]
     policies = []
     for half, others in enumerate((prompts[split:], prompts[:split])):
-        path = ctx.path.parent.parent / "exits" / f"{stem}-half{half}{_misses(ctx)}.json"
+        path = ctx.path.parent.parent / "exits" / f"{stem}-half{half}{_mark(ctx)}.json"
         if not path.is_file():
             traces = ctx.path.parent.parent / "exits" / ".traces"  # git-ignored, MBs each
             trace, costs = _exit_trace(
-                ctx.model, ctx.tokenizer, tuple(others), job.batch, traces, misses
+                ctx.model, ctx.tokenizer, tuple(others), job.batch, traces, **kind
             )
-            policy = TokenExitPolicy(risk=risk, cost_batch_size=job.batch)
+            policy = make()
             policy.model_ = getattr(ctx.model, "adainfer_id", job.name)
             policy.fit_trace(trace, costs).save(path)
         policies.append(TokenExitPolicy.load(path))
     return {"exits": policies, "split": split}
 
 
-def _misses(ctx) -> str:
-    """The file-name mark of policies and plans trained with shortlist misses (a folder may
-    hold both kinds; a cell reads its own)."""
-    return "-misses" if ctx.settings.get("training_misses", False) else ""
+def _hidden(ctx) -> bool:
+    return ctx.settings.get("hidden_state", False)
+
+
+def _trace_kind(ctx) -> dict:
+    """`trace_exits` arguments of the cell's calibration: shortlist misses in the probes'
+    training (off in the runs made before it existed), hidden states for hidden-state probes
+    (as `TokenExitPolicy.fit` keeps them)."""
+    from adainfer.lossy import TokenExitPolicy
+
+    hidden = 2 * TokenExitPolicy().max_checks if _hidden(ctx) else 0
+    return {"misses": ctx.settings.get("training_misses", False), "hidden_layers": hidden}
+
+
+def _mark(ctx) -> str:
+    """The file-name mark of policies and plans trained with shortlist misses, or whose
+    probes read the hidden state (a folder may hold several kinds; a cell reads its own)."""
+    return mark_of(ctx.settings)
+
+
+def mark_of(settings: dict) -> str:
+    misses = "-misses" if settings.get("training_misses") else ""
+    return misses + ("-hidden" if settings.get("hidden_state") else "")
 
 
 def crossfit_split(n: int, batch: int) -> int:
@@ -430,23 +452,38 @@ def crossfit_split(n: int, batch: int) -> int:
 
 @functools.lru_cache(maxsize=2)
 def _exit_trace(
-    model, tokenizer, prompts: tuple[str, ...], batch: int, folder: Path, misses: bool = False
+    model,
+    tokenizer,
+    prompts: tuple[str, ...],
+    batch: int,
+    folder: Path,
+    misses: bool = False,
+    hidden_layers: int = 0,
 ):
     """A half's calibration trace (kept in `folder`, so a restarted run does not decode the
     prompts again) and its cost table at this batch size, shared by the cell's risk levels.
-    `misses`: `trace_exits(training_misses=)` (off in the runs made before it existed)."""
+    `misses`, `hidden_layers`: `trace_exits(training_misses=, hidden_layers=)`."""
     from adainfer.lossy import ExitTrace, measure_exit_costs, trace_exits
 
     key = f"{getattr(model, 'adainfer_id', '')}|{model.dtype}|" + "\0".join(prompts)
     key += "|training misses" if misses else ""  # the older traces keep their files
+    key += f"|hidden {hidden_layers}" if hidden_layers else ""
     path = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     if path.is_file():
         with np.load(path) as stored:
             trace = ExitTrace(**{name: stored[name] for name in stored.files})
     else:
-        trace = trace_exits(model, tokenizer, prompts, batch_size=8, training_misses=misses)
+        trace = trace_exits(
+            model,
+            tokenizer,
+            prompts,
+            batch_size=8,
+            training_misses=misses,
+            hidden_layers=hidden_layers,
+        )
         folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, functools.partial(_save_npz, arrays=dataclasses.asdict(trace)))
+        arrays = {k: v for k, v in dataclasses.asdict(trace).items() if v is not None}
+        write_atomic(path, functools.partial(_save_npz, arrays=arrays))
     rows = [prompts[i % len(prompts)] for i in range(batch)]
     return trace, measure_exit_costs(model, tokenizer, rows, trace.vocab)
 
@@ -487,15 +524,14 @@ def plan_exit_drafts(ctx, job: Job, *, risk: float) -> dict:
     prompts = [it.prompt for it in ctx.task.items]
     halves = (prompts[split:], prompts[:split]) if split is not None else (None,)
     for half, (policy, others) in enumerate(zip(fitted["exits"], halves)):
-        stem = f"{job.name}-{job.dtype}-b{job.batch}-risk{risk}-half{half}{_misses(ctx)}"
+        stem = f"{job.name}-{job.dtype}-b{job.batch}-risk{risk}-half{half}{_mark(ctx)}"
         path = ctx.path.parent.parent / "exits" / "draft-plans" / f"{stem}.json"
         if not path.is_file():
             if others is None:
                 raise SystemExit("planned exit drafts need the crossfit calibration")
             traces = ctx.path.parent.parent / "exits" / ".traces"
-            misses = ctx.settings.get("training_misses", False)
             trace, costs = _exit_trace(
-                ctx.model, ctx.tokenizer, tuple(others), job.batch, traces, misses
+                ctx.model, ctx.tokenizer, tuple(others), job.batch, traces, **_trace_kind(ctx)
             )
             rows = [others[i % len(others)] for i in range(job.batch)]
             planner = ExitDraftPlanner(policy)
@@ -1291,10 +1327,10 @@ def cell_policies(out_dir: Path, data: dict) -> dict[str, list[dict]]:
     """{lossy method: this cell's calibration files of its risk in exits/ (the token-exit
     policies, one per crossfit half)}, read once for the notes that use them."""
     key = f"{data['model']}-{data['dtype']}-b{data['batch_size']}-risk*-half*.json"
-    misses = bool(data.get("settings", {}).get("training_misses"))  # see `_misses`
+    mark = mark_of(data.get("settings", {}))  # see `_mark`
     out = collections.defaultdict(list)
     for path in sorted((out_dir / "exits").glob(key)):
-        if path.stem.endswith("-misses") != misses:
+        if re.search(r"-half\d+(.*)$", path.stem).group(1) != mark:
             continue
         risk = float(re.search(r"-risk([0-9.]+)-half", path.name).group(1))
         out[f"lossy@{100 * risk:g}%"].append(read_json(path, "token-exit policy"))
@@ -1376,6 +1412,7 @@ def settings_of(task: Task, args, lossy: bool) -> dict:
         **({"exit_calibration": args.exit_calibration} if lossy else {}),
         # absent in the runs made before trace_exits read the probes' tokens with misses
         **({"training_misses": True} if lossy and args.training_misses else {}),
+        **({"hidden_state": True} if lossy and args.hidden_state else {}),
         **({"rounds": args.rounds} if args.rounds > 1 else {}),  # absent: one round
     }
 
@@ -1447,6 +1484,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="calibrate the lossy policies as trace_exits does by default: the probes' tokens "
         "read on a shortlist that lacks some of them (off: as the committed grid was made)",
+    )
+    p.add_argument(
+        "--hidden-state",
+        action="store_true",
+        help="the lossy policies' probes also read the hidden state (TokenExitPolicy's "
+        "hidden_state; their files are marked -hidden)",
     )
     p.add_argument(
         "--rounds",

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from adainfer.lossy import ExitCosts, ExitTrace
 
@@ -42,10 +41,16 @@ def test_candidates_perfect_probe_and_hidden_state_probe():
     assert got["changed_share"] == 0 and got["step_cost"] < 1 and got["layers"]
     noise = ep.plan(trace, np.random.default_rng(1).normal(size=perfect.shape), layers, 0.05, costs)
     assert noise["step_cost"] > got["step_cost"]  # scores that know nothing save less
+    # the library's hidden-state probes (what the script plans with): where one direction
+    # of the state says whether the layer agrees, they plan cheaper than the noise features
+    from adainfer.lossy import TokenExitPolicy
+
     hidden = np.zeros((len(trace.prompt), 3, 8), dtype=np.float16)  # the last 3 layers
-    hidden[:, :, 0] = trace.agree[:, 3:6]  # one direction of the state says it all
-    scores = ep.hidden_scores(trace, hidden, [4, 5], C=1.0)
-    assert scores.shape == (len(trace.prompt), 2)
-    assert (scores[:, 0] > 0).tolist() == trace.agree[:, 3].tolist()
-    with pytest.raises(SystemExit, match="--deepest"):
-        ep.hidden_scores(trace, hidden, [3, 4], C=1.0)  # layer 3's state was not kept
+    hidden[:, :, 0] = trace.agree[:, 3:6]
+    states = ep.dataclasses.replace(trace, hidden=hidden)
+    kw = {"risk": 0.05, "min_agreement": 0.0}
+    plain = TokenExitPolicy(**kw).fit_trace(trace, costs)
+    read = TokenExitPolicy(hidden_state=True, **kw).fit_trace(states, costs)
+    assert min(read.layers_) >= 4  # only layers whose states were kept
+    assert read.calibration_["step_cost"] < plain.calibration_["step_cost"]
+    assert read.calibration_["changed_share"] <= 0.05

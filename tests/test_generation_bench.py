@@ -380,6 +380,17 @@ def test_crossfit_serves_each_half_a_policy_calibrated_on_the_other(bench, tmp_p
     assert json.loads((out / "bench" / "tiny-float32-b1.json").read_text())["settings"][
         "training_misses"
     ]
+    hidden = tmp_path / "hidden"  # probes that read the hidden state too: their own files
+    argv[argv.index("--out-dir") + 1] = str(hidden)
+    bench._exit_trace.cache_clear()
+    bench.main([*argv, "--training-misses", "--hidden-state"], loader=_loader, tasks=tasks)
+    files = sorted((hidden / "exits").glob("*.json"))
+    assert [p.name for p in files] == [
+        f"tiny-float32-b1-risk0.05-half{h}-misses-hidden.json" for h in (0, 1)
+    ]
+    assert all(lossy.TokenExitPolicy.load(p).hidden_state for p in files)
+    data = json.loads((hidden / "bench" / "tiny-float32-b1.json").read_text())
+    assert data["settings"]["hidden_state"] and len(bench.cell_policies(hidden, data)) == 1
 
 
 def _ties():

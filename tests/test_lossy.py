@@ -257,6 +257,46 @@ def test_fit_on_a_tiny_model_and_round_trip(tmp_path):
     assert a.tokens == b.tokens and a.exit_layers == b.exit_layers
 
 
+def test_probes_that_read_the_hidden_state(tmp_path):
+    """hidden_state=True: the trace keeps the deepest layers' states, the probes read them
+    next to the shortlist features, decode-time scores are the fit-time ones, and the policy
+    survives a file."""
+    model, tok = tiny_model("llama")
+    L, H = model.config.num_hidden_layers, model.config.hidden_size
+    prompts = PROMPTS + ["abc", "zzz"]
+    trace = trace_exits(model, tok, prompts, vocab_size=40, max_new_tokens=8, hidden_layers=2)
+    assert trace.hidden.shape == (len(trace.prompt), 2, H) and trace.hidden.dtype == np.float16
+    with pytest.raises(ValueError, match="hidden_layers=3"):
+        trace.hidden_at(L - 2)
+    policy = TokenExitPolicy(
+        risk=0.5, min_agreement=0.0, vocab_size=40, delta=None, hidden_state=True
+    ).fit_trace(trace)
+    assert policy.layers_ and min(policy.layers_) >= L - 1  # only layers with kept states
+    assert policy.coef_.shape == (len(policy.layers_), 3 + H)
+    layer = policy.layers_[0]
+    features = torch.as_tensor(trace.features[:, layer - 1])
+    hidden = torch.as_tensor(trace.hidden_at(layer))
+    at_decode = policy.decision_function(layer, features, hidden).numpy()
+    np.testing.assert_allclose(at_decode, policy._scores(trace, [layer - 1])[:, 0], rtol=1e-4)
+    with pytest.raises(ValueError, match="hidden state"):
+        policy.decision_function(layer, features)
+    policy.save(tmp_path / "hidden.json")
+    loaded = TokenExitPolicy.load(tmp_path / "hidden.json")
+    assert loaded.hidden_state and loaded.hidden_layers_ == L - min(policy.layers_) + 1
+    np.testing.assert_allclose(loaded.coef_, policy.coef_)
+    a = adainfer.generate(model, tok, PROMPTS, exits=policy, max_new_tokens=8)
+    b = adainfer.generate(model, tok, PROMPTS, exits=loaded, max_new_tokens=8)
+    assert a.tokens == b.tokens and a.exit_layers == b.exit_layers
+    data = json.loads((tmp_path / "hidden.json").read_text())
+    data["coef"] = [w[:3] for w in data["coef"]]
+    with pytest.raises(ValueError, match="hidden state"):
+        TokenExitPolicy.from_dict(data)
+    # fit traces the states itself
+    fitted = TokenExitPolicy(risk=0.5, min_agreement=0.0, vocab_size=40, hidden_state=True)
+    fitted.fit(model, tok, prompts, max_new_tokens=8, batch_size=2)
+    assert fitted.coef_.shape[1] == 3 + H or not fitted.layers_
+
+
 def test_probe_tokens_are_read_on_a_shortlist_that_misses_some():
     """Read on the shortlist made from their own tokens, the probes' tokens never miss it; with
     training misses each quarter is read on the other's, and the odd prompts as before."""
@@ -324,7 +364,7 @@ class CoinFlips(TokenExitPolicy):
     """A fitted policy whose probe passes at random (seeded) at layers 2 and 3: drafts of one
     round leave at different depths, which losslessness must survive whatever the probe."""
 
-    def decision_function(self, layer, features):
+    def decision_function(self, layer, features, hidden=None):
         return torch.randn(len(features), generator=self.coins)
 
 

@@ -751,6 +751,12 @@ def _calibrate_exits_parser(sub):
         help="shortlist read by the exit check (default: %(default)s)",
     )
     p.add_argument(
+        "--hidden-state",
+        action="store_true",
+        help="the exit probes also read the token's hidden state (cheaper plans at low risk; "
+        "a larger file)",
+    )
+    p.add_argument(
         "--max-new-tokens", type=_int_at_least(1), default=64, help="(default: %(default)s)"
     )
     _batch_size_arg(p)
@@ -786,6 +792,7 @@ def cmd_calibrate_exits(args):
         delta=args.delta,
         vocab_size=args.vocab_size,
         cost_batch_size=args.plan_batch_size,
+        hidden_state=args.hidden_state,
     )
     policy.fit(
         model,

@@ -925,6 +925,7 @@ class ExitDraftPlanner:
             prompts,
             vocab=self.policy.vocab_,
             max_new_tokens=self.max_new_tokens,
+            hidden_layers=self.policy.hidden_layers_,
             progress=progress,
         )
         rows = [prompts[i % len(prompts)] for i in range(batch_size)]

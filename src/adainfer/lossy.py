@@ -104,10 +104,21 @@ class ExitTrace:
     agree: np.ndarray  # [N, L] the shortlist top-1 there is the full model's token
     settled: np.ndarray  # [N] earliest layer from which the full lens top-1 stays final
     prompt: np.ndarray  # [N] prompt index of each token
+    hidden: np.ndarray | None = None  # [N, K, H] float16 states at the deepest K layers
 
     @property
     def num_layers(self) -> int:
         return self.agree.shape[1]
+
+    def hidden_at(self, layer: int) -> np.ndarray:
+        """[N, H] float32 the tokens' hidden states after `layer` (1-based)."""
+        K = 0 if self.hidden is None else self.hidden.shape[1]
+        if layer <= self.num_layers - K:
+            raise ValueError(
+                f"the trace keeps hidden states of its deepest {K} layers, not of layer {layer}: "
+                f"trace with hidden_layers={self.num_layers - layer + 1} or more"
+            )
+        return self.hidden[:, layer - 1 - (self.num_layers - K)].astype(np.float32)
 
 
 @torch.inference_mode()
@@ -121,6 +132,7 @@ def trace_exits(
     max_new_tokens: int = 64,
     batch_size: int = 8,
     training_misses: bool = True,
+    hidden_layers: int = 0,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> ExitTrace:
     """Greedy-decode `prompts` with the full model, take the `vocab_size` most frequent
@@ -134,7 +146,9 @@ def trace_exits(
     that skips the full head could never be planned). With `training_misses` (and no `vocab`
     given, and at least 3 prompts) each half of them (prompts 0 and 2 mod 4) is read on a
     shortlist made from the other half only, so some of their tokens miss it as a new
-    prompt's do; the odd prompts, which plan the threshold, are read exactly as without it."""
+    prompt's do; the odd prompts, which plan the threshold, are read exactly as without it.
+    `hidden_layers`: also keep every token's hidden state at the deepest this-many layers
+    (float16; what probes that read the hidden state train on)."""
     decoder = SelfSpeculativeDecoder(model, tokenizer)
     starts = range(0, len(prompts), batch_size)
     batches = [list(prompts[s : s + batch_size]) for s in starts]
@@ -148,6 +162,7 @@ def trace_exits(
         vocab=vocab,
         batch_size=batch_size,
         training_misses=training_misses,
+        hidden_layers=hidden_layers,
     )
 
 
@@ -161,6 +176,7 @@ def read_exits(
     vocab: Sequence[int] | None = None,
     batch_size: int = 8,
     training_misses: bool = True,
+    hidden_layers: int = 0,
 ) -> ExitTrace:
     """`trace_exits` of outputs already generated (`generated[i]`: the full model's greedy
     tokens after `prompts[i]`), read by `decoder` (a `SelfSpeculativeDecoder`)."""
@@ -183,8 +199,8 @@ def read_exits(
             index = list(rows[s : s + batch_size])
             signal = ExitSignal(decoder.lens, shortlist, [prompt_ids[i] for i in index])
             batch, outs = [prompts[i] for i in index], [generated[i] for i in index]
-            x = _trace_batch(decoder, signal, batch, outs, index)
-            kept = np.array([keep(i) for i in x[3]], dtype=bool)
+            x = _trace_batch(decoder, signal, batch, outs, index, hidden_layers)
+            kept = np.array([keep(i) for i in x[3]], dtype=bool)  # x[3]: the prompts
             out.append(tuple(a[kept] for a in x))
         return out
 
@@ -199,10 +215,11 @@ def read_exits(
         traced += read(quarters[1], made_from(quarters[0]))
     else:
         traced = read(range(len(prompts)), full)
-    features, agree, settled, prompt = (np.concatenate(x) for x in zip(*traced))
+    features, agree, settled, prompt, hidden = (np.concatenate(x) for x in zip(*traced))
     order = np.argsort(prompt, kind="stable")  # every prompt's tokens together, in order
     full = torch.as_tensor(full, dtype=torch.long).numpy()
-    return ExitTrace(full, features[order], agree[order], settled[order], prompt[order])
+    kept = hidden[order] if hidden_layers else None
+    return ExitTrace(full, features[order], agree[order], settled[order], prompt[order], kept)
 
 
 @torch.inference_mode()
@@ -219,13 +236,18 @@ def changed_tokens(model, tokenizer, prompts: Sequence[str], outputs, *, batch_s
     return changed
 
 
-def _trace_batch(decoder, signal: ExitSignal, prompts, generated, index: Sequence[int]):
+def _trace_batch(
+    decoder, signal: ExitSignal, prompts, generated, index: Sequence[int], hidden_layers=0
+):
     """One teacher-forced forward over prompt + generated tokens through the stepper; `index`:
-    the prompts' places in the calibration set."""
+    the prompts' places in the calibration set; hidden states kept at the deepest
+    `hidden_layers` layers."""
     parts, lens = decoder.parts, decoder.lens
     lengths = [len(g) for g in generated]
     inputs, width = teacher_forced(parts.model, decoder.tokenizer, prompts, generated)
     B, L = len(prompts), parts.num_layers
+    K = min(hidden_layers, L)
+    states = torch.zeros(B, width, K, parts.model.config.hidden_size, dtype=torch.float16)
     feats = torch.zeros(B, width, L, 3)
     top1 = torch.zeros(B, width, L, dtype=torch.long)
     short = torch.zeros(B, width, L, dtype=torch.long)
@@ -238,6 +260,8 @@ def _trace_batch(decoder, signal: ExitSignal, prompts, generated, index: Sequenc
             f, logits = signal(hidden, before)
             feats[:, :, out.layer - 1] = f.view(B, width, -1).cpu()
             short[:, :, out.layer - 1] = signal.vocab[logits.argmax(-1)].view(B, width).cpu()
+        if out.layer > L - K:
+            states[:, :, out.layer - 1 - (L - K)] = hidden.view(B, width, -1).cpu()
         client.previous = hidden
 
     LayerStepper(parts).run(inputs, client, use_cache=False)
@@ -247,7 +271,7 @@ def _trace_batch(decoder, signal: ExitSignal, prompts, generated, index: Sequenc
     stays = np.flip(np.cumprod(np.flip(top1 == final, 1), 1), 1)  # top-1 final from here on
     settled = L - stays.sum(1) + 1
     prompt = np.repeat(np.asarray(index), lengths)
-    return feats[keep].numpy(), short == final, settled, prompt
+    return feats[keep].numpy(), short == final, settled, prompt, states[keep].numpy()
 
 
 @torch.inference_mode()
@@ -340,6 +364,10 @@ class TokenExitPolicy:
         plan depends on it: at batch 8 a layer skipped by some rows of a step is still read
         for the others; see `ExitCosts`).
     C : inverse L2 strength of each layer's logistic-regression probe.
+    hidden_state : the probes also read the token's hidden state at their layer (CALM's
+        learned early-exit classifier; a dot product more per check, no LM head). `fit`
+        then traces the deepest `2 * max_checks` layers' states, and only those layers can
+        be candidates. Its plans are cheaper at low risk (results/generation/probes).
     """
 
     def __init__(
@@ -353,11 +381,12 @@ class TokenExitPolicy:
         delta: float | None = DELTA,
         C: float = 1.0,
         seed: int = 0,
+        hidden_state: bool = False,
     ):
         self.risk, self.vocab_size = risk, vocab_size
         self.min_agreement, self.max_checks = min_agreement, max_checks
         self.cost_batch_size, self.delta = cost_batch_size, delta
-        self.C, self.seed = C, seed
+        self.C, self.seed, self.hidden_state = C, seed, hidden_state
 
     # -------------------------------------------------------------- fitting
     def fit(self, model, tokenizer, prompts: Sequence[str], **trace_kw) -> TokenExitPolicy:
@@ -365,6 +394,7 @@ class TokenExitPolicy:
         `trace_exits` (max_new_tokens, batch_size, progress)."""
         if isinstance(prompts, str) or len(prompts) < 2:
             raise ValueError("calibration needs a list of at least 2 prompts")
+        trace_kw.setdefault("hidden_layers", 2 * self.max_checks if self.hidden_state else 0)
         trace = trace_exits(model, tokenizer, prompts, vocab_size=self.vocab_size, **trace_kw)
         rows = [prompts[i % len(prompts)] for i in range(self.cost_batch_size)]
         costs = measure_exit_costs(model, tokenizer, rows, trace.vocab)
@@ -383,17 +413,21 @@ class TokenExitPolicy:
         if not train.any() or not held.any():
             raise ValueError("calibration needs tokens from at least 2 prompts")
         rates = trace.agree[train].mean(0)
-        rates[0] = 0  # layer 1 has no input to compare with
+        rates[0] = -1  # never a candidate: layer 1 has no input to compare with
+        if self.hidden_state:  # only layers whose states the trace kept
+            kept = 0 if trace.hidden is None else trace.hidden.shape[1]
+            rates[: trace.num_layers - kept] = -1
         chosen = [i for i, r in enumerate(rates) if r >= self.min_agreement][-self.max_checks :]
         self.model_ = getattr(self, "model_", "")
         self.num_layers_, self.vocab_ = trace.num_layers, trace.vocab
         costs = costs or ExitCosts.layers_only(trace.num_layers)
         self.costs_ = asdict(costs)
-        probes = [self._probe(trace.features[train, i], trace.agree[train, i]) for i in chosen]
-        self.coef_ = np.array([w for w, _ in probes]).reshape(len(chosen), 3)
+        probes = [self._probe(self._inputs(trace, i)[train], trace.agree[train, i]) for i in chosen]
+        width = 3 + (trace.hidden.shape[2] if self.hidden_state and trace.hidden is not None else 0)
+        self.coef_ = np.array([w for w, _ in probes]).reshape(len(chosen), width)
         self.intercept_ = np.array([b for _, b in probes])
         self.layers_ = [i + 1 for i in chosen]
-        scores = self._scores(trace.features[:, chosen])
+        scores = self._scores(trace, chosen)
         halves = _halves(trace, scores, chosen, costs.rows)
         layers, self.threshold_, self.calibration_ = _plan(
             *halves, self.layers_, trace.num_layers, self.risk, self.delta, costs
@@ -418,9 +452,25 @@ class TokenExitPolicy:
         w = clf.coef_[0] / scale
         return w, float(clf.intercept_[0] - (w * mean).sum())
 
-    def _scores(self, features: np.ndarray) -> np.ndarray:
-        """[N, C] probe logits per token and candidate layer."""
-        return np.einsum("ncf,cf->nc", features, self.coef_) + self.intercept_
+    def _inputs(self, trace: ExitTrace, col: int) -> np.ndarray:
+        """[N, F] what the probe at layer `col` + 1 reads: the shortlist features, and with
+        `hidden_state` the hidden state after them."""
+        x = trace.features[:, col]
+        return np.concatenate([x, trace.hidden_at(col + 1)], 1) if self.hidden_state else x
+
+    def _scores(self, trace: ExitTrace, cols: Sequence[int]) -> np.ndarray:
+        """[N, C] probe logits of the trace's tokens at the probes' layers `cols` (0-based)."""
+        scores = np.zeros((len(trace.prompt), len(cols)))
+        for j, (col, w, b) in enumerate(zip(cols, self.coef_, self.intercept_)):
+            scores[:, j] = self._inputs(trace, col) @ w + b
+        return scores
+
+    @property
+    def hidden_layers_(self) -> int:
+        """How many of the deepest layers' hidden states a trace needs for `replay`."""
+        if not (self.hidden_state and self.layers_):
+            return 0
+        return self.num_layers_ - min(self.layers_) + 1
 
     # -------------------------------------------------------------- use
     def replay(self, trace: ExitTrace) -> dict[str, np.ndarray]:
@@ -429,14 +479,22 @@ class TokenExitPolicy:
         (its token then comes from the shortlist, not the full head) and whether its token
         differs from the full model's ("changed")."""
         cols = [layer - 1 for layer in self.layers_]
-        scores = self._scores(trace.features[:, cols])
+        scores = self._scores(trace, cols)
         return _left(scores, trace.agree[:, cols], self.threshold_, self.layers_, trace.num_layers)
 
-    def decision_function(self, layer: int, features: torch.Tensor) -> torch.Tensor:
-        """[A] probe logits at a candidate `layer` for ExitSignal features [A, 3]."""
+    def decision_function(
+        self, layer: int, features: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[A] probe logits at a candidate `layer` for ExitSignal features [A, 3] (and, with
+        `hidden_state`, the rows' hidden states there [A, H])."""
         w, b = self._torch(features.device)
         c = self.layers_.index(layer)
-        return features @ w[c] + b[c]
+        score = features @ w[c, :3] + b[c]
+        if self.hidden_state:
+            if hidden is None:
+                raise ValueError("this policy's probes read the hidden state: pass it")
+            score = score + hidden.float() @ w[c, 3:]
+        return score
 
     def _torch(self, device):
         cached = getattr(self, "_weights", None)
@@ -448,7 +506,9 @@ class TokenExitPolicy:
 
     def check_model(self, model) -> None:
         layers, vocab = model.config.num_hidden_layers, model.get_output_embeddings().weight
-        if layers != self.num_layers_ or int(self.vocab_.max()) >= vocab.shape[0]:
+        width = 3 + (vocab.shape[1] if self.hidden_state else 0)  # the probes' inputs
+        wrong_width = len(self.coef_) and self.coef_.shape[1] != width
+        if layers != self.num_layers_ or int(self.vocab_.max()) >= vocab.shape[0] or wrong_width:
             raise ValueError(
                 f"this exit policy was calibrated on {self.model_ or 'another model'} "
                 f"({self.num_layers_} layers); the model has {layers} layers and "
@@ -508,7 +568,8 @@ class TokenExitPolicy:
         policy = cls(**params)
         policy.model_, policy.layers_ = data["model"], list(data["layers"])
         policy.num_layers_ = data["num_layers"]
-        policy.coef_ = np.asarray(data["coef"], dtype=np.float64).reshape(-1, 3)
+        coef = np.asarray(data["coef"], dtype=np.float64)
+        policy.coef_ = coef.reshape(len(data["layers"]), -1) if len(coef) else np.zeros((0, 3))
         policy.intercept_ = np.asarray(data["intercept"], dtype=np.float64)
         policy.vocab_ = np.asarray(data["vocab"], dtype=np.int64)
         policy.costs_ = dict(data["costs"])
@@ -538,7 +599,10 @@ def _check_layers(data: dict) -> None:
         raise ValueError(f"layers {layers} are not ascending layers of 1..{n}")
     if len(data["coef"]) != len(layers) or len(data["intercept"]) != len(layers):
         raise ValueError("layers, coef and intercept differ in length")
-    if any(len(w) != 3 for w in data["coef"]):
+    if data["params"].get("hidden_state"):
+        if len({len(w) for w in data["coef"]}) > 1 or any(len(w) <= 3 for w in data["coef"]):
+            raise ValueError("each layer's coef must hold 3 weights and the hidden state's")
+    elif any(len(w) != 3 for w in data["coef"]):
         raise ValueError("each layer's coef must hold 3 weights (top_prob, gap, cosine)")
     if not data["vocab"]:
         raise ValueError("the vocabulary is empty")
@@ -554,6 +618,7 @@ _PARAM_SPECS = {
     "confidence": Optional(Number(low=0, high=1)),  # files before Learn-then-Test
     "C": Number(low=0),
     "seed": int,
+    "hidden_state": bool,
 }
 _FILE = Record(
     {
@@ -867,9 +932,8 @@ class EarlyExitDecoder(SelfSpeculativeDecoder):
             leave = torch.zeros(len(hidden), dtype=torch.bool)
             if seen.layer in self.checks:
                 features, logits = self.signal(hidden, seen.before)
-                leave = (
-                    self.policy.decision_function(seen.layer, features) >= self.threshold
-                ).cpu()
+                score = self.policy.decision_function(seen.layer, features, hidden)
+                leave = (score >= self.threshold).cpu()
             gone = seen.rows[leave]
             if len(gone):
                 picked, q = chooser.draw(logits[leave.to(logits.device)], step.probs is not None)
