@@ -50,6 +50,12 @@ misses)
     OUT=results/generation/misses cell plain,adainfer-plain,lossy@0.5%,lossy@1% \
         qwen2.5-0.5b bfloat16 1 --training-misses
     ;;
+hidden)
+    # the same with probes that also read the hidden state (TokenExitPolicy's hidden_state):
+    # ../probes plans 0.887 of a plain step at 0.5% with them, 0.926 without
+    OUT=results/generation/hidden cell plain,adainfer-plain,lossy@0.5%,lossy@1% \
+        qwen2.5-0.5b bfloat16 1 --training-misses --hidden-state
+    ;;
 retime)
     # a b8 cell of 40 prompts has 5 pairs: Gemma fp32 b8 read lossless-planned 0.92x (IQR
     # 0.69-1.15) under a load of 3-5, its plan estimated 1.30x; timed again, 3 rounds a
@@ -73,7 +79,7 @@ b)
     cell $METHODS gemma3-270m float32 1,8
     ;;
 *)
-    echo "usage: $0 side|misses|retime|a|b" >&2
+    echo "usage: $0 side|misses|hidden|retime|a|b" >&2
     exit 2
     ;;
 esac
