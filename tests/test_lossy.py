@@ -268,6 +268,8 @@ def test_probes_that_read_the_hidden_state(tmp_path):
     assert trace.hidden.shape == (len(trace.prompt), 2, H) and trace.hidden.dtype == np.float16
     with pytest.raises(ValueError, match="hidden_layers=3"):
         trace.hidden_at(L - 2)
+    with pytest.raises(ValueError, match="hidden_layers=8"):
+        TokenExitPolicy(hidden_state=True).fit_trace(dataclasses.replace(trace, hidden=None))
     policy = TokenExitPolicy(
         risk=0.5, min_agreement=0.0, vocab_size=40, delta=None, hidden_state=True
     ).fit_trace(trace)

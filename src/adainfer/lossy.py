@@ -415,8 +415,12 @@ class TokenExitPolicy:
         rates = trace.agree[train].mean(0)
         rates[0] = -1  # never a candidate: layer 1 has no input to compare with
         if self.hidden_state:  # only layers whose states the trace kept
-            kept = 0 if trace.hidden is None else trace.hidden.shape[1]
-            rates[: trace.num_layers - kept] = -1
+            if trace.hidden is None:
+                raise ValueError(
+                    "hidden_state probes read hidden states the trace lacks: trace with "
+                    f"trace_exits(..., hidden_layers={2 * self.max_checks})"
+                )
+            rates[: trace.num_layers - trace.hidden.shape[1]] = -1
         chosen = [i for i, r in enumerate(rates) if r >= self.min_agreement][-self.max_checks :]
         self.model_ = getattr(self, "model_", "")
         self.num_layers_, self.vocab_ = trace.num_layers, trace.vocab
