@@ -363,7 +363,9 @@ class TokenExitPolicy:
         a check and a propagation cost, and how much of each a row that leaves saves (the
         plan depends on it: at batch 8 a layer skipped by some rows of a step is still read
         for the others; see `ExitCosts`).
-    C : inverse L2 strength of each layer's logistic-regression probe.
+    C : inverse L2 strength of each layer's logistic-regression probe; None: 1.0 on the 3
+        shortlist features, 0.001 with the hidden state (hundreds of inputs, a few thousand
+        tokens: the best of those planned in results/generation/probes).
     hidden_state : the probes also read the token's hidden state at their layer (CALM's
         learned early-exit classifier; a dot product more per check, no LM head). `fit`
         then traces the deepest `2 * max_checks` layers' states, and only those layers can
@@ -379,7 +381,7 @@ class TokenExitPolicy:
         max_checks: int = 4,
         cost_batch_size: int = 1,
         delta: float | None = DELTA,
-        C: float = 1.0,
+        C: float | None = None,
         seed: int = 0,
         hidden_state: bool = False,
     ):
@@ -451,7 +453,8 @@ class TokenExitPolicy:
         if y.all() or not y.any():  # one class: a constant verdict
             return np.zeros(x.shape[1]), 20.0 if y.all() else -20.0
         mean, scale = x.mean(0), x.std(0) + 1e-6
-        clf = LogisticRegression(C=self.C, max_iter=2000, random_state=self.seed)
+        C = self.C if self.C is not None else (1e-3 if self.hidden_state else 1.0)
+        clf = LogisticRegression(C=C, max_iter=2000, random_state=self.seed)
         clf.fit((x - mean) / scale, y)
         w = clf.coef_[0] / scale
         return w, float(clf.intercept_[0] - (w * mean).sum())
@@ -620,7 +623,7 @@ _PARAM_SPECS = {
     "cost_batch_size": Int(1),
     "delta": Optional(Number(low=0, high=1)),
     "confidence": Optional(Number(low=0, high=1)),  # files before Learn-then-Test
-    "C": Number(low=0),
+    "C": Optional(Number(low=0)),
     "seed": int,
     "hidden_state": bool,
 }
