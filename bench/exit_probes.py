@@ -123,7 +123,7 @@ def main(argv=None) -> None:
     else:
         trace, hidden, tokens = trace_with_hidden(model, tokenizer, others, args.deepest)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {"hidden": hidden, "tokens": tokens, **trace.__dict__}  # tokens: for later
+        arrays = {**trace.__dict__, "hidden": hidden, "tokens": tokens}  # tokens: for later
         write_atomic(cache, functools.partial(G._save_npz, arrays=arrays))
     stem = f"{args.model}-{args.dtype}-b1-risk0.01-half{args.half}.json"
     policy_file = TokenExitPolicy.load(GRID / "exits" / stem)

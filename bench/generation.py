@@ -392,7 +392,9 @@ def calibrate_exits(ctx, job: Job, *, risk: float) -> dict:
     if ctx.settings.get("exit_calibration", "stdlib") == "stdlib":
         path = RESULTS / "exits" / f"{stem}.json"
         if path.is_file() and _mark(ctx):
-            raise SystemExit(f"{path} was made the default way, not {_mark(ctx)}: move it away")
+            raise SystemExit(
+                f"{path} was made without --training-misses or --hidden-state: move it away"
+            )
         if path.is_file():
             return {"exits": [TokenExitPolicy.load(path)], "split": None}
         misses = kind["misses"]
@@ -425,7 +427,7 @@ def _trace_kind(ctx) -> dict:
     (as `TokenExitPolicy.fit` keeps them)."""
     from adainfer.lossy import TokenExitPolicy
 
-    hidden = 2 * TokenExitPolicy().max_checks if _hidden(ctx) else 0
+    hidden = TokenExitPolicy(hidden_state=_hidden(ctx)).trace_hidden_layers
     return {"misses": ctx.settings.get("training_misses", False), "hidden_layers": hidden}
 
 
@@ -1456,6 +1458,12 @@ def run(args, loader=None, tasks=None) -> list[dict]:
     return load_cells(out_dir)
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def _list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -1493,7 +1501,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--rounds",
-        type=int,
+        type=_positive,
         default=1,
         help="timing rounds per batch (a method's time is its median): more pairs where a "
         "cell has few batches",

@@ -491,8 +491,10 @@ def test_calibrate_exits_then_generate_lossy(model_dir, tmp_path, capsys):
     hidden = tmp_path / "hidden.json"  # probes that also read the hidden state
     assert main(calibrate + ["--hidden-state", "--out", str(hidden)]) == 0
     assert json.loads(hidden.read_text())["params"]["hidden_state"] is True
+    assert "held-out tokens" in capsys.readouterr().out
     assert main(args + ["--prompt", "hello", "--exits", str(hidden)]) == 0
-    capsys.readouterr()
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["exit_layers"][0]) == len(data["tokens"][0]) == 4
     assert main(calibrate[:3] + ["--out", str(policy)]) == 2  # no prompts: one clear line
     assert "--python-prompts" in capsys.readouterr().err
     strict = calibrate[:5] + ["--epsilon", "0.01", "--max-new-tokens", "4", "--batch-size", "2"]

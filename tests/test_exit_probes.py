@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -47,7 +48,7 @@ def test_candidates_perfect_probe_and_hidden_state_probe():
 
     hidden = np.zeros((len(trace.prompt), 3, 8), dtype=np.float16)  # the last 3 layers
     hidden[:, :, 0] = trace.agree[:, 3:6]
-    states = ep.dataclasses.replace(trace, hidden=hidden)
+    states = dataclasses.replace(trace, hidden=hidden)
     kw = {"risk": 0.05, "min_agreement": 0.0}
     plain = TokenExitPolicy(**kw).fit_trace(trace, costs)
     read = TokenExitPolicy(hidden_state=True, **kw).fit_trace(states, costs)

@@ -172,6 +172,8 @@ def test_files_from_before_learn_then_test_still_load(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(data))
     old = TokenExitPolicy.load(tmp_path / "old.json")
     assert old.delta == pytest.approx(0.1) and old.layers_ == policy.layers_
+    assert "hidden_state" not in data["params"] and not old.hidden_state  # as files before it
+    assert data["params"]["C"] == 1.0  # the C used, as earlier versions read it
 
 
 def test_the_plan_weighs_measured_costs():
@@ -228,6 +230,9 @@ def test_candidate_layers_follow_agreement():
     assert len(policy.layers_) <= 2 and all(rates[x - 1] >= 0.6 for x in policy.layers_)
     none = TokenExitPolicy(min_agreement=1.01).fit_trace(trace)
     assert none.layers_ == [] and none.calibration_["exited_share"] == 0
+    every = TokenExitPolicy(risk=0.5, min_agreement=0.0, max_checks=10, delta=None)
+    assert 1 not in every.fit_trace(trace).calibration_.get("layers", every.layers_)
+    assert TokenExitPolicy(max_checks=0).fit_trace(trace).layers_ == []  # not all of them
 
 
 def test_fit_on_a_tiny_model_and_round_trip(tmp_path):
@@ -282,6 +287,16 @@ def test_probes_that_read_the_hidden_state(tmp_path):
     np.testing.assert_allclose(at_decode, policy._scores(trace, [layer - 1])[:, 0], rtol=1e-4)
     with pytest.raises(ValueError, match="hidden state"):
         policy.decision_function(layer, features)
+    # the decoder hands the probe the state of the layer it checks: the first decoded
+    # token's (the prompt's second generated one) is the trace's, teacher-forced
+    seen = []
+    real = policy.decision_function
+    policy.decision_function = lambda l, f, h=None: seen.append((l, h)) or real(l, f, h)
+    adainfer.generate(model, tok, prompts[:1], exits=policy, max_new_tokens=2)
+    del policy.decision_function
+    first = trace_exits(model, tok, prompts[:1], vocab=policy.vocab_, hidden_layers=2)
+    l0, h0 = seen[0]
+    np.testing.assert_allclose(h0[0].numpy(), first.hidden_at(l0)[1], rtol=2e-3, atol=2e-3)
     policy.save(tmp_path / "hidden.json")
     loaded = TokenExitPolicy.load(tmp_path / "hidden.json")
     assert loaded.hidden_state and loaded.hidden_layers_ == L - min(policy.layers_) + 1
@@ -296,7 +311,10 @@ def test_probes_that_read_the_hidden_state(tmp_path):
     # fit traces the states itself
     fitted = TokenExitPolicy(risk=0.5, min_agreement=0.0, vocab_size=40, hidden_state=True)
     fitted.fit(model, tok, prompts, max_new_tokens=8, batch_size=2)
-    assert fitted.coef_.shape[1] == 3 + H or not fitted.layers_
+    assert fitted.coef_.shape[1] == 3 + H  # fit traced the states itself
+    loaded.coef_ = loaded.coef_[:, :-1]  # as if calibrated on a model with narrower states
+    with pytest.raises(ValueError, match=f"{H - 1}-dim hidden states; the model's are {H}"):
+        loaded.check_model(model)
 
 
 def test_probe_tokens_are_read_on_a_shortlist_that_misses_some():

@@ -753,8 +753,8 @@ def _calibrate_exits_parser(sub):
     p.add_argument(
         "--hidden-state",
         action="store_true",
-        help="the exit probes also read the token's hidden state (cheaper plans at low risk; "
-        "a larger file)",
+        help="the exit probes also read the token's hidden state (CALM's learned classifier; "
+        "on Qwen2.5-Coder-0.5B cheaper plans at 0.5%% risk, none at 1%%; a larger file)",
     )
     p.add_argument(
         "--max-new-tokens", type=_int_at_least(1), default=64, help="(default: %(default)s)"
