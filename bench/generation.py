@@ -1368,6 +1368,48 @@ def calibrated_exits(policies: dict[str, list[dict]]) -> dict[str, dict]:
     }
 
 
+def plot(cells: Sequence[dict], path: Path) -> Path | None:
+    """speed.png: per cell, every method's tokens/s against plain (the median of its paired
+    ratios, the IQR as a bar), the lines at 1 and at the lossless floor of 0.97."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ORDER if n != "plain"]
+    rows = []  # (cell label, {method: ratio quartiles})
+    for data in cells:
+        found = {n: summarise_method(data, n).get("ratio") for n in data["methods"] if n in names}
+        if any(found.values()):
+            rows.append((f"{cell_name(data)} ({data['settings']['task']})", found))
+    if not rows:
+        return None
+    used = [n for n in names if any(r.get(n) for _, r in rows)]
+    fig, ax = plt.subplots(figsize=(8, 1.0 + 0.42 * len(rows) * max(1, len(used)) / 3))
+    colors = plt.get_cmap("tab10")
+    step = 0.8 / max(1, len(used))
+    for i, (_, found) in enumerate(rows):
+        for j, name in enumerate(used):
+            q = found.get(name)
+            if q:
+                y = i - 0.4 + step * (j + 0.5)
+                err = [[q["median"] - q["q1"]], [q["q3"] - q["median"]]]
+                ax.errorbar(q["median"], y, xerr=err, fmt="o", ms=4, color=colors(j), capsize=2)
+    for j, name in enumerate(used):  # one legend entry per method
+        ax.plot([], [], "o", color=colors(j), label=name)
+    ax.axvline(1.0, color="0.3", lw=1)
+    ax.axvline(0.97, color="0.3", lw=1, ls="--")
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("tokens/s against model.generate (median and IQR of paired batches)")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=4)
+    ax.set_title("Generation grid (dashed: the lossless floor, 0.97x)", fontsize=10)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
 def load_cells(out_dir: Path) -> list[dict]:
     order = list(TASK_OF)
     cells = [json.loads(p.read_text()) for p in sorted((out_dir / "bench").glob("*.json"))]
@@ -1525,8 +1567,10 @@ def main(argv=None, *, loader=None, tasks=None) -> str:
         torch.set_num_threads(args.threads)
         timing.release_large_blocks()  # RSS follows live tensors: peak memory means something
         run(args, loader, tasks)
-    text = report(load_cells(out_dir))
+    cells = load_cells(out_dir)
+    text = report(cells)
     write_text_atomic(out_dir / "bench.md", text)
+    plot(cells, out_dir / "speed.png")
     print(text)
     return text
 

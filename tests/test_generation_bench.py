@@ -101,8 +101,10 @@ def test_a_tiny_grid_end_to_end_then_resumes(bench, tmp_path, monkeypatch):
     bench.main(_argv(tmp_path), loader=_loader, tasks=tasks)
     assert [c for c in calls if c[2] > 1] == []
     assert all(p.read_bytes() == text for p, text in written.items())
-    # --report-only rebuilds the same table without a model
+    # --report-only rebuilds the same table without a model, and the figure
+    (tmp_path / "speed.png").unlink()
     assert bench.main(["--report-only", "--out-dir", str(tmp_path)]) == table
+    assert (tmp_path / "speed.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_killed_cell_resumes_at_its_batch(bench, tmp_path, monkeypatch):
