@@ -391,7 +391,7 @@ def calibrate_exits(ctx, job: Job, *, risk: float) -> dict:
     )
     if ctx.settings.get("exit_calibration", "stdlib") == "stdlib":
         path = RESULTS / "exits" / f"{stem}.json"
-        if path.is_file() and _mark(ctx):
+        if path.is_file() and mark_of(ctx.settings):
             raise SystemExit(
                 f"{path} was made without --training-misses or --hidden-state: move it away"
             )
@@ -404,7 +404,7 @@ def calibrate_exits(ctx, job: Job, *, risk: float) -> dict:
     prompts = [it.prompt for it in ctx.task.items]
     policies = []
     for half, others in enumerate((prompts[split:], prompts[:split])):
-        path = ctx.path.parent.parent / "exits" / f"{stem}-half{half}{_mark(ctx)}.json"
+        path = ctx.path.parent.parent / "exits" / f"{stem}-half{half}{mark_of(ctx.settings)}.json"
         if not path.is_file():
             traces = ctx.path.parent.parent / "exits" / ".traces"  # git-ignored, MBs each
             trace, costs = _exit_trace(
@@ -431,13 +431,9 @@ def _trace_kind(ctx) -> dict:
     return {"misses": ctx.settings.get("training_misses", False), "hidden_layers": hidden}
 
 
-def _mark(ctx) -> str:
+def mark_of(settings: dict) -> str:
     """The file-name mark of policies and plans trained with shortlist misses, or whose
     probes read the hidden state (a folder may hold several kinds; a cell reads its own)."""
-    return mark_of(ctx.settings)
-
-
-def mark_of(settings: dict) -> str:
     misses = "-misses" if settings.get("training_misses") else ""
     return misses + ("-hidden" if settings.get("hidden_state") else "")
 
@@ -526,7 +522,7 @@ def plan_exit_drafts(ctx, job: Job, *, risk: float) -> dict:
     prompts = [it.prompt for it in ctx.task.items]
     halves = (prompts[split:], prompts[:split]) if split is not None else (None,)
     for half, (policy, others) in enumerate(zip(fitted["exits"], halves)):
-        stem = f"{job.name}-{job.dtype}-b{job.batch}-risk{risk}-half{half}{_mark(ctx)}"
+        stem = f"{job.name}-{job.dtype}-b{job.batch}-risk{risk}-half{half}{mark_of(ctx.settings)}"
         path = ctx.path.parent.parent / "exits" / "draft-plans" / f"{stem}.json"
         if not path.is_file():
             if others is None:
@@ -1329,7 +1325,7 @@ def cell_policies(out_dir: Path, data: dict) -> dict[str, list[dict]]:
     """{lossy method: this cell's calibration files of its risk in exits/ (the token-exit
     policies, one per crossfit half)}, read once for the notes that use them."""
     key = f"{data['model']}-{data['dtype']}-b{data['batch_size']}-risk*-half*.json"
-    mark = mark_of(data.get("settings", {}))  # see `_mark`
+    mark = mark_of(data.get("settings", {}))  # see `mark_of`
     out = collections.defaultdict(list)
     for path in sorted((out_dir / "exits").glob(key)):
         if re.search(r"-half\d+(.*)$", path.stem).group(1) != mark:

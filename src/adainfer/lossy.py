@@ -420,8 +420,8 @@ class TokenExitPolicy:
         shortlist was built from those prompts.)"""
         if not 0 <= self.risk < 1:
             raise ValueError(f"risk must be in [0, 1), got {self.risk}")
-        train, held = trace.prompt % 2 == 0, trace.prompt % 2 == 1
-        if not train.any() or not held.any():
+        train, _, test = _thirds(trace.prompt)  # test holds every odd prompt's if too few
+        if not train.any() or not test.any():
             raise ValueError("calibration needs tokens from at least 2 prompts")
         rates = trace.agree[train].mean(0)
         rates[0] = -1  # never a candidate: layer 1 has no input to compare with
@@ -448,7 +448,6 @@ class TokenExitPolicy:
         layers, self.threshold_, self.calibration_ = _plan(
             *halves, self.layers_, trace.num_layers, self.risk, self.delta, costs
         )
-        test = _thirds(trace.prompt)[2]
         self.calibration_.update(
             _report(trace.settled[test], self.calibration_, trace.num_layers, costs, halves[2])
         )
