@@ -514,7 +514,8 @@ def plan_exit_drafts(ctx, job: Job, *, risk: float) -> dict:
     """The cell's exit policies at `risk` (`calibrate_exits`), each wrapped in an
     `ExitDraftPlanner` fitted on its own calibration trace (the same prompts, the odd ones),
     with the draft-step costs measured for it and the verification timed here, at the cell's
-    batch size; plans kept in exits/draft-plans."""
+    batch size, a drafting plan then timed end to end against plain decoding on those odd
+    prompts (`confirm`); plans kept in exits/draft-plans."""
     from adainfer.drafting import ExitDraftPlanner, load_plan
 
     fitted = calibrate_exits(ctx, job, risk=risk)
@@ -535,7 +536,8 @@ def plan_exit_drafts(ctx, job: Job, *, risk: float) -> dict:
             planner = ExitDraftPlanner(policy)
             verify = planner.measure_verification(ctx.model, ctx.tokenizer, rows)
             meta = {"batch_size": job.batch, "dtype": job.dtype, "machine": timing.machine()}
-            planner.fit_measured(trace, costs, verify, meta).save(path)
+            planner.fit_measured(trace, costs, verify, meta)
+            planner.confirm(ctx.model, ctx.tokenizer, others[1::2]).save(path)
         plans.append(load_plan(path))
     return {
         "exits": plans,

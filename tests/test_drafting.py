@@ -224,6 +224,41 @@ def test_planner_drafts_where_the_costs_say_it_pays():
     assert settings["draft_layer"] == plan.draft_layer and settings["draft_prompt_tokens"] is True
 
 
+def test_a_drafting_plan_stays_only_if_it_measures_no_slower_than_plain_on_the_clock():
+    from adainfer.drafting import DraftPlanner
+
+    model, tok = _model("llama")
+    planner = DraftPlanner(
+        draft_tokens=(2,), vocab_sizes=(None,), max_new_tokens=6, confirm_batches=2
+    )
+    costs = _costs((0.2, 0.3), {"exact": 0.1}, {n: 0.3 for n in (1, 2)})
+    planner.fit_measured({"exact": _reads([0.8, 0.9, 0.9])}, costs, [3, 4, 5], META)
+    plan = planner.plan_
+    assert not plan.plain
+    # estimated to pay, measured slower: plain decoding for the same model, saying why
+    slower = plan.confirmed(0.94)
+    assert slower.plain and slower.meta["best_drafting"] == plan.estimate
+    assert (slower.model, slower.num_layers, slower.batch_size) == ("tiny-llama", 6, 2)
+    assert "estimated" in slower.describe() and "measured 0.94x" in slower.describe()
+    faster = plan.confirmed(1.08)
+    assert faster.draft_layer == plan.draft_layer and faster.meta["measured"] == 1.08
+    assert "measured 1.08x" in faster.describe()
+    # on the clock: both decoders on the calibration batches, in both orders
+    planner.confirm(model, tok, PROMPTS[:3])
+    timed = planner.confirmation_
+    assert timed["pairs"] == 4 and timed["batch_size"] == 2 and timed["median"] > 0
+    assert timed["identical"] == 1.0  # lossless: the same tokens as plain decoding
+    assert planner.plan_.meta["measured"] == timed["median"]
+    assert planner.plan_.plain == (timed["median"] < 1)
+    # nothing to time: a plain plan, or confirm_batches=0
+    unchecked = DraftPlanner(
+        draft_tokens=(2,), vocab_sizes=(None,), max_new_tokens=6, confirm_batches=0
+    )
+    unchecked.fit_measured({"exact": _reads([0.8, 0.9, 0.9])}, costs, [3, 4, 5], META)
+    assert unchecked.confirm(model, tok, PROMPTS[:3]).confirmation_ is None
+    assert unchecked.plan_ == plan
+
+
 def test_simulated_rounds_follow_the_decoder():
     from adainfer.drafting import simulate
 
@@ -231,6 +266,9 @@ def test_simulated_rounds_follow_the_decoder():
     # every draft agrees: 8 tokens after the first in two rounds of 4
     sim = simulate([np.ones(9, bool)], [np.ones(9)], **one)
     assert (sim["plain_steps"], sim["cost"], sim["drafted"], sim["accepted"]) == (8, 8, 8, 8)
+    # a trace longer than max_new_tokens: the row stops where the decoder would stop it
+    sim = simulate([np.ones(9, bool)], [np.ones(9)], **{**one, "max_new_tokens": 5})
+    assert (sim["plain_steps"], sim["cost"]) == (4, 4)
     # the 2nd draft of every round is wrong: a round gains 2 tokens (1 agreed + correction)
     agree = np.array([True] + [True, False] * 4)
     sim = simulate([agree], [np.ones(9)], **one)

@@ -68,6 +68,11 @@ def test_the_plan_drafts_where_verification_is_cheap_and_decodes_plainly_where_n
     best = cheap.estimates_[0]
     assert cheap.plan_.draft_tokens == 4 and best["acceptance"] == 1.0
     assert best["mean_depth"] == 3.0 and best["speedup"] > 1.5
+    # kept where it measured no slower than plain on the clock, else plain (saying why)
+    assert cheap.plan_.confirmed(1.2).draft_tokens == 4
+    slower = cheap.plan_.confirmed(0.9)
+    assert slower.plain and slower.meta["best_drafting"] == best["speedup"]
+    assert "measured 0.90x" in slower.describe()
     dear = ExitDraftPlanner(policy).fit_measured(trace, free, _verify(5.0), meta)
     assert dear.plan_.plain and dear.plan_.meta["best_drafting"] < 1
     assert "plain decoding" in dear.plan_.describe()

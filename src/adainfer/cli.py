@@ -846,6 +846,13 @@ def _plan_drafts_parser(sub):
     p.add_argument(
         "--repeats", type=_int_at_least(1), default=15, help="timing samples (default: 15)"
     )
+    p.add_argument(
+        "--confirm-batches",
+        type=_int_at_least(0),
+        default=3,
+        help="calibration batches on which a drafting plan is timed end to end against plain "
+        "decoding; it is kept only if no slower (default: 3; 0: trust the estimate)",
+    )
     p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch threads")
     p.add_argument(
         "--exits",
@@ -937,7 +944,12 @@ def cmd_plan_drafts(args):
     prompts = read_prompts(args.prompts_file)
     policy = TokenExitPolicy.load(args.exits) if args.exits else None
     model, tokenizer = _load(args)
-    settings = dict(margin=args.margin, max_new_tokens=args.max_new_tokens, repeats=args.repeats)
+    settings = dict(
+        margin=args.margin,
+        max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats,
+        confirm_batches=args.confirm_batches,
+    )
     planner = ExitDraftPlanner(policy, **settings) if policy else DraftPlanner(**settings)
     planner.fit(
         model,

@@ -24,6 +24,9 @@ on calibration prompts and picks the setting with the most tokens per unit time:
 The estimate of a setting is plain decode steps over the simulated rounds' cost (in steps):
 its tokens-per-second ratio against plain decoding, leaving the shared prefill out. The best
 setting is the plan only if it beats plain by `margin`; otherwise the plan is plain decoding.
+Pieces timed one by one can mislead (on a loaded machine, or where the prefill takes a large
+share), so a drafting plan is then timed end to end against plain decoding on a few
+calibration batches (`time_plan`), and kept only if it measured at least as fast.
 Plans are JSON files (`save` / `load_plan`); `adainfer.generate(..., plan=)` applies one.
 
 `ExitDraftPlanner` plans the other kind of drafts, those whose depth a token-exit policy picks
@@ -37,7 +40,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -114,18 +117,35 @@ class DraftPlan:
         settings = self.decoder_settings(model)
         return SelfSpeculativeDecoder(model, tokenizer, **settings, plain_if_blocked=True)
 
+    def confirmed(self, measured: float) -> DraftPlan:
+        """This plan with its measured tokens/s ratio against plain decoding (`time_plan`),
+        or plain decoding for the same model where drafting measured slower."""
+        meta = {**self.meta, "measured": measured}
+        if measured >= 1:
+            return replace(self, meta=meta)
+        info = dict(model=self.model, num_layers=self.num_layers, vocab_size=self.vocab_size)
+        meta["best_drafting"] = self.estimate
+        return DraftPlan(draft_layer=None, batch_size=self.batch_size, meta=meta, **info)
+
     def describe(self) -> str:
         if self.plain:
-            best = self.meta.get("best_drafting")
-            why = f" (best drafting estimated {best:.2f}x)" if best else ""
-            return f"plain decoding{why}"
+            return f"plain decoding{_why_plain(self.meta, 'best drafting')}"
         vocab = "exact head" if self.draft_vocab is None else f"{len(self.draft_vocab)} tokens"
         vocab += " + prompt tokens" if self.draft_prompt_tokens else ""
         return (
             f"draft from layer {self.draft_layer}/{self.num_layers}, up to {self.draft_tokens} "
             f"tokens, {vocab}, confidence >= {self.draft_confidence:g}: "
-            f"estimated {self.estimate:.2f}x plain"
+            f"estimated {self.estimate:.2f}x plain{_measured(self.meta)}"
         )
+
+
+def _why_plain(meta: dict, what: str) -> str:
+    best = meta.get("best_drafting")
+    return f" ({what} estimated {best:.2f}x{_measured(meta)})" if best else ""
+
+
+def _measured(meta: dict) -> str:
+    return "" if meta.get("measured") is None else f", measured {meta['measured']:.2f}x"
 
 
 def save_plan(plan: DraftPlan, path, **extra) -> Path:
@@ -478,12 +498,13 @@ def simulate(
     going is confident (or `draft_tokens`, or the most tokens a row may still make), every
     row keeps its leading agreements plus the full model's token. Returns the plain decode
     steps the batch takes, the rounds' cost in steps, drafts made and accepted."""
-    lengths = np.array([len(a) for a in agree])
+    # a row makes at most max_new_tokens (a longer trace stands for a longer generation)
+    lengths = np.minimum([len(a) for a in agree], max_new_tokens)
     width = lengths.max() + draft_tokens
     A = np.zeros((len(agree), width), dtype=bool)
     C = np.zeros((len(agree), width))
-    for r, (a, c) in enumerate(zip(agree, conf)):
-        A[r, : len(a)], C[r, : len(c)] = a, c
+    for r, (a, c, n) in enumerate(zip(agree, conf, lengths)):
+        A[r, :n], C[r, :n] = a[:n], c[:n]
     t = np.ones(len(agree), dtype=np.int64)  # the first token comes from the prefill
     cost = drafted = accepted = 0.0
     while (active := np.flatnonzero(t < lengths)).size:
@@ -557,8 +578,87 @@ def estimate_grid(
     return sorted(rows, key=lambda r: -r["speedup"])
 
 
+# --------------------------------------------------------------------------- the check
+@torch.inference_mode()
+def time_plan(
+    plan: DraftPlan | ExitDraftPlan,
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    batches: int = 3,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> dict:
+    """The plan's decoder against plain decoding, end to end (the prefill included, which the
+    estimates leave out, and every cost as it is in place rather than piece by piece): the
+    first `batches` batches of `prompts` at `batch_size`, each generated twice by both, in
+    alternating order. Returns the median and quartiles of the per-pair ratios of plain
+    seconds over the plan's (its tokens/s ratio: a lossless plan makes the same tokens) and
+    the share of rows whose tokens equal plain decoding's (1.0 unless drafting is broken)."""
+    decoders = {"plain": SelfSpeculativeDecoder(model, tokenizer)}
+    decoders["plan"] = plan.decoder(model, tokenizer)
+    groups = [
+        [prompts[(i * batch_size + r) % len(prompts)] for r in range(batch_size)]
+        for i in range(batches)
+    ]
+
+    def runner(decoder):
+        def run(i: int):
+            result = decoder.generate(groups[i], max_new_tokens=max_new_tokens)
+            return result.wall_time_s, result.tokens
+
+        return run
+
+    for decoder in decoders.values():  # warm-up: the drafting path's first call
+        decoder.generate(groups[0], max_new_tokens=2)
+    runners = {name: runner(d) for name, d in decoders.items()}
+    seconds, outputs = timing.interleaved(
+        runners, batches, repeats=2, warmup_batches=0, progress=progress
+    )
+    same = [a == b for x, y in zip(outputs["plain"], outputs["plan"]) for a, b in zip(x, y)]
+    return {
+        **_quartiles(seconds["plain"] / seconds["plan"]),
+        "pairs": 2 * batches,
+        "batch_size": batch_size,
+        "identical": float(np.mean(same)),
+    }
+
+
+class _Planner:
+    """What both planners share: the fitted plan, and its check on the clock."""
+
+    def _fitted(self):
+        if not hasattr(self, "plan_"):
+            raise ValueError(f"this {type(self).__name__} is not fitted: call fit() first")
+        return self.plan_
+
+    def confirm(self, model, tokenizer, prompts: Sequence[str], *, progress=None):
+        """Time the fitted plan against plain decoding (`time_plan`, `confirm_batches`
+        batches of `prompts`, none when 0) where it drafts; drafting stays only if it
+        measured at least as fast as plain decoding. `confirmation_` keeps the timing
+        (None where nothing was timed); `fit` ends with this."""
+        plan, self.confirmation_ = self._fitted(), None
+        if plan.plain or not self.confirm_batches:
+            return self
+        self.confirmation_ = time_plan(
+            plan,
+            model,
+            tokenizer,
+            prompts,
+            batch_size=plan.batch_size or 1,
+            max_new_tokens=self.max_new_tokens,
+            batches=self.confirm_batches,
+            progress=progress,
+        )
+        self.plan_ = plan.confirmed(self.confirmation_["median"])
+        log.info("confirmed on the clock: %s", self.plan_.describe())
+        return self
+
+
 # --------------------------------------------------------------------------- the planner
-class DraftPlanner:
+class DraftPlanner(_Planner):
     """Plans lossless drafting for one model, dtype, batch size and machine (scikit-learn
     style: `fit` measures and leaves its results in attributes ending in `_`; the parameters
     are never rewritten).
@@ -575,10 +675,13 @@ class DraftPlanner:
     max_new_tokens : tokens generated per calibration prompt.
     repeats : interleaved timing samples of the costs.
     folds : shortlists are cross-fitted over this many folds of the calibration prompts.
+    confirm_batches : calibration batches on which a drafting plan is timed end to end
+        against plain decoding before it is kept (`confirm`; 0: trust the estimate).
 
     Fitted attributes: `plan_` (a `DraftPlan`; `plan_.plain` when nothing pays), `depths_`,
     `vocabs_` ({head: shortlist ids}), `costs_` (`measure_costs`), `acceptance_` ({head: by
-    depth}), `estimates_` (every setting, best first), `tokens_` (calibration tokens).
+    depth}), `estimates_` (every setting, best first), `tokens_` (calibration tokens),
+    `confirmation_` (`time_plan`'s, or None).
     """
 
     def __init__(
@@ -592,6 +695,7 @@ class DraftPlanner:
         max_new_tokens: int = 128,
         repeats: int = 15,
         folds: int = 2,
+        confirm_batches: int = 3,
     ):
         self.depths = depths
         self.draft_tokens = draft_tokens
@@ -602,6 +706,7 @@ class DraftPlanner:
         self.max_new_tokens = max_new_tokens
         self.repeats = repeats
         self.folds = folds
+        self.confirm_batches = confirm_batches
 
     def get_params(self) -> dict:
         names = (
@@ -614,6 +719,7 @@ class DraftPlanner:
             "max_new_tokens",
             "repeats",
             "folds",
+            "confirm_batches",
         )
         return {n: getattr(self, n) for n in names}
 
@@ -628,7 +734,8 @@ class DraftPlanner:
         progress: Callable[[Iterable], Iterable] = lambda it: it,
     ) -> DraftPlanner:
         """Measure acceptance on `prompts` (in batches of `batch_size`, the size the plan is
-        for) and the costs on their first batch, then plan (see the module doc)."""
+        for) and the costs on their first batch, plan (see the module doc), and time a
+        drafting plan against plain decoding on the first batches (`confirm`)."""
         if isinstance(prompts, str) or len(prompts) < max(2, batch_size):
             raise ValueError(f"give at least {max(2, batch_size)} calibration prompts")
         decoder = SelfSpeculativeDecoder(model, tokenizer)
@@ -666,7 +773,8 @@ class DraftPlanner:
             "dtype": str(model.dtype).removeprefix("torch."),
             "machine": timing.machine(),
         }
-        return self.fit_measured(reads, costs, depths, meta, vocabs)
+        self.fit_measured(reads, costs, depths, meta, vocabs)
+        return self.confirm(model, tokenizer, prompts, progress=progress)
 
     def fit_measured(
         self, reads: dict[str, Reads], costs: dict, depths, meta: dict, vocabs=None
@@ -755,11 +863,6 @@ class DraftPlanner:
         return reads, vocabs
 
     # ------------------------------------------------------------- use
-    def _fitted(self) -> DraftPlan:
-        if not hasattr(self, "plan_"):
-            raise ValueError("this DraftPlanner is not fitted: call fit() first")
-        return self.plan_
-
     def decoder_settings(self, model) -> dict:
         return self._fitted().decoder_settings(model)
 
@@ -776,6 +879,7 @@ class DraftPlanner:
             depths=self.depths_,
             acceptance=self.acceptance_,
             estimates=self.estimates_[:20],
+            confirmation=getattr(self, "confirmation_", None),
         )
 
 
@@ -806,15 +910,22 @@ class ExitDraftPlan:
             return SelfSpeculativeDecoder(model, tokenizer)
         return self.policy.draft_decoder(model, tokenizer, self.draft_tokens, plain_if_blocked=True)
 
+    def confirmed(self, measured: float) -> ExitDraftPlan:
+        """This plan with its measured tokens/s ratio against plain decoding (`time_plan`),
+        or plain decoding where the drafts measured slower."""
+        meta = {**self.meta, "measured": measured}
+        if measured >= 1:
+            return replace(self, meta=meta)
+        meta["best_drafting"] = self.estimate
+        return replace(self, draft_tokens=None, estimate=1.0, meta=meta)
+
     def describe(self) -> str:
         if self.plain:
-            best = self.meta.get("best_drafting")
-            why = f" (exit drafts estimated {best:.2f}x)" if best else ""
-            return f"plain decoding{why}"
+            return f"plain decoding{_why_plain(self.meta, 'exit drafts')}"
         return (
             f"exit drafts at layers {self.policy.layers_} (threshold "
             f"{self.policy.threshold_:.3g}), up to {self.draft_tokens} tokens a round: "
-            f"estimated {self.estimate:.2f}x plain"
+            f"estimated {self.estimate:.2f}x plain{_measured(self.meta)}"
         )
 
 
@@ -838,7 +949,8 @@ def simulate_exit_drafts(
     steps, drafts made and accepted, and the drafts' summed depth. Teacher-forced reads stand
     in for the drafts' own states (a round's later drafts attend to propagated keys and
     values), so acceptance is as the calibration saw it, not as drafting sees it."""
-    lengths = np.array([len(a) for a in agree])
+    # a row makes at most max_new_tokens (a longer trace stands for a longer generation)
+    lengths = np.minimum([len(a) for a in agree], max_new_tokens)
     width = lengths.max() + draft_tokens
     A = np.zeros((len(agree), width), dtype=bool)
     D = np.full((len(agree), width), num_layers)  # past its end a row drafts at full depth
@@ -866,7 +978,7 @@ def simulate_exit_drafts(
     return out
 
 
-class ExitDraftPlanner:
+class ExitDraftPlanner(_Planner):
     """Plans lossless drafting by a fitted `TokenExitPolicy` (a meta-estimator: it wraps the
     policy and never changes it): how many exit drafts a round may make, or plain decoding
     where none pays, measured for one model, dtype, batch size and machine.
@@ -882,9 +994,11 @@ class ExitDraftPlanner:
 
     Parameters: `policy`, a fitted TokenExitPolicy; `draft_tokens`, candidate most drafts a
     round; `margin`, drafting is planned only if estimated at least this much faster than
-    plain; `max_new_tokens` per calibration prompt; `repeats` timing samples.
+    plain; `max_new_tokens` per calibration prompt; `repeats` timing samples;
+    `confirm_batches`, batches of the odd prompts on which a drafting plan is timed end to
+    end against plain decoding before it is kept (`confirm`; 0: trust the estimate).
     Fitted: `plan_` (an `ExitDraftPlan`), `estimates_` (per candidate, best first),
-    `costs_` ({"exit": ExitCosts fields, "verify": measure_costs' dict})."""
+    `costs_` ({"exit": ExitCosts fields, "verify": measure_costs' dict}), `confirmation_`."""
 
     def __init__(
         self,
@@ -893,16 +1007,18 @@ class ExitDraftPlanner:
         margin: float = 1.03,
         max_new_tokens: int = 64,
         repeats: int = 15,
+        confirm_batches: int = 3,
     ):
         self.policy = policy
         self.draft_tokens = draft_tokens
         self.margin = margin
         self.max_new_tokens = max_new_tokens
         self.repeats = repeats
+        self.confirm_batches = confirm_batches
 
     def get_params(self) -> dict:
         """The parameters (the wrapped policy aside: it is saved with the plan)."""
-        names = ("draft_tokens", "margin", "max_new_tokens", "repeats")
+        names = ("draft_tokens", "margin", "max_new_tokens", "repeats", "confirm_batches")
         return {n: getattr(self, n) for n in names}
 
     def fit(
@@ -936,7 +1052,8 @@ class ExitDraftPlanner:
             "dtype": str(model.dtype).removeprefix("torch."),
             "machine": timing.machine(),
         }
-        return self.fit_measured(trace, exit_costs, verify, meta)
+        self.fit_measured(trace, exit_costs, verify, meta)
+        return self.confirm(model, tokenizer, prompts[1::2], progress=progress)
 
     def measure_verification(self, model, tokenizer, rows, **kw) -> dict | None:
         """`measure_costs` of verifying 1..max(draft_tokens) tokens of `rows` from the
@@ -1010,11 +1127,6 @@ class ExitDraftPlanner:
             meta=extra,
         )
 
-    def _fitted(self) -> ExitDraftPlan:
-        if not hasattr(self, "plan_"):
-            raise ValueError("this ExitDraftPlanner is not fitted: call fit() first")
-        return self.plan_
-
     def decoder(self, model, tokenizer) -> SelfSpeculativeDecoder:
         return self._fitted().decoder(model, tokenizer)
 
@@ -1036,6 +1148,7 @@ class ExitDraftPlanner:
                 "params": {**self.get_params(), "draft_tokens": list(self.draft_tokens)},
                 "estimates": self.estimates_,
                 "costs": self.costs_,
+                "confirmation": getattr(self, "confirmation_", None),
             },
         )
 
