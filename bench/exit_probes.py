@@ -85,12 +85,6 @@ def same_as_grid(trace: ExitTrace, model, prompts) -> None:
     print(f"the trace equals the grid's {path.name}", file=sys.stderr)
 
 
-def candidates(trace: ExitTrace) -> list[int]:
-    """The layers `TokenExitPolicy.fit_trace` (default settings) picks its checks from."""
-    rates = trace.agree[trace.prompt % 2 == 0].mean(0)
-    return [i + 1 for i, r in enumerate(rates) if r >= 0.5 and i > 0][-4:]
-
-
 def plan(trace: ExitTrace, scores, layers, risk: float, costs: ExitCosts) -> dict:
     """Learn-then-Test on `scores` exactly as `TokenExitPolicy.fit_trace` plans its own."""
     halves = _halves(trace, scores, [x - 1 for x in layers], costs.rows)
@@ -144,7 +138,7 @@ def main(argv=None) -> None:
             rows.append(
                 {
                     "probe": f"shortlist features (adainfer){name}",
-                    "candidates": candidates(t),
+                    "candidates": fitted.candidates(t),
                     "risk": risk,
                     "layers": fitted.layers_,
                     **{k: c[k] for k in OUTCOME},
@@ -159,7 +153,7 @@ def main(argv=None) -> None:
                 rows.append(
                     {
                         "probe": f"hidden state + shortlist (adainfer), with misses, C={C:g}",
-                        "candidates": wide if choice else candidates(missing),
+                        "candidates": fitted.candidates(with_states),
                         "risk": risk,
                         "layers": fitted.layers_,
                         **{k: fitted.calibration_[k] for k in OUTCOME},

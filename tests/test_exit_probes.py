@@ -32,10 +32,16 @@ def _trace(n=800, layers=6, seed=0) -> ExitTrace:
 
 
 def test_candidates_perfect_probe_and_hidden_state_probe():
+    from adainfer.lossy import TokenExitPolicy
+
     ep = _exit_probes()
     trace, costs = _trace(), ExitCosts.layers_only(6)
+    # the candidates the script lists are the policy's own: the deepest 4 layers (never
+    # layer 1) that agree on at least half of the probes' (even prompts') tokens
     rates = trace.agree[trace.prompt % 2 == 0].mean(0)
-    assert ep.candidates(trace) == [i + 1 for i in range(1, 6) if rates[i] >= 0.5][-4:]
+    assert (
+        TokenExitPolicy().candidates(trace) == [i + 1 for i in range(1, 6) if rates[i] >= 0.5][-4:]
+    )
     layers = [3, 4, 5]
     perfect = trace.agree[:, [x - 1 for x in layers]] * 2.0 - 1
     got = ep.plan(trace, perfect, layers, 0.05, costs)  # 200 held-out tokens certify 5%
@@ -44,14 +50,13 @@ def test_candidates_perfect_probe_and_hidden_state_probe():
     assert noise["step_cost"] > got["step_cost"]  # scores that know nothing save less
     # the library's hidden-state probes (what the script plans with): where one direction
     # of the state says whether the layer agrees, they plan cheaper than the noise features
-    from adainfer.lossy import TokenExitPolicy
-
     hidden = np.zeros((len(trace.prompt), 3, 8), dtype=np.float16)  # the last 3 layers
     hidden[:, :, 0] = trace.agree[:, 3:6]
     states = dataclasses.replace(trace, hidden=hidden)
     kw = {"risk": 0.05, "min_agreement": 0.0}
     plain = TokenExitPolicy(**kw).fit_trace(trace, costs)
     read = TokenExitPolicy(hidden_state=True, **kw).fit_trace(states, costs)
-    assert min(read.layers_) >= 4  # only layers whose states were kept
+    assert read.candidates(states) == [4, 5, 6]  # only layers whose states were kept
+    assert set(read.layers_) <= {4, 5, 6}
     assert read.calibration_["step_cost"] < plain.calibration_["step_cost"]
     assert read.calibration_["changed_share"] <= 0.05

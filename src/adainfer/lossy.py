@@ -423,17 +423,7 @@ class TokenExitPolicy:
         train, _, test = _thirds(trace.prompt)  # test holds every odd prompt's if too few
         if not train.any() or not test.any():
             raise ValueError("calibration needs tokens from at least 2 prompts")
-        rates = trace.agree[train].mean(0)
-        rates[0] = -1  # never a candidate: layer 1 has no input to compare with
-        if self.hidden_state and self.max_checks:  # only layers whose states the trace kept
-            if trace.hidden is None:
-                raise ValueError(
-                    "hidden_state probes read hidden states the trace lacks: trace with "
-                    f"trace_exits(..., hidden_layers={self.trace_hidden_layers})"
-                )
-            rates[: trace.num_layers - trace.hidden.shape[1]] = -1
-        qualify = [i for i, r in enumerate(rates) if r >= self.min_agreement]
-        chosen = qualify[max(len(qualify) - self.max_checks, 0) :]  # the deepest
+        chosen = [layer - 1 for layer in self.candidates(trace)]
         self.model_ = getattr(self, "model_", "")
         self.num_layers_, self.vocab_ = trace.num_layers, trace.vocab
         costs = costs or ExitCosts.layers_only(trace.num_layers)
@@ -454,6 +444,23 @@ class TokenExitPolicy:
         keep = [self.layers_.index(x) for x in layers]
         self.layers_, self.coef_, self.intercept_ = layers, self.coef_[keep], self.intercept_[keep]
         return self
+
+    def candidates(self, trace: ExitTrace) -> list[int]:
+        """The layers `fit_trace` trains probes at and picks its checks from: the deepest
+        `max_checks` whose shortlist top-1 is the full model's on at least `min_agreement`
+        of the probes' tokens (the even prompts'); never layer 1, and with `hidden_state`
+        only layers whose states the trace kept."""
+        rates = trace.agree[_thirds(trace.prompt)[0]].mean(0)
+        rates[0] = -1  # layer 1 has no input to compare with
+        if self.hidden_state and self.max_checks:
+            if trace.hidden is None:
+                raise ValueError(
+                    "hidden_state probes read hidden states the trace lacks: trace with "
+                    f"trace_exits(..., hidden_layers={self.trace_hidden_layers})"
+                )
+            rates[: trace.num_layers - trace.hidden.shape[1]] = -1
+        qualify = [i + 1 for i, r in enumerate(rates) if r >= self.min_agreement]
+        return qualify[max(len(qualify) - self.max_checks, 0) :]
 
     def _probe(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
         """A logistic regression on standardised features, folded back to raw features."""
