@@ -77,6 +77,7 @@ from adainfer import headroom as H
 from adainfer import timing
 from adainfer.arch import find_parts
 from adainfer.files import OutputLock, read_json, write_atomic, write_json, write_text_atomic
+from adainfer.schema import int_at_least
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
@@ -1498,12 +1499,6 @@ def run(args, loader=None, tasks=None) -> list[dict]:
     return load_cells(out_dir)
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
-
-
 def _list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -1541,7 +1536,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--rounds",
-        type=_positive,
+        type=int_at_least(1),
         default=1,
         help="timing rounds per batch (a method's time is its median): more pairs where a "
         "cell has few batches",

@@ -11,6 +11,7 @@ from pathlib import Path
 from .features import ALL_FEATURES
 from .files import FolderInUse, OutputLock, write_text_atomic
 from .policies import POLICIES
+from .schema import int_at_least
 
 
 def _features(text: str) -> tuple[str, ...]:
@@ -117,7 +118,7 @@ def _task_args(p, n_train: bool):
     _shots_arg(p)
     p.add_argument(
         "--n-test",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=40,
         help="queries held out per task for evaluation; collect and eval must use the same value "
         "and --seed so they never overlap (default: %(default)s)",
@@ -134,7 +135,7 @@ def _task_args(p, n_train: bool):
 def _shots_arg(p):
     p.add_argument(
         "--shots",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=5,
         help="demonstrations per prompt (default: %(default)s)",
     )
@@ -143,7 +144,7 @@ def _shots_arg(p):
 def _n_train_arg(p):
     p.add_argument(
         "--n-train",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=40,
         help="training queries per task (default: %(default)s)",
     )
@@ -152,7 +153,7 @@ def _n_train_arg(p):
 def _batch_size_arg(p):
     p.add_argument(
         "--batch-size",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=8,
         help="prompts per forward pass (default: %(default)s)",
     )
@@ -163,7 +164,7 @@ def _max_batch_tokens_arg(p):
 
     p.add_argument(
         "--max-batch-tokens",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=MAX_BATCH_TOKENS,
         help="padded tokens per batch at most: longer prompts run in smaller batches, one alone "
         "past half of it (on CPU a padded batch's attention costs twice a lone prompt's); "
@@ -194,21 +195,6 @@ def _confidence(text: str) -> float:
             f"a confidence is at least 0 and below 1 (0.95 for 95%), got {text}"
         )
     return value
-
-
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(
-                f"expected a whole number of at least {low}, got {text!r}"
-            )
-        return value
-
-    return parse
 
 
 def _plan_test_args(p, prefix: str):
@@ -273,7 +259,7 @@ def _open_share(text: str) -> float:
 
 def _int_list(low: int):
     """Comma-separated whole numbers of at least `low`, repeats dropped, in the order given."""
-    item = _int_at_least(low)
+    item = int_at_least(low)
 
     def parse(text: str) -> tuple[int, ...]:
         # item() raises for a bad one, naming it
@@ -407,19 +393,19 @@ def _eval_parser(sub):
     )
     p.add_argument(
         "--min-layer",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=1,
         help="first layer to check (default: %(default)s)",
     )
     p.add_argument(
         "--stride",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=1,
         help="check every STRIDE layers (default: %(default)s)",
     )
     p.add_argument(
         "--shortlist",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=None,
         help="after a row's first exact check, check it on its top-K tokens only "
         "(exact confirmation before any stop)",
@@ -462,22 +448,22 @@ def _demo_parser(sub):
     p.add_argument(
         "--task", action="append", help="task (repeat); default: sst2, or the rule tasks"
     )
-    p.add_argument("--shots", type=_int_at_least(0), default=None, help="default: 5")
+    p.add_argument("--shots", type=int_at_least(0), default=None, help="default: 5")
     p.add_argument(
         "--n-train",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=None,
         help="calibration queries per task (default: 320, smoke 40)",
     )
     p.add_argument(
         "--n-test",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=None,
         help="held-out queries per task (default: 96, smoke 40)",
     )
     p.add_argument(
         "--threads",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=1,
         help="torch threads (default: %(default)s: the time ratios are steadier, and on a "
         "machine shared with another job two threads wait on each other)",
@@ -504,7 +490,7 @@ def _reproduce_parser(sub):
     )
     p.add_argument(
         "--n-queries",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=200,
         help="held-out queries per task and k (default: %(default)s)",
     )
@@ -517,13 +503,13 @@ def _reproduce_parser(sub):
     _n_train_arg(p)
     p.add_argument(
         "--train-shots",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=5,
         help="k for training queries (default: %(default)s)",
     )
     p.add_argument(
         "--n-train-tasks",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=None,
         help="size of the random task subset the classifiers train on (default: two thirds)",
     )
@@ -594,26 +580,26 @@ def _bench_parser(sub):
     )
     p.add_argument(
         "--n-queries",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=32,
         help="timed queries per task (default: %(default)s)",
     )
     p.add_argument(
         "--n-train",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=200,
         help="calibration queries per task for the default policy and its check plan; "
         "fewer where the task's held-out split is smaller (default: %(default)s)",
     )
     p.add_argument(
         "--repeats",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=3,
         help="timed repeats per variant; medians are reported (default: %(default)s)",
     )
     p.add_argument(
         "--min-paired",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=None,
         help="paired (batch, repeat) time ratios per cell at least; finished cells holding fewer "
         f"are timed again, their earlier timings kept in the row (default: {MIN_PAIRED})",
@@ -627,7 +613,7 @@ def _bench_parser(sub):
     _plan_test_args(p, "")
     p.add_argument(
         "--shortlist",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=256,
         help="also time shortlist checks on this many candidate tokens per row, "
         "with their own plan (0: skip) (default: %(default)s)",
@@ -677,20 +663,20 @@ def _generate_parser(sub):
         "says, up to --draft-tokens a round, and the full model verifies them",
     )
     p.add_argument(
-        "--max-new-tokens", type=_int_at_least(1), default=64, help="(default: %(default)s)"
+        "--max-new-tokens", type=int_at_least(1), default=64, help="(default: %(default)s)"
     )
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="(default: %(default)s)")
     p.add_argument("--top-p", type=float, default=1.0, help="(default: %(default)s)")
-    p.add_argument("--top-k", type=_int_at_least(0), default=0, help="0: off (default: 0)")
+    p.add_argument("--top-k", type=int_at_least(0), default=0, help="0: off (default: 0)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--stop", action="append", default=[], help="a stop string; repeatable")
     p.add_argument(
-        "--draft-layer", type=_int_at_least(1), default=None, help="draft from this layer"
+        "--draft-layer", type=int_at_least(1), default=None, help="draft from this layer"
     )
     p.add_argument(
         "--draft-tokens",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=4,
         help="tokens drafted per round (default: %(default)s)",
     )
@@ -726,7 +712,7 @@ def _calibrate_exits_parser(sub):
     p.add_argument("--prompts-file", default=None, help=PROMPTS_FILE_HELP)
     p.add_argument(
         "--python-prompts",
-        type=_int_at_least(2),
+        type=int_at_least(2),
         default=None,
         help="calibrate on this many code prompts built from the Python standard library's "
         "documented functions (label-free, no download; for code models)",
@@ -746,7 +732,7 @@ def _calibrate_exits_parser(sub):
     )
     p.add_argument(
         "--vocab-size",
-        type=_int_at_least(2),
+        type=int_at_least(2),
         default=4096,
         help="shortlist read by the exit check (default: %(default)s)",
     )
@@ -757,12 +743,12 @@ def _calibrate_exits_parser(sub):
         "on Qwen2.5-Coder-0.5B cheaper plans at 0.5%% risk, none at 1%%; a larger file)",
     )
     p.add_argument(
-        "--max-new-tokens", type=_int_at_least(1), default=64, help="(default: %(default)s)"
+        "--max-new-tokens", type=int_at_least(1), default=64, help="(default: %(default)s)"
     )
     _batch_size_arg(p)
     p.add_argument(
         "--plan-batch-size",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=1,
         help="the batch size you will generate at: the costs are timed and the plan made for "
         "it (a row that leaves early saves less when other rows still run the layer) "
@@ -836,24 +822,24 @@ def _plan_drafts_parser(sub):
     )
     _model_args(p, "decode")
     p.add_argument("--prompts-file", required=True, help=PROMPTS_FILE_HELP)
-    p.add_argument("--batch-size", type=_int_at_least(1), default=1, help="(default: 1)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=1, help="(default: 1)")
     p.add_argument(
-        "--max-new-tokens", type=_int_at_least(1), default=128, help="(default: %(default)s)"
+        "--max-new-tokens", type=int_at_least(1), default=128, help="(default: %(default)s)"
     )
     p.add_argument(
         "--margin", type=float, default=1.03, help="least estimated speed-up (default: 1.03)"
     )
     p.add_argument(
-        "--repeats", type=_int_at_least(1), default=15, help="timing samples (default: 15)"
+        "--repeats", type=int_at_least(1), default=15, help="timing samples (default: 15)"
     )
     p.add_argument(
         "--confirm-batches",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=3,
         help="calibration batches on which a drafting plan is timed end to end against plain "
         "decoding; it is kept only if no slower (default: 3; 0: trust the estimate)",
     )
-    p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch threads")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads")
     p.add_argument(
         "--exits",
         default=None,

@@ -13,6 +13,7 @@ inside the code that trusted it. Specs are plain values:
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -203,3 +204,21 @@ def _name(where: str, path: str) -> str:
 
 def _join(path: str, key) -> str:
     return f"{path}.{key}" if path else str(key)
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse `type` for a whole number of at least `low`, with an error that says so
+    (the CLI's and the bench scripts' options alike)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number of at least {low}, got {text!r}"
+            )
+        return value
+
+    return parse
