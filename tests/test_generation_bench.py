@@ -190,6 +190,18 @@ def test_the_lossy_saving_is_set_against_the_oracle_of_its_calibration_files(ben
     assert bench.oracle_speedup(bench.cell_policies(tmp_path, {**data, "batch_size": 8})) is None
     note = bench._oracle_note({**data, "oracle_speedup": oracle}, "lossy@1%")
     assert "1.25x" in note and "100% of its saving" in note
+    assert "costed at batch" not in note
+    # at batch 8 the files' own oracle_step_cost (costed at that batch size) is set beside it
+    for half in (0, 1):
+        policy = {"num_layers": 22, "costs": {"layer": 0.05}}
+        policy["calibration"] = {"oracle_mean_settled": 16.0, "oracle_step_cost": 0.9}
+        (exits / f"m-bfloat16-b8-risk0.01-half{half}.json").write_text(json.dumps(policy))
+    b8 = {**data, "batch_size": 8}
+    policies = bench.cell_policies(tmp_path, b8)
+    assert bench.oracle_speedup(policies, batched=True) == pytest.approx(1 / 0.9)
+    b8 |= {"oracle_speedup": bench.oracle_speedup(policies), "oracle_speedup_batched": 1 / 0.9}
+    note = bench._oracle_note(b8, "lossy@1%")
+    assert "1.43x: 67% of its saving" in note and "gives 1.11x: 200% of that saving" in note
     # without adainfer-plain, lossless-planned stands in only where it never drafted
     planned = _run(2.0, [list(range(10))], stats={"drafted": [0]})
     runs["lossless-planned"] = planned
