@@ -506,3 +506,36 @@ def test_rounds_time_each_batch_again_and_a_cell_keeps_its_plan(bench, tmp_path,
     # an earlier grid's settings (one round) are refused, not mixed in
     with pytest.raises(SystemExit, match="other settings"):
         bench.main(argv[:-2], loader=_loader, tasks=tasks)
+
+
+def test_confirm_plans_times_kept_plans_and_records_what_the_check_decides(
+    bench, tmp_path, monkeypatch
+):
+    from adainfer.arch import find_parts
+    from adainfer.drafting import DraftPlan, save_plan
+
+    spec = importlib.util.spec_from_file_location(
+        "confirm_plans", ROOT / "bench" / "confirm_plans.py"
+    )
+    cp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cp)
+    model, tok = tiny_model("llama")
+    monkeypatch.setattr(cp, "load", lambda name, dtype: (model, tok))
+    monkeypatch.setattr(cp, "TASK_OF", {"tiny": "toy"})
+    monkeypatch.setattr(cp, "make_task", lambda kind, n, tokenizer, data_dir: _toy_task(bench))
+    parts = find_parts(model)
+    shape = dict(model="tiny", num_layers=parts.num_layers, vocab_size=parts.head.weight.shape[0])
+    drafting = DraftPlan(2, 2, batch_size=2, meta={"dtype": "float32"}, **shape)
+    plain = DraftPlan(None, batch_size=1, meta={"dtype": "float32"}, **shape)
+    paths = [save_plan(drafting, tmp_path / "tiny-fp32-b2.json")]
+    paths.append(save_plan(plain, tmp_path / "tiny-fp32-b1.json"))
+    args = [str(p) for p in paths] + ["--batches", "1", "--max-new-tokens", "4"]
+    assert cp.main(args) == 0
+    assert cp.main(args + ["--evaluated"]) == 0
+    found = json.loads((tmp_path / "confirmations.json").read_text())
+    for key, prompts in (("@4", "calibration"), ("@4-evaluated", "evaluated")):
+        entry = found[f"tiny-fp32-b2.json{key}"]
+        assert entry["prompts"] == prompts and entry["max_new_tokens"] == 4
+        assert entry["timed"]["pairs"] == 2 and entry["timed"]["identical"] == 1.0
+        assert f"measured {entry['timed']['median']:.2f}x" in entry["decision"]
+    assert found["tiny-fp32-b1.json@4"]["timed"] is None  # plain decoding: nothing to time
