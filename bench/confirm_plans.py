@@ -43,18 +43,19 @@ def confirm(
     model, tokenizer = load(name, dtype=plan.meta["dtype"])
     task = make_task(TASK_OF[name], None, tokenizer, data_dir)
     prompts = [it.prompt for it in task.items] if evaluated else task.calibration
+    length = max_new_tokens or min(task.max_new_tokens, DraftPlanner().max_new_tokens)
     timed = time_plan(
         plan,
         model,
         tokenizer,
         prompts,
         batch_size=plan.batch_size,
-        max_new_tokens=max_new_tokens or DraftPlanner().max_new_tokens,
+        max_new_tokens=length,
         batches=batches,
     )
     return {
         "prompts": "evaluated" if evaluated else "calibration",
-        "max_new_tokens": max_new_tokens or DraftPlanner().max_new_tokens,
+        "max_new_tokens": length,
         "plan": plan.describe(),
         "timed": timed,
         "decision": plan.confirmed(timed["median"]).describe(),
@@ -71,7 +72,8 @@ def main(argv=None) -> int:
         "--max-new-tokens",
         type=int_at_least(1),
         default=None,
-        help="tokens a row (default: the bench's planner's, what the check decodes in fit)",
+        help="tokens a row (default: what the bench's planner now decodes, the task's "
+        "length up to 128; Gemma fp32 b8's kept plan was fitted at 128)",
     )
     p.add_argument(
         "--evaluated",
@@ -85,8 +87,8 @@ def main(argv=None) -> int:
     for path in args.plans:
         out = path.parent / "confirmations.json"
         found = read_json(out) if out.is_file() else {}
-        key = path.name + ("" if args.max_new_tokens is None else f"@{args.max_new_tokens}")
-        key += "-evaluated" if args.evaluated else ""
+        length = args.max_new_tokens or "task"
+        key = f"{path.name}@{length}-{'evaluated' if args.evaluated else 'calibration'}"
         found[key] = confirm(path, args.data_dir, args.batches, args.max_new_tokens, args.evaluated)
         write_json(out, found)
         print(f"{key}: {found[key].get('decision') or found[key]['plan']}")

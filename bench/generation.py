@@ -362,7 +362,11 @@ def fit_plan(ctx, job: Job) -> dict:
     path = next((p for p in (RESULTS / "plans" / name, kept) if p.is_file()), None)
     if path is None:
         prompts = list(ctx.task.calibration)
-        planner = DraftPlanner().fit(ctx.model, ctx.tokenizer, prompts, batch_size=job.batch)
+        # planned (and checked on the clock) at the task's length, where the prefill's share
+        # is the task's; 128 tokens at most, the planner's default, to keep the trace short
+        length = min(ctx.task.max_new_tokens, DraftPlanner().max_new_tokens)
+        planner = DraftPlanner(max_new_tokens=length)
+        planner.fit(ctx.model, ctx.tokenizer, prompts, batch_size=job.batch)
         path = planner.save(kept)
     plan = load_plan(path)
     return {"plan": plan, "described": plan.describe()}  # the text kept in the cell's file

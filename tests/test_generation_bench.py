@@ -533,9 +533,11 @@ def test_confirm_plans_times_kept_plans_and_records_what_the_check_decides(
     assert cp.main(args) == 0
     assert cp.main(args + ["--evaluated"]) == 0
     found = json.loads((tmp_path / "confirmations.json").read_text())
-    for key, prompts in (("@4", "calibration"), ("@4-evaluated", "evaluated")):
-        entry = found[f"tiny-fp32-b2.json{key}"]
+    for prompts in ("calibration", "evaluated"):
+        entry = found[f"tiny-fp32-b2.json@4-{prompts}"]
         assert entry["prompts"] == prompts and entry["max_new_tokens"] == 4
         assert entry["timed"]["pairs"] == 2 and entry["timed"]["identical"] == 1.0
         assert f"measured {entry['timed']['median']:.2f}x" in entry["decision"]
-    assert found["tiny-fp32-b1.json@4"]["timed"] is None  # plain decoding: nothing to time
+    assert (
+        found["tiny-fp32-b1.json@4-calibration"]["timed"] is None
+    )  # plain decoding: nothing to time
