@@ -250,6 +250,7 @@ def test_a_drafting_plan_stays_only_if_it_measures_no_slower_than_plain_on_the_c
     assert timed["identical"] == 1.0  # lossless: the same tokens as plain decoding
     assert planner.plan_.meta["measured"] == timed["median"]
     assert planner.plan_.plain == (timed["median"] < 1)
+    assert planner.confirm(model, tok, PROMPTS[:3]).confirmation_ is timed  # timed once
     # nothing to time: a plain plan, or confirm_batches=0
     unchecked = DraftPlanner(
         draft_tokens=(2,), vocab_sizes=(None,), max_new_tokens=6, confirm_batches=0

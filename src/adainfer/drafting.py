@@ -638,8 +638,11 @@ class _Planner:
         """Time the fitted plan against plain decoding (`time_plan`, `confirm_batches`
         batches of `prompts`, none when 0) where it drafts; drafting stays only if it
         measured at least as fast as plain decoding. `confirmation_` keeps the timing
-        (None where nothing was timed); `fit` ends with this."""
-        plan, self.confirmation_ = self._fitted(), None
+        (None where nothing was timed); `fit` ends with this. A plan already timed is kept."""
+        plan = self._fitted()
+        if "measured" in plan.meta:
+            return self
+        self.confirmation_ = None
         if plan.plain or not self.confirm_batches:
             return self
         self.confirmation_ = time_plan(
