@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adainfer import timing  # noqa: E402
-from adainfer.drafting import DraftPlanner, load_plan, time_plan  # noqa: E402
+from adainfer.drafting import load_plan, time_plan  # noqa: E402
 from adainfer.files import read_json, write_json  # noqa: E402
 from adainfer.models import load  # noqa: E402
 from adainfer.schema import int_at_least  # noqa: E402
-from generation import TASK_OF, make_task  # noqa: E402
+from generation import TASK_OF, make_task, plan_length  # noqa: E402
 
 
 def confirm(
@@ -43,7 +43,7 @@ def confirm(
     model, tokenizer = load(name, dtype=plan.meta["dtype"])
     task = make_task(TASK_OF[name], None, tokenizer, data_dir)
     prompts = [it.prompt for it in task.items] if evaluated else task.calibration
-    length = max_new_tokens or min(task.max_new_tokens, DraftPlanner().max_new_tokens)
+    length = max_new_tokens or plan_length(task)
     timed = time_plan(
         plan,
         model,

@@ -362,14 +362,20 @@ def fit_plan(ctx, job: Job) -> dict:
     path = next((p for p in (RESULTS / "plans" / name, kept) if p.is_file()), None)
     if path is None:
         prompts = list(ctx.task.calibration)
-        # planned (and checked on the clock) at the task's length, where the prefill's share
-        # is the task's; 128 tokens at most, the planner's default, to keep the trace short
-        length = min(ctx.task.max_new_tokens, DraftPlanner().max_new_tokens)
-        planner = DraftPlanner(max_new_tokens=length)
+        planner = DraftPlanner(max_new_tokens=plan_length(ctx.task))
         planner.fit(ctx.model, ctx.tokenizer, prompts, batch_size=job.batch)
         path = planner.save(kept)
     plan = load_plan(path)
     return {"plan": plan, "described": plan.describe()}  # the text kept in the cell's file
+
+
+def plan_length(task: Task) -> int:
+    """New tokens a row when a cell's draft plan is fitted and checked on the clock: the
+    task's, where the prefill's share is the task's, but at most the planner's default (128)
+    to keep the calibration trace short."""
+    from adainfer.drafting import DraftPlanner
+
+    return min(task.max_new_tokens, DraftPlanner().max_new_tokens)
 
 
 def run_planned(model, tokenizer, prompts, job: Job) -> Gen:
@@ -519,7 +525,7 @@ def plan_exit_drafts(ctx, job: Job, *, risk: float) -> dict:
     """The cell's exit policies at `risk` (`calibrate_exits`), each wrapped in an
     `ExitDraftPlanner` fitted on its own calibration trace (the same prompts, the odd ones),
     with the draft-step costs measured for it and the verification timed here, at the cell's
-    batch size, a drafting plan then timed end to end against plain decoding on those odd
+    batch size, a drafting plan then timed end to end against plain decoding on the odd
     prompts (`confirm`); plans kept in exits/draft-plans."""
     from adainfer.drafting import ExitDraftPlanner, load_plan
 
@@ -542,7 +548,7 @@ def plan_exit_drafts(ctx, job: Job, *, risk: float) -> dict:
             verify = planner.measure_verification(ctx.model, ctx.tokenizer, rows)
             meta = {"batch_size": job.batch, "dtype": job.dtype, "machine": timing.machine()}
             planner.fit_measured(trace, costs, verify, meta)
-            planner.confirm(ctx.model, ctx.tokenizer, others[1::2]).save(path)
+            planner.confirm(ctx.model, ctx.tokenizer, others).save(path)
         plans.append(load_plan(path))
     return {
         "exits": plans,

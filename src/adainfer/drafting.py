@@ -634,11 +634,16 @@ class _Planner:
             raise ValueError(f"this {type(self).__name__} is not fitted: call fit() first")
         return self.plan_
 
+    def _timed_prompts(self, prompts: Sequence[str]) -> Sequence[str]:
+        """Which of the calibration prompts `confirm` times on (all of them here)."""
+        return prompts
+
     def confirm(self, model, tokenizer, prompts: Sequence[str], *, progress=None):
         """Time the fitted plan against plain decoding (`time_plan`, `confirm_batches`
-        batches of `prompts`, none when 0) where it drafts; drafting stays only if it
-        measured at least as fast as plain decoding. `confirmation_` keeps the timing
-        (None where nothing was timed); `fit` ends with this. A plan already timed is kept."""
+        batches of the calibration `prompts` given to fit, none when 0) where it drafts;
+        drafting stays only if it measured at least as fast as plain decoding.
+        `confirmation_` keeps the timing (None where nothing was timed); `fit` ends with
+        this. A plan already timed is kept."""
         plan = self._fitted()
         if "measured" in plan.meta:
             return self
@@ -649,7 +654,7 @@ class _Planner:
             plan,
             model,
             tokenizer,
-            prompts,
+            self._timed_prompts(prompts),
             batch_size=plan.batch_size or 1,
             max_new_tokens=self.max_new_tokens,
             batches=self.confirm_batches,
@@ -1024,6 +1029,10 @@ class ExitDraftPlanner(_Planner):
         names = ("draft_tokens", "margin", "max_new_tokens", "repeats", "confirm_batches")
         return {n: getattr(self, n) for n in names}
 
+    def _timed_prompts(self, prompts: Sequence[str]) -> Sequence[str]:
+        """The odd prompts: those the plan was simulated on (see `fit_measured`)."""
+        return prompts[1::2]
+
     def fit(
         self,
         model,
@@ -1056,7 +1065,7 @@ class ExitDraftPlanner(_Planner):
             "machine": timing.machine(),
         }
         self.fit_measured(trace, exit_costs, verify, meta)
-        return self.confirm(model, tokenizer, prompts[1::2], progress=progress)
+        return self.confirm(model, tokenizer, prompts, progress=progress)
 
     def measure_verification(self, model, tokenizer, rows, **kw) -> dict | None:
         """`measure_costs` of verifying 1..max(draft_tokens) tokens of `rows` from the

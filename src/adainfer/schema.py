@@ -9,6 +9,8 @@ inside the code that trusted it. Specs are plain values:
 - `Number(finite=False, nan=True)`, `Int(low=1)`: numbers with bounds;
 - `Optional(spec)`, `OneOf(*values)`, `ListOf(spec)`, `DictOf(spec, key=...)`;
 - `Record({field: spec}, optional=(...), extra=True)`: a JSON object with these fields.
+
+`int_at_least` checks command-line numbers the same way, for the CLI and the bench scripts.
 """
 
 from __future__ import annotations
