@@ -40,6 +40,11 @@ def confirm(
     if plan.plain:
         return {"plan": plan.describe(), "timed": None}
     name = path.stem.rsplit("-", 2)[0]  # the bundled model's name, as the bench wrote it
+    if name not in TASK_OF or "dtype" not in plan.meta:
+        raise SystemExit(
+            f"{path}: not a plan bench/generation.py kept (named <model>-<dtype>-b<batch "
+            f"size>.json with a model of {sorted(TASK_OF)}, its dtype in the plan's meta)"
+        )
     model, tokenizer = load(name, dtype=plan.meta["dtype"])
     task = make_task(TASK_OF[name], None, tokenizer, data_dir)
     prompts = [it.prompt for it in task.items] if evaluated else task.calibration

@@ -541,3 +541,6 @@ def test_confirm_plans_times_kept_plans_and_records_what_the_check_decides(
     assert (
         found["tiny-fp32-b1.json@4-calibration"]["timed"] is None
     )  # plain decoding: nothing to time
+    stray = save_plan(drafting, tmp_path / "other-fp32-b2.json")  # no task for this model
+    with pytest.raises(SystemExit, match="not a plan bench/generation.py kept"):
+        cp.main([str(stray)])
