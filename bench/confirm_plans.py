@@ -34,7 +34,12 @@ from generation import TASK_OF, make_task, plan_length  # noqa: E402
 
 
 def confirm(
-    path: Path, data_dir: str, batches: int, max_new_tokens: int | None, evaluated: bool
+    path: Path,
+    data_dir: str,
+    batches: int,
+    max_new_tokens: int | None,
+    evaluated: bool,
+    paragraphs: int = 3,
 ) -> dict:
     plan = load_plan(path)
     if plan.plain:
@@ -46,7 +51,7 @@ def confirm(
             f"size>.json with a model of {sorted(TASK_OF)}, its dtype in the plan's meta)"
         )
     model, tokenizer = load(name, dtype=plan.meta["dtype"])
-    task = make_task(TASK_OF[name], None, tokenizer, data_dir)
+    task = make_task(TASK_OF[name], None, tokenizer, data_dir, calibration_paragraphs=paragraphs)
     prompts = [it.prompt for it in task.items] if evaluated else task.calibration
     length = max_new_tokens or plan_length(task)
     timed = time_plan(
@@ -60,6 +65,7 @@ def confirm(
     )
     return {
         "prompts": "evaluated" if evaluated else "calibration",
+        "distinct_prompts": len(set(prompts[: batches * plan.batch_size])),
         "max_new_tokens": length,
         "plan": plan.describe(),
         "timed": timed,
@@ -85,6 +91,13 @@ def main(argv=None) -> int:
         action="store_true",
         help="time on the cell's first evaluated prompts, not its calibration prompts",
     )
+    p.add_argument(
+        "--calibration-paragraphs",
+        type=int_at_least(1),
+        default=3,
+        help="SQuAD: calibration prompts from this many paragraphs of each held-out article "
+        "(bench/generation.py's setting; 1: the 8 prompts the committed cells were fitted on)",
+    )
     p.add_argument("--threads", type=int_at_least(1), default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -94,7 +107,16 @@ def main(argv=None) -> int:
         found = read_json(out) if out.is_file() else {}
         length = args.max_new_tokens or "task"
         key = f"{path.name}@{length}-{'evaluated' if args.evaluated else 'calibration'}"
-        found[key] = confirm(path, args.data_dir, args.batches, args.max_new_tokens, args.evaluated)
+        if not args.evaluated and args.calibration_paragraphs > 1:  # 1: the first entries' kind
+            key += f"-{args.calibration_paragraphs}-paragraphs"
+        found[key] = confirm(
+            path,
+            args.data_dir,
+            args.batches,
+            args.max_new_tokens,
+            args.evaluated,
+            args.calibration_paragraphs,
+        )
         write_json(out, found)
         print(f"{key}: {found[key].get('decision') or found[key]['plan']}")
     return 0

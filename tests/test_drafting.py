@@ -5,6 +5,7 @@ measured costs say drafting pays."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -243,8 +244,10 @@ def test_a_drafting_plan_stays_only_if_it_measures_no_slower_than_plain_on_the_c
     faster = plan.confirmed(1.08)
     assert faster.draft_layer == plan.draft_layer and faster.meta["measured"] == 1.08
     assert "measured 1.08x" in faster.describe()
-    # on the clock: both decoders on the calibration batches, in both orders
-    planner.confirm(model, tok, PROMPTS[:3])
+    # on the clock: both decoders on the calibration batches, in both orders; 2 batches of 2
+    # from 3 prompts repeat one, which the check says (it may keep a plan that pays there only)
+    with pytest.warns(UserWarning, match="only 3 distinct calibration prompts.*at least 4"):
+        planner.confirm(model, tok, PROMPTS[:3])
     timed = planner.confirmation_
     assert timed["pairs"] == 4 and timed["batch_size"] == 2 and timed["median"] > 0
     assert timed["identical"] == 1.0  # lossless: the same tokens as plain decoding
@@ -258,6 +261,14 @@ def test_a_drafting_plan_stays_only_if_it_measures_no_slower_than_plain_on_the_c
     unchecked.fit_measured({"exact": _reads([0.8, 0.9, 0.9])}, costs, [3, 4, 5], META)
     assert unchecked.confirm(model, tok, PROMPTS[:3]).confirmation_ is None
     assert unchecked.plan_ == plan
+    # enough distinct prompts: timed without a warning
+    enough = DraftPlanner(
+        draft_tokens=(2,), vocab_sizes=(None,), max_new_tokens=4, confirm_batches=2
+    )
+    enough.fit_measured({"exact": _reads([0.8, 0.9, 0.9])}, costs, [3, 4, 5], META)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert enough.confirm(model, tok, PROMPTS[:4]).confirmation_["pairs"] == 4
 
 
 def test_simulated_rounds_follow_the_decoder():

@@ -522,7 +522,7 @@ def test_confirm_plans_times_kept_plans_and_records_what_the_check_decides(
     model, tok = tiny_model("llama")
     monkeypatch.setattr(cp, "load", lambda name, dtype: (model, tok))
     monkeypatch.setattr(cp, "TASK_OF", {"tiny": "toy"})
-    monkeypatch.setattr(cp, "make_task", lambda kind, n, tokenizer, data_dir: _toy_task(bench))
+    monkeypatch.setattr(cp, "make_task", lambda kind, n, tok, data, **_: _toy_task(bench))
     parts = find_parts(model)
     shape = dict(model="tiny", num_layers=parts.num_layers, vocab_size=parts.head.weight.shape[0])
     drafting = DraftPlan(2, 2, batch_size=2, meta={"dtype": "float32"}, **shape)
@@ -533,14 +533,38 @@ def test_confirm_plans_times_kept_plans_and_records_what_the_check_decides(
     assert cp.main(args) == 0
     assert cp.main(args + ["--evaluated"]) == 0
     found = json.loads((tmp_path / "confirmations.json").read_text())
-    for prompts in ("calibration", "evaluated"):
-        entry = found[f"tiny-fp32-b2.json@4-{prompts}"]
+    for prompts, key in (("calibration", "calibration-3-paragraphs"), ("evaluated", "evaluated")):
+        entry = found[f"tiny-fp32-b2.json@4-{key}"]
         assert entry["prompts"] == prompts and entry["max_new_tokens"] == 4
+        assert entry["distinct_prompts"] == 2  # one batch of 2
         assert entry["timed"]["pairs"] == 2 and entry["timed"]["identical"] == 1.0
         assert f"measured {entry['timed']['median']:.2f}x" in entry["decision"]
     assert (
-        found["tiny-fp32-b1.json@4-calibration"]["timed"] is None
+        found["tiny-fp32-b1.json@4-calibration-3-paragraphs"]["timed"] is None
     )  # plain decoding: nothing to time
     stray = save_plan(drafting, tmp_path / "other-fp32-b2.json")  # no task for this model
     with pytest.raises(SystemExit, match="not a plan bench/generation.py kept"):
         cp.main([str(stray)])
+
+
+def test_squad_calibration_takes_more_paragraphs_of_the_held_out_articles(bench):
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "squad" / "dev-v1.1.json").exists():
+        pytest.skip("no shared SQuAD data")
+    one = bench.squad_task(None, SHARED_DATA, None, chat=False, calibration_paragraphs=1)
+    three = bench.squad_task(None, SHARED_DATA, None, chat=False)  # the default: 3
+    assert [it.prompt for it in one.items] == [it.prompt for it in three.items]
+    assert len(one.calibration) == 8 and len(set(three.calibration)) == 24
+    assert three.calibration[:8] == one.calibration  # the cells made with one paragraph
+    evaluated = {it.prompt.split("\n\nQuestion")[0] for it in three.items}
+    assert not evaluated & {p.split("\n\nQuestion")[0] for p in three.calibration}
+    # the setting is kept with a SQuAD cell's settings, absent where it means what it did
+    args = bench.parser().parse_args([])
+    assert bench.settings_of(three, args, False)["calibration_paragraphs"] == 3
+    args.calibration_paragraphs = 1
+    assert "calibration_paragraphs" not in bench.settings_of(one, args, False)
+    code = bench.Task("humaneval", [], ["def f():"], (), 8, "pass@1")
+    assert "calibration_paragraphs" not in bench.settings_of(
+        code, bench.parser().parse_args([]), False
+    )

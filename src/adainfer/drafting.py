@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -650,12 +651,21 @@ class _Planner:
         self.confirmation_ = None
         if plan.plain or not self.confirm_batches:
             return self
+        timed, batch = self._timed_prompts(prompts), plan.batch_size or 1
+        if len(set(timed)) < batch * self.confirm_batches:
+            warnings.warn(
+                f"the check on the clock times {self.confirm_batches} batches of {batch} but has "
+                f"only {len(set(timed))} distinct calibration prompts to time on, so it repeats "
+                "them and may keep a plan that pays on these prompts only: give at least "
+                f"{batch * self.confirm_batches} (or lower confirm_batches)",
+                stacklevel=2,
+            )
         self.confirmation_ = time_plan(
             plan,
             model,
             tokenizer,
-            self._timed_prompts(prompts),
-            batch_size=plan.batch_size or 1,
+            timed,
+            batch_size=batch,
             max_new_tokens=self.max_new_tokens,
             batches=self.confirm_batches,
             progress=progress,

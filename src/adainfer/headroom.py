@@ -69,6 +69,7 @@ __all__ = [
     "machine_info",
     "machine_tag",
     "settled_layers",
+    "squad_prompt",
     "squad_prompts",
     "summarize_trace",
     "trace_batch",
@@ -564,19 +565,17 @@ def squad_prompts(n: int, data_dir, tokenizer=None, *, chat: bool = False) -> li
     articles = json.loads(path.read_text())["data"]
     if n > len(articles):
         raise ValueError(f"{path} has {len(articles)} articles, fewer than {n} prompts")
-    prompts = []
-    for article in articles[:n]:
-        paragraph = article["paragraphs"][0]
-        question = paragraph["qas"][0]["question"].strip()
-        text = f"{paragraph['context'].strip()}\n\nQuestion: {question}\nAnswer in one sentence"
-        if chat:
-            message = [{"role": "user", "content": text + "."}]
-            prompts.append(
-                tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
-            )
-        else:
-            prompts.append(text + ":")
-    return prompts
+    return [squad_prompt(a["paragraphs"][0], tokenizer, chat=chat) for a in articles[:n]]
+
+
+def squad_prompt(paragraph: dict, tokenizer=None, *, chat: bool = False) -> str:
+    """The prompt of a SQuAD paragraph's first question (see `squad_prompts`)."""
+    question = paragraph["qas"][0]["question"].strip()
+    text = f"{paragraph['context'].strip()}\n\nQuestion: {question}\nAnswer in one sentence"
+    if not chat:
+        return text + ":"
+    message = [{"role": "user", "content": text + "."}]
+    return tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
 
 
 # --------------------------------------------------------------------------- the machine
