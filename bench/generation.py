@@ -392,7 +392,8 @@ def fit_plan(ctx, job: Job) -> dict:
     if path is None:
         prompts = list(ctx.task.calibration)
         planner = DraftPlanner(max_new_tokens=plan_length(ctx.task))
-        planner.fit(ctx.model, ctx.tokenizer, prompts, batch_size=job.batch)
+        bar = lambda it: tqdm(it, desc=f"{job.name} b{job.batch} draft plan", leave=False)  # noqa: E731
+        planner.fit(ctx.model, ctx.tokenizer, prompts, batch_size=job.batch, progress=bar)
         path = planner.save(kept)
     plan = load_plan(path)
     return {"plan": plan, "described": plan.describe()}  # the text kept in the cell's file
