@@ -878,7 +878,7 @@ def run_batch(ctx, i: int, names, params) -> dict:
     rows = range(i * ctx.batch, min((i + 1) * ctx.batch, len(ctx.task.items)))
     prompts, start = [ctx.task.items[r].prompt for r in rows], time.perf_counter()
     record = {"ids": [ctx.task.items[r].id for r in rows], "order": rotate(names, i)}
-    record["loadavg"] = os.getloadavg()
+    record["loadavg"], record["cpu"] = os.getloadavg(), cpu_tag(timing.machine())
     job = ctx.job.but(rows=tuple(rows))
     runs, seconds = {}, collections.defaultdict(list)
     for r in range(ctx.settings.get("rounds", 1)):
@@ -899,6 +899,15 @@ def run_batch(ctx, i: int, names, params) -> dict:
         if "exit_layers" in run["stats"]:
             run["changed"] = changed_counts(ctx.model, ctx.tokenizer, prompts, run["tokens"])
     return record
+
+
+def cpu_tag(machine: dict) -> str:
+    """The CPU a timing ran on, as the report names it: model and speed flags."""
+    return f"{machine.get('cpu_model')}, {_flags(machine)}"
+
+
+def _flags(machine: dict) -> str:
+    return "+".join(f for f, on in (machine.get("cpu_flags") or {}).items() if on) or "-"
 
 
 def changed_counts(model, tokenizer, prompts, tokens: Sequence[list[int]]) -> list[int]:
@@ -972,7 +981,9 @@ def _measure_cell(model, tokenizer, task, batch, names, settings, path, head, ex
     runnable = check_support(ctx, names)
     todo, cache = pending(ctx, runnable), {}
     if todo:
-        data["machine"] = {**timing.machine(), "loadavg_start": os.getloadavg()}
+        # the machine of the first run: where the sweeps, plans and policies' costs were
+        # measured; a resumed cell may time its later batches on another (each batch says)
+        data.setdefault("machine", {**timing.machine(), "loadavg_start": os.getloadavg()})
         params = choose_params(ctx, runnable, bar("calibration"))
         warm_up_and_memory(ctx, runnable, params)
         for i in bar("batches")(todo):
@@ -1286,15 +1297,26 @@ def cell_notes(data: dict) -> list[str]:
             + ", ".join(spent)
         )
     m = data.get("machine", {})
-    flags = [f for f, on in (m.get("cpu_flags") or {}).items() if on]
     if plain:  # nothing timed yet: no speed or time to give
         notes.append(
             f"- machine: {m.get('cpu_model')}, {m.get('cores')} cores, torch "
-            f"{m.get('torch')} with {m.get('torch_threads')} thread(s), {'+'.join(flags) or '-'}; "
-            f"{plain.get('tokens_per_s', 0):.1f} plain tokens/s; "
+            f"{m.get('torch')} with {m.get('torch_threads')} thread(s), "
+            f"{_flags(m)}; {plain.get('tokens_per_s', 0):.1f} plain tokens/s; "
             f"batches' wall time {plain.get('wall_s', 0) / 60:.1f} min"
         )
+    notes += _machines_note(data)
     return notes + [""]
+
+
+def _machines_note(data: dict) -> list[str]:
+    """Where a resumed cell timed batches on another CPU than its first run (which made its
+    sweeps, plans and policies' costs), how many batches ran on which."""
+    first = cpu_tag(data.get("machine", {}))
+    ran = Counter(b.get("cpu", first) for b in data["batches"].values())  # older: one machine
+    if set(ran) <= {first}:
+        return []
+    said = ", ".join(f"{n} on {cpu}" for cpu, n in ran.most_common())
+    return [f"- batches timed on more than the first run's machine ({first}): {said}"]
 
 
 def engine_base(data: dict) -> str | None:

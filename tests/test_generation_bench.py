@@ -127,12 +127,22 @@ def test_a_killed_cell_resumes_at_its_batch(bench, tmp_path, monkeypatch):
     assert sorted(data["batches"]) == ["0", "1"]
     monkeypatch.setitem(bench.METHODS, "plain", plain)
     calls = _counting(bench, monkeypatch)
-    bench.main(argv, loader=_loader, tasks=tasks)
+    first = data["machine"]
+    # resumed on another machine (sessions may get another CPU): the cell keeps the first
+    # run's, where its calibration was measured, and every batch says where it was timed
+    other = {**bench.timing.machine(), "cpu_model": "Other CPU"}
+    monkeypatch.setattr(bench.timing, "machine", lambda: other)
+    text = bench.main(argv, loader=_loader, tasks=tasks)
     timed = [c for c in calls if c[2] == 6]
     # batches 2, 3, 4 by both methods (the memory runs were done before the kill)
     assert len(timed) == 3 * 2
     data = json.loads((tmp_path / "bench" / "tiny-float32-b1.json").read_text())
     assert sorted(data["batches"], key=int) == ["0", "1", "2", "3", "4"]
+    assert data["machine"] == first
+    assert [b["cpu"].split(",")[0] for _, b in sorted(data["batches"].items())] == [
+        first["cpu_model"]
+    ] * 2 + ["Other CPU"] * 3
+    assert "3 on Other CPU" in text and "2 on " + first["cpu_model"] in text
     # other settings in the same folder are refused, not mixed in
     with pytest.raises(SystemExit, match="other settings"):
         bench.main([*argv, "--calib-tokens", "5"], loader=_loader, tasks=tasks)
