@@ -1535,6 +1535,7 @@ def _uses_exits(method: str) -> bool:
 def settings_of(task: Task, args, lossy: bool) -> dict:
     """What a cell's numbers depend on besides the model, dtype and batch size; `--limit`
     is not among them (a later run with a larger limit extends the cell)."""
+    more = task.name.startswith("squad") and args.calibration_paragraphs != 1
     return {
         "task": task.name,
         "max_new_tokens": task.max_new_tokens,
@@ -1548,16 +1549,8 @@ def settings_of(task: Task, args, lossy: bool) -> dict:
         **({"hidden_state": True} if lossy and args.hidden_state else {}),
         **({"rounds": args.rounds} if args.rounds > 1 else {}),  # absent: one round
         # absent: one paragraph (the SQuAD cells made before it was a setting)
-        **(
-            {"calibration_paragraphs": args.calibration_paragraphs}
-            if _more_squad(task, args)
-            else {}
-        ),
+        **({"calibration_paragraphs": args.calibration_paragraphs} if more else {}),
     }
-
-
-def _more_squad(task: Task, args) -> bool:
-    return task.name.startswith("squad") and args.calibration_paragraphs != 1
 
 
 def run(args, loader=None, tasks=None) -> list[dict]:
