@@ -16,6 +16,8 @@ from adainfer.claims import (
     UNTESTABLE,
     claims_report,
     load_results,
+    scale_table,
+    shared_shots,
     splice,
 )
 from adainfer.cli import main
@@ -73,3 +75,23 @@ def test_the_claims_command_writes_its_block_into_a_readme(tmp_path):
         assert title in block
     with pytest.raises(ValueError, match="markers"):
         splice("no markers here", block)
+
+
+def test_the_scale_table_compares_models_at_the_k_they_share(tmp_path):
+    """A run with more k averages them where a run with fewer cannot: the scale table keeps
+    the k every run has, so the models differ by model alone."""
+    results = json.loads((FIXTURE / "results.json").read_text())
+    kept = max(results["config"]["shots"])
+    more = {**results, "config": {**results["config"], "shots": [0, kept, kept + 5]}}
+    more["rows"] = results["rows"] + [  # a worse k the narrow run lacks
+        {**r, "shots": kept + 5, "accuracy": 0.0} for r in results["rows"] if r["shots"] == kept
+    ]
+    for name, data in (("narrow", results), ("wide", more)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(data))
+    narrow, wide = load_results(tmp_path / "narrow"), load_results(tmp_path / "wide")
+    assert shared_shots([wide, narrow]) == [kept]
+    rows = scale_table([wide, narrow]).splitlines()[2:]
+    assert rows[0].split("|")[2:] == rows[1].split("|")[2:]  # only the folder differs
+    assert scale_table([wide]).splitlines()[2] != rows[0]  # alone, it averages both k
+    assert f"(k = {kept})" in claims_report([tmp_path / "wide", tmp_path / "narrow"])
