@@ -1152,13 +1152,13 @@ def table_row(data: dict, name: str, s: dict) -> list[str]:
 
 
 def report(cells: Sequence[dict]) -> str:
-    """bench.md: one line per method and cell, then per cell the plain model's pass@1 next to
-    the published figure, the calibration sweeps and the machine."""
+    """bench.md from `load_cells`' cells: one line per method and cell, then per cell the plain
+    model's pass@1 next to the published figure, the calibration sweeps and the machine."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     notes = []
     for data in cells:
         for name in sorted(data["methods"], key=lambda n: (ORDER + [n]).index(n)):
-            s = summarise_method(data, name)
+            s = data["summaries"][name]
             if s:
                 lines.append("| " + " | ".join(table_row(data, name, s)) + " |")
         notes += cell_notes(data)
@@ -1178,8 +1178,7 @@ def targets(cells: Sequence[dict]) -> str:
     """Issue 15's targets, judged per cell from the same summaries as the table."""
     body = []
     for data in cells:
-        s = {name: summarise_method(data, name) for name in data["methods"]}
-        s = {name: x for name, x in s.items() if x and "unsupported" not in x}
+        s = {n: x for n, x in data["summaries"].items() if x and "unsupported" not in x}
         if "plain" not in s:
             continue
         body.append([f"{cell_name(data)} ({s['plain']['rows']} rows)", *_judge(data, s)])
@@ -1267,7 +1266,7 @@ def _judge_moonshot(data: dict, s: dict) -> str:
 
 def cell_notes(data: dict) -> list[str]:
     key = cell_name(data)
-    plain = summarise_method(data, "plain")
+    plain = data["summaries"]["plain"]
     notes = [f"**{key}**"]
     if data["model"] in PUBLISHED_PASS1 and "pass@1" in plain:
         figure, source = PUBLISHED_PASS1[data["model"]]
@@ -1466,7 +1465,7 @@ def plot(cells: Sequence[dict], path: Path) -> Path | None:
     names = [n for n in ORDER if n != "plain"]
     rows = []  # (cell label, {method: ratio quartiles})
     for data in cells:
-        found = {n: summarise_method(data, n).get("ratio") for n in data["methods"] if n in names}
+        found = {n: s.get("ratio") for n, s in data["summaries"].items() if n in names}
         if any(found.values()):
             rows.append((f"{cell_name(data)} ({data['settings']['task']})", found))
     if not rows:
@@ -1509,6 +1508,8 @@ def load_cells(out_dir: Path) -> list[dict]:
         data["calibrated_exits"] = calibrated_exits(policies)
         name = cell_name(data)
         data["ties"] = collections.Counter(t["method"] for t in ties if t["cell"] == name)
+        # once per method: the table, the notes, the targets and the plot all read these
+        data["summaries"] = {n: summarise_method(data, n) for n in data["methods"]}
     return sorted(
         cells,
         key=lambda c: (

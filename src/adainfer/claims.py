@@ -293,8 +293,7 @@ def scale_table(models: list[dict]) -> str:
         crf = _acc_flops(r, "main", "crf", shots=shots)
         true = _mean(r, "true_flops_ratio", "main", "svm", shots=shots)
         moments = [
-            exit_moments(r["rows"], family="main", policy=p, shots=shots)
-            for p in ("svm", "oracle")
+            exit_moments(r["rows"], family="main", policy=p, shots=shots) for p in ("svm", "oracle")
         ]
         body.append(
             [
