@@ -222,8 +222,8 @@ def test_committed_format_1_policy_files_load_as_they_ran():
     from adainfer.persist import FORMAT_1
     from adainfer.policies import planned_checks
 
-    paths = sorted(COMMITTED.glob("*.safetensors"))
-    assert len(paths) == 24
+    paths = [p for p in sorted(COMMITTED.glob("*.safetensors")) if _format(p) == FORMAT_1]
+    assert len(paths) == 24  # the three smaller models' grid; later files are today's format
     for path in paths:
         header = policy_header(path)
         assert header["format"] == FORMAT_1
@@ -244,6 +244,31 @@ def test_committed_format_1_policy_files_load_as_they_ran():
     with pytest.raises(IncompatiblePolicy, match="model_id"):
         load_policy(paths[0], model=model)
     assert load_policy(paths[0], model=model, allow_other_model=True).plans_
+
+
+def _format(path) -> str:
+    return policy_header(path)["format"]
+
+
+def test_every_committed_policy_file_holds_the_plans_its_bench_rows_ran_with():
+    """Each row of results/bench/bench.json ran with the check layers (and, where it checks,
+    the stop threshold) that its task's policy file holds for its batch size: a resumed grid
+    re-plans, and must not rewrite the plan of a cell it does not time again."""
+    import json
+
+    rows = json.loads((COMMITTED.parent / "bench.json").read_text())["rows"]
+    checked = 0
+    for path in sorted(COMMITTED.glob("*.safetensors")):
+        policy, stem = load_policy(path), path.stem.split("-shortlist")[0]
+        prefix = "shortlist_" if "-shortlist" in path.stem else ""
+        for row in rows:
+            if stem == f"{row['model']}-{row['dtype']}-{row['task']}":
+                layers = row[f"{prefix}check_layers"]
+                assert list(policy.planned_checks(row["batch_size"])) == layers, (path, row)
+                if layers:  # no check: the threshold decides nothing
+                    assert policy.threshold_ == row[f"{prefix}threshold"], (path, row)
+                checked += 1
+    assert checked == 2 * len(rows)  # every row: its exact and its shortlist plan
 
 
 def test_a_format_1_file_written_by_hand_reads_back_as_it_ran(tmp_path):

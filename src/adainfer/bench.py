@@ -29,6 +29,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -332,7 +333,9 @@ class _Grid:
                 continue
             queries = [q for q in test if q.task == task]
             costs = _check_costs(engine, queries, self.batch_sizes, self.shortlist)
-            planned, short_policy = self.plan(cal_dir, task, lm, costs, f"{name}-{dtype}-{task}")
+            timed = {b for b in self.batch_sizes if (model_name, dtype, task, b) in self.done}
+            stem = f"{name}-{dtype}-{task}"
+            planned, short_policy = self.plan(cal_dir, task, lm, costs, stem, timed)
             shortlisted = (short_engine, short_policy) if self.shortlist else None
             for bs in tqdm(
                 self.batch_sizes, desc=f"{model_name} {dtype} {task}", disable=not self.progress
@@ -340,10 +343,11 @@ class _Grid:
                 key = (model_name, dtype, task, bs)
                 self.run_cell(key, engine, queries, costs, planned, shortlisted)
 
-    def plan(self, cal_dir, task: str, lm, costs: _CheckCosts, stem: str):
+    def plan(self, cal_dir, task: str, lm, costs: _CheckCosts, stem: str, timed=frozenset()):
         """(the policy planned for exact checks, the same planned for shortlist checks or None),
         both saved to `out`/policies as `stem`. Calibrated on this task's queries, as a user
-        calibrates on the task they serve."""
+        calibrates on the task they serve. The batch sizes in `timed` (cells not timed again)
+        keep the plans they ran with (`_keep_timed_plans`)."""
         policy, target, traces, tune = _calibrated(cal_dir, task, self.policy_path, lm)
         ltt = self.plan_test["risk"] is not None
         if ltt:  # the default classifier is fitted on the share of the traces that does not test
@@ -366,14 +370,13 @@ class _Grid:
             short_policy = PlannedPolicy(policy, shortlist_costs=costs.shortlist, **planning).fit(
                 traces, replays=replays
             )
-            save_policy(
-                short_policy,
-                self.out / "policies" / f"{stem}-shortlist{self.shortlist}.safetensors",
-                model=lm,
-                shortlist=self.shortlist,
-            )
+            path = self.out / "policies" / f"{stem}-shortlist{self.shortlist}.safetensors"
+            _keep_timed_plans(short_policy, path, timed)
+            save_policy(short_policy, path, model=lm, shortlist=self.shortlist)
         planned = PlannedPolicy(policy, **planning).fit(traces, replays=replays)
-        save_policy(planned, self.out / "policies" / f"{stem}.safetensors", model=lm)
+        path = self.out / "policies" / f"{stem}.safetensors"
+        _keep_timed_plans(planned, path, timed)
+        save_policy(planned, path, model=lm)
         return planned, short_policy
 
     def run_cell(self, key, engine, queries, costs: _CheckCosts, planned, shortlisted):
@@ -579,6 +582,32 @@ def _earlier_timings(row) -> list[dict]:
     kept = {f: row[f] for f in fields if f in row}
     kept.update({k: v for k, v in row.items() if "/plain" in k})
     return row.get("earlier_timings", []) + [kept]
+
+
+def _keep_timed_plans(planned: PlannedPolicy, path: Path, timed) -> None:
+    """A resumed grid measures the check costs again and re-plans every batch size; a cell it
+    will not time again keeps, in the saved file, the plan it ran with (its expected cost may
+    move with the new costs, its check layers too). Only over the same classifier and stop
+    threshold: refitted on the same traces, it is; else the rows alone describe those cells."""
+    if not timed or not path.exists():
+        return
+    earlier = load_policy(path)
+    old, new = earlier.policy_, planned.policy_
+    same = (
+        type(old) is type(new)
+        and old.get_params() == new.get_params()
+        and old._arrays().keys() == new._arrays().keys()
+        and all(np.array_equal(a, new._arrays()[k]) for k, a in old._arrays().items())
+    )
+    if not same:
+        warnings.warn(
+            f"{path} was planned over another classifier: the cells timed with it keep their "
+            "rows in bench.json, the file now holds the new plans",
+            stacklevel=2,
+        )
+        return
+    for b in set(timed) & earlier.plans_.keys():
+        planned.plans_[b] = earlier.plans_[b]
 
 
 def _same_plan(row, plan, short_plan) -> bool:
