@@ -323,3 +323,32 @@ def test_a_format_1_file_written_by_hand_reads_back_as_it_ran(tmp_path):
     nothing = dict(check_plans=None, check_layers=None, target=None, model=None)
     bare = load_policy(write("bare.safetensors", **nothing))
     assert type(bare) is LogisticExit and bare.get_params()["threshold"] == 0.9
+
+
+def test_a_resumed_bench_keeps_timed_plans_over_a_refit_that_differs_by_rounding_only(tmp_path):
+    import dataclasses
+    import warnings
+
+    from adainfer.bench import _keep_timed_plans
+
+    X, y, _ = layered_data()
+    fitted = LogisticExit(threshold=0.9).fit(X, y)
+    timed = PlannedPolicy.from_plans(fitted, {1: (3, 5), 8: (2,)})
+    timed.plans_[1] = dataclasses.replace(timed.plans_[1], expected_cost=99.0)
+    path = save_policy(timed, tmp_path / "p.safetensors")
+
+    def refit(shift):  # the same fit, its coefficients moved by `shift`
+        again = LogisticExit(threshold=0.9).fit(X, y)
+        again.coef_ = again.coef_ + shift
+        return PlannedPolicy.from_plans(again, {1: (4,), 8: (4,)})
+
+    replanned = refit(1e-15)  # BLAS rounding between runs: the same classifier
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _keep_timed_plans(replanned, path, {1})
+    assert replanned.plans_[1].expected_cost == 99.0 and replanned.plans_[1].check_layers == (3, 5)
+    assert replanned.plans_[8].check_layers == (4,)  # not timed: the new plan
+    replanned = refit(1e-3)
+    with pytest.warns(UserWarning, match="another classifier"):
+        _keep_timed_plans(replanned, path, {1})
+    assert replanned.plans_[1].check_layers == (4,)

@@ -588,7 +588,8 @@ def _keep_timed_plans(planned: PlannedPolicy, path: Path, timed) -> None:
     """A resumed grid measures the check costs again and re-plans every batch size; a cell it
     will not time again keeps, in the saved file, the plan it ran with (its expected cost may
     move with the new costs, its check layers too). Only over the same classifier and stop
-    threshold: refitted on the same traces, it is; else the rows alone describe those cells."""
+    threshold: refitted on the same traces, it is, up to rounding (BLAS sums in another order
+    run to run); else the rows alone describe those cells."""
     if not timed or not path.exists():
         return
     earlier = load_policy(path)
@@ -597,7 +598,7 @@ def _keep_timed_plans(planned: PlannedPolicy, path: Path, timed) -> None:
         type(old) is type(new)
         and old.get_params() == new.get_params()
         and old._arrays().keys() == new._arrays().keys()
-        and all(np.array_equal(a, new._arrays()[k]) for k, a in old._arrays().items())
+        and all(np.allclose(a, new._arrays()[k], rtol=1e-9) for k, a in old._arrays().items())
     )
     if not same:
         warnings.warn(
