@@ -79,6 +79,10 @@ def test_the_grid_saves_one_policy_with_a_plan_per_batch_size_and_resumes(
         raise AssertionError("a finished cell ran again")
 
     monkeypatch.setattr(bench, "bench_cell", no_more_cells)
+    assert (
+        bench.run_bench((model_dir,), out, **kw)["rows"]
+        == json.loads((out / "bench.json").read_text())["rows"]
+    )
 
     # another plan test that picks the same plans (2 testing queries bound nothing: the plain
     # model): the cells ran exactly so, keep their timing

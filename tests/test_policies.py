@@ -222,7 +222,8 @@ def test_committed_format_1_policy_files_load_as_they_ran():
     from adainfer.persist import FORMAT_1
     from adainfer.policies import planned_checks
 
-    paths = [p for p in sorted(COMMITTED.glob("*.safetensors")) if _format(p) == FORMAT_1]
+    paths = sorted(COMMITTED.glob("*.safetensors"))
+    paths = [p for p in paths if policy_header(p)["format"] == FORMAT_1]
     assert len(paths) == 24  # the three smaller models' grid; later files are today's format
     for path in paths:
         header = policy_header(path)
@@ -244,10 +245,6 @@ def test_committed_format_1_policy_files_load_as_they_ran():
     with pytest.raises(IncompatiblePolicy, match="model_id"):
         load_policy(paths[0], model=model)
     assert load_policy(paths[0], model=model, allow_other_model=True).plans_
-
-
-def _format(path) -> str:
-    return policy_header(path)["format"]
 
 
 def test_every_committed_policy_file_holds_the_plans_its_bench_rows_ran_with():

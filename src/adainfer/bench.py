@@ -594,11 +594,12 @@ def _keep_timed_plans(planned: PlannedPolicy, path: Path, timed) -> None:
         return
     earlier = load_policy(path)
     old, new = earlier.policy_, planned.policy_
+    old_arrays, new_arrays = old._arrays(), new._arrays()
     same = (
         type(old) is type(new)
         and old.get_params() == new.get_params()
-        and old._arrays().keys() == new._arrays().keys()
-        and all(np.allclose(a, new._arrays()[k], rtol=1e-9) for k, a in old._arrays().items())
+        and old_arrays.keys() == new_arrays.keys()
+        and all(np.allclose(a, new_arrays[k], rtol=1e-9) for k, a in old_arrays.items())
     )
     if not same:
         warnings.warn(
